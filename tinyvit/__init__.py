@@ -1,4 +1,6 @@
 """tinyvit: a Vision Transformer in NumPy/CuPy with hand-written backward passes."""
 from .errors import TinyViTError
+from .model import ViTConfig, init_params, preset, vit_backward, vit_features, vit_forward
 
-__all__ = ["TinyViTError"]
+__all__ = ["TinyViTError", "ViTConfig", "preset", "init_params", "vit_forward", "vit_backward",
+           "vit_features"]

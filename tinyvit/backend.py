@@ -128,5 +128,5 @@ def erf(x):
     out *= t  # erfc(a)
     np.subtract(1.0, out, out=out)
     out *= np.sign(x)
-    small = np.abs(x) < 1.0
-    return np.where(small, x * _horner(q, x * x), out)
+    xs = np.clip(x, -1.0, 1.0)  # the series branch is only kept for |x| < 1: avoid overflow
+    return np.where(np.abs(x) < 1.0, xs * _horner(q, xs * xs), out)

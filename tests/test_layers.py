@@ -1,0 +1,228 @@
+"""Each layer's forward and hand-written backward against torch autograd (float64, and float32)."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import rel_err
+from tinyvit import layers as L
+from tinyvit.backend import to_device, to_numpy
+
+TOL = {np.float64: 1e-10, np.float32: 2e-5}
+
+
+def _t(a, dtype=np.float64, grad=True):
+    """float64 torch tensor of `a` rounded to `dtype` first, so the float64 oracle sees exactly
+    the inputs our `dtype` run sees and only arithmetic error is measured."""
+    a = np.asarray(a, dtype=np.float64).astype(dtype).astype(np.float64)
+    return torch.tensor(a, requires_grad=grad)
+
+
+def _check_no_mutation(backward, dout, cache):
+    """Run backward and assert it left dout untouched."""
+    before = dout.copy()
+    out = backward(dout, cache)
+    assert (dout == before).all(), "backward mutated dout"
+    return out
+
+
+def _assert_dtype(dtype, *arrays):
+    for a in arrays:
+        if a is not None:
+            assert a.dtype == dtype, (a.dtype, dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape,out_f,bias", [((1, 4), 3, True), ((2, 7, 16), 24, True),
+                                              ((3, 5, 9, 8), 5, False), ((1, 1, 1), 1, True)])
+def test_linear(xp, dtype, shape, out_f, bias):
+    rng = np.random.default_rng(0)
+    x, w = rng.normal(size=shape), rng.normal(size=(out_f, shape[-1]))
+    b, g = rng.normal(size=out_f), rng.normal(size=shape[:-1] + (out_f,))
+    xt, wt, bt = _t(x, dtype), _t(w, dtype), _t(b, dtype)
+    yt = F.linear(xt, wt, bt if bias else None)
+    yt.backward(_t(g, dtype, grad=False))
+    dev = lambda a: to_device(a.astype(dtype), xp)  # noqa: E731
+    y, cache = L.linear_forward(dev(x), dev(w), dev(b) if bias else None)
+    dx, dw, db = _check_no_mutation(L.linear_backward, dev(g), cache)
+    _assert_dtype(dtype, y, dx, dw, db)
+    assert rel_err(y, yt.detach().numpy()) < TOL[dtype]
+    assert rel_err(dx, xt.grad.numpy()) < TOL[dtype]
+    assert rel_err(dw, wt.grad.numpy()) < TOL[dtype]
+    assert (db is None) == (not bias)
+    if bias:
+        assert rel_err(db, bt.grad.numpy()) < TOL[dtype]
+
+
+LN_CASES = {
+    "normal": lambda r, s: r.normal(size=s),
+    "offset_1e4": lambda r, s: 1e4 + r.normal(size=s),  # large mean: centring must be exact
+    "tiny_var": lambda r, s: 3.0 + 1e-7 * r.normal(size=s),  # variance far below eps
+    "constant": lambda r, s: np.full(s, 2.5),  # zero variance
+    "huge": lambda r, s: 1e6 * r.normal(size=s),
+}
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("case", list(LN_CASES))
+@pytest.mark.parametrize("shape,eps", [((1, 5, 8), 1e-6), ((3, 17, 12), 1e-5), ((4, 3), 1e-6)])
+def test_layernorm(xp, dtype, case, shape, eps):
+    rng = np.random.default_rng(1)
+    x = LN_CASES[case](rng, shape)
+    w, b = rng.normal(size=shape[-1]), rng.normal(size=shape[-1])
+    g = rng.normal(size=shape)
+    xt, wt, bt = _t(x, dtype), _t(w, dtype), _t(b, dtype)
+    yt = F.layer_norm(xt, (shape[-1],), wt, bt, eps)
+    yt.backward(_t(g, dtype, grad=False))
+    dev = lambda a: to_device(a.astype(dtype), xp)  # noqa: E731
+    if dtype == np.float32 and case in ("offset_1e4", "tiny_var"):
+        pytest.skip("float32 cannot hold these inputs' variations (all round to one value)")
+    y, cache = L.layernorm_forward(dev(x), dev(w), dev(b), eps)
+    dx, dw, db = _check_no_mutation(L.layernorm_backward, dev(g), cache)
+    _assert_dtype(dtype, y, dx, dw, db)
+    for a in (y, dx, dw, db):
+        assert np.isfinite(a).all()
+    tol = TOL[dtype] if case != "huge" or dtype == np.float64 else 1e-4
+    if case == "tiny_var":  # condition number |x| / std = 3e7: rounding alone gives ~3e-9
+        tol = 1e-7
+    for ours, ref in ((y, yt.detach()), (dx, xt.grad), (dw, wt.grad), (db, bt.grad)):
+        assert rel_err(ours, ref.numpy()) < tol
+
+
+GELU_INPUTS = {
+    "normal": lambda r: r.normal(size=(3, 7, 11)) * 3,
+    "extreme": lambda r: np.array([-1e4, -50.0, -10.0, -5.5, -1.0, -1e-9, 0.0, 1e-9, 1.0, 5.5, 10.0, 50.0, 1e4]),
+    "dense": lambda r: np.linspace(-8, 8, 4001),
+}
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("kind", ["erf", "tanh"])
+@pytest.mark.parametrize("case", list(GELU_INPUTS))
+def test_gelu(xp, dtype, kind, case):
+    rng = np.random.default_rng(2)
+    x = GELU_INPUTS[case](rng)
+    g = rng.normal(size=x.shape)
+    xt = _t(x, dtype)
+    yt = F.gelu(xt, approximate="none" if kind == "erf" else "tanh")
+    yt.backward(_t(g, dtype, grad=False))
+    y, cache = L.gelu_forward(to_device(x.astype(dtype), xp), kind)
+    dx = _check_no_mutation(L.gelu_backward, to_device(g.astype(dtype), xp), cache)
+    _assert_dtype(dtype, y, dx)
+    assert np.isfinite(y).all() and np.isfinite(dx).all()
+    tol = 1e-12 if dtype == np.float64 else 4e-6  # float32: a chain of ~8 rounded multiplies
+    assert rel_err(y, yt.detach().numpy()) < tol
+    assert rel_err(dx, xt.grad.numpy()) < tol
+    # elementwise: float64 to 1e-12 relative where |y| > 1e-3; float32 within ~8 ulp or 4x torch's
+    # own float32 error there (both pay the same 1 + erf cancellation in the negative tail)
+    yn, yr = to_numpy(y).astype(np.float64), yt.detach().numpy()
+    big = np.abs(yr) > 1e-3
+    err = np.abs(yn[big] - yr[big])
+    if dtype == np.float64:
+        assert np.all(err <= 1e-12 * np.abs(yr[big]))
+    else:
+        approx = "none" if kind == "erf" else "tanh"
+        t32 = F.gelu(torch.tensor(x.astype(np.float32)), approximate=approx).double().numpy()
+        assert np.all(err <= 4 * np.abs(t32[big] - yr[big]) + 1e-6 * np.abs(yr[big]))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("scale", [1.0, 30.0, 1e4])
+@pytest.mark.parametrize("shape", [(1, 1), (2, 3, 5), (4, 2, 17, 17)])
+def test_softmax(xp, dtype, scale, shape):
+    rng = np.random.default_rng(3)
+    x, g = scale * rng.normal(size=shape), rng.normal(size=shape)
+    xt = _t(x, dtype)
+    yt = torch.softmax(xt, dim=-1)
+    yt.backward(_t(g, dtype, grad=False))
+    y, cache = L.softmax_forward(to_device(x.astype(dtype), xp))
+    dx = _check_no_mutation(L.softmax_backward, to_device(g.astype(dtype), xp), cache)
+    _assert_dtype(dtype, y, dx)
+    assert np.isfinite(y).all() and np.isfinite(dx).all()
+    tol = 1e-12 if dtype == np.float64 else 2e-6
+    assert rel_err(y, yt.detach().numpy()) < tol
+    # dx = y (g - sum(g y)) cancels for near one-hot y: measure its error on the scale of g
+    assert rel_err(dx, xt.grad.numpy(), floor=np.abs(g).max()) < tol
+
+
+def _torch_attention(x, wq, bq, wp, bp, heads):
+    B, N, C = x.shape
+    qkv = F.linear(x, wq, bq).reshape(B, N, 3, heads, C // heads).permute(2, 0, 3, 1, 4)
+    a = torch.softmax(qkv[0] @ qkv[1].transpose(-2, -1) * (C // heads) ** -0.5, dim=-1)
+    return F.linear((a @ qkv[2]).transpose(1, 2).reshape(B, N, C), wp, bp)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("B,N,C,heads", [(1, 1, 4, 1), (2, 5, 12, 3), (3, 17, 16, 1), (2, 50, 64, 4)])
+def test_attention(xp, dtype, B, N, C, heads):
+    rng = np.random.default_rng(4)
+    x, g = rng.normal(size=(B, N, C)), rng.normal(size=(B, N, C))
+    wq, bq = rng.normal(size=(3 * C, C)) / np.sqrt(C), rng.normal(size=3 * C)
+    wp, bp = rng.normal(size=(C, C)) / np.sqrt(C), rng.normal(size=C)
+    ts = [_t(a, dtype) for a in (x, wq, bq, wp, bp)]
+    yt = _torch_attention(*ts, heads)
+    yt.backward(_t(g, dtype, grad=False))
+    dev = lambda a: to_device(a.astype(dtype), xp)  # noqa: E731
+    y, cache = L.attention_forward(dev(x), dev(wq), dev(bq), dev(wp), dev(bp), heads)
+    grads = _check_no_mutation(L.attention_backward, dev(g), cache)
+    _assert_dtype(dtype, y, *grads)
+    assert rel_err(y, yt.detach().numpy()) < TOL[dtype]
+    for ours, t in zip(grads, ts):
+        assert rel_err(ours, t.grad.numpy()) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("B,C,H,P,D", [(1, 1, 4, 4, 3), (2, 3, 8, 4, 6), (3, 1, 28, 7, 5), (1, 3, 32, 16, 8)])
+def test_patch_embed(xp, dtype, B, C, H, P, D):
+    rng = np.random.default_rng(5)
+    x, w, b = rng.normal(size=(B, C, H, H)), rng.normal(size=(D, C, P, P)), rng.normal(size=D)
+    g = rng.normal(size=(B, (H // P) ** 2, D))
+    xt, wt, bt = _t(x, dtype), _t(w, dtype), _t(b, dtype)
+    yt = F.conv2d(xt, wt, bt, stride=P).flatten(2).transpose(1, 2)  # (B, N, D)
+    yt.backward(_t(g, dtype, grad=False))
+    dev = lambda a: to_device(a.astype(dtype), xp)  # noqa: E731
+    y, cache = L.patch_embed_forward(dev(x), dev(w), dev(b))
+    dx, dw, db = _check_no_mutation(L.patch_embed_backward, dev(g), cache)
+    _assert_dtype(dtype, y, dx, dw, db)
+    for ours, ref in ((y, yt.detach()), (dx, xt.grad), (dw, wt.grad), (db, bt.grad)):
+        assert rel_err(ours, ref.numpy()) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("B,K,scale", [(1, 2, 1.0), (8, 10, 1.0), (5, 1000, 3.0), (4, 7, 1e4)])
+def test_cross_entropy(xp, dtype, smoothing, B, K, scale):
+    rng = np.random.default_rng(6)
+    z, y = scale * rng.normal(size=(B, K)), rng.integers(0, K, size=B)
+    zt = _t(z, dtype)
+    lt = F.cross_entropy(zt, torch.tensor(y), label_smoothing=smoothing)
+    lt.backward()
+    loss, cache = L.cross_entropy_forward(to_device(z.astype(dtype), xp), to_device(y, xp), smoothing)
+    dz = L.cross_entropy_backward(1.0, cache)
+    _assert_dtype(dtype, loss, dz)
+    assert np.isfinite(float(loss)) and np.isfinite(dz).all()
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    assert abs(float(loss) - lt.item()) <= tol * max(1.0, abs(lt.item()))
+    assert rel_err(dz, zt.grad.numpy()) < tol
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_dropout(xp, dtype):
+    x = to_device(np.random.default_rng(7).normal(size=(64, 33, 16)).astype(dtype), xp)
+    g = to_device(np.ones((64, 33, 16), dtype), xp)
+    for train, p in ((False, 0.5), (True, 0.0)):  # identity at eval and at p = 0
+        y, cache = L.dropout_forward(x, p, None, train)
+        assert y is x and L.dropout_backward(g, cache) is g
+    rng = xp.random.default_rng(0)
+    y, cache = L.dropout_forward(x, 0.25, rng, train=True)
+    dx = _check_no_mutation(L.dropout_backward, g, cache)
+    _assert_dtype(dtype, y, dx)
+    kept = y != 0
+    assert abs(float(kept.mean()) - 0.75) < 0.01  # about 1 - p kept
+    assert np.allclose(np.asarray(y[kept].get() if hasattr(y, "get") else y[kept]),
+                       np.asarray((x[kept] / 0.75).get() if hasattr(x, "get") else x[kept] / 0.75))
+    assert (dx == cache * g).all() and (dx[~kept] == 0).all()
+    y2, _ = L.dropout_forward(x, 0.25, xp.random.default_rng(0), train=True)
+    assert (y2 == y).all()  # the explicit RNG makes it reproducible
+    with pytest.raises(ValueError):
+        L.dropout_forward(x, 0.25, None, train=True)

@@ -1,0 +1,264 @@
+"""Every ViT layer as a forward/backward function pair over NumPy or CuPy arrays.
+
+Convention (as llm.c): `out, cache = X_forward(...)` and `grads = X_backward(dout, cache)`.
+No hidden state; backward never writes into `dout`; every op keeps its input dtype.
+"""
+import math
+
+from .backend import erf, get_array_module
+
+# --- linear -----------------------------------------------------------------------------------
+
+
+def linear_forward(x, w, b=None):
+    """y = x @ w.T + b for x (..., in), w (out, in) in torch layout, b (out,)."""
+    out = x @ w.T  # (..., out)
+    if b is not None:
+        out += b
+    return out, (x, w, b is not None)
+
+
+def linear_backward(dout, cache, need_dx=True):
+    """Return (dx, dw, db); db is None when the layer has no bias, dx None if not needed."""
+    x, w, has_b = cache
+    d_out = dout.shape[-1]
+    dout2 = dout.reshape(-1, d_out)  # (M, out)
+    x2 = x.reshape(-1, x.shape[-1])  # (M, in)
+    dw = dout2.T @ x2  # (out, in)
+    db = dout2.sum(axis=0) if has_b else None
+    dx = (dout @ w) if need_dx else None  # (..., in)
+    return dx, dw, db
+
+
+# --- layernorm --------------------------------------------------------------------------------
+
+
+def layernorm_forward(x, w, b, eps=1e-5):
+    """LayerNorm over the last axis: (x - mean) / sqrt(var + eps) * w + b."""
+    xp = get_array_module(x)
+    mean = x.mean(axis=-1, keepdims=True)
+    xc = x - mean
+    var = (xc * xc).mean(axis=-1, keepdims=True)  # biased variance, as torch
+    rstd = 1.0 / xp.sqrt(var + eps)
+    xhat = xc
+    xhat *= rstd  # reuse the centred buffer
+    out = xhat * w
+    out += b
+    return out, (xhat, rstd, w)
+
+
+def layernorm_backward(dout, cache):
+    """Return (dx, dw, db) of layernorm_forward."""
+    xhat, rstd, w = cache
+    c = xhat.shape[-1]
+    lead = tuple(range(dout.ndim - 1))
+    dw = (dout * xhat).sum(axis=lead)
+    db = dout.sum(axis=lead)
+    dxhat = dout * w
+    # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
+    m1 = dxhat.mean(axis=-1, keepdims=True)
+    m2 = (dxhat * xhat).sum(axis=-1, keepdims=True) / c
+    dx = dxhat
+    dx -= m1
+    dx -= xhat * m2
+    dx *= rstd
+    return dx, dw, db
+
+
+# --- GELU -------------------------------------------------------------------------------------
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def gelu_forward(x, kind="erf"):
+    """GELU: exact x * Phi(x) ('erf') or torch's tanh approximation ('tanh')."""
+    xp = get_array_module(x)
+    if kind == "erf":
+        cdf = erf(x * _INV_SQRT_2)
+        cdf += 1.0
+        cdf *= 0.5  # Phi(x)
+        return x * cdf, (x, cdf, kind)
+    if kind == "tanh":
+        u = x * x
+        u *= 0.044715
+        u += 1.0
+        u *= x
+        u *= _SQRT_2_OVER_PI  # u = sqrt(2/pi) * (x + 0.044715 x^3)
+        # 0.5 (1 + tanh u) = sigmoid(2u); with e = exp(-2|u|) it neither cancels nor overflows
+        e = xp.abs(u)
+        e *= -2.0
+        xp.exp(e, out=e)
+        s = xp.where(u >= 0, 1.0, e).astype(x.dtype, copy=False)
+        e += 1.0
+        s /= e
+        return x * s, (x, s, kind)
+    raise ValueError(f"unknown GELU kind {kind!r}: use 'erf' or 'tanh'")
+
+
+def gelu_backward(dout, cache):
+    """Return dx of gelu_forward."""
+    x, c, kind = cache
+    xp = get_array_module(x)
+    if kind == "erf":
+        # d/dx [x Phi(x)] = Phi(x) + x phi(x)
+        pdf = x * x
+        pdf *= -0.5
+        xp.exp(pdf, out=pdf)
+        pdf *= _INV_SQRT_2PI
+        pdf *= x
+        pdf += c
+        pdf *= dout
+        return pdf
+    # tanh kind, c = sigmoid(2u): d/dx [x c] = c + 2 x c (1 - c) u'(x)
+    du = x * x
+    du *= 3 * 0.044715
+    du += 1.0
+    du *= 2 * _SQRT_2_OVER_PI  # 2 u'(x)
+    du *= x
+    du *= c
+    du *= 1.0 - c
+    du += c
+    du *= dout
+    return du
+
+
+# --- softmax ----------------------------------------------------------------------------------
+
+
+def softmax_forward(x):
+    """Softmax over the last axis, stable for any finite logits."""
+    xp = get_array_module(x)
+    y = x - x.max(axis=-1, keepdims=True)
+    xp.exp(y, out=y)
+    y /= y.sum(axis=-1, keepdims=True)
+    return y, y
+
+
+def softmax_backward(dout, cache):
+    """Return dx of softmax_forward: y * (dout - sum(dout * y))."""
+    y = cache
+    dx = dout * y
+    s = dx.sum(axis=-1, keepdims=True)
+    dx -= y * s
+    return dx
+
+
+# --- dropout ----------------------------------------------------------------------------------
+
+
+def dropout_forward(x, p, rng=None, train=True):
+    """Inverted dropout with an explicit RNG (numpy/cupy Generator); identity at eval or p=0."""
+    if not train or p == 0.0:
+        return x, None
+    if rng is None:
+        raise ValueError("dropout in training needs an explicit rng")
+    keep = rng.random(x.shape, dtype=x.dtype) >= p
+    mask = keep.astype(x.dtype)
+    mask *= 1.0 / (1.0 - p)
+    return x * mask, mask
+
+
+def dropout_backward(dout, cache):
+    """Return dx of dropout_forward."""
+    return dout if cache is None else dout * cache
+
+
+# --- multi-head self-attention ----------------------------------------------------------------
+
+
+def attention_forward(x, w_qkv, b_qkv, w_proj, b_proj, heads, attn_drop=0.0, rng=None, train=False):
+    """Multi-head self-attention with fused qkv on x (B, N, C), as timm's Attention."""
+    B, N, C = x.shape
+    D = C // heads
+    qkv, qkv_cache = linear_forward(x, w_qkv, b_qkv)  # (B, N, 3C)
+    qkv = qkv.reshape(B, N, 3, heads, D).transpose(2, 0, 3, 1, 4)  # (3, B, H, N, D)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    scale = D ** -0.5
+    s = q @ k.transpose(0, 1, 3, 2)  # (B, H, N, N)
+    s *= scale
+    a, sm_cache = softmax_forward(s)
+    a_d, drop_cache = dropout_forward(a, attn_drop, rng, train)
+    o = a_d @ v  # (B, H, N, D)
+    o = o.transpose(0, 2, 1, 3).reshape(B, N, C)  # (B, N, C)
+    out, proj_cache = linear_forward(o, w_proj, b_proj)
+    return out, (qkv_cache, q, k, v, a_d, sm_cache, drop_cache, proj_cache, heads, scale)
+
+
+def attention_backward(dout, cache, need_dx=True):
+    """Return (dx, dw_qkv, db_qkv, dw_proj, db_proj) of attention_forward."""
+    qkv_cache, q, k, v, a_d, sm_cache, drop_cache, proj_cache, heads, scale = cache
+    xp = get_array_module(dout)
+    B, H, N, D = q.shape
+    do, dw_proj, db_proj = linear_backward(dout, proj_cache)  # (B, N, C)
+    do = do.reshape(B, N, H, D).transpose(0, 2, 1, 3)  # (B, H, N, D)
+    dv = a_d.transpose(0, 1, 3, 2) @ do  # (B, H, N, D)
+    da = do @ v.transpose(0, 1, 3, 2)  # (B, H, N, N)
+    da = dropout_backward(da, drop_cache)
+    ds = softmax_backward(da, sm_cache)
+    ds *= scale
+    dq = ds @ k  # (B, H, N, D)
+    dk = ds.transpose(0, 1, 3, 2) @ q  # (B, H, N, D)
+    dqkv = xp.stack([dq, dk, dv])  # (3, B, H, N, D)
+    dqkv = dqkv.transpose(1, 3, 0, 2, 4).reshape(B, N, 3 * H * D)  # (B, N, 3C)
+    dx, dw_qkv, db_qkv = linear_backward(dqkv, qkv_cache, need_dx)
+    return dx, dw_qkv, db_qkv, dw_proj, db_proj
+
+
+# --- patch embedding --------------------------------------------------------------------------
+
+
+def patch_embed_forward(x, w, b):
+    """Conv2d(kernel = stride = P) on x (B, C, H, W) as reshape + matmul -> (B, N, D)."""
+    B, C, H, W = x.shape
+    Dm, _, P, _ = w.shape
+    hp, wp = H // P, W // P
+    p = x.reshape(B, C, hp, P, wp, P).transpose(0, 2, 4, 1, 3, 5)  # (B, hp, wp, C, P, P)
+    p = p.reshape(B, hp * wp, C * P * P)  # (B, N, C*P*P), rows in conv-weight order
+    out, lin_cache = linear_forward(p, w.reshape(Dm, C * P * P), b)  # (B, N, D)
+    return out, (lin_cache, x.shape, w.shape)
+
+
+def patch_embed_backward(dout, cache, need_dx=True):
+    """Return (dx, dw, db) of patch_embed_forward; dx is None when not needed."""
+    lin_cache, x_shape, w_shape = cache
+    B, C, H, W = x_shape
+    P = w_shape[2]
+    dp, dw, db = linear_backward(dout, lin_cache, need_dx)
+    dw = dw.reshape(w_shape)  # (D, C, P, P)
+    if not need_dx:
+        return None, dw, db
+    dp = dp.reshape(B, H // P, W // P, C, P, P).transpose(0, 3, 1, 4, 2, 5)  # (B, C, hp, P, wp, P)
+    return dp.reshape(B, C, H, W), dw, db
+
+
+# --- softmax cross-entropy --------------------------------------------------------------------
+
+
+def cross_entropy_forward(logits, labels, label_smoothing=0.0):
+    """Mean softmax cross-entropy over the batch; labels are int class ids (B,)."""
+    xp = get_array_module(logits)
+    B, K = logits.shape
+    z = logits - logits.max(axis=1, keepdims=True)
+    lse = xp.log(xp.exp(z).sum(axis=1, keepdims=True))
+    logp = z - lse  # (B, K) log-probabilities
+    rows = xp.arange(B)
+    nll = -logp[rows, labels]
+    if label_smoothing:
+        # target = (1 - e) * onehot + e / K, as torch's CrossEntropyLoss(label_smoothing=e)
+        nll = (1.0 - label_smoothing) * nll - (label_smoothing / K) * logp.sum(axis=1)
+    loss = nll.mean()
+    return loss, (logp, labels, label_smoothing)
+
+
+def cross_entropy_backward(dloss, cache):
+    """Return dlogits of cross_entropy_forward for an upstream scalar dloss (usually 1.0)."""
+    logp, labels, eps = cache
+    xp = get_array_module(logp)
+    B, K = logp.shape
+    dlogits = xp.exp(logp)  # softmax
+    if eps:
+        dlogits -= eps / K
+    dlogits[xp.arange(B), labels] -= 1.0 - eps
+    dlogits *= dloss / B
+    return dlogits

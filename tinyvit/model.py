@@ -1,0 +1,227 @@
+"""The Vision Transformer: config, presets, init, and forward/backward over a timm-named params dict."""
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .backend import get_array_module
+from .errors import TinyViTError
+from .layers import (
+    attention_backward, attention_forward, dropout_backward, dropout_forward, gelu_backward,
+    gelu_forward, layernorm_backward, layernorm_forward, linear_backward, linear_forward,
+    patch_embed_backward, patch_embed_forward,
+)
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """Shape and behaviour of a ViT (timm's VisionTransformer with class-token pooling)."""
+
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    num_classes: int = 1000
+    dim: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_dim: int = 3072
+    ln_eps: float = 1e-6
+    gelu: str = "erf"  # 'erf' (exact, as timm/torch default) or 'tanh'
+    dropout: float = 0.0  # after pos-embed, attention proj and in the MLP (timm's drop_rate)
+    attn_dropout: float = 0.0  # on the attention weights (timm's attn_drop_rate)
+
+    def __post_init__(self):
+        if self.img_size % self.patch_size:
+            raise TinyViTError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+        if self.dim % self.heads:
+            raise TinyViTError(f"dim {self.dim} is not divisible by heads {self.heads}")
+        if self.gelu not in ("erf", "tanh"):
+            raise TinyViTError(f"gelu must be 'erf' or 'tanh', got {self.gelu!r}")
+
+    @property
+    def num_patches(self) -> int:
+        """Patches per image (tokens without the class token)."""
+        return (self.img_size // self.patch_size) ** 2
+
+    def to_dict(self) -> dict:
+        """Plain dict, for JSON metadata."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ViTConfig":
+        """Inverse of to_dict; unknown keys are an error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        extra = sorted(set(d) - names)
+        if extra:
+            raise TinyViTError(f"unknown ViTConfig fields: {', '.join(extra)}")
+        return cls(**d)
+
+
+_VIT16 = dict(img_size=224, patch_size=16, in_chans=3, num_classes=1000, ln_eps=1e-6)
+PRESETS = {
+    # MNIST from scratch: 7x7 patches of 4 px (49 tokens + CLS), width 64, 6 blocks.
+    "mnist": dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, dim=64, depth=6,
+                  heads=4, mlp_dim=128, ln_eps=1e-6),
+    "vit-ti16": dict(_VIT16, dim=192, depth=12, heads=3, mlp_dim=768),
+    "vit-s16": dict(_VIT16, dim=384, depth=12, heads=6, mlp_dim=1536),
+    "vit-b16": dict(_VIT16, dim=768, depth=12, heads=12, mlp_dim=3072),
+    "vit-l16": dict(_VIT16, dim=1024, depth=24, heads=16, mlp_dim=4096),
+}
+
+
+def preset(name: str, **overrides) -> ViTConfig:
+    """A named config ('mnist', 'vit-ti16', 'vit-s16', 'vit-b16', 'vit-l16') with overrides."""
+    if name not in PRESETS:
+        raise TinyViTError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+    return ViTConfig(**{**PRESETS[name], **overrides})
+
+
+def param_shapes(cfg: ViTConfig) -> dict:
+    """Every parameter's name (timm's) and shape (torch layout), in timm's order."""
+    D, P, C = cfg.dim, cfg.patch_size, cfg.in_chans
+    shapes = {
+        "cls_token": (1, 1, D),
+        "pos_embed": (1, cfg.num_patches + 1, D),
+        "patch_embed.proj.weight": (D, C, P, P),
+        "patch_embed.proj.bias": (D,),
+    }
+    for i in range(cfg.depth):
+        p = f"blocks.{i}."
+        shapes.update({
+            p + "norm1.weight": (D,), p + "norm1.bias": (D,),
+            p + "attn.qkv.weight": (3 * D, D), p + "attn.qkv.bias": (3 * D,),
+            p + "attn.proj.weight": (D, D), p + "attn.proj.bias": (D,),
+            p + "norm2.weight": (D,), p + "norm2.bias": (D,),
+            p + "mlp.fc1.weight": (cfg.mlp_dim, D), p + "mlp.fc1.bias": (cfg.mlp_dim,),
+            p + "mlp.fc2.weight": (D, cfg.mlp_dim), p + "mlp.fc2.bias": (D,),
+        })
+    shapes.update({"norm.weight": (D,), "norm.bias": (D,),
+                   "head.weight": (cfg.num_classes, D), "head.bias": (cfg.num_classes,)})
+    return shapes
+
+
+def trunc_normal(rng, shape, std, a=-2.0, b=2.0):
+    """Normal(0, std) truncated to [a, b] (absolute bounds, as timm's trunc_normal_), by redrawing."""
+    x = rng.normal(0.0, std, size=shape)
+    bad = (x < a) | (x > b)
+    while bad.any():
+        x[bad] = rng.normal(0.0, std, size=int(bad.sum()))
+        bad = (x < a) | (x > b)
+    return x
+
+
+def init_params(cfg: ViTConfig, seed: int = 0, dtype=np.float32) -> dict:
+    """Fresh params as timm inits them: trunc-normal(.02) linears and pos_embed, zero biases."""
+    rng = np.random.default_rng(seed)
+    params = {}
+    for name, shape in param_shapes(cfg).items():
+        if name.endswith("bias"):
+            x = np.zeros(shape)
+        elif name.endswith(("norm1.weight", "norm2.weight")) or name == "norm.weight":
+            x = np.ones(shape)
+        elif name == "cls_token":
+            x = rng.normal(0.0, 1e-6, size=shape)
+        elif name == "patch_embed.proj.weight":  # timm leaves the conv at torch's default init
+            bound = 1.0 / math.sqrt(shape[1] * shape[2] * shape[3])  # U(+-1/sqrt(fan_in))
+            x = rng.uniform(-bound, bound, size=shape)
+        else:
+            x = trunc_normal(rng, shape, 0.02)
+        params[name] = x.astype(dtype)
+    return params
+
+
+def count_params(params: dict) -> int:
+    """Total number of scalars in a params dict."""
+    return int(sum(int(np.prod(v.shape)) for v in params.values()))
+
+
+# --- forward / backward -----------------------------------------------------------------------
+
+
+def _block_forward(params, p, x, cfg, train, rng):
+    """One pre-norm block: x + attn(norm1(x)), then + mlp(norm2(x))."""
+    h, c_n1 = layernorm_forward(x, params[p + "norm1.weight"], params[p + "norm1.bias"], cfg.ln_eps)
+    h, c_at = attention_forward(h, params[p + "attn.qkv.weight"], params[p + "attn.qkv.bias"],
+                                params[p + "attn.proj.weight"], params[p + "attn.proj.bias"],
+                                cfg.heads, cfg.attn_dropout, rng, train)
+    h, c_d1 = dropout_forward(h, cfg.dropout, rng, train)
+    x = x + h
+    h, c_n2 = layernorm_forward(x, params[p + "norm2.weight"], params[p + "norm2.bias"], cfg.ln_eps)
+    h, c_f1 = linear_forward(h, params[p + "mlp.fc1.weight"], params[p + "mlp.fc1.bias"])
+    h, c_g = gelu_forward(h, cfg.gelu)
+    h, c_d2 = dropout_forward(h, cfg.dropout, rng, train)
+    h, c_f2 = linear_forward(h, params[p + "mlp.fc2.weight"], params[p + "mlp.fc2.bias"])
+    h, c_d3 = dropout_forward(h, cfg.dropout, rng, train)
+    x += h  # x is our own buffer here (x + h above), so in place is safe
+    return x, (c_n1, c_at, c_d1, c_n2, c_f1, c_g, c_d2, c_f2, c_d3)
+
+
+def _block_backward(dx, cache, grads, p):
+    """Reverse of _block_forward; writes param grads into `grads`, returns d(block input)."""
+    c_n1, c_at, c_d1, c_n2, c_f1, c_g, c_d2, c_f2, c_d3 = cache
+    dh = dropout_backward(dx, c_d3)
+    dh, grads[p + "mlp.fc2.weight"], grads[p + "mlp.fc2.bias"] = linear_backward(dh, c_f2)
+    dh = dropout_backward(dh, c_d2)
+    dh = gelu_backward(dh, c_g)
+    dh, grads[p + "mlp.fc1.weight"], grads[p + "mlp.fc1.bias"] = linear_backward(dh, c_f1)
+    dh, grads[p + "norm2.weight"], grads[p + "norm2.bias"] = layernorm_backward(dh, c_n2)
+    dx = dx + dh  # residual: both paths carry the gradient
+    dh = dropout_backward(dx, c_d1)
+    dh, grads[p + "attn.qkv.weight"], grads[p + "attn.qkv.bias"], grads[p + "attn.proj.weight"], \
+        grads[p + "attn.proj.bias"] = attention_backward(dh, c_at)
+    dh, grads[p + "norm1.weight"], grads[p + "norm1.bias"] = layernorm_backward(dh, c_n1)
+    dx += dh
+    return dx
+
+
+def _features_forward(params, images, cfg, train, rng):
+    """Patch embed + CLS + pos, the blocks and the final norm; returns CLS features (B, D)."""
+    xp = get_array_module(params["pos_embed"])
+    images = images.astype(params["pos_embed"].dtype, copy=False)  # compute in the params' dtype
+    if images.ndim != 4 or tuple(images.shape[1:]) != (cfg.in_chans, cfg.img_size, cfg.img_size):
+        raise TinyViTError(f"images must be (B, {cfg.in_chans}, {cfg.img_size}, {cfg.img_size}), "
+                           f"got {tuple(images.shape)}")
+    x, c_pe = patch_embed_forward(images, params["patch_embed.proj.weight"], params["patch_embed.proj.bias"])
+    B, N, D = x.shape
+    cls = xp.broadcast_to(params["cls_token"], (B, 1, D))
+    x = xp.concatenate([cls, x], axis=1)  # (B, N+1, D)
+    x += params["pos_embed"]
+    x, c_pd = dropout_forward(x, cfg.dropout, rng, train)
+    blocks = []
+    for i in range(cfg.depth):
+        x, c = _block_forward(params, f"blocks.{i}.", x, cfg, train, rng)
+        blocks.append(c)
+    x, c_n = layernorm_forward(x, params["norm.weight"], params["norm.bias"], cfg.ln_eps)
+    return x[:, 0], (c_pe, c_pd, blocks, c_n, x.shape)  # (B, D) class-token features
+
+
+def vit_forward(params, images, cfg: ViTConfig, train=False, rng=None):
+    """Logits (B, num_classes) for NCHW images, computed in the params' dtype; returns (logits, cache)."""
+    feats, c_body = _features_forward(params, images, cfg, train, rng)
+    logits, c_h = linear_forward(feats, params["head.weight"], params["head.bias"])
+    return logits, (c_body, c_h)
+
+
+def vit_backward(dlogits, cache):
+    """Gradients of every parameter (same keys as params) given dL/dlogits."""
+    (c_pe, c_pd, blocks, c_n, x_shape), c_h = cache
+    xp = get_array_module(dlogits)
+    grads = {}
+    dfeats, grads["head.weight"], grads["head.bias"] = linear_backward(dlogits, c_h)
+    dx = xp.zeros(x_shape, dtype=dlogits.dtype)  # (B, N+1, D): only the class token was read
+    dx[:, 0] = dfeats
+    dx, grads["norm.weight"], grads["norm.bias"] = layernorm_backward(dx, c_n)
+    for i in reversed(range(len(blocks))):
+        dx = _block_backward(dx, blocks[i], grads, f"blocks.{i}.")
+    dx = dropout_backward(dx, c_pd)
+    grads["pos_embed"] = dx.sum(axis=0, keepdims=True)  # (1, N+1, D)
+    grads["cls_token"] = dx[:, :1].sum(axis=0, keepdims=True)  # (1, 1, D)
+    _, grads["patch_embed.proj.weight"], grads["patch_embed.proj.bias"] = patch_embed_backward(
+        dx[:, 1:], c_pe, need_dx=False)
+    return grads
+
+
+def vit_features(params, images, cfg: ViTConfig):
+    """Class-token features after the final norm (B, D), eval mode; head-only training uses them."""
+    return _features_forward(params, images, cfg, False, None)[0]
