@@ -1,0 +1,112 @@
+"""The whole ViT against a torch ViT loaded with the same params: logits and every gradient."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import rel_err
+from torch_vit import torch_vit_from_params
+from tinyvit import TinyViTError, ViTConfig, init_params, preset, vit_backward, vit_forward
+from tinyvit.backend import to_device, to_numpy
+from tinyvit.layers import cross_entropy_backward, cross_entropy_forward
+from tinyvit.model import count_params
+
+CONFIGS = {
+    # one block, one head, odd token count (3x3 patches + CLS = 10)
+    "tiny-1block": ViTConfig(img_size=12, patch_size=4, in_chans=1, num_classes=3, dim=8, depth=1,
+                             heads=1, mlp_dim=16),
+    # several blocks and heads, RGB, tanh GELU
+    "small-3blocks": ViTConfig(img_size=16, patch_size=4, in_chans=3, num_classes=5, dim=24, depth=3,
+                               heads=3, mlp_dim=40, gelu="tanh"),
+    "mnist-preset": preset("mnist", depth=2),
+}
+
+
+def _randomized_params(cfg, seed):
+    """init_params, with norms/biases/cls perturbed so no gradient is trivially zero or one."""
+    p = init_params(cfg, seed=seed, dtype=np.float64)
+    rng = np.random.default_rng(seed + 1)
+    for k, v in p.items():
+        p[k] = v + 0.1 * rng.normal(size=v.shape)
+    return p
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_vit_matches_torch(xp, name, B, dtype):
+    cfg = CONFIGS[name]
+    params = _randomized_params(cfg, seed=B)
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(B, cfg.in_chans, cfg.img_size, cfg.img_size))
+    labels = rng.integers(0, cfg.num_classes, size=B)
+    # the float64 oracle sees our dtype's rounded params and images
+    params = {k: v.astype(dtype).astype(np.float64) for k, v in params.items()}
+    images = images.astype(dtype).astype(np.float64)
+
+    model = torch_vit_from_params(cfg, params)
+    logits_t = model(torch.tensor(images))
+    loss_t = F.cross_entropy(logits_t, torch.tensor(labels), label_smoothing=0.1)
+    loss_t.backward()
+
+    dev = {k: to_device(v.astype(dtype), xp) for k, v in params.items()}
+    logits, cache = vit_forward(dev, to_device(images.astype(dtype), xp), cfg)
+    loss, ce_cache = cross_entropy_forward(logits, to_device(labels, xp), 0.1)
+    grads = vit_backward(cross_entropy_backward(1.0, ce_cache), cache)
+
+    tol = 1e-9 if dtype == np.float64 else 3e-4
+    assert logits.dtype == dtype
+    assert rel_err(logits, logits_t.detach().numpy()) < tol
+    assert abs(float(loss) - loss_t.item()) < tol * abs(loss_t.item())
+    assert set(grads) == set(params)
+    for name_, p in model.named_parameters():
+        assert grads[name_].dtype == dtype and grads[name_].shape == p.shape, name_
+        assert rel_err(grads[name_], p.grad.numpy()) < tol, name_
+
+
+def test_timm_state_dict_names_load_strictly():
+    # a tinyvit params dict IS a timm-layout state dict: the torch ViT loads it with strict=True
+    cfg = preset("vit-ti16", depth=2)
+    params = init_params(cfg)
+    model = torch_vit_from_params(cfg, params, dtype=torch.float32)
+    assert [n for n, _ in model.named_parameters()] == list(params)
+
+
+def test_vit_b16_size_and_cpu_forward():
+    cfg = preset("vit-b16")
+    params = init_params(cfg)
+    assert count_params(params) == 86_567_656  # timm's vit_base_patch16_224
+    assert all(v.dtype == np.float32 for v in params.values())
+    x = np.random.default_rng(0).normal(size=(2, 3, 224, 224)).astype(np.float32)
+    logits, _ = vit_forward(params, x, cfg)
+    assert logits.shape == (2, 1000) and logits.dtype == np.float32 and np.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("name,count", [("vit-ti16", 5_717_416), ("vit-s16", 22_050_664),
+                                        ("mnist", 205_962)])
+def test_preset_param_counts(name, count):
+    from tinyvit.model import param_shapes
+
+    assert sum(int(np.prod(s)) for s in param_shapes(preset(name)).values()) == count
+
+
+def test_dropout_train_mode_is_reproducible_and_eval_is_deterministic():
+    cfg = preset("mnist", depth=2, dropout=0.1, attn_dropout=0.1)
+    params = init_params(cfg)
+    x = np.random.default_rng(0).normal(size=(4, 1, 28, 28)).astype(np.float32)
+    a, _ = vit_forward(params, x, cfg, train=True, rng=np.random.default_rng(5))
+    b, _ = vit_forward(params, x, cfg, train=True, rng=np.random.default_rng(5))
+    c, _ = vit_forward(params, x, cfg, train=False)
+    d, _ = vit_forward(params, x, cfg, train=False)
+    assert (a == b).all() and (c == d).all() and not np.allclose(a, c)
+
+
+def test_bad_inputs_raise_clear_errors():
+    with pytest.raises(TinyViTError, match="unknown preset"):
+        preset("vit-x99")
+    with pytest.raises(TinyViTError, match="multiple of patch_size"):
+        ViTConfig(img_size=30, patch_size=16)
+    cfg = preset("mnist")
+    with pytest.raises(TinyViTError, match=r"images must be \(B, 1, 28, 28\)"):
+        vit_forward(init_params(cfg), np.zeros((2, 3, 28, 28), np.float32), cfg)
+    assert to_numpy(np.ones(2)).shape == (2,)
