@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tinyvit import cifar, data
-from tinyvit.backend import cupy_available, get_backend, to_numpy
+from tinyvit.backend import to_numpy
 from tinyvit.errors import TinyViTError
 
 REAL = Path(os.environ.get("TINYVIT_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
@@ -385,13 +385,7 @@ def test_cifar_download(tmp_path, small, monkeypatch):
 
 
 # --- batching -----------------------------------------------------------------------------------
-@pytest.fixture(params=["numpy", "cupy"])
-def xp(request):
-    if request.param == "cupy" and not cupy_available():
-        pytest.skip("CuPy with a CUDA GPU is not available")
-    return get_backend(request.param)
-
-
+# the xp fixture (numpy, and cupy when a GPU is present) comes from conftest.py
 def _batches(*args, **kw):
     return [(to_numpy(x), to_numpy(y)) for x, y in data.iterate_batches(*args, **kw)]
 

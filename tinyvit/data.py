@@ -28,7 +28,7 @@ MNIST_FILES = {  # name -> md5 of the .gz (the values torchvision checks)
     "t10k-labels-idx1-ubyte": "ec29112dd5afa0611ce80d1b7f02629c",
 }
 _NET_ERRORS = (OSError, http.client.HTTPException, ValueError)  # URLError/timeouts are OSError
-_DATA_HINT = "or point --data-dir / TINYVIT_DATA at a folder that holds it"
+_DATA_HINT = "or point --data-dir / TINYVIT_DATA at the folder that holds"
 
 
 def data_root(data_dir=None) -> Path:
@@ -52,12 +52,13 @@ def _progress(done, total, name):
 def _download_one(url, dest, md5):
     """Stream url into a temp file beside dest, check its md5, then os.replace it into place."""
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    shown = None
     try:
         h = hashlib.md5()
         with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=30) as resp:
             headers = getattr(resp, "headers", None)
             total = int(headers.get("Content-Length") or 0) if headers is not None else 0
-            done, shown = 0, -1
+            done = 0
             while chunk := resp.read(1 << 20):
                 f.write(chunk)
                 h.update(chunk)
@@ -65,11 +66,12 @@ def _download_one(url, dest, md5):
                 if done * 20 // max(total, 1) != shown or not total:
                     shown = done * 20 // max(total, 1)
                     _progress(done, total, dest.name)
-        sys.stderr.write("\n")
         if h.hexdigest() != md5:
             raise ValueError(f"md5 mismatch from {url}: got {h.hexdigest()}, expected {md5}")
         os.replace(tmp, dest)
     finally:
+        if shown is not None:
+            sys.stderr.write("\n")  # end the progress line, also when the download broke off
         if os.path.exists(tmp):
             os.unlink(tmp)
 
