@@ -37,7 +37,7 @@ def atomic_write(path, write_fn):
 def save_checkpoint(path, params, cfg: ViTConfig, meta=None, opt_state=None, compress=False):
     """Atomically write params (+ optimizer state) and JSON metadata (config included) to an .npz."""
     meta = dict(meta or {})
-    meta.update(format=FORMAT, version=VERSION, config=cfg.to_dict())
+    meta.update(file_format=FORMAT, file_version=VERSION, config=cfg.to_dict())
     arrays = {_PARAM + k: to_numpy(v) for k, v in params.items()}
     if opt_state:
         arrays.update({_OPT + k: to_numpy(v) for k, v in opt_state.items()})
@@ -72,10 +72,10 @@ def _parse_meta(path, arrays):
         meta = json.loads(raw.tobytes().decode())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise TinyViTError(f"{path}: corrupt metadata ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or meta.get("file_format") != FORMAT:
         raise TinyViTError(f"{path}: not a tinyvit checkpoint (format marker missing)")
-    if meta.get("version") != VERSION:
-        raise TinyViTError(f"{path}: checkpoint version {meta.get('version')} is not supported (need {VERSION})")
+    if meta.get("file_version") != VERSION:
+        raise TinyViTError(f"{path}: checkpoint version {meta.get('file_version')} is not supported (need {VERSION})")
     return meta
 
 

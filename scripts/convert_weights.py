@@ -1,0 +1,56 @@
+"""Convert public ViT weights (Google .npz, timm, torchvision, HF) into a tinyvit checkpoint.
+
+Example:
+  python scripts/convert_weights.py ViT-B_16.npz --out weights/vit-b16.npz
+  python scripts/convert_weights.py pytorch_model.bin --format hf --img-size 384 --num-classes 10 \\
+      --out weights/vit-b16-384-c10.npz
+"""
+import argparse
+import sys
+
+from tinyvit.checkpoint import save_checkpoint
+from tinyvit.convert import FORMATS, adapt, convert
+from tinyvit.errors import TinyViTError
+from tinyvit.model import count_params
+
+
+def parse_args(argv=None):
+    """The command line."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("src", help="weights file: .npz (Google or timm layout), .safetensors, .pth/.pt/.bin/.ckpt")
+    ap.add_argument("--out", required=True, help="tinyvit checkpoint to write, e.g. weights/vit-b16.npz")
+    ap.add_argument("--format", default="auto", choices=("auto",) + FORMATS,
+                    help="source layout; auto tells it from the key names (default auto)")
+    ap.add_argument("--heads", type=int, default=None,
+                    help="attention heads (default: from Google kernels or HF config.json, else width // 64)")
+    ap.add_argument("--img-size", type=int, default=None,
+                    help="new input size: resizes pos_embed bilinearly (default: keep the source's)")
+    ap.add_argument("--num-classes", type=int, default=None,
+                    help="new class count: replaces the head by a zero-initialised one (default: keep it)")
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    """Convert, optionally adapt, save; one summary line on stdout."""
+    args = parse_args(argv)
+    try:
+        params, cfg, meta = convert(args.src, fmt=args.format, heads=args.heads)
+        old_classes, old_size = cfg.num_classes, cfg.img_size
+        params, cfg = adapt(params, cfg, img_size=args.img_size, num_classes=args.num_classes)
+        if cfg.num_classes != old_classes:
+            meta["class_names"] = [f"class_{i}" for i in range(cfg.num_classes)]
+            meta["notes"].append(f"head replaced by a zero-initialised {cfg.num_classes}-class one")
+        if cfg.img_size != old_size:
+            meta["notes"].append(f"pos_embed resized bilinearly to {cfg.img_size // cfg.patch_size}^2 patches")
+        out = save_checkpoint(args.out, params, cfg, meta)
+    except TinyViTError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{meta['format']} -> {out}: img {cfg.img_size} patch {cfg.patch_size} dim {cfg.dim} "
+          f"depth {cfg.depth} heads {cfg.heads} mlp {cfg.mlp_dim} classes {cfg.num_classes} "
+          f"eps {cfg.ln_eps:g}, {count_params(params):,} params")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

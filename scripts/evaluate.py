@@ -1,0 +1,63 @@
+"""Test-set accuracy of a tinyvit checkpoint on MNIST or CIFAR-10."""
+import argparse
+import json
+import time
+
+from tinyvit.backend import get_backend, to_device
+from tinyvit.checkpoint import load_checkpoint
+from tinyvit.cli import run
+from tinyvit.data import CIFAR10_MEAN, CIFAR10_STD, MNIST_MEAN, MNIST_STD, data_root, load_cifar10, load_mnist
+from tinyvit.errors import TinyViTError
+from tinyvit.progress import Progress
+from tinyvit.train import Dataset, evaluate
+
+
+def test_set(name, root, cfg, meta, limit):
+    """The test split as a Dataset, normalised as the checkpoint says (dataset defaults otherwise)."""
+    if name == "mnist":
+        x, y = load_mnist(root, "test")
+        mean, std = MNIST_MEAN, MNIST_STD
+    else:
+        x, y, _ = load_cifar10(root, "test")
+        mean, std = CIFAR10_MEAN, CIFAR10_STD
+    mean, std = tuple(meta.get("mean", mean)), tuple(meta.get("std", std))
+    channels = 1 if x.ndim == 3 else x.shape[1]
+    if channels != cfg.in_chans or len(mean) != cfg.in_chans:
+        raise TinyViTError(f"the checkpoint expects {cfg.in_chans}-channel images; {name} has {channels}")
+    if cfg.num_classes != 10:
+        raise TinyViTError(f"the checkpoint has {cfg.num_classes} classes; {name} has 10 (fine-tune it first)")
+    size = None if x.shape[-1] == cfg.img_size else cfg.img_size
+    return Dataset(x[:limit], y[:limit], mean, std, img_size=size)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("checkpoint", help="a tinyvit checkpoint (.npz), e.g. weights/mnist_vit.npz")
+    ap.add_argument("--dataset", choices=["mnist", "cifar10"], default=None,
+                    help="test set to use (default: the dataset recorded in the checkpoint)")
+    ap.add_argument("--backend", choices=["numpy", "cupy", "auto"], default="numpy", help="array backend (default numpy)")
+    ap.add_argument("--data-dir", default=None, help="data root holding mnist/ and cifar10/ (default: $TINYVIT_DATA, else ~/.cache/tinyvit)")
+    ap.add_argument("--batch-size", type=int, default=500, help="images per forward pass (default 500)")
+    ap.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate the first N test images only")
+    ap.add_argument("--json", action="store_true", help="print one JSON line of results")
+    args = ap.parse_args()
+
+    params, cfg, meta = load_checkpoint(args.checkpoint)
+    name = args.dataset or meta.get("dataset")
+    if name not in ("mnist", "cifar10"):
+        raise TinyViTError(f"{args.checkpoint}: no dataset recorded; pass --dataset mnist|cifar10")
+    xp = get_backend(args.backend)
+    data = test_set(name, data_root(args.data_dir), cfg, meta, args.limit)
+    bar = Progress(len(data.labels), "evaluating", unit="img", disable=args.json)
+    t0 = time.perf_counter()
+    acc = evaluate(to_device(params, xp), cfg, data, xp, batch_size=args.batch_size, progress=bar)
+    bar.close()
+    seconds = time.perf_counter() - t0
+    result = {"test_accuracy": acc, "dataset": name, "images": len(data.labels),
+              "seconds": seconds, "checkpoint": args.checkpoint}
+    print(json.dumps(result) if args.json else f"{name} test accuracy: {acc * 100:.2f}% "
+          f"({len(data.labels)} images, {seconds:.1f} s)")
+
+
+if __name__ == "__main__":
+    run(main)

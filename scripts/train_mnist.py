@@ -1,0 +1,49 @@
+"""Train a ViT on MNIST from random init with tinyvit (NumPy on CPU, or CuPy on a GPU)."""
+import argparse
+
+import numpy as np
+
+from tinyvit import init_params, preset
+from tinyvit.backend import get_backend
+from tinyvit.cli import add_run_args, add_train_args, report, run, train_config
+from tinyvit.data import MNIST_MEAN, MNIST_STD, data_root, load_mnist
+from tinyvit.model import PRESETS
+from tinyvit.train import Dataset, TrainConfig, fit
+
+# Defaults: what plain `python scripts/train_mnist.py` runs (see README for the figures).
+DEFAULTS = TrainConfig(epochs=10, batch_size=128, lr=1e-3, optimizer="adamw", weight_decay=0.05,
+                       schedule="cosine", warmup_epochs=1.0, min_lr=1e-5, augment="shift", seed=0)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--preset", default="mnist", choices=sorted(PRESETS), help="model preset (default mnist)")
+    ap.add_argument("--dropout", type=float, default=0.0, help="dropout rate in the blocks (default 0)")
+    for name in ("patch-size", "dim", "depth", "heads", "mlp-dim"):
+        ap.add_argument(f"--{name}", type=int, default=None, help=f"override the preset's {name.replace('-', '_')}")
+    ap.add_argument("--gelu", choices=["erf", "tanh"], default=None, help="override the preset's GELU (exact erf or tanh)")
+    add_train_args(ap, DEFAULTS)
+    add_run_args(ap, "runs/mnist")
+    args = ap.parse_args()
+
+    xp = get_backend(args.backend)
+    root = data_root(args.data_dir)
+    tr_x, tr_y = load_mnist(root, "train")
+    te_x, te_y = load_mnist(root, "test")
+    tr_x, tr_y = tr_x[:args.limit_train], tr_y[:args.limit_train]
+    te_x, te_y = te_x[:args.limit_test], te_y[:args.limit_test]
+    arch = {k: getattr(args, k) for k in ("patch_size", "dim", "depth", "heads", "mlp_dim", "gelu")}
+    cfg = preset(args.preset, img_size=28, in_chans=1, num_classes=10, dropout=args.dropout,
+                 **{k: v for k, v in arch.items() if v is not None})
+    params = init_params(cfg, seed=args.seed)
+    meta = {"dataset": "mnist", "class_names": [str(i) for i in range(10)],
+            "mean": list(MNIST_MEAN), "std": list(MNIST_STD)}
+    summary = fit(params, cfg, train_config(args), xp,
+                  Dataset(tr_x, tr_y, MNIST_MEAN, MNIST_STD), Dataset(te_x, te_y, MNIST_MEAN, MNIST_STD),
+                  args.out, meta=meta, resume=args.resume, quiet=args.quiet,
+                  time_limit=None if args.time_limit is None else 60 * args.time_limit)
+    report(summary, args, {"backend": args.backend, "preset": args.preset})
+
+
+if __name__ == "__main__":
+    run(main)

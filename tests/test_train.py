@@ -1,0 +1,132 @@
+"""Training loop: learning happens, resume is exact, divergence stops cleanly, checkpoints are safe."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import shared_data_dir
+from tinyvit import TinyViTError, init_params, preset
+from tinyvit.checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
+from tinyvit.train import Dataset, TrainConfig, fit
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = preset("mnist", depth=2, dim=32, heads=2, mlp_dim=64, patch_size=7)
+
+
+def _synthetic(n, seed):
+    """Toy 28x28 uint8 data: class k is a fixed random template k plus pixel noise."""
+    templates = np.random.default_rng(123).integers(0, 256, size=(10, 28, 28))
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 10, size=n)
+    x = np.clip(templates[y] + rng.normal(0, 40, size=(n, 28, 28)), 0, 255).astype(np.uint8)
+    return Dataset(x, y.astype(np.int64), (0.1307,), (0.3081,))
+
+
+def _run(tmp, tc, **kw):
+    params = init_params(TINY, seed=tc.seed)
+    return fit(params, TINY, tc, np, _synthetic(256, 1), _synthetic(128, 2), tmp, quiet=True, **kw)
+
+
+def test_fit_learns_and_writes_outputs(tmp_path):
+    tc = TrainConfig(epochs=8, batch_size=32, lr=3e-3, warmup_epochs=0.5)
+    s = _run(tmp_path, tc)
+    assert s["test_accuracy"] > 0.8  # chance is 0.1 (this seed reaches 0.92): the model really learned
+    hist = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in hist] == list(range(1, 9)) and hist[-1]["train_loss"] < hist[0]["train_loss"]
+    params, cfg, meta = load_checkpoint(s["checkpoint"])
+    assert cfg == TINY and meta["test_accuracy"] == s["test_accuracy"]
+    assert not load_optimizer_state(s["checkpoint"])  # model.npz is slim
+    assert load_optimizer_state(tmp_path / "checkpoint.npz")
+
+
+@pytest.mark.parametrize("stop_after", [8, 11])  # at the epoch boundary, and mid-epoch
+def test_resume_is_exact(tmp_path, stop_after):
+    tc = TrainConfig(epochs=2, batch_size=32, lr=2e-3, augment="shift", label_smoothing=0.1)
+    straight = _run(tmp_path / "a", tc)["params"]
+    first = _run(tmp_path / "b", tc, max_steps=stop_after)
+    assert first["stopped_early"] and first["steps"] == stop_after
+    resumed = _run(tmp_path / "c", tc, resume=tmp_path / "b" / "checkpoint.npz")
+    assert resumed["steps"] == 16 and not resumed["stopped_early"]
+    for k, v in straight.items():
+        assert np.array_equal(v, resumed["params"][k]), k  # bit-for-bit
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    tc = TrainConfig(epochs=2, batch_size=32)
+    _run(tmp_path / "b", tc, max_steps=3)
+    with pytest.raises(TinyViTError, match="training settings differ"):
+        _run(tmp_path / "c", TrainConfig(epochs=2, batch_size=32, lr=0.5), resume=tmp_path / "b" / "checkpoint.npz")
+
+
+def test_divergence_stops_with_clear_error_and_keeps_last_checkpoint(tmp_path):
+    tc = TrainConfig(epochs=2, batch_size=32, lr=1e-3)
+    _run(tmp_path, tc)  # a good run leaves a checkpoint
+    good = (tmp_path / "checkpoint.npz").read_bytes()
+    bad = TrainConfig(epochs=3, batch_size=32, lr=1e6, optimizer="sgd", warmup_epochs=0, schedule="constant")
+    with pytest.raises(TinyViTError, match=r"training diverged: loss is (nan|inf).*last good checkpoint"):
+        _run(tmp_path, bad)
+    assert (tmp_path / "checkpoint.npz").read_bytes() == good
+
+
+def test_checkpoint_roundtrip_and_bad_files(tmp_path):
+    params = init_params(TINY)
+    p = save_checkpoint(tmp_path / "m.npz", params, TINY, {"class_names": list("0123456789")})
+    back, cfg, meta = load_checkpoint(p)
+    assert cfg == TINY and meta["class_names"][3] == "3"
+    assert all(np.array_equal(back[k], params[k]) for k in params)
+    raw = p.read_bytes()
+    cases = {
+        "missing.npz": None,
+        "empty.npz": b"",
+        "truncated.npz": raw[: len(raw) // 2],
+        "garbage.npz": b"PK\x03\x04" + bytes(range(256)) * 4,
+    }
+    for name, data in cases.items():
+        f = tmp_path / name
+        if data is not None:
+            f.write_bytes(data)
+        with pytest.raises(TinyViTError, match=name):
+            load_checkpoint(f)
+    np.savez(tmp_path / "plain.npz", a=np.zeros(3))  # an npz, but not ours
+    with pytest.raises(TinyViTError, match="not a tinyvit checkpoint"):
+        load_checkpoint(tmp_path / "plain.npz")
+    wrong = dict(params, **{"head.weight": np.zeros((3, 32), np.float32)})
+    save_checkpoint(tmp_path / "wrong.npz", wrong, TINY)
+    with pytest.raises(TinyViTError, match=r"head.weight has shape \(3, 32\)"):
+        load_checkpoint(tmp_path / "wrong.npz")
+    missing = {k: v for k, v in params.items() if k != "norm.bias"}
+    save_checkpoint(tmp_path / "miss.npz", missing, TINY)
+    with pytest.raises(TinyViTError, match=r"missing \['norm.bias'\]"):
+        load_checkpoint(tmp_path / "miss.npz")
+
+
+@pytest.mark.skipif(shared_data_dir() is None, reason="real MNIST (../shared/data) not present")
+def test_train_mnist_script_smoke_learns(tmp_path):
+    """The real script on a 3000-image subset for 4 epochs: far above chance, JSON contract kept."""
+    cmd = [sys.executable, str(ROOT / "scripts" / "train_mnist.py"), "--limit-train", "3000",
+           "--limit-test", "500", "--epochs", "4", "--batch-size", "32", "--depth", "2", "--patch-size", "7", "--lr", "3e-3",
+           "--warmup-epochs", "0.5", "--augment", "none",
+           "--out", str(tmp_path), "--json", "--data-dir", str(shared_data_dir())]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    for key in ("test_accuracy", "epochs", "train_seconds", "images_per_second", "checkpoint"):
+        assert key in out
+    assert out["epochs"] == 4 and out["test_accuracy"] > 0.5, out  # chance 0.1; this run: ~0.68
+    ev = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), out["checkpoint"],
+                         "--dataset", "mnist", "--limit", "500", "--json", "--data-dir", str(shared_data_dir())],
+                        capture_output=True, text=True, timeout=120)
+    assert ev.returncode == 0, ev.stderr
+    assert json.loads(ev.stdout.strip().splitlines()[-1])["test_accuracy"] == out["test_accuracy"]
+
+
+def test_scripts_report_bad_input_in_one_line(tmp_path):
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not a zip")
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), str(bad), "--dataset", "mnist"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
+    assert "bad.npz" in r.stderr and "Traceback" not in r.stderr

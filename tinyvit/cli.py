@@ -1,0 +1,79 @@
+"""What every script shares: error handling, training flags, and the final JSON line."""
+import dataclasses
+import json
+import sys
+
+from .errors import TinyViTError
+from .train import TrainConfig
+
+
+def run(main):
+    """Call main(); a TinyViTError becomes one 'error: ...' line on stderr and exit code 2."""
+    try:
+        code = main()
+    except TinyViTError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)
+
+
+def add_train_args(ap, defaults: TrainConfig):
+    """The optimisation flags, with this script's defaults."""
+    d = defaults
+    ap.add_argument("--epochs", type=int, default=d.epochs, help=f"training epochs (default {d.epochs})")
+    ap.add_argument("--batch-size", type=int, default=d.batch_size, help=f"images per step (default {d.batch_size})")
+    ap.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
+    ap.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], default=d.optimizer,
+                    help=f"optimizer (default {d.optimizer})")
+    ap.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                    help=f"weight decay; AdamW skips biases, norms, cls_token, pos_embed (default {d.weight_decay})")
+    ap.add_argument("--momentum", type=float, default=d.momentum, help=f"SGD momentum (default {d.momentum})")
+    ap.add_argument("--schedule", choices=["constant", "cosine", "exponential"], default=d.schedule,
+                    help=f"learning-rate schedule after warmup (default {d.schedule})")
+    ap.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs,
+                    help=f"linear warmup length in epochs (default {d.warmup_epochs})")
+    ap.add_argument("--min-lr", type=float, default=d.min_lr, help=f"final lr of the cosine schedule (default {d.min_lr})")
+    ap.add_argument("--gamma", type=float, default=d.gamma, help=f"per-epoch decay of the exponential schedule (default {d.gamma})")
+    ap.add_argument("--clip", type=float, default=d.clip, help=f"clip the global grad norm to this; 0 = off (default {d.clip})")
+    ap.add_argument("--label-smoothing", type=float, default=d.label_smoothing,
+                    help=f"label smoothing of the cross-entropy (default {d.label_smoothing})")
+    ap.add_argument("--augment", choices=["none", "shift", "crop_flip"], default=d.augment,
+                    help=f"training augmentation (default {d.augment})")
+    ap.add_argument("--seed", type=int, default=d.seed, help=f"seed for init, data order, augmentation, dropout (default {d.seed})")
+
+
+def train_config(args) -> TrainConfig:
+    """The TrainConfig that parsed flags describe."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def add_run_args(ap, out_default):
+    """Flags about where and how a run goes (not about the optimisation itself)."""
+    ap.add_argument("--backend", choices=["numpy", "cupy", "auto"], default="numpy",
+                    help="array backend: numpy (CPU), cupy (CUDA GPU) or auto (cupy when a GPU is usable)")
+    ap.add_argument("--data-dir", default=None, help="data root holding mnist/ and cifar10/ (default: $TINYVIT_DATA, else ~/.cache/tinyvit)")
+    ap.add_argument("--out", default=out_default, help=f"output folder for checkpoint.npz, model.npz, metrics.jsonl (default {out_default})")
+    ap.add_argument("--resume", default=None, metavar="CHECKPOINT", help="continue the run saved in this checkpoint.npz")
+    ap.add_argument("--limit-train", type=int, default=None, metavar="N", help="train on the first N training images only")
+    ap.add_argument("--limit-test", type=int, default=None, metavar="N", help="evaluate on the first N test images only")
+    ap.add_argument("--time-limit", type=float, default=None, metavar="MIN",
+                    help="stop (with a resumable checkpoint) after this many minutes")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    ap.add_argument("--json", action="store_true", help="end with one JSON line of results on stdout")
+
+
+def report(summary, args, extra=None):
+    """Print the run's result: a readable line, or (with --json) one JSON object as the last line."""
+    out = {k: v for k, v in summary.items() if k != "params"}
+    out.update(extra or {})
+    if args.json:
+        print(json.dumps(out))
+    else:
+        acc = out.get("test_accuracy")
+        acc_s = f"{acc * 100:.2f}%" if acc is not None else "n/a"
+        print(f"test accuracy {acc_s} after {out['epochs']} epochs, {out['train_seconds']:.0f} s "
+              f"({out['images_per_second']:.0f} images/s); checkpoint: {out['checkpoint']}")

@@ -1,0 +1,218 @@
+"""The training loop every script shares: epochs of batches, evaluation, logs, checkpoints, resume."""
+import dataclasses
+import json
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .backend import to_device
+from .checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
+from .data import iterate_batches, num_batches
+from .errors import TinyViTError
+from .layers import cross_entropy_backward, cross_entropy_forward
+from .model import vit_backward, vit_forward
+from .optim import clip_grad_norm, make_optimizer, make_schedule
+from .progress import Progress
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings of a run (stored in every checkpoint so --resume continues the same run)."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    optimizer: str = "adamw"  # adam | adamw | sgd
+    weight_decay: float = 0.05
+    momentum: float = 0.9  # sgd only
+    schedule: str = "cosine"  # constant | cosine | exponential
+    warmup_epochs: float = 1.0
+    min_lr: float = 1e-5
+    gamma: float = 0.9  # exponential schedule, per epoch
+    clip: float = 0.0  # global grad-norm clip; 0 = off
+    label_smoothing: float = 0.0
+    augment: str = "none"  # none | shift | crop_flip
+    seed: int = 0
+
+    def make_optimizer(self):
+        """The optimizer these settings describe."""
+        kw = dict(lr=self.lr, weight_decay=self.weight_decay)
+        if self.optimizer == "sgd":
+            kw["momentum"] = self.momentum
+        return make_optimizer(self.optimizer, **kw)
+
+
+@dataclass
+class Dataset:
+    """Images (uint8, N[C]HW) and labels on the host, with the normalisation the model expects."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    mean: tuple
+    std: tuple
+    img_size: int = None  # resize to this on the backend (None: as stored)
+
+
+def evaluate(params, cfg, data: Dataset, xp, batch_size=500, progress=None):
+    """Top-1 accuracy (a fraction) of params on a dataset, in eval mode."""
+    correct = 0
+    for x, y in iterate_batches(data.images, data.labels, batch_size, xp, mean=data.mean, std=data.std,
+                                shuffle=False, img_size=data.img_size, dtype=params["pos_embed"].dtype):
+        logits, _ = vit_forward(params, x, cfg)
+        correct += int((logits.argmax(axis=1) == y).sum())
+        if progress:
+            progress.update(len(y))
+    return correct / len(data.labels)
+
+
+class _StopFlag:
+    """Turns SIGINT/SIGTERM into a flag checked between steps, so a stop saves a checkpoint first."""
+
+    def __init__(self):
+        self.stop = False
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.stop:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.stop = True
+        print("\nstopping after this step (a checkpoint is written first; Ctrl-C again to abort)",
+              file=sys.stderr)
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _train_state(epoch, batch, step, rng, history, tc):
+    """The JSON-able position of a run, stored in each checkpoint's metadata."""
+    return {"epoch": epoch, "batch": batch, "step": step, "rng": rng.bit_generator.state,
+            "history": history, "train_config": dataclasses.asdict(tc)}
+
+
+def fit(params, cfg, tc: TrainConfig, xp, train: Dataset, test: Dataset, out_dir, *, meta=None,
+        resume=None, time_limit=None, max_steps=None, quiet=False):
+    """Train params in place on the backend xp; write checkpoints and logs to out_dir.
+
+    Returns a summary dict (test_accuracy, epochs, train_seconds, images_per_second, checkpoint,
+    stopped_early). With `resume`, continues the run saved in that checkpoint exactly.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path, log_path = out_dir / "checkpoint.npz", out_dir / "metrics.jsonl"
+    opt = tc.make_optimizer()
+    rng = np.random.default_rng(tc.seed)  # dropout; its state travels in the checkpoint
+    epoch, batch, step, history = 0, 0, 0, []
+    if resume:
+        params, opt, rng, (epoch, batch, step, history) = _resume(resume, params, cfg, tc, opt, rng)
+    params = to_device(params, xp)
+    dev_rng = rng if xp is np else xp.random.default_rng(tc.seed + step)
+    steps_per_epoch = num_batches(len(train.labels), tc.batch_size, drop_last=True)
+    if steps_per_epoch == 0:
+        raise TinyViTError(f"the training set ({len(train.labels)} images) is smaller than one batch ({tc.batch_size})")
+    total = tc.epochs * steps_per_epoch
+    schedule = make_schedule(tc.schedule, tc.lr, total, round(tc.warmup_epochs * steps_per_epoch),
+                             steps_per_epoch, tc.gamma, tc.min_lr)
+    meta = dict(meta or {})
+    t_start, images_seen, stopped = time.perf_counter(), 0, False
+    ran_steps, train_time = 0, 0.0  # train_time: seconds in training steps (no evaluation)
+
+    def save(e, b):
+        m = dict(meta, train_state=_train_state(e, b, step, rng, history, tc))
+        save_checkpoint(ckpt_path, params, cfg, m, opt.state_dict())
+
+    with _StopFlag() as flag:
+        while epoch < tc.epochs and not stopped:
+            bar = Progress(steps_per_epoch, f"epoch {epoch + 1}/{tc.epochs}", unit="step",
+                           initial=batch, disable=quiet)
+            loss_sum, correct, seen, t_epoch = 0.0, 0, 0, time.perf_counter()
+            for x, y in iterate_batches(train.images, train.labels, tc.batch_size, xp, mean=train.mean,
+                                        std=train.std, seed=tc.seed, epoch=epoch, drop_last=True,
+                                        augment=None if tc.augment == "none" else tc.augment,
+                                        img_size=train.img_size, start_batch=batch,
+                                        dtype=params["pos_embed"].dtype):
+                t_step = time.perf_counter()
+                lr = schedule(step)
+                logits, cache = vit_forward(params, x, cfg, train=True, rng=dev_rng)
+                loss, ce_cache = cross_entropy_forward(logits, y, tc.label_smoothing)
+                loss = float(loss)
+                if not math.isfinite(loss):
+                    save_note = f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written yet"
+                    raise TinyViTError(f"training diverged: loss is {loss} at epoch {epoch + 1}, step {step} "
+                                       f"(lr {lr:.3g}); {save_note}; try a lower --lr or --clip 1.0")
+                grads = vit_backward(cross_entropy_backward(1.0, ce_cache), cache)
+                if tc.clip:
+                    clip_grad_norm(grads, tc.clip)
+                opt.step(params, grads, lr=lr)
+                step, batch, ran_steps = step + 1, batch + 1, ran_steps + 1
+                n = len(y)
+                loss_sum, seen, images_seen = loss_sum + loss * n, seen + n, images_seen + n
+                correct += int((logits.argmax(axis=1) == y).sum())
+                train_time += time.perf_counter() - t_step
+                rate = images_seen / train_time
+                bar.update(1, loss=f"{loss_sum / seen:.4f}", img_s=f"{rate:.0f}")
+                over_time = time_limit is not None and time.perf_counter() - t_start > time_limit
+                if flag.stop or over_time or (max_steps is not None and ran_steps >= max_steps):
+                    stopped = True
+                    break
+            bar.close()
+            if stopped and batch < steps_per_epoch:
+                save(epoch, batch)  # mid-epoch: resume continues from this batch
+                break
+            epoch, batch = epoch + 1, 0
+            rec = {"epoch": epoch, "step": step, "lr": lr, "train_loss": loss_sum / max(seen, 1),
+                   "train_accuracy": correct / max(seen, 1),
+                   "epoch_seconds": time.perf_counter() - t_epoch}
+            ebar = Progress(len(test.labels), "  evaluating", unit="img", disable=quiet)
+            rec["test_accuracy"] = evaluate(params, cfg, test, xp, progress=ebar)
+            ebar.close()
+            history.append(rec)
+            with open(log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            if not quiet:
+                print(f"epoch {epoch}/{tc.epochs}: loss {rec['train_loss']:.4f}  train acc "
+                      f"{rec['train_accuracy']:.4f}  test acc {rec['test_accuracy']:.4f}  "
+                      f"({rec['epoch_seconds']:.0f} s)", file=sys.stderr)
+            save(epoch, 0)
+    seconds = time.perf_counter() - t_start
+    done = epoch >= tc.epochs
+    final = out_dir / "model.npz"
+    if done:  # a slim copy (no optimizer state) for evaluate.py / predict.py
+        test_acc = history[-1]["test_accuracy"]
+        save_checkpoint(final, params, cfg, dict(meta, test_accuracy=test_acc, history=history))
+    return {"test_accuracy": history[-1]["test_accuracy"] if history else None,
+            "epochs": epoch, "steps": step, "train_seconds": seconds,
+            "images_per_second": images_seen / train_time if train_time > 0 else 0.0,
+            "checkpoint": str(final if done else ckpt_path), "stopped_early": not done,
+            "params": params}
+
+
+def _resume(path, params, cfg, tc, opt, rng):
+    """Load a training checkpoint's params, optimizer and RNG state; check it is the same run."""
+    p, ckpt_cfg, meta = load_checkpoint(path)
+    state = meta.get("train_state")
+    if state is None:
+        raise TinyViTError(f"{path}: holds no training state (a model-only file cannot be resumed)")
+    if ckpt_cfg != cfg:
+        raise TinyViTError(f"{path}: model config differs from this run's ({ckpt_cfg} vs {cfg})")
+    saved = TrainConfig(**state["train_config"])
+    if saved != tc:
+        diff = {k: (v, getattr(tc, k)) for k, v in dataclasses.asdict(saved).items() if getattr(tc, k) != v}
+        raise TinyViTError(f"{path}: training settings differ from this run's (saved, now): {diff}")
+    opt.load_state_dict(load_optimizer_state(path))
+    rng.bit_generator.state = state["rng"]
+    p = {k: v.astype(params[k].dtype, copy=False) for k, v in p.items()}
+    return p, opt, rng, (state["epoch"], state["batch"], state["step"], state["history"])
