@@ -113,17 +113,19 @@ def test_gelu(xp, dtype, kind, case):
     tol = 1e-12 if dtype == np.float64 else 4e-6  # float32: a chain of ~8 rounded multiplies
     assert rel_err(y, yt.detach().numpy()) < tol
     assert rel_err(dx, xt.grad.numpy()) < tol
-    # elementwise: float64 to 1e-12 relative where |y| > 1e-3; float32 within ~8 ulp or 4x torch's
-    # own float32 error there (both pay the same 1 + erf cancellation in the negative tail)
+    # elementwise where |y| > 1e-3: float64 to 1e-12 relative; float32 at most 2x torch float32's
+    # own worst absolute and worst relative error on the same inputs
     yn, yr = to_numpy(y).astype(np.float64), yt.detach().numpy()
     big = np.abs(yr) > 1e-3
-    err = np.abs(yn[big] - yr[big])
+    err = np.abs(yn - yr)
     if dtype == np.float64:
-        assert np.all(err <= 1e-12 * np.abs(yr[big]))
+        assert np.all(err[big] <= 1e-12 * np.abs(yr[big]))
     else:
         approx = "none" if kind == "erf" else "tanh"
         t32 = F.gelu(torch.tensor(x.astype(np.float32)), approximate=approx).double().numpy()
-        assert np.all(err <= 4 * np.abs(t32[big] - yr[big]) + 1e-6 * np.abs(yr[big]))
+        terr = np.abs(t32 - yr)
+        assert err.max() <= 2 * terr.max() + 1e-7
+        assert (err[big] / np.abs(yr[big])).max() <= 2 * (terr[big] / np.abs(yr[big])).max() + 1e-6
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])

@@ -1,4 +1,6 @@
 """The array backend: NumPy on CPU or CuPy on CUDA. The only module that imports CuPy."""
+import os
+
 import numpy as np
 
 from .errors import TinyViTError
@@ -78,13 +80,13 @@ def synchronize(xp):
 #   |x| <  1:  erf(x) = x * Q(x^2)
 #   |x| >= 1:  erfc(|x|) = t * exp(-x^2 + P(t)),  t = 1 / (1 + |x|/2)
 # float64 (Q degree 12, P degree 20): erf absolute error <= 2e-16.
-# float32 (Q degree 7, P degree 10): fit error <= 1e-9, so float32 rounding (~1 ulp) dominates.
-_Q32 = (1.1283791670623609, -0.3761263847599132, 0.11283782622062184, -0.026865438310515116,
-        0.005221053412537675, -0.0008484396550601893, 0.00011268253894199437,
-        -9.673590811750782e-06)
-_P32 = (-1.2655121226729855, 0.9999996848396239, 0.37502029721854596, 0.08282199512586526,
-        -0.07931920322460721, -0.1936838309867749, 0.1416003080189808, -0.6580973446849859,
-        1.3718690327358027, -1.0788125923513558, 0.30465606497050945)
+# float32 takes one cheaper form (half the passes): erf(x) = x * R(x^2) / S(x^2) on |x| <= 3.92
+# (beyond that float32 erf is 1), degrees 5/5, fitted by reweighted least squares (relative fit
+# error 2.7e-8); evaluated in float32 the absolute error is <= 3.2e-7 (about 5 ulp at 1).
+_R32 = (1.1283791596206945, 0.18827290968448948, 0.052485843228181034, 0.0036800475449682204,
+        0.00028398782054526593, 2.0795537432799185e-06)
+_S32 = (1.0, 0.5001855113673804, 0.11324490311027391, 0.014796194869280879,
+        0.0011437577661536167, 3.83511953781992e-05)
 _Q64 = (1.1283791670955126, -0.3761263890318375, 0.11283791670954882, -0.026866170645077334,
         0.005223977624823223, -0.0008548326981129666, 0.00012055331122299266,
         -1.4925595519506043e-05, 1.6461004480962034e-06, -1.6350354461959655e-07,
@@ -95,7 +97,7 @@ _P64 = (-1.2655121234846451, 0.9999999999998072, 0.375000000041853, 0.0833333297
         3.8427295715367746, -8.459135431660084, 12.552009661962215, -8.169887995121364,
         -4.656264484736474, 13.875027026036653, -11.979666391174526, 5.03917190574327,
         -0.8774068865048382)
-_COEFS = {np.dtype(np.float32): (_Q32, _P32), np.dtype(np.float64): (_Q64, _P64)}
+_COEFS = {np.dtype(np.float32): (_R32, _S32), np.dtype(np.float64): (_Q64, _P64)}
 
 
 def _horner(coefs, t):
@@ -108,6 +110,73 @@ def _horner(coefs, t):
     return p
 
 
+_POOL = None
+
+
+def _pool():
+    """The process-wide thread pool for blockwise NumPy work (one thread per core)."""
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)))
+    return _POOL
+
+
+CHUNK = 1 << 16  # elements per block: ~256 KB of float32 stays in L2 across a chain of passes
+
+
+def ew_chunks(fn, inputs, outputs):
+    """Run fn(*input_blocks, *output_blocks) over flat blocks of same-size contiguous arrays.
+
+    A chain of NumPy passes over a big array streams it through memory once per pass; done block
+    by block the chain stays in cache (2-3x faster here). CuPy gets one call on the whole arrays.
+    """
+    if get_array_module(inputs[0]) is not np or inputs[0].size <= CHUNK:
+        fn(*inputs, *outputs)
+        return
+    ins = [np.ascontiguousarray(a).reshape(-1) for a in inputs]
+    outs = [o.reshape(-1) for o in outputs]  # outputs are ours, allocated contiguous
+
+    def block(i):
+        j = i + CHUNK
+        fn(*[a[i:j] for a in ins], *[o[i:j] for o in outs])
+
+    # NumPy releases the GIL inside ufunc loops, so blocks on threads use every core
+    list(_pool().map(block, range(0, ins[0].size, CHUNK)))
+
+
+def _erf32_block(x, out):
+    """float32 erf of one block: x R(x^2) / S(x^2) on x clamped to +-3.92."""
+    xc = np.clip(x, -3.92, 3.92)
+    s = xc * xc
+    r = _horner(_R32, s)
+    r /= _horner(_S32, s)
+    np.multiply(r, xc, out=out)
+
+
+def _erf_block(x, out):
+    """erf of one block of x, written into out."""
+    if x.dtype == np.float32:
+        return _erf32_block(x, out)
+    q, p = _COEFS[x.dtype]
+    a = np.maximum(np.abs(x), 1.0)  # the tail fit is valid for |x| >= 1 only
+    t = a * 0.5
+    t += 1.0
+    np.reciprocal(t, out=t)  # t = 1 / (1 + a/2)
+    e = _horner(p, t)
+    a *= a
+    e -= a
+    np.exp(e, out=e)
+    e *= t  # erfc(a)
+    np.subtract(1.0, e, out=e)
+    e *= np.sign(x)
+    xs = np.clip(x, -1.0, 1.0)  # the series branch is only kept for |x| < 1: avoid overflow
+    s = xs * xs
+    np.copyto(out, e)
+    np.copyto(out, xs * _horner(q, s), where=np.abs(x) < 1.0)
+
+
 def erf(x):
     """Error function, elementwise, in x's dtype (float32 or float64), NumPy or CuPy."""
     if get_array_module(x) is not np:
@@ -117,16 +186,6 @@ def erf(x):
     x = np.asarray(x)
     if x.dtype not in _COEFS:
         raise TinyViTError(f"erf takes float32 or float64 arrays, got {x.dtype}")
-    q, p = _COEFS[x.dtype]
-    a = np.maximum(np.abs(x), 1.0)  # the tail fit is valid for |x| >= 1 only
-    t = a * 0.5
-    t += 1.0
-    np.reciprocal(t, out=t)  # t = 1 / (1 + a/2)
-    out = _horner(p, t)
-    out -= a * a
-    np.exp(out, out=out)
-    out *= t  # erfc(a)
-    np.subtract(1.0, out, out=out)
-    out *= np.sign(x)
-    xs = np.clip(x, -1.0, 1.0)  # the series branch is only kept for |x| < 1: avoid overflow
-    return np.where(np.abs(x) < 1.0, xs * _horner(q, xs * xs), out)
+    out = np.empty_like(x, order="C")
+    ew_chunks(_erf_block, [x], [out])
+    return out

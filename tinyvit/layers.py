@@ -5,7 +5,7 @@ No hidden state; backward never writes into `dout`; every op keeps its input dty
 """
 import math
 
-from .backend import erf, get_array_module
+from .backend import erf, ew_chunks, get_array_module
 
 # --- linear -----------------------------------------------------------------------------------
 
@@ -71,14 +71,33 @@ _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
+def _gelu_erf_block(x, out, cdf):
+    """out = x * Phi(x) and cdf = Phi(x) = (1 + erf(x / sqrt 2)) / 2 on one block."""
+    cdf[...] = erf(x * _INV_SQRT_2)
+    cdf += 1.0
+    cdf *= 0.5
+    out[...] = x * cdf
+
+
+def _gelu_erf_grad_block(x, cdf, dout, dx):
+    """dx = dout * (Phi(x) + x phi(x)) on one block."""
+    xp = get_array_module(x)
+    pdf = x * x
+    pdf *= -0.5
+    xp.exp(pdf, out=pdf)
+    pdf *= _INV_SQRT_2PI
+    pdf *= x
+    pdf += cdf
+    xp.multiply(pdf, dout, out=dx)
+
+
 def gelu_forward(x, kind="erf"):
     """GELU: exact x * Phi(x) ('erf') or torch's tanh approximation ('tanh')."""
     xp = get_array_module(x)
     if kind == "erf":
-        cdf = erf(x * _INV_SQRT_2)
-        cdf += 1.0
-        cdf *= 0.5  # Phi(x)
-        return x * cdf, (x, cdf, kind)
+        out, cdf = xp.empty_like(x, order="C"), xp.empty_like(x, order="C")
+        ew_chunks(_gelu_erf_block, [x], [out, cdf])
+        return out, (x, cdf, kind)
     if kind == "tanh":
         u = x * x
         u *= 0.044715
@@ -101,15 +120,9 @@ def gelu_backward(dout, cache):
     x, c, kind = cache
     xp = get_array_module(x)
     if kind == "erf":
-        # d/dx [x Phi(x)] = Phi(x) + x phi(x)
-        pdf = x * x
-        pdf *= -0.5
-        xp.exp(pdf, out=pdf)
-        pdf *= _INV_SQRT_2PI
-        pdf *= x
-        pdf += c
-        pdf *= dout
-        return pdf
+        dx = xp.empty_like(x, order="C")
+        ew_chunks(_gelu_erf_grad_block, [x, c, dout], [dx])
+        return dx
     # tanh kind, c = sigmoid(2u): d/dx [x c] = c + 2 x c (1 - c) u'(x)
     du = x * x
     du *= 3 * 0.044715

@@ -225,3 +225,9 @@ def vit_backward(dlogits, cache):
 def vit_features(params, images, cfg: ViTConfig):
     """Class-token features after the final norm (B, D), eval mode; head-only training uses them."""
     return _features_forward(params, images, cfg, False, None)[0]
+
+
+def attention_maps(cache):
+    """Each block's attention probabilities (B, H, N+1, N+1) from a vit_forward cache (eval mode)."""
+    (_, _, blocks, _, _), _ = cache
+    return [c[1][4] for c in blocks]  # attention cache: (qkv, q, k, v, probs, ...)
