@@ -8,7 +8,7 @@ import numpy as np
 from .backend import get_array_module
 from .errors import TinyViTError
 from .layers import (
-    attention_backward, attention_forward, dropout_backward, dropout_forward, gelu_backward,
+    attention_backward, attention_forward, colsum, dropout_backward, dropout_forward, gelu_backward,
     gelu_forward, layernorm_backward, layernorm_forward, linear_backward, linear_forward,
     patch_embed_backward, patch_embed_forward,
 )
@@ -215,7 +215,7 @@ def vit_backward(dlogits, cache):
     for i in reversed(range(len(blocks))):
         dx = _block_backward(dx, blocks[i], grads, f"blocks.{i}.")
     dx = dropout_backward(dx, c_pd)
-    grads["pos_embed"] = dx.sum(axis=0, keepdims=True)  # (1, N+1, D)
+    grads["pos_embed"] = colsum(dx.reshape(dx.shape[0], -1)).reshape((1,) + dx.shape[1:])  # (1, N+1, D)
     grads["cls_token"] = dx[:, :1].sum(axis=0, keepdims=True)  # (1, 1, D)
     _, grads["patch_embed.proj.weight"], grads["patch_embed.proj.bias"] = patch_embed_backward(
         dx[:, 1:], c_pe, need_dx=False)

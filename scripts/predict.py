@@ -1,0 +1,135 @@
+"""Classify image files with a tinyvit checkpoint: top-k classes per image, optional attention maps.
+
+Every image is read (see tinyvit/images.py for the mode, alpha, resize and inversion rules) before
+anything is printed: one unreadable file stops the run with a one-line error (exit 2).
+--attention-map OUT.png writes the input image at its own size with the attention-rollout heat map
+blended over the centre square the model saw. With one image the file is OUT itself; with several,
+each goes to OUT's folder as <OUT stem>_<image stem><OUT suffix> (out_digit.png), and a repeated
+image stem gets _2, _3, ... appended.
+"""
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from tinyvit.backend import get_backend, to_device, to_numpy
+from tinyvit.checkpoint import atomic_write, load_checkpoint
+from tinyvit.cli import run
+from tinyvit.errors import TinyViTError
+from tinyvit.images import MAX_PIXELS, attention_rollout, load_image, normalisation, open_image, overlay_attention
+from tinyvit.model import attention_maps, vit_forward
+
+INVERT = {"auto": None, "yes": True, "no": False}
+
+
+def class_names(meta, num_classes, source):
+    """Names from the checkpoint's meta class_names, else the indices as strings."""
+    names = meta.get("class_names")
+    if names is None:
+        return [str(i) for i in range(num_classes)]
+    if not isinstance(names, list) or len(names) != num_classes:
+        n = len(names) if isinstance(names, list) else type(names).__name__
+        raise TinyViTError(f"{source}: class_names has {n} entries, the model has {num_classes} classes")
+    return [str(n) for n in names]
+
+
+def softmax(logits):
+    """Row-wise softmax in float64 on the host."""
+    z = to_numpy(logits).astype(np.float64)
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def map_paths(out, images):
+    """Where each image's attention map goes: OUT for one image, OUT-stem_image-stem otherwise."""
+    out = Path(out)
+    if len(images) == 1:
+        return [out]
+    suffix = out.suffix or ".png"
+    paths, seen = [], {}
+    for image in images:
+        stem = Path(image).stem
+        seen[stem] = seen.get(stem, 0) + 1
+        tag = stem if seen[stem] == 1 else f"{stem}_{seen[stem]}"
+        paths.append(out.with_name(f"{out.stem}_{tag}{suffix}"))
+    return paths
+
+
+def save_png(img, path):
+    """Write a Pillow image as PNG atomically; failures are a TinyViTError naming the file."""
+    try:
+        atomic_write(path, lambda f: img.save(f, format="PNG"))
+    except OSError as e:
+        raise TinyViTError(f"{path}: cannot write the attention map ({e.strerror or e})") from None
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint", help="a tinyvit checkpoint (.npz), e.g. weights/mnist_vit.npz")
+    ap.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, anything Pillow reads)")
+    ap.add_argument("--top-k", type=int, default=5, metavar="K",
+                    help="classes to show per image (default 5, at most the model's class count)")
+    ap.add_argument("--backend", choices=["numpy", "cupy", "auto"], default="numpy",
+                    help="array backend: numpy (CPU), cupy (CUDA GPU) or auto (default numpy)")
+    ap.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    ap.add_argument("--attention-map", default=None, metavar="OUT.png",
+                    help="write the attention-rollout heat map over the image to this PNG "
+                         "(several images: OUT_<image stem>.png each)")
+    ap.add_argument("--invert", choices=list(INVERT), default="auto",
+                    help="invert gray levels: auto (MNIST checkpoints only: when the border is brighter "
+                         "than the centre, i.e. dark ink on light paper), yes, or no (default auto)")
+    ap.add_argument("--max-megapixels", type=float, default=MAX_PIXELS / 1e6, metavar="MP",
+                    help=f"refuse images larger than this (default {MAX_PIXELS / 1e6:g})")
+    ap.add_argument("--json", action="store_true", help="print one JSON line instead of text")
+    args = ap.parse_args()
+    if args.top_k < 1:
+        raise TinyViTError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.batch_size < 1:
+        raise TinyViTError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if not args.max_megapixels > 0:
+        raise TinyViTError(f"--max-megapixels must be positive, got {args.max_megapixels}")
+
+    params, cfg, meta = load_checkpoint(args.checkpoint)
+    mean, std = normalisation(meta, cfg.in_chans, args.checkpoint)
+    names = class_names(meta, cfg.num_classes, args.checkpoint)
+    invert, dataset = INVERT[args.invert], meta.get("dataset")
+    max_pixels = int(args.max_megapixels * 1e6)
+    want_maps = args.attention_map is not None
+    xs = [load_image(p, cfg, mean, std, max_pixels, invert, dataset) for p in args.images]  # (1, C, S, S) each
+    xp = get_backend(args.backend)
+    params = to_device(params, xp)
+
+    probs, heats = [], []
+    for i in range(0, len(xs), args.batch_size):
+        x = xp.asarray(np.concatenate(xs[i:i + args.batch_size]))  # (B, C, S, S)
+        logits, cache = vit_forward(params, x, cfg)
+        probs.append(softmax(logits))
+        if want_maps:
+            heats.append(attention_rollout(attention_maps(cache)))  # (B, g, g)
+    probs = np.concatenate(probs)  # (n, classes)
+
+    k = min(args.top_k, cfg.num_classes)
+    results = []
+    for path, p in zip(args.images, probs):
+        top = np.argsort(-p, kind="stable")[:k]
+        results.append({"image": path, "top_k": [{"class": names[j], "index": int(j), "probability": float(p[j])}
+                                                 for j in top]})
+    if want_maps:
+        heats = np.concatenate(heats)
+        for res, heat, out in zip(results, heats, map_paths(args.attention_map, args.images)):
+            save_png(overlay_attention(open_image(res["image"], max_pixels), heat), out)
+            res["attention_map"] = str(out)
+
+    if args.json:
+        print(json.dumps({"predictions": results}))
+        return
+    for res in results:
+        tops = ", ".join(f"{t['class']} ({t['probability'] * 100:.1f}%)" for t in res["top_k"])
+        extra = f"  [attention: {res['attention_map']}]" if want_maps else ""
+        print(f"{res['image']}: {tops}{extra}")
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,418 @@
+"""Image loading (every Pillow mode, sizes, limits, bad files), attention rollout, and scripts/predict.py."""
+import json
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tinyvit import TinyViTError, init_params, preset
+from tinyvit.backend import to_numpy
+from tinyvit.checkpoint import save_checkpoint
+from tinyvit.images import (attention_rollout, auto_invert, colormap, load_image, normalisation,
+                            open_image, overlay_attention, rollout_matrix)
+from tinyvit.model import ViTConfig, attention_maps, vit_forward
+
+ROOT = Path(__file__).resolve().parents[1]
+MNIST = preset("mnist", depth=1, patch_size=7, dim=32, heads=2, mlp_dim=64)
+RGB = ViTConfig(img_size=32, patch_size=8, in_chans=3, num_classes=3, dim=32, depth=2, heads=2, mlp_dim=64)
+M_MEAN, M_STD = (0.1307,), (0.3081,)
+R_MEAN, R_STD = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+RGB_NAMES = ["cat", "dog", "bird"]
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """A 1-channel MNIST-style and a 3-channel 3-class checkpoint with metadata."""
+    d = tmp_path_factory.mktemp("ckpt")
+    m = save_checkpoint(d / "mnist.npz", init_params(MNIST, seed=1), MNIST,
+                        meta={"class_names": [str(i) for i in range(10)], "mean": M_MEAN, "std": M_STD,
+                              "dataset": "mnist"})
+    r = save_checkpoint(d / "rgb.npz", init_params(RGB, seed=2), RGB,
+                        meta={"class_names": RGB_NAMES, "mean": R_MEAN, "std": R_STD})
+    return m, r
+
+
+def _rng_array(shape, hi=256, dtype=np.uint8, seed=0):
+    return np.random.default_rng(seed).integers(0, hi, size=shape).astype(dtype)
+
+
+def _make(mode, size):
+    """A random-content image of the given Pillow mode and (w, h) size."""
+    w, h = size
+    if mode in ("L", "RGB", "RGBA", "LA", "CMYK"):
+        ch = {"L": 1, "RGB": 3, "RGBA": 4, "LA": 2, "CMYK": 4}[mode]
+        a = _rng_array((h, w, ch) if ch > 1 else (h, w))
+        return Image.fromarray(a, mode=mode)
+    if mode == "1":
+        return Image.fromarray(_rng_array((h, w), 2) * 255, mode="L").convert("1")
+    if mode == "P":
+        return Image.fromarray(_rng_array((h, w, 3)), mode="RGB").convert("P")
+    if mode == "I;16":
+        return Image.fromarray(_rng_array((h, w), 65536, np.uint16))
+    if mode == "I":
+        return Image.fromarray(_rng_array((h, w), 65536, np.int32), mode="I")
+    if mode == "F":
+        return Image.fromarray(np.random.default_rng(0).random((h, w), dtype=np.float32), mode="F")
+    raise ValueError(mode)
+
+
+FORMAT = {"CMYK": "jpg", "I": "tif", "F": "tif"}
+MODES = ["RGBA", "LA", "P", "I;16", "I", "F", "L", "1", "CMYK", "RGB"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("size", [(5, 3), (300, 50), (40, 90)], ids=["tiny", "wide", "tall"])
+@pytest.mark.parametrize("cfg", [MNIST, RGB], ids=["gray-model", "rgb-model"])
+def test_every_mode_and_size(tmp_path, mode, size, cfg):
+    p = tmp_path / f"img.{FORMAT.get(mode, 'png')}"
+    _make(mode, size).save(p)
+    mean, std = (M_MEAN, M_STD) if cfg.in_chans == 1 else (R_MEAN, R_STD)
+    x = load_image(p, cfg, mean, std)
+    assert x.shape == (1, cfg.in_chans, cfg.img_size, cfg.img_size) and x.dtype == np.float32
+    raw = x[0] * np.asarray(std)[:, None, None] + np.asarray(mean)[:, None, None]  # back to [0, 1]
+    assert raw.min() >= -1e-5 and raw.max() <= 1 + 1e-5 and np.isfinite(x).all()
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpg"])
+def test_large_image_both_formats(tmp_path, fmt):
+    """3000x2000: resized (JPEG via draft), quick; a flat image stays flat."""
+    p = tmp_path / f"big.{fmt}"
+    Image.new("RGB", (3000, 2000), (200, 100, 50)).save(p)
+    t0 = time.perf_counter()
+    x = load_image(p, RGB, R_MEAN, R_STD)
+    assert time.perf_counter() - t0 < 5
+    raw = x[0] * np.array(R_STD)[:, None, None] + np.array(R_MEAN)[:, None, None]
+    np.testing.assert_allclose(raw.mean(axis=(1, 2)), np.array([200, 100, 50]) / 255, atol=2 / 255)
+
+
+def test_constant_rgb_exact(tmp_path):
+    p = tmp_path / "c.png"
+    Image.new("RGB", (70, 30), (255, 0, 128)).save(p)
+    x = load_image(p, RGB, R_MEAN, R_STD)
+    want = (np.array([255, 0, 128]) / 255 - np.array(R_MEAN)) / np.array(R_STD)
+    np.testing.assert_allclose(x[0], np.broadcast_to(want[:, None, None], (3, 32, 32)), atol=1e-6)
+
+
+def test_constant_gray_exact_and_replicated_into_rgb(tmp_path):
+    p = tmp_path / "g.png"
+    Image.new("L", (9, 13), 77).save(p)
+    x = load_image(p, MNIST, M_MEAN, M_STD, invert=False)
+    np.testing.assert_allclose(x, np.full((1, 1, 28, 28), (77 / 255 - 0.1307) / 0.3081), atol=1e-6)
+    x3 = load_image(p, RGB, R_MEAN, R_STD)
+    np.testing.assert_allclose(x3[0, :, 0, 0], (77 / 255 - np.array(R_MEAN)) / np.array(R_STD), atol=1e-6)
+
+
+def test_rgb_into_gray_model_uses_luma(tmp_path):
+    p = tmp_path / "c.png"
+    Image.new("RGB", (28, 28), (200, 40, 10)).save(p)
+    x = load_image(p, MNIST, (0.0,), (1.0,))
+    np.testing.assert_allclose(x, (200 * 0.299 + 40 * 0.587 + 10 * 0.114) / 255, atol=1 / 255)
+
+
+@pytest.mark.parametrize("value", [300, 16384, 65535])
+def test_16bit_png_scaled_with_full_precision(tmp_path, value):
+    """I;16 is value/65535 (Pillow's own convert('L') would clip 300 to 255 -> 1.0)."""
+    p = tmp_path / "d.png"
+    Image.fromarray(np.full((20, 30), value, np.uint16)).save(p)
+    assert Image.open(p).mode.startswith("I;16")
+    x = load_image(p, MNIST, (0.0,), (1.0,), invert=False)
+    np.testing.assert_allclose(x, value / 65535, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("value,want", [(200, 200 / 255), (30000, 30000 / 65535), (-5, 0.0), (90000, 1.0)])
+def test_32bit_int_image_rule(tmp_path, value, want):
+    p = tmp_path / "i.tif"
+    Image.new("I", (8, 8), value).save(p)
+    x = load_image(p, MNIST, (0.0,), (1.0,), invert=False)
+    np.testing.assert_allclose(x, want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("value,want", [(0.25, 0.25), (128.0, 128 / 255), (300.0, 1.0)])
+def test_float_image_rule(tmp_path, value, want):
+    p = tmp_path / "f.tif"
+    Image.new("F", (8, 8), value).save(p)
+    np.testing.assert_allclose(load_image(p, MNIST, (0.0,), (1.0,), invert=False), want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("ink,bg", [(0, 1.0), (255, 0.0)], ids=["dark-ink-on-white", "light-ink-on-black"])
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+def test_alpha_composited_so_content_stays_visible(tmp_path, ink, bg, mode):
+    img = Image.new(mode, (40, 40), (128,) * (len(mode) - 1) + (0,))  # transparent gray canvas
+    img.paste((ink,) * (len(mode) - 1) + (255,), (15, 5, 25, 35))  # an opaque bar
+    p = tmp_path / "a.png"
+    img.save(p)
+    x = load_image(p, RGB, (0.0,) * 3, (1.0,) * 3)
+    np.testing.assert_allclose(x[0, :, 1, 1], bg, atol=1e-6)  # background corner
+    np.testing.assert_allclose(x[0, :, 16, 16], ink / 255, atol=1e-6)  # the bar
+
+
+def test_palette_with_transparency(tmp_path):
+    img = Image.new("P", (10, 10), 0)
+    img.putpalette([255, 0, 0, 0, 0, 0] + [0] * 762)
+    img.paste(1, (3, 3, 7, 7))
+    p = tmp_path / "p.png"
+    img.save(p, transparency=0)
+    x = load_image(p, MNIST, (0.0,), (1.0,), invert=False)
+    assert abs(float(x[0, 0, 0, 0]) - 1.0) < 1e-6 and float(x[0, 0, 14, 14]) < 1e-6  # white bg, black ink
+
+
+def test_inversion_rules(tmp_path):
+    """Dark ink on white: auto inverts for mnist only; yes/no are obeyed; white-on-black is kept."""
+    paper = Image.new("L", (56, 56), 255)
+    paper.paste(0, (20, 10, 36, 46))
+    p = tmp_path / "paper.png"
+    paper.save(p)
+    plain = load_image(p, MNIST, (0.0,), (1.0,), invert=False)
+    auto = load_image(p, MNIST, (0.0,), (1.0,), invert=None, dataset="mnist")
+    np.testing.assert_allclose(auto, 1 - plain, atol=1e-6)
+    np.testing.assert_allclose(load_image(p, MNIST, (0.0,), (1.0,), dataset="cifar10"), plain)
+    np.testing.assert_allclose(load_image(p, MNIST, (0.0,), (1.0,), invert=True), 1 - plain, atol=1e-6)
+    digit = Image.new("L", (28, 28), 0)
+    digit.paste(255, (10, 5, 18, 23))
+    q = tmp_path / "digit.png"
+    digit.save(q)
+    assert not auto_invert(load_image(q, MNIST, (0.0,), (1.0,), invert=False)[0].transpose(1, 2, 0))
+    np.testing.assert_allclose(load_image(q, MNIST, (0.0,), (1.0,), dataset="mnist"),
+                               load_image(q, MNIST, (0.0,), (1.0,), invert=False))
+
+
+def test_non_square_is_centre_cropped(tmp_path):
+    """Left and right thirds of a 3:1 image are cut off: only the middle colour is seen (the
+    bicubic support blends in the neighbours at the very edge, as resize-then-crop would)."""
+    img = Image.new("L", (300, 100), 0)
+    img.paste(200, (100, 0, 200, 100))
+    p = tmp_path / "w.png"
+    img.save(p)
+    x = load_image(p, MNIST, (0.0,), (1.0,), invert=False)
+    np.testing.assert_allclose(x[..., 2:-2], 200 / 255, atol=1e-6)
+    np.testing.assert_allclose(x, 200 / 255, atol=0.1)
+
+
+def test_exif_orientation_applied(tmp_path):
+    """A JPEG stored 40x20 with orientation 6 (rotate 90) is read upright, 20x40."""
+    img = Image.new("L", (40, 20), 0)
+    img.paste(255, (0, 0, 20, 20))  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    p = tmp_path / "rot.jpg"
+    img.save(p, exif=exif, quality=95)
+    upright = open_image(p)
+    assert upright.size == (20, 40)
+    x = np.asarray(upright, np.float32)
+    assert x[:20].mean() > 200 and x[20:].mean() < 50  # white half now on top
+
+
+def _png_header(w, h):
+    """A PNG with a real IHDR claiming w x h, and no pixel data."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)) + chunk(b"IEND", b"")
+
+
+def test_decompression_bomb_refused_quickly(tmp_path):
+    p = tmp_path / "bomb.png"
+    p.write_bytes(_png_header(30000, 30000))
+    before = Image.MAX_IMAGE_PIXELS
+    t0 = time.perf_counter()
+    with pytest.raises(TinyViTError, match=r"bomb\.png.*(limit|bomb)"):
+        load_image(p, MNIST, M_MEAN, M_STD)
+    assert time.perf_counter() - t0 < 1
+    assert Image.MAX_IMAGE_PIXELS == before  # Pillow's global limit restored
+
+
+@pytest.mark.parametrize("limit", [9000, 4000], ids=["own-check", "pillow-check"])
+def test_max_pixels_lowered(tmp_path, limit):
+    p = tmp_path / "small.png"
+    Image.new("L", (100, 100), 3).save(p)
+    before = Image.MAX_IMAGE_PIXELS
+    with pytest.raises(TinyViTError, match=r"small\.png.*limit"):
+        load_image(p, MNIST, M_MEAN, M_STD, max_pixels=limit)
+    assert Image.MAX_IMAGE_PIXELS == before
+    assert load_image(p, MNIST, M_MEAN, M_STD, max_pixels=10000).shape == (1, 1, 28, 28)
+
+
+def _truncated_png(p):
+    Image.fromarray(_rng_array((64, 64, 3))).save(p)
+    p.write_bytes(p.read_bytes()[:3000])
+
+
+@pytest.mark.parametrize("kind,pattern", [
+    ("missing", "no such image file"), ("empty", "file is empty"), ("text", "not an image"),
+    ("truncated", "truncated or corrupt"), ("dir", "not a file"), ("header-only", "truncated or corrupt"),
+])
+def test_bad_files_name_the_file(tmp_path, kind, pattern):
+    p = tmp_path / f"bad_{kind}.png"
+    if kind == "empty":
+        p.write_bytes(b"")
+    elif kind == "text":
+        p.write_text("hello, not an image\n")
+    elif kind == "truncated":
+        _truncated_png(p)
+    elif kind == "dir":
+        p.mkdir()
+    elif kind == "header-only":
+        p.write_bytes(_png_header(10, 10))
+    with pytest.raises(TinyViTError, match=pattern) as e:
+        load_image(p, MNIST, M_MEAN, M_STD)
+    assert str(p) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_normalisation_fallbacks():
+    assert normalisation({}, 1) == ((0.1307,), (0.3081,))
+    assert normalisation({}, 3) == ((0.5,) * 3, (0.5,) * 3)
+    assert normalisation({"mean": [0.1, 0.2, 0.3], "std": [1, 2, 3]}, 3) == ((0.1, 0.2, 0.3), (1.0, 2.0, 3.0))
+    with pytest.raises(TinyViTError, match="3 channels"):
+        normalisation({"mean": [0.1], "std": [1]}, 3)
+
+
+# --- attention rollout --------------------------------------------------------------------------
+
+
+def _random_maps(rng, blocks, B, H, T):
+    """Row-stochastic attention maps (B, H, T, T) per block."""
+    out = []
+    for _ in range(blocks):
+        a = rng.random((B, H, T, T)) + 0.05
+        out.append(a / a.sum(-1, keepdims=True))
+    return out
+
+
+def test_rollout_rows_sum_to_one_and_shape():
+    maps = _random_maps(np.random.default_rng(0), 3, 2, 4, 17)
+    r = rollout_matrix(maps)
+    assert r.shape == (2, 17, 17)
+    np.testing.assert_allclose(r.sum(-1), 1.0, atol=1e-12)
+    heat = attention_rollout(maps)
+    assert heat.shape == (2, 4, 4) and (heat > 0).all() and (heat.sum((1, 2)) < 1).all()
+
+
+def test_rollout_identity_and_uniform():
+    T = 10
+    eye = np.broadcast_to(np.eye(T), (1, 3, T, T))
+    np.testing.assert_allclose(rollout_matrix([eye, eye]), np.eye(T)[None])
+    np.testing.assert_allclose(attention_rollout([eye, eye]), 0.0)  # CLS attends only to itself
+    uni = np.full((1, 2, T, T), 1 / T)
+    heat = attention_rollout([uni, uni, uni])
+    np.testing.assert_allclose(heat, heat[0, 0, 0])  # every patch alike
+    assert 0 < heat[0, 0, 0] < 1 / 9
+
+
+def test_rollout_two_blocks_by_hand():
+    """Direct loops: head mean, +I, row-normalise, R = A2 A1, CLS row over patches on the 2x2 grid."""
+    rng = np.random.default_rng(5)
+    maps = _random_maps(rng, 2, 2, 3, 5)
+    want = np.zeros((2, 2, 2))
+    for b in range(2):
+        ab = []
+        for m in maps:
+            a = np.zeros((5, 5))
+            for i in range(5):
+                for j in range(5):
+                    a[i, j] = sum(m[b, h, i, j] for h in range(3)) / 3 + (i == j)
+                a[i] /= a[i].sum()
+            ab.append(a)
+        for p in range(4):
+            want[b, p // 2, p % 2] = sum(ab[1][0, k] * ab[0][k, 1 + p] for k in range(5))
+    np.testing.assert_allclose(attention_rollout(maps), want, rtol=1e-12)
+
+
+def test_rollout_accepts_backend_arrays(xp):
+    maps = [xp.asarray(m) for m in _random_maps(np.random.default_rng(1), 2, 1, 2, 5)]
+    heat = attention_rollout(maps)
+    assert isinstance(heat, np.ndarray)
+    np.testing.assert_allclose(heat, attention_rollout([to_numpy(m) for m in maps]))
+
+
+def test_rollout_from_model_and_overlay():
+    params = init_params(RGB, seed=3)
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    _, cache = vit_forward(params, x, RGB)
+    heat = attention_rollout(attention_maps(cache))
+    assert heat.shape == (2, 4, 4) and np.isfinite(heat).all()
+    img = Image.new("RGB", (90, 40), (10, 20, 30))
+    out = overlay_attention(img, heat[0])
+    assert out.size == (90, 40) and out.mode == "RGB"
+    assert colormap(np.array([0.0, 1.0])).tolist() == [[0, 0, 4], [252, 255, 164]]
+
+
+def test_rollout_bad_input():
+    with pytest.raises(TinyViTError):
+        attention_rollout([])
+    with pytest.raises(TinyViTError, match="square grid"):
+        attention_rollout([np.full((1, 1, 4, 4), 0.25)])
+
+
+# --- the script ---------------------------------------------------------------------------------
+
+
+def _predict(*args):
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "predict.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pics")
+    digit = Image.new("L", (60, 40), 255)
+    digit.paste(0, (25, 8, 35, 32))
+    digit.save(d / "digit.png")
+    _make("RGB", (64, 48)).save(d / "photo.jpg")
+    _make("RGBA", (33, 70)).save(d / "sticker.png")
+    return d
+
+
+def test_cli_text_output(ckpts, pictures):
+    r = _predict(ckpts[0], pictures / "digit.png", pictures / "photo.jpg", "--top-k", "3")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"{pictures / 'digit.png'}: ")
+    assert lines[0].count("%") == 3
+
+
+def test_cli_json_and_attention_maps(ckpts, pictures, tmp_path):
+    imgs = [pictures / "digit.png", pictures / "photo.jpg", pictures / "sticker.png"]
+    out = tmp_path / "maps" / "out.png"
+    r = _predict(ckpts[1], *imgs, "--json", "--top-k", "10", "--attention-map", out, "--batch-size", "2")
+    assert r.returncode == 0, r.stderr
+    preds = json.loads(r.stdout.strip().splitlines()[-1])["predictions"]
+    assert [p["image"] for p in preds] == [str(i) for i in imgs]
+    for p, img in zip(preds, imgs):
+        tops = p["top_k"]
+        assert len(tops) == 3  # clamped to the class count
+        probs = [t["probability"] for t in tops]
+        assert probs == sorted(probs, reverse=True) and sum(probs) <= 1 + 1e-9
+        assert {t["class"] for t in tops} == set(RGB_NAMES)
+        assert all(RGB_NAMES[t["index"]] == t["class"] for t in tops)
+        m = out.parent / f"out_{img.stem}.png"
+        assert p["attention_map"] == str(m)
+        with Image.open(m) as a, Image.open(img) as src:
+            assert a.size == src.size and a.mode == "RGB"
+
+
+def test_cli_single_attention_map_uses_out_name(ckpts, pictures, tmp_path):
+    out = tmp_path / "att.png"
+    r = _predict(ckpts[0], pictures / "digit.png", "--attention-map", out, "--invert", "yes")
+    assert r.returncode == 0, r.stderr
+    with Image.open(out) as a:
+        assert a.size == (60, 40)
+
+
+@pytest.mark.parametrize("case", ["missing-image", "bad-checkpoint", "bad-top-k"])
+def test_cli_errors_are_one_line(ckpts, pictures, tmp_path, case):
+    if case == "missing-image":
+        args, name = [ckpts[0], pictures / "digit.png", tmp_path / "nope.png"], "nope.png"
+    elif case == "bad-checkpoint":
+        (tmp_path / "bad.npz").write_bytes(b"not a zip")
+        args, name = [tmp_path / "bad.npz", pictures / "digit.png"], "bad.npz"
+    else:
+        args, name = [ckpts[0], pictures / "digit.png", "--top-k", "0"], "top-k"
+    r = _predict(*args)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and name in r.stderr
+    assert "Traceback" not in r.stderr

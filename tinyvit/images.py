@@ -1,0 +1,244 @@
+"""Image files -> model input (any Pillow mode and size), attention rollout, and heat-map overlays.
+
+Rules (the same for every caller):
+- Only the first frame of multi-frame files (GIF, TIFF) is read; EXIF orientation is applied.
+- Modes: 1/L/P/CMYK/YCbCr/LAB/HSV/RGB go through Pillow's own conversions (8 bits, /255).
+  I;16* is scaled by 1/65535. I (32-bit int) is clipped to 0..65535 and scaled by 1/65535 when
+  any value exceeds 255, else by 1/255 (Pillow itself treats I as 0..255). F is taken as 0..1
+  when its maximum is <= 1, else as 0..255; NaN becomes 0, then everything is clipped to [0, 1].
+- Alpha (RGBA, LA, PA, P with transparency): composited onto white, unless the opaque content is
+  light (alpha-weighted mean luminance > 0.5), then onto black: drawn content always stays visible
+  (a black digit on a transparent canvas lands on white, a white one on black). MNIST polarity is
+  then the inversion rule's business.
+- Channels: 1-channel models get luminance (ITU-R 601-2, Pillow's "L"); grayscale images given to
+  3-channel models are replicated to R=G=B.
+- Size: the centred square of side min(W, H) is resized to img_size x img_size with bicubic
+  filtering (= resize the shorter side to img_size, then centre-crop), in one Pillow resize with
+  reducing_gap for speed; big JPEGs are decoded at reduced scale (draft) when only the input is needed.
+- Inversion (after resizing, on [0, 1] values, before normalising): invert=True -> 1 - x,
+  False -> never; None (auto) -> only when dataset == "mnist": invert when the border ring is
+  brighter than the central square (dark ink on light paper -> MNIST's white on black).
+- Limits: files over max_pixels (width x height from the header, checked before decoding) are
+  refused, as are Pillow's own decompression-bomb warnings/errors.
+"""
+import struct
+import warnings
+import zlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .backend import to_numpy
+from .errors import TinyViTError
+
+MAX_PIXELS = 64_000_000  # default refusal limit (64 megapixels)
+BICUBIC, BILINEAR = Image.Resampling.BICUBIC, Image.Resampling.BILINEAR
+_DECODE_ERRORS = (OSError, ValueError, EOFError, SyntaxError, struct.error, zlib.error, MemoryError,
+                  Image.DecompressionBombError, Image.DecompressionBombWarning)
+DEFAULT_MEAN = {1: (0.1307,), 3: (0.5, 0.5, 0.5)}  # MNIST's for 1 channel, 0.5 for 3
+DEFAULT_STD = {1: (0.3081,), 3: (0.5, 0.5, 0.5)}
+
+
+def normalisation(meta, in_chans, source="checkpoint"):
+    """(mean, std) tuples from checkpoint meta, else MNIST's (1 channel) or 0.5 (3 channels)."""
+    mean = meta.get("mean", DEFAULT_MEAN.get(in_chans, (0.5,) * in_chans))
+    std = meta.get("std", DEFAULT_STD.get(in_chans, (0.5,) * in_chans))
+    try:
+        mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    except (TypeError, ValueError):
+        raise TinyViTError(f"{source}: mean/std in the metadata are not lists of numbers") from None
+    if len(mean) != in_chans or len(std) != in_chans:
+        raise TinyViTError(f"{source}: mean/std have {len(mean)}/{len(std)} values, the model has {in_chans} channels")
+    if not all(s > 0 for s in std):
+        raise TinyViTError(f"{source}: std values must be positive, got {std}")
+    return mean, std
+
+
+def open_image(path, max_pixels=MAX_PIXELS, draft_size=None):
+    """Open, size-check, decode and EXIF-orient an image file (max_pixels None: no limit); problems are TinyViTError."""
+    path = Path(path)
+    if not path.exists():
+        raise TinyViTError(f"{path}: no such image file")
+    if not path.is_file():
+        raise TinyViTError(f"{path}: not a file")
+    if path.stat().st_size == 0:
+        raise TinyViTError(f"{path}: file is empty")
+    old = Image.MAX_IMAGE_PIXELS
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow's own check in open() uses the same limit
+            with Image.open(path) as img:
+                w, h = img.size
+                if max_pixels is not None and w * h > max_pixels:
+                    raise TinyViTError(f"{path}: {w}x{h} image has {w * h} pixels, over the limit of "
+                                       f"{max_pixels} (possible decompression bomb)")
+                if w < 1 or h < 1:
+                    raise TinyViTError(f"{path}: image has no pixels ({w}x{h})")
+                if draft_size and img.format == "JPEG":
+                    img.draft(img.mode, (draft_size, draft_size))  # decode at 1/2..1/8 scale, >= draft_size
+                img.load()
+                return ImageOps.exif_transpose(img)  # a new image when rotated, else a copy
+    except TinyViTError:
+        raise
+    except Image.UnidentifiedImageError:
+        raise TinyViTError(f"{path}: not an image Pillow can read") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise TinyViTError(f"{path}: image is over the limit of {max_pixels} pixels "
+                           f"(possible decompression bomb)") from None
+    except _DECODE_ERRORS as e:
+        raise TinyViTError(f"{path}: cannot decode image (truncated or corrupt: {e})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+
+
+def _standard_mode(img, path):
+    """The image as L, LA, RGB, RGBA (8-bit) or F (float, already scaled to [0, 1])."""
+    m = img.mode
+    if m in ("L", "LA", "RGB", "RGBA"):
+        return img
+    if m == "1":
+        return img.convert("L")
+    if m in ("P", "PA"):
+        return img.convert("RGBA" if m == "PA" or "transparency" in img.info else "RGB")
+    if m.startswith("I;16"):
+        x = np.asarray(img).astype(np.float32) / 65535.0  # (H, W), any byte order
+    elif m == "I":
+        x = np.clip(np.asarray(img), 0, 65535).astype(np.float32)
+        x /= 65535.0 if x.size and x.max() > 255 else 255.0
+    elif m == "F":
+        x = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+        if x.size and x.max() > 1.0:
+            x = x / 255.0
+    else:
+        try:  # CMYK, YCbCr, LAB, HSV, RGBX, La, RGBa, ...
+            return img.convert("RGBA" if m.endswith(("A", "a")) else "RGB")
+        except ValueError as e:
+            raise TinyViTError(f"{path}: unsupported image mode {m} ({e})") from None
+    return Image.fromarray(np.clip(x, 0.0, 1.0), mode="F")
+
+
+def crop_box(w, h):
+    """The centred square (left, top, right, bottom) of side min(w, h), as floats."""
+    m = min(w, h)
+    return ((w - m) / 2, (h - m) / 2, (w + m) / 2, (h + m) / 2)
+
+
+def _composite(x, alpha):
+    """Blend (H, W, C) values in [0, 1] onto white, or onto black when the opaque content is light."""
+    lum = x[..., 0] if x.shape[-1] == 1 else x @ np.array([0.299, 0.587, 0.114], np.float32)
+    total = float(alpha.sum())
+    bg = 0.0 if total > 0 and float((lum * alpha).sum()) / total > 0.5 else 1.0
+    a = alpha[..., None]
+    return x * a + bg * (1.0 - a)
+
+
+def _to_array(img):
+    """A standard-mode Pillow image -> (H, W, C) float32 in [0, 1], alpha composited away."""
+    x = np.asarray(img, dtype=np.float32)
+    if img.mode == "F":
+        return np.clip(x, 0.0, 1.0)[..., None]  # bicubic overshoot clipped
+    x = x / 255.0
+    if x.ndim == 2:
+        x = x[..., None]  # (H, W, 1)
+    if img.mode in ("LA", "RGBA"):
+        x = _composite(x[..., :-1], x[..., -1])
+    return x
+
+
+def auto_invert(x):
+    """True when the border ring of a (S, S, C) [0, 1] image is brighter than its central square."""
+    s = x.shape[0]
+    r = max(1, s // 7)  # ring width: 4 px at 28
+    ring = np.ones((s, s), bool)
+    ring[r:s - r, r:s - r] = False
+    c0, c1 = s // 4, s - s // 4
+    return float(x[ring].mean()) > float(x[c0:c1, c0:c1].mean())
+
+
+def image_to_input(img, cfg, mean, std, invert=None, dataset=None, path="image"):
+    """A decoded Pillow image -> normalised float32 (1, C, S, S) for the model (rules: module doc)."""
+    S, C = cfg.img_size, cfg.in_chans
+    if C not in (1, 3):
+        raise TinyViTError(f"models with {C} input channels are not supported (1 or 3)")
+    img = _standard_mode(img, path)
+    if C == 1 and img.mode in ("RGB", "RGBA"):
+        img = img.convert("LA" if img.mode == "RGBA" else "L")  # luminance, alpha kept
+    small = img.resize((S, S), BICUBIC, box=crop_box(*img.size), reducing_gap=3.0)
+    x = _to_array(small)  # (S, S, 1 or 3)
+    if x.shape[-1] != C:
+        x = np.repeat(x, C, axis=-1)  # grayscale image into an RGB model
+    if invert is None:
+        invert = dataset == "mnist" and auto_invert(x)
+    if invert:
+        x = 1.0 - x
+    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1)[None], dtype=np.float32)  # (1, C, S, S)
+
+
+def load_image(path, cfg, mean, std, max_pixels=MAX_PIXELS, invert=None, dataset=None):
+    """Read an image file as the model's float32 (1, C, S, S) input (rules: module docstring)."""
+    img = open_image(path, max_pixels, draft_size=2 * cfg.img_size)
+    return image_to_input(img, cfg, mean, std, invert, dataset, path)
+
+
+# --- attention ----------------------------------------------------------------------------------
+
+
+def rollout_matrix(maps):
+    """Abnar & Zuidema rollout (B, T, T): per block mean over heads, + I, rows renormalised, chained."""
+    if not maps:
+        raise TinyViTError("attention rollout needs at least one block's attention maps")
+    r = None
+    for a in maps:
+        a = to_numpy(a).astype(np.float64)
+        if a.ndim != 4 or a.shape[-1] != a.shape[-2]:
+            raise TinyViTError(f"attention maps must be (B, H, T, T), got {a.shape}")
+        a = a.mean(axis=1) + np.eye(a.shape[-1])  # (B, T, T): residual as identity
+        a /= a.sum(axis=-1, keepdims=True)
+        r = a if r is None else a @ r  # later blocks apply on the left
+    return r
+
+
+def attention_rollout(maps):
+    """The rollout's CLS row over the patch tokens, on the patch grid: (B, g, g), float64."""
+    r = rollout_matrix(maps)
+    B, T, _ = r.shape
+    g = int(round((T - 1) ** 0.5))
+    if g * g != T - 1:
+        raise TinyViTError(f"{T - 1} patch tokens do not form a square grid")
+    return r[:, 0, 1:].reshape(B, g, g)  # (B, g, g)
+
+
+_ANCHORS = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], np.float32)
+
+
+def colormap(v):
+    """Values in [0, 1] (any shape) -> uint8 RGB (..., 3): black, purple, red, orange, pale yellow."""
+    v = np.clip(np.asarray(v, np.float32), 0.0, 1.0)
+    t = np.linspace(0.0, 1.0, len(_ANCHORS))
+    rgb = np.stack([np.interp(v, t, _ANCHORS[:, c]) for c in range(3)], axis=-1)
+    return np.round(rgb).astype(np.uint8)
+
+
+def display_rgb(img):
+    """A decoded image as 8-bit RGB at its own size, with the same mode and alpha rules as the model input."""
+    x = _to_array(_standard_mode(img, "image"))
+    if x.shape[-1] == 1:
+        x = np.repeat(x, 3, axis=-1)
+    return Image.fromarray(np.round(x * 255.0).astype(np.uint8), mode="RGB")
+
+
+def overlay_attention(img, heat, alpha=0.5):
+    """RGB image at img's size: heat (g, g) min-max scaled, bilinearly upsampled onto the centre
+    square the model saw, colour-mapped and alpha-blended; the cropped-off sides are dimmed to 40%."""
+    base = np.asarray(display_rgb(img), np.float32)  # (H, W, 3)
+    h = np.asarray(heat, np.float32)
+    h = (h - h.min()) / max(float(h.max() - h.min()), 1e-12)
+    left, top, right, bottom = (int(round(v)) for v in crop_box(img.width, img.height))
+    up = np.asarray(Image.fromarray(h, mode="F").resize((right - left, bottom - top), BILINEAR))
+    out = base * 0.4
+    sq = base[top:bottom, left:right]
+    out[top:bottom, left:right] = (1.0 - alpha) * sq + alpha * colormap(up).astype(np.float32)
+    return Image.fromarray(np.round(out).astype(np.uint8), mode="RGB")
