@@ -12,7 +12,8 @@ from tinyvit.train import Dataset, TrainConfig, fit
 
 # Defaults: what plain `python scripts/train_mnist.py` runs (see README for the figures).
 DEFAULTS = TrainConfig(epochs=10, batch_size=128, lr=1e-3, optimizer="adamw", weight_decay=0.05,
-                       schedule="cosine", warmup_epochs=1.0, min_lr=1e-5, augment="shift", seed=0)
+                       schedule="cosine", warmup_epochs=1.0, min_lr=1e-5, label_smoothing=0.1,
+                       augment="shift", seed=0)
 
 
 def main():

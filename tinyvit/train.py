@@ -14,7 +14,7 @@ from .backend import to_device
 from .checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
 from .data import iterate_batches, num_batches
 from .errors import TinyViTError
-from .layers import cross_entropy_backward, cross_entropy_forward
+from .layers import cross_entropy_backward, cross_entropy_forward, linear_backward
 from .model import vit_backward, vit_forward
 from .optim import clip_grad_norm, make_optimizer, make_schedule
 from .progress import Progress
@@ -38,6 +38,8 @@ class TrainConfig:
     label_smoothing: float = 0.0
     augment: str = "none"  # none | shift | crop_flip
     seed: int = 0
+    grad_accum: int = 1  # split each batch into this many micro-batches (same result, less memory)
+    head_epochs: int = 0  # train only the head for the first N epochs (progressive fine-tuning)
 
     def make_optimizer(self):
         """The optimizer these settings describe."""
@@ -146,21 +148,18 @@ def fit(params, cfg, tc: TrainConfig, xp, train: Dataset, test: Dataset, out_dir
                                         dtype=params["pos_embed"].dtype):
                 t_step = time.perf_counter()
                 lr = schedule(step)
-                logits, cache = vit_forward(params, x, cfg, train=True, rng=dev_rng)
-                loss, ce_cache = cross_entropy_forward(logits, y, tc.label_smoothing)
-                loss = float(loss)
+                loss, correct_b, grads = _step_grads(params, x, y, cfg, tc, dev_rng, epoch < tc.head_epochs)
                 if not math.isfinite(loss):
                     save_note = f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written yet"
                     raise TinyViTError(f"training diverged: loss is {loss} at epoch {epoch + 1}, step {step} "
                                        f"(lr {lr:.3g}); {save_note}; try a lower --lr or --clip 1.0")
-                grads = vit_backward(cross_entropy_backward(1.0, ce_cache), cache)
                 if tc.clip:
                     clip_grad_norm(grads, tc.clip)
-                opt.step(params, grads, lr=lr)
+                opt.step({k: params[k] for k in grads}, grads, lr=lr)
                 step, batch, ran_steps = step + 1, batch + 1, ran_steps + 1
                 n = len(y)
                 loss_sum, seen, images_seen = loss_sum + loss * n, seen + n, images_seen + n
-                correct += int((logits.argmax(axis=1) == y).sum())
+                correct += correct_b
                 train_time += time.perf_counter() - t_step
                 rate = images_seen / train_time
                 bar.update(1, loss=f"{loss_sum / seen:.4f}", img_s=f"{rate:.0f}")
@@ -198,6 +197,33 @@ def fit(params, cfg, tc: TrainConfig, xp, train: Dataset, test: Dataset, out_dir
             "images_per_second": images_seen / train_time if train_time > 0 else 0.0,
             "checkpoint": str(final if done else ckpt_path), "stopped_early": not done,
             "params": params}
+
+
+def _step_grads(params, x, y, cfg, tc, rng, head_only):
+    """Mean loss, correct count and gradients of one batch, over tc.grad_accum micro-batches."""
+    k = tc.grad_accum
+    if len(y) % k:
+        raise TinyViTError(f"batch size {len(y)} is not divisible by grad_accum {k}")
+    m = len(y) // k
+    total_loss, correct, grads = 0.0, 0, None
+    for i in range(k):
+        xb, yb = x[i * m:(i + 1) * m], y[i * m:(i + 1) * m]
+        logits, cache = vit_forward(params, xb, cfg, train=True, rng=rng)
+        loss, ce_cache = cross_entropy_forward(logits, yb, tc.label_smoothing)
+        dlogits = cross_entropy_backward(1.0 / k, ce_cache)  # the batch mean is the mean of micro means
+        if head_only:  # backbone frozen: only the head's gradient
+            _, gw, gb = linear_backward(dlogits, cache[1], need_dx=False)
+            g = {"head.weight": gw, "head.bias": gb}
+        else:
+            g = vit_backward(dlogits, cache)
+        if grads is None:
+            grads = g
+        else:
+            for name, v in g.items():
+                grads[name] += v
+        total_loss += float(loss) / k
+        correct += int((logits.argmax(axis=1) == yb).sum())
+    return total_loss, correct, grads
 
 
 def _resume(path, params, cfg, tc, opt, rng):
