@@ -88,12 +88,53 @@ _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
+# float32 Phi(x) by linear interpolation in a 16385-entry table on [-10, 10] (built once from our
+# float64 erf): ~10 NumPy passes instead of ~30 for the rational erf. Interpolation error
+# h^2/8 * max|Phi''| = 4.5e-8 and index rounding ~1e-9: below float32's resolution of Phi.
+_PHI_LO, _PHI_N = -10.0, 16384
+_PHI_INV_H = _PHI_N / (2 * -_PHI_LO)
+_PHI_TABLE = None
+
+
+def _phi_table():
+    """(values, differences) of Phi on the grid, float32, built on first use."""
+    global _PHI_TABLE
+    if _PHI_TABLE is None:
+        import numpy as np
+
+        grid = np.linspace(_PHI_LO, -_PHI_LO, _PHI_N + 1)
+        phi = 0.5 * (1.0 + erf(grid * _INV_SQRT_2))
+        _PHI_TABLE = (phi.astype(np.float32), np.append(np.diff(phi), 0.0).astype(np.float32))
+    return _PHI_TABLE
+
+
+def _phi32_block(x, cdf):
+    """float32 Phi(x) into cdf, by table interpolation (NumPy only)."""
+    import numpy as np
+
+    values, diffs = _phi_table()
+    half = _PHI_N // 2
+    u = x * np.float32(_PHI_INV_H)  # grid units from 0: relative precision, no large offset
+    np.clip(u, -half, half, out=u)  # beyond +-10, Phi is 0 or 1 to float32 precision
+    i = np.floor(u)
+    u -= i  # fractional position in the cell, exact
+    i = i.astype(np.int32)
+    i += half
+    np.take(values, i, out=cdf)
+    d = np.take(diffs, i)
+    d *= u
+    cdf += d
+
+
 def _gelu_erf_block(x, out, cdf):
     """out = x * Phi(x) and cdf = Phi(x) = (1 + erf(x / sqrt 2)) / 2 on one block."""
-    cdf[...] = erf(x * _INV_SQRT_2)
-    cdf += 1.0
-    cdf *= 0.5
-    out[...] = x * cdf
+    if x.dtype.name == "float32" and get_array_module(x).__name__ == "numpy":
+        _phi32_block(x, cdf)
+    else:
+        cdf[...] = erf(x * _INV_SQRT_2)
+        cdf += 1.0
+        cdf *= 0.5
+    get_array_module(x).multiply(x, cdf, out=out)
 
 
 def _gelu_erf_grad_block(x, cdf, dout, dx):

@@ -1,0 +1,223 @@
+"""Time tinyvit's forward, forward+backward and train step, and (--vs-torch) the same model in PyTorch.
+
+Both run in one process on the same params, dtype, thread count and device, interleaved, and the
+medians are compared as a ratio tinyvit/torch (below 1 means tinyvit is faster). PyTorch is only
+imported with --vs-torch: tinyvit itself never needs it.
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # torch_vit, the reference model
+
+from tinyvit import init_params, preset, vit_backward, vit_forward  # noqa: E402
+from tinyvit.backend import get_backend, synchronize, to_device  # noqa: E402
+from tinyvit.cli import run  # noqa: E402
+from tinyvit.layers import cross_entropy_backward, cross_entropy_forward  # noqa: E402
+from tinyvit.optim import AdamW  # noqa: E402
+
+DEFAULT_CASES = {"numpy": [("mnist", 128), ("vit-b16", 8)], "cupy": [("vit-b16", 64), ("mnist", 128)]}
+
+
+def forward_flops(cfg, batch):
+    """Multiply-adds x 2 of one forward pass (matmuls and attention products; elementwise ignored)."""
+    n, d, m = cfg.num_patches + 1, cfg.dim, cfg.mlp_dim
+    per_block = 2 * n * (3 * d * d + d * d + 2 * d * m) + 2 * 2 * n * n * d
+    embed = 2 * cfg.num_patches * cfg.in_chans * cfg.patch_size ** 2 * d
+    return batch * (cfg.depth * per_block + embed + 2 * d * cfg.num_classes)
+
+
+def median_time(fn, xp, reps):
+    """Median wall time of fn() over reps runs, after one warm-up, with device syncs around it."""
+    fn()
+    synchronize(xp)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        synchronize(xp)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def matmul_peak(xp, dtype, n=2048, reps=5):
+    """Measured GFLOP/s of one large square matmul on this backend: the practical ceiling."""
+    a = xp.asarray(np.random.default_rng(0).standard_normal((n, n)).astype(dtype))
+    return 2 * n ** 3 / median_time(lambda: a @ a, xp, reps) / 1e9
+
+
+def tinyvit_fns(cfg, params, x, y):
+    """forward / forward+backward / train step closures for tinyvit."""
+    opt = AdamW(lr=1e-4)
+
+    def fwd():
+        return vit_forward(params, x, cfg, train=True)
+
+    def fwd_bwd():
+        logits, cache = vit_forward(params, x, cfg, train=True)
+        _, ce = cross_entropy_forward(logits, y)
+        return vit_backward(cross_entropy_backward(1.0, ce), cache)
+
+    def step():
+        opt.step(params, fwd_bwd())
+
+    return {"forward": fwd, "forward_backward": fwd_bwd, "train_step": step}
+
+
+def torch_fns(cfg, params, x, y, device):
+    """The same closures for the reference torch ViT (timm's names and math), same params."""
+    import torch
+
+    from torch_vit import torch_vit_from_params
+
+    dtype = torch.float32 if x.dtype == np.float32 else torch.float64
+    model = torch_vit_from_params(cfg, {k: np.asarray(v) for k, v in params.items()}, dtype).to(device)
+    xt, yt = torch.tensor(np.asarray(x), device=device), torch.tensor(np.asarray(y), device=device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def fwd_bwd():
+        model.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(xt), yt).backward()
+
+    def step():
+        fwd_bwd()
+        opt.step()
+
+    return {"forward": lambda: model(xt), "forward_backward": fwd_bwd, "train_step": step}
+
+
+def bench_case(name, batch, args, xp):
+    """All timings for one (preset, batch) case: a dict ready for JSON."""
+    dtype = np.float32 if args.dtype == "float32" else np.float64
+    cfg = preset(name)
+    host = init_params(cfg, seed=0, dtype=dtype)
+    rng = np.random.default_rng(0)
+    x_host = rng.standard_normal((batch, cfg.in_chans, cfg.img_size, cfg.img_size)).astype(dtype)
+    y_host = rng.integers(0, cfg.num_classes, size=batch)
+    ours = tinyvit_fns(cfg, to_device(host, xp), xp.asarray(x_host), xp.asarray(y_host))
+    theirs = None
+    if args.vs_torch:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        device = "cuda" if xp is not np else "cpu"
+        if device == "cuda":  # TF32 off on both sides: CuPy's default cuBLAS math is full float32
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+        theirs = torch_fns(cfg, host, x_host, y_host, device)
+    flops = forward_flops(cfg, batch)
+    peak = matmul_peak(xp, dtype)
+    out = {"preset": name, "batch": batch, "dtype": args.dtype, "backend": args.backend,
+           "threads": args.threads, "matmul_peak_gflops": peak, "forward_gflop": flops / 1e9}
+    for what, mult in (("forward", 1), ("forward_backward", 3), ("train_step", 3)):
+        ts, tt = [], []
+        for _ in range(args.rounds):  # interleave: each round times ours, then torch's
+            ts.append(median_time(ours[what], xp, args.reps))
+            if theirs:
+                tt.append(median_time(theirs[what], xp, args.reps))
+        rec = {"tinyvit_ms": 1e3 * float(np.median(ts)), "images_per_second": batch / float(np.median(ts)),
+               "gflops": mult * flops / float(np.median(ts)) / 1e9}
+        rec["fraction_of_matmul_peak"] = rec["gflops"] / peak
+        if theirs:
+            rec["torch_ms"] = 1e3 * float(np.median(tt))
+            rec["ratio"] = rec["tinyvit_ms"] / rec["torch_ms"]
+        out[what] = rec
+    if args.memory:
+        out["memory"] = {fw: memory_probe(name, batch, args, fw) for fw in (["tinyvit", "torch"] if args.vs_torch else ["tinyvit"])}
+        if args.vs_torch:
+            out["memory"]["ratio"] = out["memory"]["tinyvit"]["train_mib"] / out["memory"]["torch"]["train_mib"]
+    return out
+
+
+def memory_probe(name, batch, args, framework):
+    """Peak memory of train steps in a fresh process: host RSS growth (CPU) or device peak (GPU)."""
+    cmd = [sys.executable, __file__, "--_probe", framework, "--preset", name, "--batch", str(batch),
+           "--backend", args.backend, "--dtype", args.dtype, "--threads", str(args.threads)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
+    if r.returncode:
+        return {"error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "probe failed"}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _rss_mib():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def probe(args):
+    """(Subprocess) run 3 train steps of one framework; print its memory use as JSON."""
+    xp = get_backend(args.backend)
+    dtype = np.float32 if args.dtype == "float32" else np.float64
+    cfg = preset(args.preset)
+    host = init_params(cfg, seed=0, dtype=dtype)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((args.batch, cfg.in_chans, cfg.img_size, cfg.img_size)).astype(dtype)
+    y = rng.integers(0, cfg.num_classes, size=args.batch)
+    if args._probe == "torch":
+        import torch
+
+        torch.set_num_threads(args.threads)
+        fns = torch_fns(cfg, host, x, y, "cuda" if xp is not np else "cpu")
+    else:
+        fns = tinyvit_fns(cfg, to_device(host, xp), xp.asarray(x), xp.asarray(y))
+    base = _rss_mib()
+    for _ in range(3):
+        fns["train_step"]()
+    synchronize(xp)
+    peak_host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+    rec = {"train_mib": peak_host, "measure": "host peak RSS growth during 3 train steps"}
+    if xp is not np:
+        if args._probe == "torch":
+            import torch
+
+            rec = {"train_mib": torch.cuda.max_memory_allocated() / 2**20, "measure": "device peak allocated"}
+        else:
+            rec = {"train_mib": xp.get_default_memory_pool().total_bytes() / 2**20, "measure": "device pool total"}
+    print(json.dumps(rec))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default=None, help="one preset to time (default: the backend's default cases)")
+    ap.add_argument("--batch", type=int, default=None, help="batch size for --preset (default 8)")
+    ap.add_argument("--backend", choices=["numpy", "cupy"], default="numpy", help="array backend (default numpy)")
+    ap.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="compute dtype (default float32)")
+    ap.add_argument("--vs-torch", action="store_true", help="also time the same model in PyTorch, interleaved")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads (default: all cores)")
+    ap.add_argument("--reps", type=int, default=5, help="timed repetitions per measurement (default 5)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported (default 3)")
+    ap.add_argument("--memory", action="store_true", help="also measure training memory in fresh processes")
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    ap.add_argument("--_probe", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args._probe:
+        return probe(args)
+    xp = get_backend(args.backend)
+    cases = [(args.preset, args.batch or 8)] if args.preset else DEFAULT_CASES[args.backend]
+    results = [bench_case(name, batch, args, xp) for name, batch in cases]
+    if args.json:
+        print(json.dumps({"cases": results}))
+        return
+    for r in results:
+        print(f"{r['preset']} batch {r['batch']} {r['dtype']} on {r['backend']} ({r['threads']} threads), "
+              f"matmul peak {r['matmul_peak_gflops']:.0f} GFLOP/s")
+        for what in ("forward", "forward_backward", "train_step"):
+            m = r[what]
+            line = f"  {what:17s} tinyvit {m['tinyvit_ms']:9.1f} ms  {m['images_per_second']:8.1f} img/s  " \
+                   f"{m['gflops']:6.1f} GFLOP/s ({100 * m['fraction_of_matmul_peak']:4.1f}% of peak)"
+            if "ratio" in m:
+                line += f"  torch {m['torch_ms']:9.1f} ms  ratio {m['ratio']:.2f}"
+            print(line)
+        if "memory" in r:
+            print("  memory:", json.dumps(r["memory"]))
+
+
+if __name__ == "__main__":
+    run(main)
