@@ -130,3 +130,28 @@ def test_scripts_report_bad_input_in_one_line(tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
     assert "bad.npz" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_grad_accum_matches_one_big_batch(tmp_path):
+    # no dropout, no batch-dependent layer: micro-batches give the same gradient up to rounding.
+    # SGD keeps it visible (Adam would blow rounding noise in exactly-zero grads, e.g. the key
+    # bias, up to full-size lr * sign(noise) steps)
+    tc = dict(epochs=1, batch_size=32, lr=0.05, optimizer="sgd", warmup_epochs=0.25)
+    one = _run(tmp_path / "a", TrainConfig(**tc))["params"]
+    acc = _run(tmp_path / "b", TrainConfig(**tc, grad_accum=4))["params"]
+    for k in one:
+        assert np.allclose(one[k], acc[k], rtol=1e-4, atol=1e-6), k
+    with pytest.raises(TinyViTError, match="not divisible by grad_accum"):
+        _run(tmp_path / "c", TrainConfig(epochs=1, batch_size=32, warmup_epochs=0.25, grad_accum=3))
+
+
+def test_head_epochs_freeze_the_backbone(tmp_path):
+    init = init_params(TINY, seed=0)
+    s = _run(tmp_path, TrainConfig(epochs=1, batch_size=32, lr=2e-3, warmup_epochs=0.25, head_epochs=1))
+    for k, v in s["params"].items():
+        assert np.array_equal(v, init[k]) == (not k.startswith("head.")), k
+
+
+def test_warmup_longer_than_run_is_a_clear_error(tmp_path):
+    with pytest.raises(TinyViTError, match="warmup .* must be shorter than the run"):
+        _run(tmp_path, TrainConfig(epochs=1, batch_size=32, warmup_epochs=1.0))

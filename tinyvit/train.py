@@ -66,6 +66,9 @@ def evaluate(params, cfg, data: Dataset, xp, batch_size=500, progress=None):
     for x, y in iterate_batches(data.images, data.labels, batch_size, xp, mean=data.mean, std=data.std,
                                 shuffle=False, img_size=data.img_size, dtype=params["pos_embed"].dtype):
         logits, _ = vit_forward(params, x, cfg)
+        if not bool(xp.isfinite(logits).all()):  # argmax would quietly count them as class 0
+            raise TinyViTError("evaluation produced NaN or Inf logits: the images or the params hold "
+                               "non-finite values")
         correct += int((logits.argmax(axis=1) == y).sum())
         if progress:
             progress.update(len(y))
@@ -120,12 +123,18 @@ def fit(params, cfg, tc: TrainConfig, xp, train: Dataset, test: Dataset, out_dir
     epoch, batch, step, history = 0, 0, 0, []
     if resume:
         params, opt, rng, (epoch, batch, step, history) = _resume(resume, params, cfg, tc, opt, rng)
+        # the log restarts from the checkpoint's history: epochs logged after it (by a run killed
+        # before its next checkpoint) are run again and must not appear twice
+        log_path.write_text("".join(json.dumps(rec) + "\n" for rec in history))
     params = to_device(params, xp)
     dev_rng = rng if xp is np else xp.random.default_rng(tc.seed + step)
     steps_per_epoch = num_batches(len(train.labels), tc.batch_size, drop_last=True)
     if steps_per_epoch == 0:
         raise TinyViTError(f"the training set ({len(train.labels)} images) is smaller than one batch ({tc.batch_size})")
     total = tc.epochs * steps_per_epoch
+    if tc.schedule == "cosine" and round(tc.warmup_epochs * steps_per_epoch) >= total:
+        raise TinyViTError(f"warmup ({tc.warmup_epochs} epochs) must be shorter than the run "
+                           f"({tc.epochs} epochs): lower --warmup-epochs")
     schedule = make_schedule(tc.schedule, tc.lr, total, round(tc.warmup_epochs * steps_per_epoch),
                              steps_per_epoch, tc.gamma, tc.min_lr)
     meta = dict(meta or {})
@@ -234,11 +243,21 @@ def _resume(path, params, cfg, tc, opt, rng):
         raise TinyViTError(f"{path}: holds no training state (a model-only file cannot be resumed)")
     if ckpt_cfg != cfg:
         raise TinyViTError(f"{path}: model config differs from this run's ({ckpt_cfg} vs {cfg})")
-    saved = TrainConfig(**state["train_config"])
+    try:  # the metadata is untrusted JSON: any wrong shape of it is a bad file
+        saved = TrainConfig(**state["train_config"])
+        position = tuple(state[k] for k in ("epoch", "batch", "step"))
+        history = state["history"]
+        if not all(type(v) is int and v >= 0 for v in position) or not isinstance(history, list):
+            raise TypeError("epoch/batch/step must be ints >= 0 and history a list")
+    except (TypeError, KeyError) as e:
+        raise TinyViTError(f"{path}: corrupt training state in metadata ({type(e).__name__}: {e})") from None
     if saved != tc:
         diff = {k: (v, getattr(tc, k)) for k, v in dataclasses.asdict(saved).items() if getattr(tc, k) != v}
         raise TinyViTError(f"{path}: training settings differ from this run's (saved, now): {diff}")
     opt.load_state_dict(load_optimizer_state(path))
-    rng.bit_generator.state = state["rng"]
+    try:
+        rng.bit_generator.state = state["rng"]
+    except (TypeError, ValueError, KeyError) as e:
+        raise TinyViTError(f"{path}: corrupt training state in metadata (rng: {e})") from None
     p = {k: v.astype(params[k].dtype, copy=False) for k, v in p.items()}
-    return p, opt, rng, (state["epoch"], state["batch"], state["step"], state["history"])
+    return p, opt, rng, (*position, history)
