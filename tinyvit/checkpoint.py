@@ -1,7 +1,9 @@
 """Checkpoints: one .npz (no pickle) holding params, optional optimizer state, and JSON metadata."""
 import json
+import math
 import os
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -18,7 +20,10 @@ _PARAM, _OPT = "param/", "opt/"
 
 
 def atomic_write(path, write_fn):
-    """Write a file via write_fn(file_object) to a temp file beside it, fsync, then os.replace."""
+    """Write a file via write_fn(file_object) to a temp file beside it, fsync, then os.replace.
+
+    Test hook: with $TINYVIT_TEST_SLOW_WRITE set to N, sleep N seconds between writing the temp
+    file (.<name>.<random>.tmp) and the rename, so tests can kill a process mid-write."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -27,6 +32,8 @@ def atomic_write(path, write_fn):
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())
+        if os.environ.get("TINYVIT_TEST_SLOW_WRITE"):
+            time.sleep(float(os.environ["TINYVIT_TEST_SLOW_WRITE"]))
         os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new, never half
     except BaseException:
         if os.path.exists(tmp):
@@ -47,20 +54,32 @@ def save_checkpoint(path, params, cfg: ViTConfig, meta=None, opt_state=None, com
     return Path(path)
 
 
-def _read_npz(path):
-    """All arrays of an .npz, without pickle; any failure is a TinyViTError naming the file."""
+def read_npz(path, what="checkpoint"):
+    """All arrays of an untrusted .npz, without pickle; any failure is a TinyViTError naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise TinyViTError(f"{path}: no such checkpoint file")
+        raise TinyViTError(f"{path}: no such {what} file")
     if path.stat().st_size == 0:
         raise TinyViTError(f"{path}: file is empty")
     try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except ValueError as e:  # object arrays need pickle, which we refuse
-        raise TinyViTError(f"{path}: not a plain-array .npz ({e})") from None
+        z = np.load(path, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise TinyViTError(f"{path}: not an .npz archive (a single .npy array?)")
+        with z:
+            arrays = {k: z[k] for k in z.files}
+    except TinyViTError:
+        raise
+    except ValueError as e:  # object arrays need pickle, which we refuse; bad .npy headers
+        raise TinyViTError(f"{path}: not a plain-array .npz ({' '.join(str(e).split())})") from None
     except (zipfile.BadZipFile, OSError, EOFError, KeyError) as e:
-        raise TinyViTError(f"{path}: not a readable .npz checkpoint (truncated or corrupt: {e})") from None
+        raise TinyViTError(f"{path}: not a readable .npz {what} (truncated or corrupt: {e})") from None
+    except Exception as e:  # untrusted bytes: zlib, tokenize, unknown zip methods, MemoryError, ...
+        raise TinyViTError(f"{path}: not a readable .npz {what} (corrupt: {type(e).__name__}: "
+                           f"{' '.join(str(e).split())})") from None
+    bad = next((k for k, v in arrays.items() if not isinstance(v, np.ndarray)), None)
+    if bad is not None:  # NpzFile hands back raw bytes for a member that is not an .npy
+        raise TinyViTError(f"{path}: member {bad!r} of the .npz is not an .npy array (corrupt file)")
+    return arrays
 
 
 def _parse_meta(path, arrays):
@@ -70,8 +89,8 @@ def _parse_meta(path, arrays):
         raise TinyViTError(f"{path}: not a tinyvit checkpoint (no metadata record)")
     try:
         meta = json.loads(raw.tobytes().decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TinyViTError(f"{path}: corrupt metadata ({e})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # bad JSON, 5000-digit ints, deep nesting
+        raise TinyViTError(f"{path}: corrupt metadata ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
     if not isinstance(meta, dict) or meta.get("file_format") != FORMAT:
         raise TinyViTError(f"{path}: not a tinyvit checkpoint (format marker missing)")
     if meta.get("file_version") != VERSION:
@@ -97,21 +116,38 @@ def check_params(params, cfg: ViTConfig, source):
             raise TinyViTError(f"{source}: {k} holds NaN or Inf values")
 
 
+def _check_config(d, path):
+    """Sizes in a stored config are positive ints and rates are finite numbers >= 0 (else ViTConfig
+    could divide by zero, and param_shapes could loop over a forged depth of 10**12)."""
+    if not isinstance(d, dict):
+        raise TinyViTError(f"{path}: bad config in metadata (missing, or not a JSON object)")
+    for k in ("img_size", "patch_size", "in_chans", "num_classes", "dim", "depth", "heads", "mlp_dim"):
+        if k in d and (type(d[k]) is not int or d[k] < (0 if k == "depth" else 1)):
+            raise TinyViTError(f"{path}: bad config in metadata ({k} = {str(d[k])[:40]}, expected a positive integer)")
+    for k in ("ln_eps", "dropout", "attn_dropout"):
+        if k in d and (type(d[k]) not in (int, float) or not math.isfinite(d[k]) or d[k] < 0):
+            raise TinyViTError(f"{path}: bad config in metadata ({k} = {str(d[k])[:40]}, expected a number >= 0)")
+
+
 def load_checkpoint(path):
     """Read a checkpoint: returns (params dict of NumPy arrays, ViTConfig, meta dict)."""
-    arrays = _read_npz(path)
+    arrays = read_npz(path)
     meta = _parse_meta(path, arrays)
+    _check_config(meta.get("config"), path)
     try:
         cfg = ViTConfig.from_dict(meta["config"])
     except (KeyError, TypeError, TinyViTError) as e:
         raise TinyViTError(f"{path}: bad config in metadata ({e})") from None
     params = {k[len(_PARAM):]: v for k, v in arrays.items() if k.startswith(_PARAM)}
+    if 12 * cfg.depth > len(params):  # each block has 12 arrays: refuse before listing them all
+        raise TinyViTError(f"{path}: config says depth {cfg.depth} but the file holds only {len(params)} "
+                           f"parameter arrays")
     check_params(params, cfg, path)
     return params, cfg, meta
 
 
 def load_optimizer_state(path):
     """The optimizer state stored in a training checkpoint ({} when there is none)."""
-    arrays = _read_npz(path)
+    arrays = read_npz(path)
     _parse_meta(path, arrays)
     return {k[len(_OPT):]: v for k, v in arrays.items() if k.startswith(_OPT)}

@@ -61,7 +61,10 @@ def parse_records(data, name):
 
 def _check_labels(labels, name):
     """labels as int64, or TinyViTError when any is outside 0..9."""
-    labels = np.asarray(labels)
+    try:
+        labels = np.asarray(labels)
+    except (ValueError, TypeError, OverflowError):  # ragged or odd lists in an untrusted pickle
+        raise TinyViTError(f"{name}: labels must be a 1-d list of integers") from None
     if labels.ndim != 1 or (labels.size and labels.dtype.kind not in "iu"):
         raise TinyViTError(f"{name}: labels must be a 1-d list of integers")
     labels = labels.astype(np.int64)
@@ -129,8 +132,11 @@ def _allowed():
     return table
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler that refuses every global except those needed to rebuild numpy arrays."""
+class RestrictedUnpickler(pickle._Unpickler):  # noqa: SLF001
+    """Unpickler that refuses every global except those needed to rebuild numpy arrays.
+
+    The pure-Python unpickler: its memo is a dict, where the C one allocates (and zeroes) a table
+    as long as the largest memo index in the file, gigabytes for a forged PUT opcode."""
 
     def __init__(self, file, name):
         super().__init__(file, encoding="bytes")
@@ -159,7 +165,8 @@ def load_pickle(path):
     except TinyViTError:
         raise
     except Exception as e:  # untrusted bytes: any unpickling failure is a bad file
-        raise TinyViTError(f"{path}: not a readable CIFAR-10 pickle ({type(e).__name__}: {e})") from None
+        msg = " ".join(str(e).split())  # one line: some pickle errors span two
+        raise TinyViTError(f"{path}: not a readable CIFAR-10 pickle ({type(e).__name__}: {msg})") from None
     if not isinstance(obj, dict):
         raise TinyViTError(f"{path}: expected a dict in the pickle, got {type(obj).__name__}")
     return {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in obj.items()}
@@ -174,7 +181,7 @@ def parse_py_batch(path):
         raise TinyViTError(f"{path}: 'data' must be a uint8 array (N, 3072), got {got}")
     if x.shape[0] != RECORDS_PER_BATCH:
         raise TinyViTError(f"{path}: {x.shape[0]} images, expected {RECORDS_PER_BATCH}")
-    if labels is None or len(labels) != x.shape[0]:
+    if not isinstance(labels, (list, tuple, np.ndarray)) or len(labels) != x.shape[0]:
         raise TinyViTError(f"{path}: 'labels' missing or not one per image")
     return x.reshape(-1, 3, 32, 32), _check_labels(labels, str(path))
 

@@ -7,13 +7,12 @@ import dataclasses
 import json
 import math
 import re
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from .backend import get_array_module
-from .checkpoint import check_params
+from .checkpoint import check_params, read_npz
 from .data import bilinear_resize
 from .errors import TinyViTError
 from .model import ViTConfig, param_shapes
@@ -74,13 +73,7 @@ def load_state(path):
         raise TinyViTError(f"{path}: file is empty")
     suffix = path.suffix.lower()
     if suffix == ".npz":
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                obj = {k: z[k] for k in z.files}
-        except ValueError as e:  # object arrays need pickle, which we refuse
-            raise TinyViTError(f"{path}: not a plain-array .npz ({e})") from None
-        except (zipfile.BadZipFile, OSError, EOFError, KeyError) as e:
-            raise TinyViTError(f"{path}: not a readable .npz (truncated or corrupt: {e})") from None
+        obj = read_npz(path, "weights")
     elif suffix == ".safetensors":
         obj = read_safetensors(path)[0]
     elif suffix in (".pth", ".pt", ".bin", ".ckpt"):
@@ -255,8 +248,11 @@ def infer_config(params, heads=None, ln_eps=1e-6, source="weights"):
     if missing:
         raise TinyViTError(f"{source}: cannot infer the config: missing {missing}")
     w, pos = params["patch_embed.proj.weight"], params["pos_embed"]
-    if w.ndim != 4 or w.shape[2] != w.shape[3]:
+    if w.ndim != 4 or w.shape[2] != w.shape[3] or 0 in w.shape:
         raise TinyViTError(f"{source}: patch_embed.proj.weight has shape {w.shape}, expected (D, C, P, P)")
+    for k in ("head.weight", "blocks.0.mlp.fc1.weight"):
+        if params[k].ndim != 2:
+            raise TinyViTError(f"{source}: {k} has shape {params[k].shape}, expected 2-d (out, in)")
     D, C, P = int(w.shape[0]), int(w.shape[1]), int(w.shape[2])
     n = pos.shape[1] - 1 if pos.ndim == 3 else -1
     g = math.isqrt(max(n, 0))

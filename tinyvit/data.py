@@ -2,6 +2,7 @@
 import functools
 import hashlib
 import http.client
+import math
 import os
 import struct
 import sys
@@ -108,7 +109,7 @@ def _parse_idx(data, path, magic, ndim):
     if m != magic:
         raise TinyViTError(f"{path}: bad magic number {m}, expected {magic} "
                            f"({'images' if magic == 2051 else 'labels'} IDX file)")
-    expected = hdr + int(np.prod(dims, dtype=np.int64))
+    expected = hdr + math.prod(dims)  # Python ints: int64 would wrap for absurd headers
     if len(data) != expected:
         raise TinyViTError(f"{path}: {len(data)} bytes but the header {tuple(dims)} says {expected} "
                            f"({'truncated' if len(data) < expected else 'trailing bytes'})")
@@ -261,6 +262,9 @@ def iterate_batches(images, labels, batch_size, xp, *, mean, std, shuffle=True, 
     c = 1 if images.ndim == 3 else images.shape[1]
     if len(mean) != c or len(std) != c:
         raise TinyViTError(f"mean/std need {c} values (one per channel), got {len(mean)}/{len(std)}")
+    if not (np.isfinite(np.asarray(mean, np.float64)).all() and (np.asarray(std, np.float64) > 0).all()
+            and np.isfinite(np.asarray(std, np.float64)).all()):
+        raise TinyViTError(f"mean/std must be finite with std > 0, got mean {tuple(mean)}, std {tuple(std)}")
     dtype = np.dtype(dtype)
     scale = xp.asarray(1.0 / (255.0 * np.asarray(std, np.float64)), dtype=dtype).reshape(1, c, 1, 1)
     shift = xp.asarray(-np.asarray(mean, np.float64) / np.asarray(std, np.float64),

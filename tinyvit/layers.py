@@ -120,6 +120,7 @@ def _phi32_block(x, cdf):
     u -= i  # fractional position in the cell, exact
     i = i.astype(np.int32)
     i += half
+    np.clip(i, 0, _PHI_N, out=i)  # NaN casts to INT_MIN: keep the index valid (NaN stays in u)
     np.take(values, i, out=cdf)
     d = np.take(diffs, i)
     d *= u

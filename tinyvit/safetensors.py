@@ -5,6 +5,7 @@ Layout: 8-byte little-endian header length N, N bytes of UTF-8 JSON {name: {"dty
 tensor bytes, offsets relative to the start of that buffer. Every field is checked on reading.
 """
 import json
+import math
 import struct
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def _parse_header(path, raw, buf_len):
     """Decode and validate the JSON header; returns (entries sorted by offset, metadata)."""
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: absurd nesting
         raise TinyViTError(f"{path}: corrupt safetensors header (invalid JSON: {e})") from None
     if not isinstance(header, dict):
         raise TinyViTError(f"{path}: corrupt safetensors header (JSON is not an object)")
@@ -57,7 +58,7 @@ def _parse_header(path, raw, buf_len):
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise TinyViTError(f"{path}: tensor {name!r}: entry must have exactly dtype, shape, data_offsets")
         dtype, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in _DTYPES:
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
             raise TinyViTError(f"{path}: tensor {name!r}: unsupported dtype {dtype!r} "
                                f"(supported: {', '.join(_DTYPES)})")
         if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
@@ -66,7 +67,7 @@ def _parse_header(path, raw, buf_len):
                 or not 0 <= offs[0] <= offs[1] <= buf_len):
             raise TinyViTError(f"{path}: tensor {name!r}: data_offsets {offs!r} outside the "
                                f"{buf_len}-byte data buffer (file truncated or corrupt)")
-        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(_DTYPES[dtype]).itemsize
+        nbytes = math.prod(shape) * np.dtype(_DTYPES[dtype]).itemsize  # Python ints: no wrap-around
         if nbytes != offs[1] - offs[0]:
             raise TinyViTError(f"{path}: tensor {name!r}: shape {shape} of {dtype} needs {nbytes} bytes, "
                                f"data_offsets span {offs[1] - offs[0]}")

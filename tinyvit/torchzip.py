@@ -9,8 +9,11 @@ from the file is ever executed.
 """
 import collections
 import io
+import math
 import pickle
+import struct
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +21,7 @@ import numpy as np
 from .errors import TinyViTError
 from .safetensors import bf16_to_float32
 
+_MAX_EXPANDED = 1 << 24  # elements a view may have beyond its storage's (expand()ed tensors copy)
 BF16 = "bfloat16"  # marker: raw uint16 bits, widened to float32 when the storage is read
 _STORAGES = {  # torch storage class name -> element type
     "FloatStorage": "f4", "DoubleStorage": "f8", "HalfStorage": "f2", "BFloat16Storage": BF16,
@@ -75,13 +79,17 @@ def _strided(flat, offset, size, stride, source):
         if last >= flat.size:
             raise TinyViTError(f"{source}: tensor of size {size} stride {stride} offset {offset} "
                                f"reads past its storage of {flat.size} elements")
+        numel = math.prod(size)
+        if numel > max(flat.size, _MAX_EXPANDED):  # stride-0 views: a few bytes could claim terabytes
+            raise TinyViTError(f"{source}: tensor of size {size} would expand its storage of {flat.size} "
+                               f"elements to {numel} (broadcast views over {_MAX_EXPANDED} elements are refused)")
         x = np.lib.stride_tricks.as_strided(flat[offset:], shape=size,
                                             strides=tuple(s * flat.itemsize for s in stride), writeable=False)
         return np.array(x)  # copy: contiguous, writable, independent of the storage
     return np.zeros(size, dtype=flat.dtype)
 
 
-class _SafeUnpickler(pickle.Unpickler):
+class _SafeUnpickler(pickle._Unpickler):  # noqa: SLF001 (pure Python: a dict memo, see cifar.py)
     """Unpickler for torch's data.pkl that can build tensors, dicts and plain values, nothing else."""
 
     def __init__(self, data, zf, prefix, order, source):
@@ -161,7 +169,11 @@ def load_torch_zip(path):
         raise TinyViTError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise TinyViTError(f"{path}: file is empty")
-    if not zipfile.is_zipfile(path):
+    try:
+        is_zip = zipfile.is_zipfile(path)
+    except zipfile.BadZipFile:  # e.g. a "multi-disk" end record: a zip, corrupt (reported below)
+        is_zip = True
+    if not is_zip:
         with open(path, "rb") as f:
             head = f.read(2)
         if head[:1] == b"\x80":
@@ -185,8 +197,11 @@ def load_torch_zip(path):
             return unpickler.load()
     except TinyViTError:
         raise
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as e:
-        raise TinyViTError(f"{path}: corrupt or truncated PyTorch archive ({e})") from None
     except (pickle.UnpicklingError, AttributeError, TypeError, ValueError, IndexError, KeyError,
-            RecursionError, MemoryError) as e:
-        raise TinyViTError(f"{path}: corrupt pickle in PyTorch archive ({type(e).__name__}: {e})") from None
+            RecursionError, MemoryError, OverflowError, struct.error) as e:
+        raise TinyViTError(f"{path}: corrupt pickle in PyTorch archive ({type(e).__name__}: "
+                           f"{' '.join(str(e).split())})") from None
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, zlib.error,
+            NotImplementedError, RuntimeError) as e:  # last two: unknown zip method, encrypted member
+        raise TinyViTError(f"{path}: corrupt or truncated PyTorch archive ({type(e).__name__}: "
+                           f"{' '.join(str(e).split())})") from None
