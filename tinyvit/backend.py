@@ -146,6 +146,27 @@ def ew_chunks(fn, inputs, outputs):
     list(_pool().map(block, range(0, ins[0].size, CHUNK)))
 
 
+def row_chunks(fn, inputs, outputs):
+    """Run fn(*input_blocks, *output_blocks) over blocks of rows (all leading axes) in parallel.
+
+    Every array is viewed as (rows, its own last-axis size), so row-wise work (softmax,
+    layernorm) can be split like ew_chunks; CuPy gets one call on the whole arrays.
+    """
+    rows = int(np.prod(inputs[0].shape[:-1]))
+    width = max(a.shape[-1] for a in (*inputs, *outputs))
+    if get_array_module(inputs[0]) is not np or rows * width <= CHUNK:
+        fn(*inputs, *outputs)
+        return
+    ins = [np.ascontiguousarray(a).reshape(rows, -1) for a in inputs]
+    outs = [o.reshape(rows, -1) for o in outputs]  # outputs are ours, allocated contiguous
+    step = max(1, CHUNK // width)
+
+    def block(i):
+        fn(*[a[i:i + step] for a in ins], *[o[i:i + step] for o in outs])
+
+    list(_pool().map(block, range(0, rows, step)))
+
+
 def _erf32_block(x, out):
     """float32 erf of one block: x R(x^2) / S(x^2) on x clamped to +-3.92."""
     xc = np.clip(x, -3.92, 3.92)

@@ -5,7 +5,7 @@ No hidden state; backward never writes into `dout`; every op keeps its input dty
 """
 import math
 
-from .backend import erf, ew_chunks, get_array_module
+from .backend import erf, ew_chunks, get_array_module, row_chunks
 
 # --- sums as BLAS products -------------------------------------------------------------------
 # NumPy's reduce over a short last axis (C = 64) is 4-6x slower than a matrix-vector product
@@ -55,30 +55,43 @@ def layernorm_forward(x, w, b, eps=1e-5):
     """LayerNorm over the last axis: (x - mean) / sqrt(var + eps) * w + b."""
     xp = get_array_module(x)
     c = x.shape[-1]
-    xc = x - rowsum(x) / c
-    var = rowsum(xc * xc) / c  # biased variance, as torch
-    rstd = 1.0 / xp.sqrt(var + eps)
-    xhat = xc
-    xhat *= rstd  # reuse the centred buffer
-    out = xhat * w
-    out += b
+
+    def rows(x, out, xhat, rstd):
+        xp.subtract(x, rowsum(x) / c, out=xhat)  # centred
+        var = rowsum(xhat * xhat)
+        var /= c  # biased variance, as torch
+        var += eps
+        xp.sqrt(var, out=var)
+        xp.divide(1.0, var, out=rstd)
+        xhat *= rstd
+        xp.multiply(xhat, w, out=out)
+        out += b
+
+    out, xhat = xp.empty_like(x, order="C"), xp.empty_like(x, order="C")
+    rstd = xp.empty(x.shape[:-1] + (1,), dtype=x.dtype)
+    row_chunks(rows, [x], [out, xhat, rstd])
     return out, (xhat, rstd, w)
 
 
 def layernorm_backward(dout, cache):
     """Return (dx, dw, db) of layernorm_forward."""
     xhat, rstd, w = cache
+    xp = get_array_module(dout)
     c = xhat.shape[-1]
     dw = colsum((dout * xhat).reshape(-1, c))
     db = colsum(dout.reshape(-1, c))
-    dxhat = dout * w
-    # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
-    m1 = rowsum(dxhat) / c
-    m2 = rowsum(dxhat * xhat) / c
-    dx = dxhat
-    dx -= m1
-    dx -= xhat * m2
-    dx *= rstd
+
+    def rows(dout, xhat, rstd, dx):
+        # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = dout * w
+        xp.multiply(dout, w, out=dx)
+        m2 = rowsum(dx * xhat)
+        m2 /= c
+        dx -= rowsum(dx) / c
+        dx -= xhat * m2
+        dx *= rstd
+
+    dx = xp.empty_like(xhat, order="C")
+    row_chunks(rows, [dout, xhat, rstd], [dx])
     return dx, dw, db
 
 
@@ -198,20 +211,34 @@ def gelu_backward(dout, cache):
 # --- softmax ----------------------------------------------------------------------------------
 
 
-def softmax_forward(x):
-    """Softmax over the last axis, stable for any finite logits."""
+def _softmax_rows(x, y):
+    """Softmax of a block of rows into y."""
     xp = get_array_module(x)
-    y = x - x.max(axis=-1, keepdims=True)
+    xp.subtract(x, x.max(axis=-1, keepdims=True), out=y)  # shift by the row max: no overflow
     xp.exp(y, out=y)
     y /= rowsum(y)
+
+
+def _softmax_grad_rows(dout, y, dx):
+    """dx = y * (dout - sum(dout * y)) for a block of rows."""
+    xp = get_array_module(dout)
+    xp.multiply(dout, y, out=dx)
+    xp.subtract(dout, rowsum(dx), out=dx)
+    dx *= y
+
+
+def softmax_forward(x):
+    """Softmax over the last axis, stable for any finite logits."""
+    y = get_array_module(x).empty_like(x, order="C")
+    row_chunks(_softmax_rows, [x], [y])
     return y, y
 
 
 def softmax_backward(dout, cache):
     """Return dx of softmax_forward: y * (dout - sum(dout * y))."""
     y = cache
-    dx = dout * y
-    dx -= y * rowsum(dx)
+    dx = get_array_module(y).empty_like(y, order="C")
+    row_chunks(_softmax_grad_rows, [dout, y], [dx])
     return dx
 
 
