@@ -196,6 +196,7 @@ def gelu_backward(dout, cache):
         ew_chunks(_gelu_erf_grad_block, [x, c, dout], [dx])
         return dx
     # tanh kind, c = sigmoid(2u): d/dx [x c] = c + 2 x c (1 - c) u'(x)
+    x = xp.clip(x, -1e4, 1e4)  # beyond, c (1 - c) is exactly 0: keep x^3 from inf * 0 = NaN
     du = x * x
     du *= 3 * 0.044715
     du += 1.0
