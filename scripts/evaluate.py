@@ -37,7 +37,8 @@ def main():
                     help="test set to use (default: the dataset recorded in the checkpoint)")
     ap.add_argument("--backend", choices=["numpy", "cupy", "auto"], default="numpy", help="array backend (default numpy)")
     ap.add_argument("--data-dir", default=None, help="data root holding mnist/ and cifar10/ (default: $TINYVIT_DATA, else ~/.cache/tinyvit)")
-    ap.add_argument("--batch-size", type=int, default=500, help="images per forward pass (default 500)")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="images per forward pass (default: about 64k tokens, e.g. 500 for MNIST, 332 at 224 px)")
     ap.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate the first N test images only")
     ap.add_argument("--json", action="store_true", help="print one JSON line of results")
     args = ap.parse_args()

@@ -110,3 +110,31 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(TinyViTError, match=r"images must be \(B, 1, 28, 28\)"):
         vit_forward(init_params(cfg), np.zeros((2, 3, 28, 28), np.float32), cfg)
     assert to_numpy(np.ones(2)).shape == (2,)
+
+
+def test_inference_without_cache_matches_and_keeps_nothing():
+    cfg = preset("mnist", depth=2)
+    params = init_params(cfg)
+    x = np.random.default_rng(0).normal(size=(3, 1, 28, 28)).astype(np.float32)
+    a, cache = vit_forward(params, x, cfg)
+    b, none = vit_forward(params, x, cfg, keep_cache=False)
+    assert none is None and cache is not None and np.array_equal(a, b)
+
+
+def test_inference_memory_stays_about_one_block():
+    # a 224 px ViT-Ti at batch 64: the backward cache of 12 blocks is several GB; inference must
+    # not hold it (this is what made a 1,000-image evaluation run out of 24 GB before)
+    import tracemalloc
+
+    cfg = preset("vit-ti16", depth=6)
+    params = init_params(cfg)
+    x = np.zeros((16, 3, 224, 224), np.float32)
+    tracemalloc.start()
+    vit_forward(params, x, cfg, keep_cache=False)
+    lean = tracemalloc.get_traced_memory()[1]
+    tracemalloc.reset_peak()
+    _, cache = vit_forward(params, x, cfg)
+    full = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    del cache
+    assert lean < full / 2.5, (lean, full)

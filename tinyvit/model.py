@@ -180,8 +180,11 @@ def _block_backward(dx, cache, grads, p):
     return dx
 
 
-def _features_forward(params, images, cfg, train, rng):
-    """Patch embed + CLS + pos, the blocks and the final norm; returns CLS features (B, D)."""
+def _features_forward(params, images, cfg, train, rng, keep_cache=True):
+    """Patch embed + CLS + pos, the blocks and the final norm; returns CLS features (B, D).
+
+    keep_cache=False (inference) drops each block's intermediates as soon as the next block
+    runs, so memory holds about one block's worth instead of the whole backward cache."""
     xp = get_array_module(params["pos_embed"])
     images = images.astype(params["pos_embed"].dtype, copy=False)  # compute in the params' dtype
     if images.ndim != 4 or tuple(images.shape[1:]) != (cfg.in_chans, cfg.img_size, cfg.img_size):
@@ -198,16 +201,22 @@ def _features_forward(params, images, cfg, train, rng):
     blocks = []
     for i in range(cfg.depth):
         x, c = _block_forward(params, f"blocks.{i}.", x, cfg, train, rng)
-        blocks.append(c)
+        if keep_cache:
+            blocks.append(c)
+        del c
     x, c_n = layernorm_forward(x, params["norm.weight"], params["norm.bias"], cfg.ln_eps)
-    return x[:, 0], (c_pe, c_pd, blocks, c_n, x.shape)  # (B, D) class-token features
+    cache = (c_pe, c_pd, blocks, c_n, x.shape) if keep_cache else None
+    return x[:, 0], cache  # (B, D) class-token features
 
 
-def vit_forward(params, images, cfg: ViTConfig, train=False, rng=None):
-    """Logits (B, num_classes) for NCHW images, computed in the params' dtype; returns (logits, cache)."""
-    feats, c_body = _features_forward(params, images, cfg, train, rng)
+def vit_forward(params, images, cfg: ViTConfig, train=False, rng=None, keep_cache=True):
+    """Logits (B, num_classes) for NCHW images, computed in the params' dtype; returns (logits, cache).
+
+    With keep_cache=False (inference only) the cache is None and memory stays about one block's worth.
+    """
+    feats, c_body = _features_forward(params, images, cfg, train, rng, keep_cache)
     logits, c_h = linear_forward(feats, params["head.weight"], params["head.bias"])
-    return logits, (c_body, c_h)
+    return logits, ((c_body, c_h) if keep_cache else None)
 
 
 def vit_backward(dlogits, cache):
@@ -231,7 +240,7 @@ def vit_backward(dlogits, cache):
 
 def vit_features(params, images, cfg: ViTConfig):
     """Class-token features after the final norm (B, D), eval mode; head-only training uses them."""
-    return _features_forward(params, images, cfg, False, None)[0]
+    return _features_forward(params, images, cfg, False, None, keep_cache=False)[0]
 
 
 def attention_maps(cache):

@@ -60,12 +60,18 @@ class Dataset:
     img_size: int = None  # resize to this on the backend (None: as stored)
 
 
-def evaluate(params, cfg, data: Dataset, xp, batch_size=500, progress=None):
-    """Top-1 accuracy (a fraction) of params on a dataset, in eval mode."""
+def eval_batch_size(cfg, limit=500):
+    """Images per inference pass: about 64k tokens, so a 224 px ViT stays within a few GB."""
+    return max(1, min(limit, 65536 // (cfg.num_patches + 1)))
+
+
+def evaluate(params, cfg, data: Dataset, xp, batch_size=None, progress=None):
+    """Top-1 accuracy (a fraction) of params on a dataset, in eval mode, without backward caches."""
     correct = 0
+    batch_size = batch_size or eval_batch_size(cfg)
     for x, y in iterate_batches(data.images, data.labels, batch_size, xp, mean=data.mean, std=data.std,
                                 shuffle=False, img_size=data.img_size, dtype=params["pos_embed"].dtype):
-        logits, _ = vit_forward(params, x, cfg)
+        logits, _ = vit_forward(params, x, cfg, keep_cache=False)
         if not bool(xp.isfinite(logits).all()):  # argmax would quietly count them as class 0
             raise TinyViTError("evaluation produced NaN or Inf logits: the images or the params hold "
                                "non-finite values")
