@@ -51,15 +51,38 @@ def linear_backward(dout, cache, need_dx=True):
 # --- layernorm --------------------------------------------------------------------------------
 
 
+def _layernorm_rows_scaled(x, out, xhat, rstd, w, b, eps):
+    """Layernorm of rows whose sums overflow: normalise x / max|x| per row, which is the same math.
+
+    With s = max|x|: xhat = (x/s - mean(x/s)) / sqrt(var(x/s) + eps/s^2) and rstd = that root's
+    inverse / s, so backward (which reads xhat and rstd) is unchanged.
+    """
+    xp = get_array_module(x)
+    c = x.shape[-1]
+    s = xp.abs(x).max(axis=-1, keepdims=True)
+    s = xp.where(s > 0, s, 1.0).astype(x.dtype)
+    xs = x / s
+    xp.subtract(xs, rowsum(xs) / c, out=xhat)
+    s64 = s.astype(xp.float64)
+    r64 = 1.0 / xp.sqrt(rowsum(xhat * xhat) / c + eps / s64 ** 2)  # float64: eps / s^2 underflows float32
+    rstd[...] = r64 / s64  # the true 1 / sqrt(var(x) + eps), finite
+    xhat *= xp.minimum(r64, xp.finfo(x.dtype).max).astype(x.dtype)  # constant rows: xhat = 0 anyway
+    xp.multiply(xhat, w, out=out)
+    out += b
+
+
 def layernorm_forward(x, w, b, eps=1e-5):
     """LayerNorm over the last axis: (x - mean) / sqrt(var + eps) * w + b."""
     xp = get_array_module(x)
     c = x.shape[-1]
 
     def rows(x, out, xhat, rstd):
-        xp.subtract(x, rowsum(x) / c, out=xhat)  # centred
+        mean = rowsum(x) / c
+        xp.subtract(x, mean, out=xhat)  # centred
         var = rowsum(xhat * xhat)
         var /= c  # biased variance, as torch
+        if bool(xp.isinf(var).any() | xp.isinf(mean).any()):  # |x| beyond ~1e19 in float32
+            return _layernorm_rows_scaled(x, out, xhat, rstd, w, b, eps)
         var += eps
         xp.sqrt(var, out=var)
         xp.divide(1.0, var, out=rstd)
