@@ -1,7 +1,6 @@
 """Train a ViT on MNIST from random init with tinyvit (NumPy on CPU, or CuPy on a GPU)."""
 import argparse
 
-import numpy as np
 
 from tinyvit import init_params, preset
 from tinyvit.backend import get_backend

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .backend import to_numpy
-from .errors import TinyViTError
+from .errors import TinyViTError, input_file
 from .model import ViTConfig, param_shapes
 
 FORMAT = "tinyvit-checkpoint"
@@ -59,11 +59,7 @@ def save_checkpoint(path, params, cfg: ViTConfig, meta=None, opt_state=None, com
 
 def read_npz(path, what="checkpoint"):
     """All arrays of an untrusted .npz, without pickle; any failure is a TinyViTError naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise TinyViTError(f"{path}: no such {what} file")
-    if path.stat().st_size == 0:
-        raise TinyViTError(f"{path}: file is empty")
+    path = input_file(path, f"{what} file")
     try:
         z = np.load(path, allow_pickle=False)
         if not isinstance(z, np.lib.npyio.NpzFile):

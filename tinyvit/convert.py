@@ -14,7 +14,7 @@ import numpy as np
 from .backend import get_array_module
 from .checkpoint import check_params, read_npz
 from .data import bilinear_resize
-from .errors import TinyViTError
+from .errors import TinyViTError, input_file
 from .model import ViTConfig, param_shapes
 from .safetensors import read_safetensors
 from .torchzip import load_torch_zip
@@ -66,11 +66,7 @@ def state_from_object(obj, source):
 
 def load_state(path):
     """A flat {name: NumPy array} state dict from .npz, .safetensors or torch .pth/.pt/.bin/.ckpt."""
-    path = Path(path)
-    if not path.is_file():
-        raise TinyViTError(f"{path}: no such file")
-    if path.stat().st_size == 0:
-        raise TinyViTError(f"{path}: file is empty")
+    path = input_file(path)
     suffix = path.suffix.lower()
     if suffix == ".npz":
         obj = read_npz(path, "weights")

@@ -24,13 +24,12 @@ Rules (the same for every caller):
 import struct
 import warnings
 import zlib
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from .backend import to_numpy
-from .errors import TinyViTError
+from .errors import TinyViTError, input_file
 
 MAX_PIXELS = 64_000_000  # default refusal limit (64 megapixels)
 BICUBIC, BILINEAR = Image.Resampling.BICUBIC, Image.Resampling.BILINEAR
@@ -57,13 +56,7 @@ def normalisation(meta, in_chans, source="checkpoint"):
 
 def open_image(path, max_pixels=MAX_PIXELS, draft_size=None):
     """Open, size-check, decode and EXIF-orient an image file (max_pixels None: no limit); problems are TinyViTError."""
-    path = Path(path)
-    if not path.exists():
-        raise TinyViTError(f"{path}: no such image file")
-    if not path.is_file():
-        raise TinyViTError(f"{path}: not a file")
-    if path.stat().st_size == 0:
-        raise TinyViTError(f"{path}: file is empty")
+    path = input_file(path, "image file")
     old = Image.MAX_IMAGE_PIXELS
     try:
         with warnings.catch_warnings():

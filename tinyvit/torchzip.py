@@ -14,11 +14,10 @@ import pickle
 import struct
 import zipfile
 import zlib
-from pathlib import Path
 
 import numpy as np
 
-from .errors import TinyViTError
+from .errors import TinyViTError, input_file
 from .safetensors import bf16_to_float32
 
 _MAX_EXPANDED = 1 << 24  # elements a view may have beyond its storage's (expand()ed tensors copy)
@@ -164,11 +163,7 @@ class _SafeUnpickler(pickle._Unpickler):  # noqa: SLF001 (pure Python: a dict me
 
 def load_torch_zip(path):
     """The object saved by torch.save at path, with every tensor as a NumPy array."""
-    path = Path(path)
-    if not path.is_file():
-        raise TinyViTError(f"{path}: no such file")
-    if path.stat().st_size == 0:
-        raise TinyViTError(f"{path}: file is empty")
+    path = input_file(path)
     try:
         is_zip = zipfile.is_zipfile(path)
     except zipfile.BadZipFile:  # e.g. a "multi-disk" end record: a zip, corrupt (reported below)
