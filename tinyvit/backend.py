@@ -1,5 +1,6 @@
 """The array backend: NumPy on CPU or CuPy on CUDA. The only module that imports CuPy."""
 import os
+import threading
 
 import numpy as np
 
@@ -25,16 +26,47 @@ def cupy_available() -> bool:
     return _import_cupy() is not None
 
 
+_MALLOC_TUNED = None  # None: not tried yet; then whether it was applied
+
+
+def tune_host_malloc() -> bool:
+    """Keep freed large arrays in glibc's heap instead of unmapping them; True if it was applied.
+
+    NumPy allocates a fresh array for each temporary. Above glibc's mmap threshold every one is a
+    new mapping whose pages fault in again on first touch: about a quarter of a ViT-Ti forward
+    here. A high mmap/trim threshold lets them reuse heap memory (peak memory is unchanged; the
+    heap just is not handed back between steps). Linux/glibc only; TINYVIT_MALLOC=system opts out.
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED is None:
+        _MALLOC_TUNED = os.environ.get("TINYVIT_MALLOC") != "system" and _set_malloc_thresholds()
+    return _MALLOC_TUNED
+
+
+def _set_malloc_thresholds() -> bool:
+    """glibc mallopt: no mmap below 1 GiB, no heap trimming below 1 GiB free; False elsewhere."""
+    try:
+        import ctypes
+
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, musl, Windows): keep its defaults
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30) and mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
+
 def get_backend(name: str = "numpy"):
     """Return the array module (numpy or cupy) for 'numpy', 'cupy' or 'auto'."""
     if name not in BACKENDS:
         raise TinyViTError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
     if name == "numpy":
+        tune_host_malloc()
         return np
     cp = _import_cupy()
     if cp is not None:
         return cp
     if name == "auto":
+        tune_host_malloc()
         return np
     raise TinyViTError(
         "backend 'cupy' needs CuPy and a CUDA GPU, and none is usable here: "
@@ -119,8 +151,27 @@ def _pool():
     if _POOL is None:
         from concurrent.futures import ThreadPoolExecutor
 
+        tune_host_malloc()  # blockwise work is NumPy work: give it cheap temporaries too
+
         _POOL = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)))
     return _POOL
+
+
+_IN_POOL = threading.local()  # set on pool threads: nested blockwise calls run inline there
+
+
+def _parallel(block, starts):
+    """block(i) for every start i on the pool; inline when already on a pool thread (no deadlock)."""
+    if getattr(_IN_POOL, "flag", False):
+        for i in starts:
+            block(i)
+        return
+
+    def run(i):
+        _IN_POOL.flag = True
+        block(i)
+
+    list(_pool().map(run, starts))
 
 
 CHUNK = 1 << 16  # elements per block: ~256 KB of float32 stays in L2 across a chain of passes
@@ -143,7 +194,7 @@ def ew_chunks(fn, inputs, outputs):
         fn(*[a[i:j] for a in ins], *[o[i:j] for o in outs])
 
     # NumPy releases the GIL inside ufunc loops, so blocks on threads use every core
-    list(_pool().map(block, range(0, ins[0].size, CHUNK)))
+    _parallel(block, range(0, ins[0].size, CHUNK))
 
 
 def row_chunks(fn, inputs, outputs):
@@ -164,7 +215,7 @@ def row_chunks(fn, inputs, outputs):
     def block(i):
         fn(*[a[i:i + step] for a in ins], *[o[i:i + step] for o in outs])
 
-    list(_pool().map(block, range(0, rows, step)))
+    _parallel(block, range(0, rows, step))
 
 
 def _erf32_block(x, out):

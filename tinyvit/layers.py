@@ -154,11 +154,11 @@ def _phi32_block(x, cdf):
     np.clip(u, -half, half, out=u)  # beyond +-10, Phi is 0 or 1 to float32 precision
     i = np.floor(u)
     u -= i  # fractional position in the cell, exact
-    i = i.astype(np.int32)
+    i = i.astype(np.intp)  # intp indices: the fast path of take
     i += half
-    np.clip(i, 0, _PHI_N, out=i)  # NaN casts to INT_MIN: keep the index valid (NaN stays in u)
-    np.take(values, i, out=cdf)
-    d = np.take(diffs, i)
+    # mode="clip" keeps the index valid without a pass of its own (NaN casts to INT_MIN; it stays in u)
+    np.take(values, i, out=cdf, mode="clip")
+    d = np.take(diffs, i, mode="clip")
     d *= u
     cdf += d
 
@@ -299,8 +299,8 @@ def attention_forward(x, w_qkv, b_qkv, w_proj, b_proj, heads, attn_drop=0.0, rng
     qkv = xp.ascontiguousarray(qkv.reshape(B, N, 3, heads, D).transpose(2, 0, 3, 1, 4))  # (3, B, H, N, D)
     q, k, v = qkv[0], qkv[1], qkv[2]
     scale = D ** -0.5
+    q *= scale  # scaling q (N x D) is cheaper than scaling the scores (N x N)
     s = q @ k.transpose(0, 1, 3, 2)  # (B, H, N, N)
-    s *= scale
     a, sm_cache = softmax_forward(s)
     a_d, drop_cache = dropout_forward(a, attn_drop, rng, train)
     o = a_d @ v  # (B, H, N, D)
@@ -321,8 +321,8 @@ def attention_backward(dout, cache, need_dx=True):
     da = do @ v.transpose(0, 1, 3, 2)  # (B, H, N, N)
     da = dropout_backward(da, drop_cache)
     ds = softmax_backward(da, sm_cache)
-    ds *= scale
-    xp.matmul(ds, k, out=dqkv[0])  # dq
+    xp.matmul(ds, k, out=dqkv[0])
+    dqkv[0] *= scale  # dq; q is cached already scaled
     xp.matmul(ds.transpose(0, 1, 3, 2), q, out=dqkv[1])  # dk
     dqkv = dqkv.transpose(1, 3, 0, 2, 4).reshape(B, N, 3 * H * D)  # (B, N, 3C)
     dx, dw_qkv, db_qkv = linear_backward(dqkv, qkv_cache, need_dx)
