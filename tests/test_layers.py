@@ -129,6 +129,18 @@ def test_gelu(xp, dtype, kind, case):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("kind", ["erf", "tanh"])
+@pytest.mark.parametrize("n", [7, 300_001])  # one block, and many blocks on the pool
+def test_gelu_inplace_equals_forward(xp, dtype, kind, n):
+    """The inference GELU (in place, nothing cached) gives gelu_forward's values exactly."""
+    x = to_device(np.random.default_rng(4).normal(0, 3, size=(n,)).astype(dtype), xp)
+    y = L.gelu_forward(x, kind)[0]
+    buf = x.copy()
+    assert L.gelu_inplace(buf, kind) is buf
+    assert np.array_equal(to_numpy(buf), to_numpy(y))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("scale", [1.0, 30.0, 1e4])
 @pytest.mark.parametrize("shape", [(1, 1), (2, 3, 5), (4, 2, 17, 17)])
 def test_softmax(xp, dtype, scale, shape):

@@ -161,17 +161,20 @@ _IN_POOL = threading.local()  # set on pool threads: nested blockwise calls run 
 
 
 def _parallel(block, starts):
-    """block(i) for every start i on the pool; inline when already on a pool thread (no deadlock)."""
-    if getattr(_IN_POOL, "flag", False):
+    """block(i) for every start i, one contiguous share per pool thread; inline on a pool thread."""
+    starts = list(starts)
+    if getattr(_IN_POOL, "flag", False):  # nested call from a block: no deadlock waiting on ourselves
         for i in starts:
             block(i)
         return
+    n = min(_pool()._max_workers, len(starts))
 
-    def run(i):
+    def share(k):  # one task per thread: per-task scheduling costs more than a small block's work
         _IN_POOL.flag = True
-        block(i)
+        for i in starts[k::n]:
+            block(i)
 
-    list(_pool().map(run, starts))
+    list(_pool().map(share, range(n)))
 
 
 CHUNK = 1 << 16  # elements per block: ~256 KB of float32 stays in L2 across a chain of passes
@@ -183,7 +186,8 @@ def ew_chunks(fn, inputs, outputs):
     A chain of NumPy passes over a big array streams it through memory once per pass; done block
     by block the chain stays in cache (2-3x faster here). CuPy gets one call on the whole arrays.
     """
-    if get_array_module(inputs[0]) is not np or inputs[0].size <= CHUNK:
+    size = (inputs or outputs)[0].size  # no inputs: fn works in place on its outputs
+    if get_array_module((inputs or outputs)[0]) is not np or size <= CHUNK:
         fn(*inputs, *outputs)
         return
     ins = [np.ascontiguousarray(a).reshape(-1) for a in inputs]
@@ -194,7 +198,7 @@ def ew_chunks(fn, inputs, outputs):
         fn(*[a[i:j] for a in ins], *[o[i:j] for o in outs])
 
     # NumPy releases the GIL inside ufunc loops, so blocks on threads use every core
-    _parallel(block, range(0, ins[0].size, CHUNK))
+    _parallel(block, range(0, size, CHUNK))
 
 
 def row_chunks(fn, inputs, outputs):

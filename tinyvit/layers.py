@@ -174,6 +174,20 @@ def _gelu_erf_block(x, out, cdf):
     get_array_module(x).multiply(x, cdf, out=out)
 
 
+def _gelu_erf_inplace_block(x):
+    """x = x * Phi(x) in place on one block (inference: Phi is not kept)."""
+    _gelu_erf_block(x, x, get_array_module(x).empty_like(x))
+
+
+def gelu_inplace(x, kind="erf"):
+    """GELU overwriting x, with nothing kept for backward: inference on a buffer we own."""
+    if kind != "erf":
+        x[...] = gelu_forward(x, kind)[0]
+        return x
+    ew_chunks(_gelu_erf_inplace_block, [], [x])
+    return x
+
+
 def _gelu_erf_grad_block(x, cdf, dout, dx):
     """dx = dout * (Phi(x) + x phi(x)) on one block."""
     xp = get_array_module(x)

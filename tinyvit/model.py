@@ -9,7 +9,7 @@ from .backend import get_array_module
 from .errors import TinyViTError
 from .layers import (
     attention_backward, attention_forward, colsum, dropout_backward, dropout_forward, gelu_backward,
-    gelu_forward, layernorm_backward, layernorm_forward, linear_backward, linear_forward,
+    gelu_forward, gelu_inplace, layernorm_backward, layernorm_forward, linear_backward, linear_forward,
     patch_embed_backward, patch_embed_forward,
 )
 
@@ -144,7 +144,7 @@ def count_params(params: dict) -> int:
 # --- forward / backward -----------------------------------------------------------------------
 
 
-def _block_forward(params, p, x, cfg, train, rng):
+def _block_forward(params, p, x, cfg, train, rng, keep_cache=True):
     """One pre-norm block: x + attn(norm1(x)), then + mlp(norm2(x))."""
     h, c_n1 = layernorm_forward(x, params[p + "norm1.weight"], params[p + "norm1.bias"], cfg.ln_eps)
     h, c_at = attention_forward(h, params[p + "attn.qkv.weight"], params[p + "attn.qkv.bias"],
@@ -154,7 +154,10 @@ def _block_forward(params, p, x, cfg, train, rng):
     x = x + h
     h, c_n2 = layernorm_forward(x, params[p + "norm2.weight"], params[p + "norm2.bias"], cfg.ln_eps)
     h, c_f1 = linear_forward(h, params[p + "mlp.fc1.weight"], params[p + "mlp.fc1.bias"])
-    h, c_g = gelu_forward(h, cfg.gelu)
+    if keep_cache:
+        h, c_g = gelu_forward(h, cfg.gelu)
+    else:  # inference: GELU in place on fc1's output, nothing kept
+        h, c_g = gelu_inplace(h, cfg.gelu), None
     h, c_d2 = dropout_forward(h, cfg.dropout, rng, train)
     h, c_f2 = linear_forward(h, params[p + "mlp.fc2.weight"], params[p + "mlp.fc2.bias"])
     h, c_d3 = dropout_forward(h, cfg.dropout, rng, train)
@@ -200,7 +203,7 @@ def _features_forward(params, images, cfg, train, rng, keep_cache=True):
     x, c_pd = dropout_forward(x, cfg.dropout, rng, train)
     blocks = []
     for i in range(cfg.depth):
-        x, c = _block_forward(params, f"blocks.{i}.", x, cfg, train, rng)
+        x, c = _block_forward(params, f"blocks.{i}.", x, cfg, train, rng, keep_cache)
         if keep_cache:
             blocks.append(c)
         del c
