@@ -7,7 +7,6 @@ imported with --vs-torch: tinyvit itself never needs it.
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -146,9 +145,16 @@ def memory_probe(name, batch, args, framework):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def _rss_mib():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def _status_mib(field):
+    """VmRSS (now) or VmHWM (peak) of this process in MiB, from /proc/self/status.
+
+    Not getrusage's ru_maxrss: Linux carries that across exec, so a probe forked from a big parent
+    would report the parent's size."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def probe(args):
@@ -167,11 +173,16 @@ def probe(args):
         fns = torch_fns(cfg, host, x, y, "cuda" if xp is not np else "cpu")
     else:
         fns = tinyvit_fns(cfg, to_device(host, xp), xp.asarray(x), xp.asarray(y))
-    base = _rss_mib()
+    try:  # start the peak (VmHWM) afresh here, so setup's transients do not count
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    base = _status_mib("VmRSS")
     for _ in range(3):
         fns["train_step"]()
     synchronize(xp)
-    peak_host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+    peak_host = _status_mib("VmHWM") - base
     rec = {"train_mib": peak_host, "measure": "host peak RSS growth during 3 train steps"}
     if xp is not np:
         if args._probe == "torch":

@@ -174,8 +174,20 @@ def _gelu_erf_block(x, out, cdf):
     get_array_module(x).multiply(x, cdf, out=out)
 
 
+def _gelu_erf_train_block(x, out, dg):
+    """out = x Phi(x) and dg = GELU'(x) = Phi(x) + x phi(x) on one block."""
+    xp = get_array_module(x)
+    _gelu_erf_block(x, out, dg)  # dg holds Phi(x) so far
+    pdf = x * x
+    pdf *= -0.5
+    xp.exp(pdf, out=pdf)
+    pdf *= _INV_SQRT_2PI
+    pdf *= x
+    dg += pdf
+
+
 def _gelu_erf_inplace_block(x):
-    """x = x * Phi(x) in place on one block (inference: Phi is not kept)."""
+    """x = x * Phi(x) in place on one block, Phi in a block-sized scratch."""
     _gelu_erf_block(x, x, get_array_module(x).empty_like(x))
 
 
@@ -188,25 +200,14 @@ def gelu_inplace(x, kind="erf"):
     return x
 
 
-def _gelu_erf_grad_block(x, cdf, dout, dx):
-    """dx = dout * (Phi(x) + x phi(x)) on one block."""
-    xp = get_array_module(x)
-    pdf = x * x
-    pdf *= -0.5
-    xp.exp(pdf, out=pdf)
-    pdf *= _INV_SQRT_2PI
-    pdf *= x
-    pdf += cdf
-    xp.multiply(pdf, dout, out=dx)
-
-
 def gelu_forward(x, kind="erf"):
     """GELU: exact x * Phi(x) ('erf') or torch's tanh approximation ('tanh')."""
     xp = get_array_module(x)
     if kind == "erf":
-        out, cdf = xp.empty_like(x, order="C"), xp.empty_like(x, order="C")
-        ew_chunks(_gelu_erf_block, [x], [out, cdf])
-        return out, (x, cdf, kind)
+        # keep GELU'(x) rather than x: backward is one multiply, and x can be freed
+        out, dg = xp.empty_like(x, order="C"), xp.empty_like(x, order="C")
+        ew_chunks(_gelu_erf_train_block, [x], [out, dg])
+        return out, (None, dg, kind)
     if kind == "tanh":
         u = x * x
         u *= 0.044715
@@ -227,11 +228,9 @@ def gelu_forward(x, kind="erf"):
 def gelu_backward(dout, cache):
     """Return dx of gelu_forward."""
     x, c, kind = cache
-    xp = get_array_module(x)
     if kind == "erf":
-        dx = xp.empty_like(x, order="C")
-        ew_chunks(_gelu_erf_grad_block, [x, c, dout], [dx])
-        return dx
+        return dout * c  # c = GELU'(x), computed in forward
+    xp = get_array_module(x)
     # tanh kind, c = sigmoid(2u): d/dx [x c] = c + 2 x c (1 - c) u'(x)
     x = xp.clip(x, -1e4, 1e4)  # beyond, c (1 - c) is exactly 0: keep x^3 from inf * 0 = NaN
     du = x * x
