@@ -19,10 +19,12 @@ SHAPES = {
     "blocks.0.attn.qkv.weight": (24, 8),
     "blocks.0.attn.qkv.bias": (24,),
     "blocks.0.mlp.fc1.weight": (16, 8),
+    "blocks.0.mlp.fc2.weight": (300, 500),  # 150k values: updated in blocks on the thread pool
     "norm.bias": (8,),
     "head.weight": (10, 8),
 }
-DECAYED = {"patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "blocks.0.mlp.fc1.weight", "head.weight"}
+DECAYED = {"patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "blocks.0.mlp.fc1.weight",
+           "blocks.0.mlp.fc2.weight", "head.weight"}
 N_STEPS = 20
 TOL = {np.float64: dict(rtol=1e-10, atol=1e-13), np.float32: dict(rtol=1e-5, atol=1e-6)}
 
@@ -96,6 +98,21 @@ def test_matches_torch(case, dtype):
         np.testing.assert_allclose(params[k], expected[k], **TOL[dtype], err_msg=k)
     for g, g0 in zip(grads, grads_before):  # step never mutates the grads
         assert all(np.array_equal(g[k], g0[k]) for k in g)
+
+
+@pytest.mark.parametrize("case", ["adam_l2", "adamw"])
+def test_strided_params_are_updated_in_place(case):
+    """A non-contiguous param (a transposed view) gets the same update as its contiguous copy."""
+    name, kw = CASES[case][0], CASES[case][1]
+    rng = np.random.default_rng(5)
+    base = rng.standard_normal((500, 300))
+    strided = {"head.weight": base.T}  # (300, 500) view, not C-contiguous
+    dense = {"head.weight": np.ascontiguousarray(base.T)}
+    grads = [{"head.weight": rng.standard_normal((300, 500))} for _ in range(3)]
+    for params in (strided, dense):
+        run_ours(params, grads, name, kw)
+    assert strided["head.weight"].base is base  # still the caller's array, updated in place
+    np.testing.assert_array_equal(strided["head.weight"], dense["head.weight"])
 
 
 @pytest.mark.parametrize("name", ["adamw", "sgd"])

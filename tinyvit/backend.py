@@ -201,6 +201,14 @@ def ew_chunks(fn, inputs, outputs):
     _parallel(block, range(0, size, CHUNK))
 
 
+def in_place_blocks(fn, inputs, outputs):
+    """ew_chunks for fn updating its outputs in place; one whole-array call unless all are contiguous."""
+    if all(o.flags.c_contiguous for o in outputs):
+        ew_chunks(fn, inputs, outputs)
+    else:  # flat views of a strided array would be copies: the updates would be lost
+        fn(*inputs, *outputs)
+
+
 def row_chunks(fn, inputs, outputs):
     """Run fn(*input_blocks, *output_blocks) over blocks of rows (all leading axes) in parallel.
 

@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from .backend import get_array_module
+from .backend import get_array_module, in_place_blocks
 from .errors import TinyViTError
 
 # timm's VisionTransformer.no_weight_decay(); plus every 1-D param and every `.bias` (timm's rule).
@@ -127,25 +127,36 @@ class Adam(_Optimizer):
         """Coefficient of the L2 term added to the grad (Adam) -- AdamW overrides with 0."""
         return self._decay(name, p)
 
+    def _shrink(self, lr, name, p):
+        """Factor p is multiplied by before the step: 1 for Adam, 1 - lr * wd for AdamW."""
+        return 1.0
+
     def _update(self, name, p, g, lr, xp):
-        b1, b2 = self.betas
-        a, b = self._buffers(xp, p)
-        wd = self._l2(name, p)
-        if wd:
-            g = xp.add(g, xp.multiply(p, wd, out=b), out=b)  # g + wd * p, caller's grad untouched
         m = self._slot("exp_avg", name, p, xp, lambda: xp.zeros_like(p))
         v = self._slot("exp_avg_sq", name, p, xp, lambda: xp.zeros_like(p))
-        xp.subtract(g, m, out=a)  # m.lerp_(g, 1 - b1) as torch: m + (1 - b1) * (g - m)
+        t = self.step_count
+        coefs = (self._shrink(lr, name, p), self._l2(name, p), lr / (1.0 - self.betas[0] ** t),
+                 math.sqrt(1.0 - self.betas[1] ** t))
+        # in cache-sized blocks on the thread pool: the ~12 passes stay in L2 (3x faster for ViT-B)
+        in_place_blocks(lambda g, p, m, v: self._adam_block(g, p, m, v, *coefs), [g], [p, m, v])
+
+    def _adam_block(self, g, p, m, v, shrink, l2, step_size, bias2_root):
+        """torch's single-tensor Adam(W) update of one block of p, m, v (in place) from grad g."""
+        xp = get_array_module(p)
+        b1, b2 = self.betas
+        if shrink != 1.0:
+            p *= shrink  # AdamW: decoupled decay
+        if l2:
+            g = g + l2 * p  # Adam: L2 decay in the grad (caller's grad untouched)
+        a = g - m  # m.lerp_(g, 1 - b1) as torch: m + (1 - b1) * (g - m)
         a *= 1.0 - b1
         m += a
         v *= b2
         xp.multiply(g, g, out=a)
         a *= 1.0 - b2
         v += a
-        t = self.step_count
-        step_size = lr / (1.0 - b1**t)
         xp.sqrt(v, out=a)
-        a /= math.sqrt(1.0 - b2**t)
+        a /= bias2_root
         a += self.eps  # denom
         xp.divide(m, a, out=a)
         a *= step_size
@@ -161,11 +172,8 @@ class AdamW(Adam):
     def _l2(self, name, p):
         return 0.0
 
-    def _update(self, name, p, g, lr, xp):
-        wd = self._decay(name, p)
-        if wd:
-            p *= 1.0 - lr * wd
-        super()._update(name, p, g, lr, xp)
+    def _shrink(self, lr, name, p):
+        return 1.0 - lr * self._decay(name, p)
 
 
 class SGD(_Optimizer):
