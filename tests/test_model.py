@@ -64,6 +64,22 @@ def test_vit_matches_torch(xp, name, B, dtype):
         assert rel_err(grads[name_], p.grad.numpy()) < tol, name_
 
 
+def test_backward_consumes_the_cache():
+    """vit_backward frees each block's saved arrays as it goes; reusing the cache is a clear error."""
+    cfg = ViTConfig(img_size=8, patch_size=4, in_chans=1, num_classes=3, dim=8, depth=2, heads=2, mlp_dim=16)
+    params = init_params(cfg, dtype=np.float64)
+    images = np.random.default_rng(0).normal(size=(2, 1, 8, 8))
+    logits, cache = vit_forward(params, images, cfg)
+    dlogits = np.ones_like(logits)
+    grads = vit_backward(dlogits, cache)
+    assert cache[0][2] == []  # every block's cache released
+    with pytest.raises(TinyViTError, match="already used by vit_backward"):
+        vit_backward(dlogits, cache)
+    _, fresh = vit_forward(params, images, cfg)
+    again = vit_backward(dlogits, fresh)
+    assert all(np.array_equal(grads[k], again[k]) for k in grads)
+
+
 def test_timm_state_dict_names_load_strictly():
     # a tinyvit params dict IS a timm-layout state dict: the torch ViT loads it with strict=True
     cfg = preset("vit-ti16", depth=2)

@@ -166,18 +166,27 @@ def _block_forward(params, p, x, cfg, train, rng, keep_cache=True):
 
 
 def _block_backward(dx, cache, grads, p):
-    """Reverse of _block_forward; writes param grads into `grads`, returns d(block input)."""
+    """Reverse of _block_forward; writes param grads into `grads`, returns d(block input).
+
+    `cache` is the block's only remaining reference (popped by vit_backward), so each layer's
+    saved arrays are freed as soon as its backward is done: a lower peak, as torch frees saved tensors."""
     c_n1, c_at, c_d1, c_n2, c_f1, c_g, c_d2, c_f2, c_d3 = cache
+    del cache
     dh = dropout_backward(dx, c_d3)
     dh, grads[p + "mlp.fc2.weight"], grads[p + "mlp.fc2.bias"] = linear_backward(dh, c_f2)
+    del c_f2
     dh = dropout_backward(dh, c_d2)
     dh = gelu_backward(dh, c_g)
+    del c_g
     dh, grads[p + "mlp.fc1.weight"], grads[p + "mlp.fc1.bias"] = linear_backward(dh, c_f1)
+    del c_f1
     dh, grads[p + "norm2.weight"], grads[p + "norm2.bias"] = layernorm_backward(dh, c_n2)
+    del c_n2
     dx = dx + dh  # residual: both paths carry the gradient
     dh = dropout_backward(dx, c_d1)
     dh, grads[p + "attn.qkv.weight"], grads[p + "attn.qkv.bias"], grads[p + "attn.proj.weight"], \
         grads[p + "attn.proj.bias"] = attention_backward(dh, c_at)
+    del c_at
     dh, grads[p + "norm1.weight"], grads[p + "norm1.bias"] = layernorm_backward(dh, c_n1)
     dx += dh
     return dx
@@ -223,8 +232,14 @@ def vit_forward(params, images, cfg: ViTConfig, train=False, rng=None, keep_cach
 
 
 def vit_backward(dlogits, cache):
-    """Gradients of every parameter (same keys as params) given dL/dlogits."""
+    """Gradients of every parameter (same keys as params) given dL/dlogits; consumes the cache.
+
+    Each block's saved arrays are released as soon as its gradients are done (as torch frees saved
+    tensors), so one forward's cache serves one backward."""
     (c_pe, c_pd, blocks, c_n, x_shape), c_h = cache
+    if not blocks:
+        raise TinyViTError("this cache was already used by vit_backward (it is consumed to free "
+                           "memory) or holds no blocks: run vit_forward again")
     xp = get_array_module(dlogits)
     grads = {}
     dfeats, grads["head.weight"], grads["head.bias"] = linear_backward(dlogits, c_h)
@@ -232,7 +247,7 @@ def vit_backward(dlogits, cache):
     dx[:, 0] = dfeats
     dx, grads["norm.weight"], grads["norm.bias"] = layernorm_backward(dx, c_n)
     for i in reversed(range(len(blocks))):
-        dx = _block_backward(dx, blocks[i], grads, f"blocks.{i}.")
+        dx = _block_backward(dx, blocks.pop(), grads, f"blocks.{i}.")  # pop: the block's cache is freed
     dx = dropout_backward(dx, c_pd)
     grads["pos_embed"] = colsum(dx.reshape(dx.shape[0], -1)).reshape((1,) + dx.shape[1:])  # (1, N+1, D)
     grads["cls_token"] = dx[:, :1].sum(axis=0, keepdims=True)  # (1, 1, D)
