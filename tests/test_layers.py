@@ -138,6 +138,11 @@ def test_gelu_inplace_equals_forward(xp, dtype, kind, n):
     buf = x.copy()
     assert L.gelu_inplace(buf, kind) is buf
     assert np.array_equal(to_numpy(buf), to_numpy(y))
+    strided = xp.zeros((2, n), dtype=dtype)
+    strided[0] = x
+    view = strided[:, ::1].T[:, 0]  # x's values in a non-contiguous view
+    L.gelu_inplace(view, kind)
+    assert np.array_equal(to_numpy(strided[0]), to_numpy(y))  # updated in place, not in a copy
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])

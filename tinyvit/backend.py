@@ -161,7 +161,7 @@ _IN_POOL = threading.local()  # set on pool threads: nested blockwise calls run 
 
 
 def _parallel(block, starts):
-    """block(i) for every start i, one contiguous share per pool thread; inline on a pool thread."""
+    """block(i) for every start i, every n-th block per pool thread; inline on a pool thread."""
     starts = list(starts)
     if getattr(_IN_POOL, "flag", False):  # nested call from a block: no deadlock waiting on ourselves
         for i in starts:

@@ -5,7 +5,7 @@ No hidden state; backward never writes into `dout`; every op keeps its input dty
 """
 import math
 
-from .backend import erf, ew_chunks, get_array_module, row_chunks
+from .backend import erf, ew_chunks, get_array_module, in_place_blocks, row_chunks
 
 # --- sums as BLAS products -------------------------------------------------------------------
 # NumPy's reduce over a short last axis (C = 64) is 4-6x slower than a matrix-vector product
@@ -196,7 +196,7 @@ def gelu_inplace(x, kind="erf"):
     if kind != "erf":
         x[...] = gelu_forward(x, kind)[0]
         return x
-    ew_chunks(_gelu_erf_inplace_block, [], [x])
+    in_place_blocks(_gelu_erf_inplace_block, [], [x])
     return x
 
 
