@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import tinyvit  # noqa: F401  (before NumPy: sets OpenBLAS's spin time, see tinyvit/__init__.py)
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # torch_vit, the reference model

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import tinyvit  # noqa: F401  (before NumPy: sets OpenBLAS's spin time, see tinyvit/__init__.py)
 import numpy as np
 
 from tinyvit.backend import get_backend, to_device, to_numpy

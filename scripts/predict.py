@@ -11,6 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
+import tinyvit  # noqa: F401  (before NumPy: sets OpenBLAS's spin time, see tinyvit/__init__.py)
 import numpy as np
 
 from tinyvit.backend import get_backend, to_device, to_numpy

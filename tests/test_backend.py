@@ -53,3 +53,19 @@ def test_host_malloc_tuning_can_be_opted_out():
     assert _tuned_in_fresh_process({"TINYVIT_MALLOC": "system"}) == "False"
     glibc = platform.libc_ver()[0] == "glibc"
     assert _tuned_in_fresh_process({}) == str(glibc)
+
+
+def _openblas_timeout_after_import(env):
+    """OPENBLAS_THREAD_TIMEOUT as seen after `import tinyvit` in a fresh interpreter."""
+    code = "import os, tinyvit, numpy; print(os.environ.get('OPENBLAS_THREAD_TIMEOUT'))"
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                         env={**env, "PYTHONPATH": str(root)})
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_openblas_spin_time_is_short_unless_the_user_set_one():
+    """tinyvit sets a short OpenBLAS spin before NumPy loads; a value in the environment wins."""
+    assert _openblas_timeout_after_import({}) == "16"
+    assert _openblas_timeout_after_import({"OPENBLAS_THREAD_TIMEOUT": "28"}) == "28"
