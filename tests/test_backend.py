@@ -38,34 +38,26 @@ def test_nested_blockwise_calls_do_not_deadlock(monkeypatch):
     np.testing.assert_allclose(result["y"], ref, rtol=2e-6, atol=1e-7)
 
 
-def _tuned_in_fresh_process(env):
-    """tune_host_malloc() in a new interpreter with the given environment."""
-    code = "from tinyvit.backend import tune_host_malloc; print(tune_host_malloc())"
+def _print_in_fresh_process(expr, env, setup):
+    """The printed value of expr in a new interpreter (after setup) with only the given environment."""
     root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
-                         env={**env, "PYTHONPATH": str(root)})
+    out = subprocess.run([sys.executable, "-c", f"{setup}; print({expr})"], capture_output=True, text=True,
+                         cwd=root, env={**env, "PYTHONPATH": str(root)})
     assert out.returncode == 0, out.stderr
     return out.stdout.strip()
 
 
 def test_host_malloc_tuning_can_be_opted_out():
     """TINYVIT_MALLOC=system keeps the C library's defaults; on glibc the thresholds are set."""
-    assert _tuned_in_fresh_process({"TINYVIT_MALLOC": "system"}) == "False"
+    setup = "from tinyvit.backend import tune_host_malloc"
+    assert _print_in_fresh_process("tune_host_malloc()", {"TINYVIT_MALLOC": "system"}, setup) == "False"
     glibc = platform.libc_ver()[0] == "glibc"
-    assert _tuned_in_fresh_process({}) == str(glibc)
-
-
-def _openblas_timeout_after_import(env):
-    """OPENBLAS_THREAD_TIMEOUT as seen after `import tinyvit` in a fresh interpreter."""
-    code = "import os, tinyvit, numpy; print(os.environ.get('OPENBLAS_THREAD_TIMEOUT'))"
-    root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
-                         env={**env, "PYTHONPATH": str(root)})
-    assert out.returncode == 0, out.stderr
-    return out.stdout.strip()
+    assert _print_in_fresh_process("tune_host_malloc()", {}, setup) == str(glibc)
 
 
 def test_openblas_spin_time_is_short_unless_the_user_set_one():
     """tinyvit sets a short OpenBLAS spin before NumPy loads; a value in the environment wins."""
-    assert _openblas_timeout_after_import({}) == "16"
-    assert _openblas_timeout_after_import({"OPENBLAS_THREAD_TIMEOUT": "28"}) == "28"
+    timeout = "os.environ.get('OPENBLAS_THREAD_TIMEOUT')"
+    setup = "import os, tinyvit, numpy"
+    assert _print_in_fresh_process(timeout, {}, setup) == "16"
+    assert _print_in_fresh_process(timeout, {"OPENBLAS_THREAD_TIMEOUT": "28"}, setup) == "28"
