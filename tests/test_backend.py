@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tinyvit import backend
+from tinyvit import activations, backend
 from tinyvit import layers as L
 
 
@@ -27,7 +27,7 @@ def test_small_blocks_give_the_same_result(monkeypatch, op):
 def test_nested_blockwise_calls_do_not_deadlock(monkeypatch):
     """A block that itself calls ew_chunks (the GELU table build runs erf) runs it inline."""
     monkeypatch.setattr(backend, "CHUNK", 1024)
-    monkeypatch.setattr(L, "_PHI_TABLE", None)  # first GELU builds the table inside a block
+    monkeypatch.setattr(activations, "_PHI_TABLE", None)  # first GELU builds the table inside a block
     x = np.linspace(-6, 6, 50_000, dtype=np.float32)
     result = {}
     t = threading.Thread(target=lambda: result.update(y=L.gelu_forward(x)[0]), daemon=True)

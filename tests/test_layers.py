@@ -164,6 +164,23 @@ def test_softmax(xp, dtype, scale, shape):
     assert rel_err(dx, xt.grad.numpy(), floor=np.abs(g).max()) < tol
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("offset,shifted", [(0.0, False), (30.0, False), (-30.0, False),
+                                            (60.0, True), (-60.0, True), (1e4, True)])
+def test_softmax_parts_shift_only_when_needed(xp, dtype, offset, shifted):
+    rng = np.random.default_rng(7)
+    x = offset + 3.0 * rng.normal(size=(3, 4, 33))
+    e, r = L.softmax_parts(to_device(x.astype(dtype), xp))
+    e, r = to_numpy(e), to_numpy(r)
+    x = x.astype(dtype)
+    if shifted:  # row sums beyond 2^+-60: exp of x minus the row max (largest entry exactly 1)
+        assert (e.max(axis=-1) == 1).all()
+    else:  # the cheap path: e is exp(x) itself
+        np.testing.assert_allclose(e, np.exp(x), rtol=1e-6 if dtype == np.float32 else 1e-14)
+    yt = torch.softmax(_t(x, dtype, grad=False), dim=-1).numpy()
+    assert rel_err(e * r, yt) < (1e-12 if dtype == np.float64 else 2e-6)
+
+
 def _torch_attention(x, wq, bq, wp, bp, heads):
     B, N, C = x.shape
     qkv = F.linear(x, wq, bq).reshape(B, N, 3, heads, C // heads).permute(2, 0, 3, 1, 4)
@@ -188,6 +205,43 @@ def test_attention(xp, dtype, B, N, C, heads):
     assert rel_err(y, yt.detach().numpy()) < TOL[dtype]
     for ours, t in zip(grads, ts):
         assert rel_err(ours, t.grad.numpy()) < TOL[dtype]
+
+
+def test_attention_probs_match_torch(xp):
+    rng = np.random.default_rng(8)
+    B, N, C, heads = 2, 9, 12, 3
+    x, wq, bq = rng.normal(size=(B, N, C)), rng.normal(size=(3 * C, C)), rng.normal(size=3 * C)
+    wp, bp = rng.normal(size=(C, C)), rng.normal(size=C)
+    _, cache = L.attention_forward(*(to_device(a, xp) for a in (x, wq, bq, wp, bp)), heads)
+    qkv = F.linear(torch.tensor(x), torch.tensor(wq), torch.tensor(bq)).reshape(B, N, 3, heads, -1)
+    q, k = qkv.permute(2, 0, 3, 1, 4)[:2]
+    ref = torch.softmax(q @ k.transpose(-2, -1) * (C // heads) ** -0.5, dim=-1).numpy()
+    assert rel_err(L.attention_probs(cache), ref) < 1e-12
+
+
+def test_attention_redoes_shifted_when_unshifted_overflows(xp):
+    """Scores ~34 keep row sums in range, but exp(34) * 1e30 overflows float32: the shifted redo must
+    give torch's finite answer (softmax is uniform here, so out = proj(v) exactly)."""
+    B, N, C, heads = 2, 6, 4, 1
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(B, N, C)) * 1e-3
+    wq = np.zeros((3 * C, C))
+    bq = np.concatenate([np.full(C, 17.0 ** 0.5), np.full(C, 17.0 ** 0.5), np.full(C, 1e30)])  # s = 34
+    wp, bp = np.eye(C) * 0.5, np.zeros(C)
+    g = rng.normal(size=(B, N, C))
+    ts = [_t(a, np.float32) for a in (x, wq, bq, wp, bp)]
+    yt = _torch_attention(*ts, heads)
+    yt.backward(_t(g, np.float32, grad=False))
+    dev = lambda a: to_device(a.astype(np.float32), xp)  # noqa: E731
+    y, cache = L.attention_forward(dev(x), dev(wq), dev(bq), dev(wp), dev(bp), heads)
+    assert np.isfinite(to_numpy(y)).all()
+    assert rel_err(y, yt.detach().numpy()) < 1e-6
+    dx, dwq, dbq, dwp, dbp = (to_numpy(a) for a in L.attention_backward(dev(g), cache))
+    assert all(np.isfinite(a).all() for a in (dx, dwq, dbq, dwp, dbp))
+    # the v and proj grads are well conditioned; the q/k ones cancel at 1e30 scale in float32
+    v = slice(2 * C, 3 * C)
+    for ours, ref in ((dwq[v], ts[1].grad[v]), (dbq[v], ts[2].grad[v]), (dwp, ts[3].grad), (dbp, ts[4].grad)):
+        assert rel_err(ours, ref.numpy()) < 1e-5
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])

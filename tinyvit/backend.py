@@ -142,6 +142,23 @@ def _horner(coefs, t):
     return p
 
 
+# --- sums as BLAS products -------------------------------------------------------------------
+# NumPy's reduce over a short last axis (C = 64) is 4-6x slower than a matrix-vector product
+# with a ones vector, which BLAS also runs on every core.
+
+
+def rowsum(x):
+    """Sum over the last axis, keeping it as size 1: (..., C) -> (..., 1)."""
+    xp = get_array_module(x)
+    return (x @ xp.ones(x.shape[-1], dtype=x.dtype))[..., None]
+
+
+def colsum(x2):
+    """Sum over the rows of a 2-D array: (M, C) -> (C,)."""
+    xp = get_array_module(x2)
+    return xp.ones(x2.shape[0], dtype=x2.dtype) @ x2
+
+
 _POOL = None
 
 

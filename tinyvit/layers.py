@@ -2,26 +2,15 @@
 
 Convention (as llm.c): `out, cache = X_forward(...)` and `grads = X_backward(dout, cache)`.
 No hidden state; backward never writes into `dout`; every op keeps its input dtype.
+GELU and softmax live in tinyvit.activations and are re-exported here.
 """
-import math
+import numpy as np
 
-from .backend import erf, ew_chunks, get_array_module, in_place_blocks, row_chunks
-
-# --- sums as BLAS products -------------------------------------------------------------------
-# NumPy's reduce over a short last axis (C = 64) is 4-6x slower than a matrix-vector product
-# with a ones vector, which BLAS also runs on every core.
-
-
-def rowsum(x):
-    """Sum over the last axis, keeping it as size 1: (..., C) -> (..., 1)."""
-    xp = get_array_module(x)
-    return (x @ xp.ones(x.shape[-1], dtype=x.dtype))[..., None]
-
-
-def colsum(x2):
-    """Sum over the rows of a 2-D array: (M, C) -> (C,)."""
-    xp = get_array_module(x2)
-    return xp.ones(x2.shape[0], dtype=x2.dtype) @ x2
+from .activations import (  # noqa: F401  (re-exported: layers is the one place to find every layer)
+    gelu_backward, gelu_forward, gelu_inplace, softmax_backward, softmax_forward, softmax_parts,
+    softmax_parts_backward,
+)
+from .backend import colsum, get_array_module, row_chunks, rowsum  # noqa: F401  (colsum re-exported)
 
 
 # --- linear -----------------------------------------------------------------------------------
@@ -118,167 +107,6 @@ def layernorm_backward(dout, cache):
     return dx, dw, db
 
 
-# --- GELU -------------------------------------------------------------------------------------
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-
-
-# float32 Phi(x) by linear interpolation in a 16385-entry table on [-10, 10] (built once from our
-# float64 erf): ~10 NumPy passes instead of ~30 for the rational erf. Interpolation error
-# h^2/8 * max|Phi''| = 4.5e-8 and index rounding ~1e-9: below float32's resolution of Phi.
-_PHI_LO, _PHI_N = -10.0, 16384
-_PHI_INV_H = _PHI_N / (2 * -_PHI_LO)
-_PHI_TABLE = None
-
-
-def _phi_table():
-    """(values, differences) of Phi on the grid, float32, built on first use."""
-    global _PHI_TABLE
-    if _PHI_TABLE is None:
-        import numpy as np
-
-        grid = np.linspace(_PHI_LO, -_PHI_LO, _PHI_N + 1)
-        phi = 0.5 * (1.0 + erf(grid * _INV_SQRT_2))
-        _PHI_TABLE = (phi.astype(np.float32), np.append(np.diff(phi), 0.0).astype(np.float32))
-    return _PHI_TABLE
-
-
-def _phi32_block(x, cdf):
-    """float32 Phi(x) into cdf, by table interpolation (NumPy only)."""
-    import numpy as np
-
-    values, diffs = _phi_table()
-    half = _PHI_N // 2
-    u = x * np.float32(_PHI_INV_H)  # grid units from 0: relative precision, no large offset
-    np.clip(u, -half, half, out=u)  # beyond +-10, Phi is 0 or 1 to float32 precision
-    i = np.floor(u)
-    u -= i  # fractional position in the cell, exact
-    i = i.astype(np.intp)  # intp indices: the fast path of take
-    i += half
-    # mode="clip" keeps the index valid without a pass of its own (NaN casts to INT_MIN; it stays in u)
-    np.take(values, i, out=cdf, mode="clip")
-    d = np.take(diffs, i, mode="clip")
-    d *= u
-    cdf += d
-
-
-def _gelu_erf_block(x, out, cdf):
-    """out = x * Phi(x) and cdf = Phi(x) = (1 + erf(x / sqrt 2)) / 2 on one block."""
-    if x.dtype.name == "float32" and get_array_module(x).__name__ == "numpy":
-        _phi32_block(x, cdf)
-    else:
-        cdf[...] = erf(x * _INV_SQRT_2)
-        cdf += 1.0
-        cdf *= 0.5
-    get_array_module(x).multiply(x, cdf, out=out)
-
-
-def _gelu_erf_train_block(x, out, dg):
-    """out = x Phi(x) and dg = GELU'(x) = Phi(x) + x phi(x) on one block."""
-    xp = get_array_module(x)
-    _gelu_erf_block(x, out, dg)  # dg holds Phi(x) so far
-    pdf = x * x
-    pdf *= -0.5
-    xp.exp(pdf, out=pdf)
-    pdf *= _INV_SQRT_2PI
-    pdf *= x
-    dg += pdf
-
-
-def _gelu_erf_inplace_block(x):
-    """x = x * Phi(x) in place on one block, Phi in a block-sized scratch."""
-    _gelu_erf_block(x, x, get_array_module(x).empty_like(x))
-
-
-def gelu_inplace(x, kind="erf"):
-    """GELU overwriting x, with nothing kept for backward: inference on a buffer we own."""
-    if kind != "erf":
-        x[...] = gelu_forward(x, kind)[0]
-        return x
-    in_place_blocks(_gelu_erf_inplace_block, [], [x])
-    return x
-
-
-def gelu_forward(x, kind="erf"):
-    """GELU: exact x * Phi(x) ('erf') or torch's tanh approximation ('tanh')."""
-    xp = get_array_module(x)
-    if kind == "erf":
-        # keep GELU'(x) rather than x: backward is one multiply, and x can be freed
-        out, dg = xp.empty_like(x, order="C"), xp.empty_like(x, order="C")
-        ew_chunks(_gelu_erf_train_block, [x], [out, dg])
-        return out, (None, dg, kind)
-    if kind == "tanh":
-        u = x * x
-        u *= 0.044715
-        u += 1.0
-        u *= x
-        u *= _SQRT_2_OVER_PI  # u = sqrt(2/pi) * (x + 0.044715 x^3)
-        # 0.5 (1 + tanh u) = sigmoid(2u); with e = exp(-2|u|) it neither cancels nor overflows
-        e = xp.abs(u)
-        e *= -2.0
-        xp.exp(e, out=e)
-        s = xp.where(u >= 0, 1.0, e).astype(x.dtype, copy=False)
-        e += 1.0
-        s /= e
-        return x * s, (x, s, kind)
-    raise ValueError(f"unknown GELU kind {kind!r}: use 'erf' or 'tanh'")
-
-
-def gelu_backward(dout, cache):
-    """Return dx of gelu_forward."""
-    x, c, kind = cache
-    if kind == "erf":
-        return dout * c  # c = GELU'(x), computed in forward
-    xp = get_array_module(x)
-    # tanh kind, c = sigmoid(2u): d/dx [x c] = c + 2 x c (1 - c) u'(x)
-    x = xp.clip(x, -1e4, 1e4)  # beyond, c (1 - c) is exactly 0: keep x^3 from inf * 0 = NaN
-    du = x * x
-    du *= 3 * 0.044715
-    du += 1.0
-    du *= 2 * _SQRT_2_OVER_PI  # 2 u'(x)
-    du *= x
-    du *= c
-    du *= 1.0 - c
-    du += c
-    du *= dout
-    return du
-
-
-# --- softmax ----------------------------------------------------------------------------------
-
-
-def _softmax_rows(x, y):
-    """Softmax of a block of rows into y."""
-    xp = get_array_module(x)
-    xp.subtract(x, x.max(axis=-1, keepdims=True), out=y)  # shift by the row max: no overflow
-    xp.exp(y, out=y)
-    y /= rowsum(y)
-
-
-def _softmax_grad_rows(dout, y, dx):
-    """dx = y * (dout - sum(dout * y)) for a block of rows."""
-    xp = get_array_module(dout)
-    xp.multiply(dout, y, out=dx)
-    xp.subtract(dout, rowsum(dx), out=dx)
-    dx *= y
-
-
-def softmax_forward(x):
-    """Softmax over the last axis, stable for any finite logits."""
-    y = get_array_module(x).empty_like(x, order="C")
-    row_chunks(_softmax_rows, [x], [y])
-    return y, y
-
-
-def softmax_backward(dout, cache):
-    """Return dx of softmax_forward: y * (dout - sum(dout * y))."""
-    y = cache
-    dx = get_array_module(y).empty_like(y, order="C")
-    row_chunks(_softmax_grad_rows, [dout, y], [dx])
-    return dx
-
-
 # --- dropout ----------------------------------------------------------------------------------
 
 
@@ -302,43 +130,62 @@ def dropout_backward(dout, cache):
 # --- multi-head self-attention ----------------------------------------------------------------
 
 
+def _finite_total(x):
+    """True when x holds no inf or NaN (checked through one BLAS row-sum, not a boolean pass)."""
+    return bool(get_array_module(x).isfinite(rowsum(x.reshape(-1, x.shape[-1])).sum()))
+
+
 def attention_forward(x, w_qkv, b_qkv, w_proj, b_proj, heads, attn_drop=0.0, rng=None, train=False):
     """Multi-head self-attention with fused qkv on x (B, N, C), as timm's Attention."""
     xp = get_array_module(x)
     B, N, C = x.shape
     D = C // heads
     qkv, qkv_cache = linear_forward(x, w_qkv, b_qkv)  # (B, N, 3C)
-    # contiguous heads: batched matmuls on strided views fall off BLAS in NumPy (~4x slower)
-    qkv = xp.ascontiguousarray(qkv.reshape(B, N, 3, heads, D).transpose(2, 0, 3, 1, 4))  # (3, B, H, N, D)
-    q, k, v = qkv[0], qkv[1], qkv[2]
+    # views, no copy: each (N, D) head matrix has unit stride along D, which BLAS takes as is
+    q, k, v = qkv.reshape(B, N, 3, heads, D).transpose(2, 0, 3, 1, 4)  # each (B, H, N, D)
     scale = D ** -0.5
     q *= scale  # scaling q (N x D) is cheaper than scaling the scores (N x N)
     s = q @ k.transpose(0, 1, 3, 2)  # (B, H, N, N)
-    a, sm_cache = softmax_forward(s)
-    a_d, drop_cache = dropout_forward(a, attn_drop, rng, train)
-    o = a_d @ v  # (B, H, N, D)
-    o = o.transpose(0, 2, 1, 3).reshape(B, N, C)  # (B, N, C)
-    out, proj_cache = linear_forward(o, w_proj, b_proj)
-    return out, (qkv_cache, q, k, v, a_d, sm_cache, drop_cache, proj_cache, heads, scale)
+    o = xp.empty((B, N, heads, D), dtype=x.dtype)  # heads written straight into (B, N, C) order
+    ov = o.transpose(0, 2, 1, 3)  # (B, H, N, D) view of it
+    e, r = softmax_parts(s)  # softmax = e * r
+    e_d, drop_cache = dropout_forward(e, attn_drop, rng, train)
+    with np.errstate(over="ignore"):  # an overflow here is caught just below
+        xp.matmul(e_d, v, out=ov)
+    if not _finite_total(o):  # an unshifted e times a huge |v| can overflow: redo with the row max
+        e, r = softmax_parts(s, shift=True)
+        e_d = e if drop_cache is None else e * drop_cache  # the same dropout mask
+        xp.matmul(e_d, v, out=ov)
+    del s
+    o *= r.transpose(0, 2, 1, 3)  # normalise N x D rows, not N x N ones; in o's memory order
+    out, proj_cache = linear_forward(o.reshape(B, N, C), w_proj, b_proj)
+    return out, (qkv_cache, q, k, v, e, r, e_d, drop_cache, proj_cache, scale)
+
+
+def attention_probs(cache):
+    """The attention probabilities (B, H, N, N) (before dropout) from an attention_forward cache."""
+    _, _, _, _, e, r, *_ = cache
+    return e * r
 
 
 def attention_backward(dout, cache, need_dx=True):
     """Return (dx, dw_qkv, db_qkv, dw_proj, db_proj) of attention_forward."""
-    qkv_cache, q, k, v, a_d, sm_cache, drop_cache, proj_cache, heads, scale = cache
+    qkv_cache, q, k, v, e, r, e_d, drop_cache, proj_cache, scale = cache
     xp = get_array_module(dout)
     B, H, N, D = q.shape
     do, dw_proj, db_proj = linear_backward(dout, proj_cache)  # (B, N, C)
-    do = xp.ascontiguousarray(do.reshape(B, N, H, D).transpose(0, 2, 1, 3))  # (B, H, N, D)
-    dqkv = xp.empty((3, B, H, N, D), dtype=dout.dtype)  # dq, dk, dv written in place
-    xp.matmul(a_d.transpose(0, 1, 3, 2), do, out=dqkv[2])  # dv (B, H, N, D)
-    da = do @ v.transpose(0, 1, 3, 2)  # (B, H, N, N)
-    da = dropout_backward(da, drop_cache)
-    ds = softmax_backward(da, sm_cache)
-    xp.matmul(ds, k, out=dqkv[0])
-    dqkv[0] *= scale  # dq; q is cached already scaled
-    xp.matmul(ds.transpose(0, 1, 3, 2), q, out=dqkv[1])  # dk
-    dqkv = dqkv.transpose(1, 3, 0, 2, 4).reshape(B, N, 3 * H * D)  # (B, N, 3C)
-    dx, dw_qkv, db_qkv = linear_backward(dqkv, qkv_cache, need_dx)
+    u = (do.reshape(B, N, H, D) * r.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)  # (B, H, N, D): do * r
+    dqkv = xp.empty((B, N, 3, H, D), dtype=dout.dtype)  # the layout qkv had: no copy back
+    dq, dk, dv = dqkv.transpose(2, 0, 3, 1, 4)  # each (B, H, N, D), views written in place
+    xp.matmul(e_d.transpose(0, 1, 3, 2), u, out=dv)
+    dr = u @ v.transpose(0, 1, 3, 2)  # (B, H, N, N) = r * dL/d(probs after dropout)
+    dr = dropout_backward(dr, drop_cache)
+    ds = softmax_parts_backward(dr, e, r)  # dL/ds
+    del dr
+    xp.matmul(ds, k, out=dq)
+    dq *= scale  # q is cached already scaled
+    xp.matmul(ds.transpose(0, 1, 3, 2), q, out=dk)
+    dx, dw_qkv, db_qkv = linear_backward(dqkv.reshape(B, N, 3 * H * D), qkv_cache, need_dx)  # (B, N, 3C)
     return dx, dw_qkv, db_qkv, dw_proj, db_proj
 
 

@@ -8,7 +8,7 @@ import numpy as np
 from .backend import get_array_module
 from .errors import TinyViTError
 from .layers import (
-    attention_backward, attention_forward, colsum, dropout_backward, dropout_forward, gelu_backward,
+    attention_backward, attention_forward, attention_probs, colsum, dropout_backward, dropout_forward, gelu_backward,
     gelu_forward, gelu_inplace, layernorm_backward, layernorm_forward, linear_backward, linear_forward,
     patch_embed_backward, patch_embed_forward,
 )
@@ -264,4 +264,4 @@ def vit_features(params, images, cfg: ViTConfig):
 def attention_maps(cache):
     """Each block's attention probabilities (B, H, N+1, N+1) from a vit_forward cache (eval mode)."""
     (_, _, blocks, _, _), _ = cache
-    return [c[1][4] for c in blocks]  # attention cache: (qkv, q, k, v, probs, ...)
+    return [attention_probs(c[1]) for c in blocks]  # c[1]: the block's attention cache
