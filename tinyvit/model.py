@@ -2,10 +2,11 @@
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
-from .backend import get_array_module
+from .backend import batch_shards, get_array_module, in_place_blocks, run_shards
 from .errors import TinyViTError
 from .layers import (
     attention_backward, attention_forward, attention_probs, colsum, dropout_backward, dropout_forward, gelu_backward,
@@ -192,11 +193,8 @@ def _block_backward(dx, cache, grads, p):
     return dx
 
 
-def _features_forward(params, images, cfg, train, rng, keep_cache=True):
-    """Patch embed + CLS + pos, the blocks and the final norm; returns CLS features (B, D).
-
-    keep_cache=False (inference) drops each block's intermediates as soon as the next block
-    runs, so memory holds about one block's worth instead of the whole backward cache."""
+def _prepare_images(params, images, cfg):
+    """images in the params' dtype after checking their shape and values (once per batch)."""
     xp = get_array_module(params["pos_embed"])
     images = images.astype(params["pos_embed"].dtype, copy=False)  # compute in the params' dtype
     if images.ndim != 4 or tuple(images.shape[1:]) != (cfg.in_chans, cfg.img_size, cfg.img_size):
@@ -204,6 +202,15 @@ def _features_forward(params, images, cfg, train, rng, keep_cache=True):
                            f"got {tuple(images.shape)}")
     if not bool(xp.isfinite(images).all()):
         raise TinyViTError("images contain NaN or Inf values")
+    return images
+
+
+def _features_forward(params, images, cfg, train, rng, keep_cache=True):
+    """Patch embed + CLS + pos, the blocks and the final norm; returns CLS features (B, D).
+
+    keep_cache=False (inference) drops each block's intermediates as soon as the next block
+    runs, so memory holds about one block's worth instead of the whole backward cache."""
+    xp = get_array_module(params["pos_embed"])
     x, c_pe = patch_embed_forward(images, params["patch_embed.proj.weight"], params["patch_embed.proj.bias"])
     B, N, D = x.shape
     cls = xp.broadcast_to(params["cls_token"], (B, 1, D))
@@ -221,21 +228,45 @@ def _features_forward(params, images, cfg, train, rng, keep_cache=True):
     return x[:, 0], cache  # (B, D) class-token features
 
 
-def vit_forward(params, images, cfg: ViTConfig, train=False, rng=None, keep_cache=True):
-    """Logits (B, num_classes) for NCHW images, computed in the params' dtype; returns (logits, cache).
-
-    With keep_cache=False (inference only) the cache is None and memory stays about one block's worth.
-    """
+def _forward(params, images, cfg, train, rng, keep_cache):
+    """vit_forward on one (prepared) batch or shard."""
     feats, c_body = _features_forward(params, images, cfg, train, rng, keep_cache)
     logits, c_h = linear_forward(feats, params["head.weight"], params["head.bias"])
     return logits, ((c_body, c_h) if keep_cache else None)
 
 
-def vit_backward(dlogits, cache):
-    """Gradients of every parameter (same keys as params) given dL/dlogits; consumes the cache.
+class _ShardedCache(NamedTuple):
+    """The cache of a forward run as data-parallel shards: each shard's batch slice and cache."""
 
-    Each block's saved arrays are released as soon as its gradients are done (as torch frees saved
-    tensors), so one forward's cache serves one backward."""
+    slices: list
+    caches: list
+
+
+def _shards(params, images, cfg, train):
+    """Batch slices to run one per core (backend.batch_shards), or None to run the batch whole."""
+    if train and (cfg.dropout or cfg.attn_dropout):
+        return None  # dropout draws from one RNG stream in order: keep its masks reproducible
+    return batch_shards(images.shape[0], get_array_module(params["pos_embed"]))
+
+
+def vit_forward(params, images, cfg: ViTConfig, train=False, rng=None, keep_cache=True):
+    """Logits (B, num_classes) for NCHW images, computed in the params' dtype; returns (logits, cache).
+
+    With keep_cache=False (inference only) the cache is None and memory stays about one block's worth.
+    On NumPy the batch runs as one shard per core (see backend.batch_shards; TINYVIT_SHARDS=1 turns
+    that off); the logits and gradients are the same up to float rounding.
+    """
+    images = _prepare_images(params, images, cfg)
+    shards = _shards(params, images, cfg, train)
+    if shards is None:
+        return _forward(params, images, cfg, train, rng, keep_cache)
+    outs = run_shards(lambda s: _forward(params, images[s], cfg, train, rng, keep_cache), shards)
+    logits = get_array_module(outs[0][0]).concatenate([o[0] for o in outs])
+    return logits, (_ShardedCache(shards, [o[1] for o in outs]) if keep_cache else None)
+
+
+def _backward(dlogits, cache):
+    """vit_backward of one batch or shard."""
     (c_pe, c_pd, blocks, c_n, x_shape), c_h = cache
     if not blocks:
         raise TinyViTError("this cache was already used by vit_backward (it is consumed to free "
@@ -256,12 +287,53 @@ def vit_backward(dlogits, cache):
     return grads
 
 
+def _accumulate(x, out):
+    """out += x (a block of it)."""
+    out += x
+
+
+def vit_backward(dlogits, cache):
+    """Gradients of every parameter (same keys as params) given dL/dlogits; consumes the cache.
+
+    Each block's saved arrays are released as soon as its gradients are done (as torch frees saved
+    tensors), so one forward's cache serves one backward. Shards run in parallel and their
+    gradients are summed."""
+    if not isinstance(cache, _ShardedCache):
+        return _backward(dlogits, cache)
+    parts = run_shards(lambda i: _backward(dlogits[cache.slices[i]], cache.caches[i]), range(len(cache.slices)))
+    grads = parts[0]
+    for other in parts[1:]:
+        for k, g in other.items():
+            in_place_blocks(_accumulate, [g], [grads[k]])
+    return grads
+
+
+def head_backward(dlogits, cache):
+    """Gradients of the head alone (backbone frozen) from a vit_forward cache; leaves the cache intact."""
+    if isinstance(cache, _ShardedCache):  # one GEMM over every shard's class-token features
+        heads = [c[1] for c in cache.caches]
+        feats = get_array_module(dlogits).concatenate([h[0] for h in heads])
+        c_h = (feats,) + tuple(heads[0][1:])
+    else:
+        c_h = cache[1]
+    _, gw, gb = linear_backward(dlogits, c_h, need_dx=False)
+    return {"head.weight": gw, "head.bias": gb}
+
+
 def vit_features(params, images, cfg: ViTConfig):
     """Class-token features after the final norm (B, D), eval mode; head-only training uses them."""
-    return _features_forward(params, images, cfg, False, None, keep_cache=False)[0]
+    images = _prepare_images(params, images, cfg)
+    shards = _shards(params, images, cfg, False)
+    if shards is None:
+        return _features_forward(params, images, cfg, False, None, keep_cache=False)[0]
+    outs = run_shards(lambda s: _features_forward(params, images[s], cfg, False, None, keep_cache=False)[0], shards)
+    return get_array_module(outs[0]).concatenate(outs)
 
 
 def attention_maps(cache):
     """Each block's attention probabilities (B, H, N+1, N+1) from a vit_forward cache (eval mode)."""
+    if isinstance(cache, _ShardedCache):
+        per_shard = [attention_maps(c) for c in cache.caches]
+        return [get_array_module(m[0]).concatenate(m) for m in zip(*per_shard)]
     (_, _, blocks, _, _), _ = cache
     return [attention_probs(c[1]) for c in blocks]  # c[1]: the block's attention cache

@@ -14,8 +14,8 @@ from .backend import to_device
 from .checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
 from .data import iterate_batches, num_batches
 from .errors import TinyViTError
-from .layers import cross_entropy_backward, cross_entropy_forward, linear_backward
-from .model import vit_backward, vit_forward
+from .layers import cross_entropy_backward, cross_entropy_forward
+from .model import head_backward, vit_backward, vit_forward
 from .optim import clip_grad_norm, make_optimizer, make_schedule
 from .progress import Progress
 
@@ -227,8 +227,7 @@ def _step_grads(params, x, y, cfg, tc, rng, head_only):
         loss, ce_cache = cross_entropy_forward(logits, yb, tc.label_smoothing)
         dlogits = cross_entropy_backward(1.0 / k, ce_cache)  # the batch mean is the mean of micro means
         if head_only:  # backbone frozen: only the head's gradient
-            _, gw, gb = linear_backward(dlogits, cache[1], need_dx=False)
-            g = {"head.weight": gw, "head.bias": gb}
+            g = head_backward(dlogits, cache)
         else:
             g = vit_backward(dlogits, cache)
         if grads is None:

@@ -1,0 +1,123 @@
+"""Data-parallel shards: one part of the batch per core, each with one BLAS thread."""
+import numpy as np
+import pytest
+
+from tinyvit import TinyViTError, ViTConfig, attention_maps, blas, init_params, vit_backward, vit_features, vit_forward
+from tinyvit import backend
+from tinyvit.model import head_backward
+
+CFG = ViTConfig(img_size=8, patch_size=4, in_chans=2, num_classes=5, dim=12, depth=2, heads=3, mlp_dim=20)
+
+
+def _openblas_numpy():
+    """True when this NumPy is built on OpenBLAS (then its thread count must be settable)."""
+    try:
+        return "openblas" in np.show_config(mode="dicts")["Build Dependencies"]["blas"]["name"].lower()
+    except (TypeError, KeyError):  # older NumPy: no dict mode
+        return False
+
+
+needs_blas = pytest.mark.skipif(not blas.available(), reason="NumPy's BLAS thread count cannot be set here")
+
+
+@pytest.mark.skipif(not _openblas_numpy(), reason="NumPy is not built on OpenBLAS")
+def test_openblas_thread_count_is_found_and_restored():
+    n = blas.threads()
+    assert n >= 1
+    with blas.single_thread():
+        assert blas.threads() == 1
+    assert blas.threads() == n
+
+
+@pytest.mark.parametrize("n,k", [(1, 2), (2, 2), (7, 2), (8, 3), (5, 8)])
+def test_batch_shards_cover_the_batch(monkeypatch, n, k):
+    monkeypatch.setenv("TINYVIT_SHARDS", str(k))
+    shards = backend.batch_shards(n)
+    if min(n, k) < 2 or not blas.available():
+        assert shards is None
+        return
+    assert len(shards) == min(n, k)
+    assert [i for s in shards for i in range(n)[s]] == list(range(n))  # in order, no gaps or overlaps
+    sizes = [s.stop - s.start for s in shards]
+    assert max(sizes) - min(sizes) <= 1
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two", "1.5"])
+def test_bad_shard_count_is_a_clear_error(monkeypatch, value):
+    monkeypatch.setenv("TINYVIT_SHARDS", value)
+    with pytest.raises(TinyViTError, match="TINYVIT_SHARDS must be a positive integer"):
+        backend.batch_shards(4)
+
+
+@needs_blas
+def test_run_shards_restores_blas_threads_after_an_error():
+    n = blas.threads()
+    seen = []
+
+    def fn(i):
+        seen.append(blas.threads())
+        if i == 1:
+            raise ValueError("shard failed")
+        return i
+
+    with pytest.raises(ValueError, match="shard failed"):
+        backend.run_shards(fn, range(3))
+    assert seen == [1, 1, 1] and blas.threads() == n
+
+
+def _run(monkeypatch, shards, dtype=np.float64, train=True, cfg=CFG, rng=None):
+    monkeypatch.setenv("TINYVIT_SHARDS", shards)
+    params = init_params(cfg, seed=1, dtype=dtype, std=0.3)
+    images = np.random.default_rng(2).normal(size=(7, cfg.in_chans, cfg.img_size, cfg.img_size)).astype(dtype)
+    logits, cache = vit_forward(params, images, cfg, train=train, rng=rng)
+    dlogits = np.random.default_rng(3).normal(size=logits.shape).astype(dtype)
+    maps = attention_maps(cache)
+    head = head_backward(dlogits, cache)
+    grads = vit_backward(dlogits, cache)
+    return logits, maps, head, grads, vit_features(params, images, cfg), cache
+
+
+@needs_blas
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-12), (np.float32, 2e-5)])
+def test_sharded_run_equals_whole_batch(monkeypatch, dtype, tol):
+    whole = _run(monkeypatch, "1", dtype)
+    sharded = _run(monkeypatch, "3", dtype)
+    assert type(sharded[-1]).__name__ == "_ShardedCache" and type(whole[-1]) is tuple
+    logits, maps, head, grads, feats, _ = whole
+    s_logits, s_maps, s_head, s_grads, s_feats, _ = sharded
+    rel = lambda a, b: np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)  # noqa: E731
+    assert rel(s_logits, logits) < tol and rel(s_feats, feats) < tol
+    assert len(s_maps) == len(maps) and all(rel(a, b) < tol for a, b in zip(s_maps, maps))
+    assert all(rel(s_head[k], head[k]) < tol for k in head)
+    assert s_grads.keys() == grads.keys()
+    for k in grads:
+        assert s_grads[k].shape == grads[k].shape and rel(s_grads[k], grads[k]) < tol, k
+
+
+def test_dropout_training_keeps_the_batch_whole(monkeypatch):
+    """Dropout masks come from one RNG stream in order: sharding would reorder them."""
+    cfg = ViTConfig(**{**CFG.to_dict(), "dropout": 0.1, "attn_dropout": 0.1})
+    a = _run(monkeypatch, "1", cfg=cfg, rng=np.random.default_rng(5))
+    b = _run(monkeypatch, "3", cfg=cfg, rng=np.random.default_rng(5))
+    assert type(b[-1]) is tuple  # not sharded
+    assert np.array_equal(a[0], b[0])
+    assert all(np.array_equal(a[3][k], b[3][k]) for k in a[3])
+
+
+@needs_blas
+def test_sharded_cache_is_consumed_once(monkeypatch):
+    monkeypatch.setenv("TINYVIT_SHARDS", "2")
+    params = init_params(CFG, dtype=np.float64)
+    images = np.zeros((4, CFG.in_chans, CFG.img_size, CFG.img_size))
+    logits, cache = vit_forward(params, images, CFG, train=True)
+    vit_backward(np.ones_like(logits), cache)
+    with pytest.raises(TinyViTError, match="already used by vit_backward"):
+        vit_backward(np.ones_like(logits), cache)
+
+
+def test_bad_images_name_the_whole_batch(monkeypatch):
+    """Shape errors are raised before sharding, so they report the batch the caller passed."""
+    monkeypatch.setenv("TINYVIT_SHARDS", "2")
+    params = init_params(CFG)
+    with pytest.raises(TinyViTError, match=r"got \(6, 2, 8, 9\)"):
+        vit_forward(params, np.zeros((6, 2, 8, 9), np.float32), CFG)

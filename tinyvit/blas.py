@@ -1,0 +1,78 @@
+"""Set the thread count of the OpenBLAS that NumPy runs on, when it can be found (Linux, optional).
+
+Data-parallel shards (tinyvit.backend.run_shards) give each core its own part of the batch. Each
+shard's matmuls must then run on one BLAS thread: two callers that each ask OpenBLAS for every
+core contend, and a train step got twice as slow in that case. NumPy has no API for this, so we
+look up OpenBLAS's own openblas_set_num_threads in the library NumPy loaded (as threadpoolctl
+does). Where it is not found (MKL or Accelerate builds, macOS, Windows) available() is False and
+callers keep the batch whole.
+"""
+import ctypes
+import os
+from contextlib import contextmanager
+
+# (set, get) pairs under the names the OpenBLAS builds in NumPy wheels export
+_NAMES = (
+    ("scipy_openblas_set_num_threads64_", "scipy_openblas_get_num_threads64_"),
+    ("scipy_openblas_set_num_threads", "scipy_openblas_get_num_threads"),
+    ("openblas_set_num_threads64_", "openblas_get_num_threads64_"),
+    ("openblas_set_num_threads", "openblas_get_num_threads"),
+)
+_API = None  # None: not looked up yet; False: not found; else (set, get)
+
+
+def _mapped_openblas_libraries():
+    """Paths of the shared libraries mapped into this process whose file name mentions openblas."""
+    try:
+        with open("/proc/self/maps") as f:
+            fields = [line.split(None, 5) for line in f]
+    except OSError:  # not Linux
+        return []
+    paths = {x[5].strip() for x in fields if len(x) == 6}
+    return sorted(p for p in paths if "openblas" in os.path.basename(p).lower() and ".so" in p)
+
+
+def _lookup():
+    """(set, get) ctypes functions of NumPy's OpenBLAS, or False."""
+    import numpy  # noqa: F401  (loads NumPy's BLAS, so it is mapped below)
+
+    for path in _mapped_openblas_libraries():
+        try:
+            lib = ctypes.CDLL(path)  # already loaded: this only returns its handle
+        except OSError:
+            continue
+        for set_name, get_name in _NAMES:
+            set_fn, get_fn = getattr(lib, set_name, None), getattr(lib, get_name, None)
+            if set_fn is not None and get_fn is not None:
+                set_fn.argtypes, set_fn.restype = [ctypes.c_int], None
+                get_fn.argtypes, get_fn.restype = [], ctypes.c_int
+                return set_fn, get_fn
+    return False
+
+
+def available() -> bool:
+    """True when NumPy's BLAS thread count can be set from here."""
+    global _API
+    if _API is None:
+        _API = _lookup()
+    return bool(_API)
+
+
+def threads():
+    """NumPy's BLAS thread count now, or None when it cannot be read."""
+    return _API[1]() if available() else None
+
+
+@contextmanager
+def single_thread():
+    """Run the block with NumPy's BLAS on one thread, then restore its count (no-op if unavailable)."""
+    if not available():
+        yield
+        return
+    set_fn, get_fn = _API
+    n = get_fn()
+    set_fn(1)
+    try:
+        yield
+    finally:
+        set_fn(n)
