@@ -89,6 +89,47 @@ def test_layernorm(xp, dtype, case, shape, eps):
         assert rel_err(ours, ref.numpy()) < tol
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape", [(1, 4), (2, 9, 16), (3, 5, 64)])
+def test_layernorm_without_affine(xp, dtype, shape):
+    rng = np.random.default_rng(11)
+    x, g = rng.normal(size=shape) * 3 + 1, rng.normal(size=shape)
+    xt = _t(x, dtype)
+    yt = F.layer_norm(xt, (shape[-1],), eps=1e-6)
+    yt.backward(_t(g, dtype, grad=False))
+    y, cache = L.layernorm_forward(to_device(x.astype(dtype), xp), None, None, 1e-6)
+    dx, dw, db = _check_no_mutation(L.layernorm_backward, to_device(g.astype(dtype), xp), cache)
+    _assert_dtype(dtype, y, dx)
+    assert dw is None and db is None
+    assert rel_err(y, yt.detach().numpy()) < TOL[dtype]
+    assert rel_err(dx, xt.grad.numpy()) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape,out_f,bias", [((2, 9, 16), 48, True), ((3, 5, 8), 6, False), ((1, 1, 4), 1, True),
+                                              ((4, 7, 8), 24, True), ((2, 3, 4), 12, False)])
+def test_layernorm_linear(xp, dtype, shape, out_f, bias):
+    """linear(layernorm(x)), folded (fewer outputs than tokens) or not: every output and gradient as torch."""
+    rng = np.random.default_rng(12)
+    c = shape[-1]
+    x, g = rng.normal(size=shape) * 2 - 1, rng.normal(size=shape[:-1] + (out_f,))
+    gam, bet = rng.normal(size=c), rng.normal(size=c)
+    w, b = rng.normal(size=(out_f, c)) / np.sqrt(c), rng.normal(size=out_f)
+    ts = [_t(a, dtype) for a in (x, gam, bet, w, b)]
+    yt = F.linear(F.layer_norm(ts[0], (c,), ts[1], ts[2], 1e-6), ts[3], ts[4] if bias else None)
+    yt.backward(_t(g, dtype, grad=False))
+    dev = lambda a: to_device(a.astype(dtype), xp)  # noqa: E731
+    y, cache = L.layernorm_linear_forward(dev(x), dev(gam), dev(bet), dev(w), dev(b) if bias else None, 1e-6)
+    assert cache[2] == (out_f < x.size // c)  # folded exactly when w has fewer rows than x
+    grads = _check_no_mutation(L.layernorm_linear_backward, dev(g), cache)
+    _assert_dtype(dtype, y, *grads)
+    assert rel_err(y, yt.detach().numpy()) < TOL[dtype]
+    assert (grads[4] is None) == (not bias)
+    for ours, t in zip(grads, ts):
+        if ours is not None:
+            assert rel_err(ours, t.grad.numpy()) < TOL[dtype]
+
+
 GELU_INPUTS = {
     "normal": lambda r: r.normal(size=(3, 7, 11)) * 3,
     "extreme": lambda r: np.array([-1e4, -50.0, -10.0, -5.5, -1.0, -1e-9, 0.0, 1e-9, 1.0, 5.5, 10.0, 50.0, 1e4]),
@@ -216,7 +257,7 @@ def test_attention_probs_match_torch(xp):
     qkv = F.linear(torch.tensor(x), torch.tensor(wq), torch.tensor(bq)).reshape(B, N, 3, heads, -1)
     q, k = qkv.permute(2, 0, 3, 1, 4)[:2]
     ref = torch.softmax(q @ k.transpose(-2, -1) * (C // heads) ** -0.5, dim=-1).numpy()
-    assert rel_err(L.attention_probs(cache), ref) < 1e-12
+    assert rel_err(L.attention_probs(cache[1]), ref) < 1e-12  # cache[1]: after the qkv linear
 
 
 def test_attention_redoes_shifted_when_unshifted_overflows(xp):

@@ -40,8 +40,8 @@ def linear_backward(dout, cache, need_dx=True):
 # --- layernorm --------------------------------------------------------------------------------
 
 
-def _layernorm_rows_scaled(x, out, xhat, rstd, w, b, eps):
-    """Layernorm of rows whose sums overflow: normalise x / max|x| per row, which is the same math.
+def _layernorm_rows_scaled(x, xhat, rstd, eps):
+    """Normalise rows whose sums overflow: x / max|x| per row first, which is the same math.
 
     With s = max|x|: xhat = (x/s - mean(x/s)) / sqrt(var(x/s) + eps/s^2) and rstd = that root's
     inverse / s, so backward (which reads xhat and rstd) is unchanged.
@@ -56,55 +56,92 @@ def _layernorm_rows_scaled(x, out, xhat, rstd, w, b, eps):
     r64 = 1.0 / xp.sqrt(rowsum(xhat * xhat) / c + eps / s64 ** 2)  # float64: eps / s^2 underflows float32
     rstd[...] = r64 / s64  # the true 1 / sqrt(var(x) + eps), finite
     xhat *= xp.minimum(r64, xp.finfo(x.dtype).max).astype(x.dtype)  # constant rows: xhat = 0 anyway
-    xp.multiply(xhat, w, out=out)
-    out += b
 
 
 def layernorm_forward(x, w, b, eps=1e-5):
-    """LayerNorm over the last axis: (x - mean) / sqrt(var + eps) * w + b."""
+    """LayerNorm over the last axis: (x - mean) / sqrt(var + eps) * w + b.
+
+    w = b = None leaves out the affine: the output is xhat itself (layernorm_linear_forward folds
+    the affine into the next linear)."""
     xp = get_array_module(x)
     c = x.shape[-1]
 
-    def rows(x, out, xhat, rstd):
+    def rows(x, xhat, rstd, *out):
         mean = rowsum(x) / c
         xp.subtract(x, mean, out=xhat)  # centred
         var = rowsum(xhat * xhat)
         var /= c  # biased variance, as torch
         if bool(xp.isinf(var).any() | xp.isinf(mean).any()):  # |x| beyond ~1e19 in float32
-            return _layernorm_rows_scaled(x, out, xhat, rstd, w, b, eps)
-        var += eps
-        xp.sqrt(var, out=var)
-        xp.divide(1.0, var, out=rstd)
-        xhat *= rstd
-        xp.multiply(xhat, w, out=out)
-        out += b
+            _layernorm_rows_scaled(x, xhat, rstd, eps)
+        else:
+            var += eps
+            xp.sqrt(var, out=var)
+            xp.divide(1.0, var, out=rstd)
+            xhat *= rstd
+        for y in out:  # the affine (when there is one), while the block is in cache
+            xp.multiply(xhat, w, out=y)
+            y += b
 
-    out, xhat = xp.empty_like(x, order="C"), xp.empty_like(x, order="C")
-    rstd = xp.empty(x.shape[:-1] + (1,), dtype=x.dtype)
-    row_chunks(rows, [x], [out, xhat, rstd])
-    return out, (xhat, rstd, w)
+    xhat, rstd = xp.empty_like(x, order="C"), xp.empty(x.shape[:-1] + (1,), dtype=x.dtype)
+    outs = [xhat, rstd] if w is None else [xhat, rstd, xp.empty_like(x, order="C")]
+    row_chunks(rows, [x], outs)
+    return outs[-1] if w is not None else xhat, (xhat, rstd, w)
 
 
 def layernorm_backward(dout, cache):
-    """Return (dx, dw, db) of layernorm_forward."""
+    """Return (dx, dw, db) of layernorm_forward (dw = db = None without an affine)."""
     xhat, rstd, w = cache
     xp = get_array_module(dout)
     c = xhat.shape[-1]
-    dw = colsum((dout * xhat).reshape(-1, c))
-    db = colsum(dout.reshape(-1, c))
+    dw = None if w is None else colsum((dout * xhat).reshape(-1, c))
+    db = None if w is None else colsum(dout.reshape(-1, c))
 
     def rows(dout, xhat, rstd, dx):
         # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = dout * w
-        xp.multiply(dout, w, out=dx)
-        m2 = rowsum(dx * xhat)
+        dxhat = dout if w is None else xp.multiply(dout, w, out=dx)
+        m2 = rowsum(dxhat * xhat)
         m2 /= c
-        dx -= rowsum(dx) / c
+        xp.subtract(dxhat, rowsum(dxhat) / c, out=dx)
         dx -= xhat * m2
         dx *= rstd
 
     dx = xp.empty_like(xhat, order="C")
     row_chunks(rows, [dout, xhat, rstd], [dx])
     return dx, dw, db
+
+
+def layernorm_linear_forward(x, ln_w, ln_b, w, b, eps=1e-5):
+    """linear(layernorm(x)), with the norm's affine folded into the linear when that is cheaper.
+
+    (xhat * g + beta) @ w.T + b = xhat @ (w * g).T + (w @ beta + b). Folded, xhat feeds the GEMM
+    directly: two passes over x fewer forward and about four backward, for about five passes over
+    w. So we fold when w has fewer rows (outputs) than x has rows (tokens), as in small models."""
+    fold = w.shape[0] < x.size // x.shape[-1]
+    if not fold:
+        y, c_ln = layernorm_forward(x, ln_w, ln_b, eps)
+        out, c_lin = linear_forward(y, w, b)
+        return out, (c_ln, c_lin, fold)
+    xhat, c_ln = layernorm_forward(x, None, None, eps)
+    b_fold = w @ ln_b if b is None else w @ ln_b + b  # (out,)
+    out, c_lin = linear_forward(xhat, w * ln_w, b_fold)  # w * ln_w scales column i by g_i
+    return out, (c_ln, c_lin, fold, w, ln_w, ln_b, b is not None)
+
+
+def layernorm_linear_backward(dout, cache):
+    """Return (dx, d ln_w, d ln_b, dw, db) of layernorm_linear_forward; db is None without a bias."""
+    c_ln, c_lin, fold, *affine = cache
+    if not fold:
+        dy, dw, db = linear_backward(dout, c_lin)
+        dx, d_ln_w, d_ln_b = layernorm_backward(dy, c_ln)
+        return dx, d_ln_w, d_ln_b, dw, db
+    w, ln_w, ln_b, has_b = affine
+    dxhat, dw_fold, db_fold = linear_backward(dout, c_lin)
+    dw = dw_fold * ln_w  # through w * g ...
+    dw += db_fold[:, None] * ln_b  # ... and through w @ beta: (out, in)
+    d_ln_w = colsum(w * dw_fold)  # sum over outputs of w_oi * dL/dw'_oi: (in,)
+    d_ln_b = db_fold @ w  # (in,)
+    dx, _, _ = layernorm_backward(dxhat, c_ln)
+    return dx, d_ln_w, d_ln_b, dw, (db_fold if has_b else None)
 
 
 # --- dropout ----------------------------------------------------------------------------------
@@ -137,16 +174,32 @@ def _finite_total(x):
 
 def attention_forward(x, w_qkv, b_qkv, w_proj, b_proj, heads, attn_drop=0.0, rng=None, train=False):
     """Multi-head self-attention with fused qkv on x (B, N, C), as timm's Attention."""
-    xp = get_array_module(x)
-    B, N, C = x.shape
-    D = C // heads
     qkv, qkv_cache = linear_forward(x, w_qkv, b_qkv)  # (B, N, 3C)
+    out, heads_cache = attention_heads_forward(qkv, w_proj, b_proj, heads, attn_drop, rng, train)
+    return out, (qkv_cache, heads_cache)
+
+
+def attention_backward(dout, cache, need_dx=True):
+    """Return (dx, dw_qkv, db_qkv, dw_proj, db_proj) of attention_forward."""
+    qkv_cache, heads_cache = cache
+    dqkv, dw_proj, db_proj = attention_heads_backward(dout, heads_cache)
+    dx, dw_qkv, db_qkv = linear_backward(dqkv, qkv_cache, need_dx)
+    return dx, dw_qkv, db_qkv, dw_proj, db_proj
+
+
+def attention_heads_forward(qkv, w_proj, b_proj, heads, attn_drop=0.0, rng=None, train=False):
+    """Attention after the qkv linear: softmax(q k^T / sqrt(D)) v per head, then the projection.
+
+    qkv (B, N, 3C) is ours to scale in place (its q part)."""
+    xp = get_array_module(qkv)
+    B, N, C3 = qkv.shape
+    D = C3 // (3 * heads)
     # views, no copy: each (N, D) head matrix has unit stride along D, which BLAS takes as is
     q, k, v = qkv.reshape(B, N, 3, heads, D).transpose(2, 0, 3, 1, 4)  # each (B, H, N, D)
     scale = D ** -0.5
     q *= scale  # scaling q (N x D) is cheaper than scaling the scores (N x N)
     s = q @ k.transpose(0, 1, 3, 2)  # (B, H, N, N)
-    o = xp.empty((B, N, heads, D), dtype=x.dtype)  # heads written straight into (B, N, C) order
+    o = xp.empty((B, N, heads, D), dtype=qkv.dtype)  # heads written straight into (B, N, C) order
     ov = o.transpose(0, 2, 1, 3)  # (B, H, N, D) view of it
     e, r = softmax_parts(s)  # softmax = e * r
     e_d, drop_cache = dropout_forward(e, attn_drop, rng, train)
@@ -158,19 +211,19 @@ def attention_forward(x, w_qkv, b_qkv, w_proj, b_proj, heads, attn_drop=0.0, rng
         xp.matmul(e_d, v, out=ov)
     del s
     o *= r.transpose(0, 2, 1, 3)  # normalise N x D rows, not N x N ones; in o's memory order
-    out, proj_cache = linear_forward(o.reshape(B, N, C), w_proj, b_proj)
-    return out, (qkv_cache, q, k, v, e, r, e_d, drop_cache, proj_cache, scale)
+    out, proj_cache = linear_forward(o.reshape(B, N, heads * D), w_proj, b_proj)
+    return out, (q, k, v, e, r, e_d, drop_cache, proj_cache, scale)
 
 
-def attention_probs(cache):
-    """The attention probabilities (B, H, N, N) (before dropout) from an attention_forward cache."""
-    _, _, _, _, e, r, *_ = cache
+def attention_probs(heads_cache):
+    """The attention probabilities (B, H, N, N) (before dropout) from attention_heads_forward's cache."""
+    _, _, _, e, r, *_ = heads_cache
     return e * r
 
 
-def attention_backward(dout, cache, need_dx=True):
-    """Return (dx, dw_qkv, db_qkv, dw_proj, db_proj) of attention_forward."""
-    qkv_cache, q, k, v, e, r, e_d, drop_cache, proj_cache, scale = cache
+def attention_heads_backward(dout, cache):
+    """Return (dqkv, dw_proj, db_proj) of attention_heads_forward."""
+    q, k, v, e, r, e_d, drop_cache, proj_cache, scale = cache
     xp = get_array_module(dout)
     B, H, N, D = q.shape
     do, dw_proj, db_proj = linear_backward(dout, proj_cache)  # (B, N, C)
@@ -185,8 +238,7 @@ def attention_backward(dout, cache, need_dx=True):
     xp.matmul(ds, k, out=dq)
     dq *= scale  # q is cached already scaled
     xp.matmul(ds.transpose(0, 1, 3, 2), q, out=dk)
-    dx, dw_qkv, db_qkv = linear_backward(dqkv.reshape(B, N, 3 * H * D), qkv_cache, need_dx)  # (B, N, 3C)
-    return dx, dw_qkv, db_qkv, dw_proj, db_proj
+    return dqkv.reshape(B, N, 3 * H * D), dw_proj, db_proj
 
 
 # --- patch embedding --------------------------------------------------------------------------

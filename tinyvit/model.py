@@ -9,8 +9,9 @@ import numpy as np
 from .backend import batch_shards, get_array_module, in_place_blocks, run_shards
 from .errors import TinyViTError
 from .layers import (
-    attention_backward, attention_forward, attention_probs, colsum, dropout_backward, dropout_forward, gelu_backward,
-    gelu_forward, gelu_inplace, layernorm_backward, layernorm_forward, linear_backward, linear_forward,
+    attention_heads_backward, attention_heads_forward, attention_probs, colsum, dropout_backward,
+    dropout_forward, gelu_backward, gelu_forward, gelu_inplace, layernorm_backward, layernorm_forward,
+    layernorm_linear_backward, layernorm_linear_forward, linear_backward, linear_forward,
     patch_embed_backward, patch_embed_forward,
 )
 
@@ -146,15 +147,18 @@ def count_params(params: dict) -> int:
 
 
 def _block_forward(params, p, x, cfg, train, rng, keep_cache=True):
-    """One pre-norm block: x + attn(norm1(x)), then + mlp(norm2(x))."""
-    h, c_n1 = layernorm_forward(x, params[p + "norm1.weight"], params[p + "norm1.bias"], cfg.ln_eps)
-    h, c_at = attention_forward(h, params[p + "attn.qkv.weight"], params[p + "attn.qkv.bias"],
-                                params[p + "attn.proj.weight"], params[p + "attn.proj.bias"],
-                                cfg.heads, cfg.attn_dropout, rng, train)
+    """One pre-norm block: x + attn(norm1(x)), then + mlp(norm2(x)).
+
+    Each norm's affine is folded into the linear after it (layernorm_linear_forward): same math."""
+    qkv, c_n1 = layernorm_linear_forward(x, params[p + "norm1.weight"], params[p + "norm1.bias"],
+                                         params[p + "attn.qkv.weight"], params[p + "attn.qkv.bias"], cfg.ln_eps)
+    h, c_at = attention_heads_forward(qkv, params[p + "attn.proj.weight"], params[p + "attn.proj.bias"],
+                                      cfg.heads, cfg.attn_dropout, rng, train)
+    del qkv
     h, c_d1 = dropout_forward(h, cfg.dropout, rng, train)
     x = x + h
-    h, c_n2 = layernorm_forward(x, params[p + "norm2.weight"], params[p + "norm2.bias"], cfg.ln_eps)
-    h, c_f1 = linear_forward(h, params[p + "mlp.fc1.weight"], params[p + "mlp.fc1.bias"])
+    h, c_f1 = layernorm_linear_forward(x, params[p + "norm2.weight"], params[p + "norm2.bias"],
+                                       params[p + "mlp.fc1.weight"], params[p + "mlp.fc1.bias"], cfg.ln_eps)
     if keep_cache:
         h, c_g = gelu_forward(h, cfg.gelu)
     else:  # inference: GELU in place on fc1's output, nothing kept
@@ -163,7 +167,7 @@ def _block_forward(params, p, x, cfg, train, rng, keep_cache=True):
     h, c_f2 = linear_forward(h, params[p + "mlp.fc2.weight"], params[p + "mlp.fc2.bias"])
     h, c_d3 = dropout_forward(h, cfg.dropout, rng, train)
     x += h  # x is our own buffer here (x + h above), so in place is safe
-    return x, (c_n1, c_at, c_d1, c_n2, c_f1, c_g, c_d2, c_f2, c_d3)
+    return x, (c_n1, c_at, c_d1, c_f1, c_g, c_d2, c_f2, c_d3)
 
 
 def _block_backward(dx, cache, grads, p):
@@ -171,7 +175,7 @@ def _block_backward(dx, cache, grads, p):
 
     `cache` is the block's only remaining reference (popped by vit_backward), so each layer's
     saved arrays are freed as soon as its backward is done: a lower peak, as torch frees saved tensors."""
-    c_n1, c_at, c_d1, c_n2, c_f1, c_g, c_d2, c_f2, c_d3 = cache
+    c_n1, c_at, c_d1, c_f1, c_g, c_d2, c_f2, c_d3 = cache
     del cache
     dh = dropout_backward(dx, c_d3)
     dh, grads[p + "mlp.fc2.weight"], grads[p + "mlp.fc2.bias"] = linear_backward(dh, c_f2)
@@ -179,16 +183,15 @@ def _block_backward(dx, cache, grads, p):
     dh = dropout_backward(dh, c_d2)
     dh = gelu_backward(dh, c_g)
     del c_g
-    dh, grads[p + "mlp.fc1.weight"], grads[p + "mlp.fc1.bias"] = linear_backward(dh, c_f1)
+    dh, grads[p + "norm2.weight"], grads[p + "norm2.bias"], grads[p + "mlp.fc1.weight"], \
+        grads[p + "mlp.fc1.bias"] = layernorm_linear_backward(dh, c_f1)
     del c_f1
-    dh, grads[p + "norm2.weight"], grads[p + "norm2.bias"] = layernorm_backward(dh, c_n2)
-    del c_n2
     dx = dx + dh  # residual: both paths carry the gradient
     dh = dropout_backward(dx, c_d1)
-    dh, grads[p + "attn.qkv.weight"], grads[p + "attn.qkv.bias"], grads[p + "attn.proj.weight"], \
-        grads[p + "attn.proj.bias"] = attention_backward(dh, c_at)
+    dqkv, grads[p + "attn.proj.weight"], grads[p + "attn.proj.bias"] = attention_heads_backward(dh, c_at)
     del c_at
-    dh, grads[p + "norm1.weight"], grads[p + "norm1.bias"] = layernorm_backward(dh, c_n1)
+    dh, grads[p + "norm1.weight"], grads[p + "norm1.bias"], grads[p + "attn.qkv.weight"], \
+        grads[p + "attn.qkv.bias"] = layernorm_linear_backward(dqkv, c_n1)
     dx += dh
     return dx
 
@@ -223,9 +226,10 @@ def _features_forward(params, images, cfg, train, rng, keep_cache=True):
         if keep_cache:
             blocks.append(c)
         del c
-    x, c_n = layernorm_forward(x, params["norm.weight"], params["norm.bias"], cfg.ln_eps)
+    # the head reads the class token alone, and layernorm is per token: normalise just that one
+    feats, c_n = layernorm_forward(x[:, 0], params["norm.weight"], params["norm.bias"], cfg.ln_eps)  # (B, D)
     cache = (c_pe, c_pd, blocks, c_n, x.shape) if keep_cache else None
-    return x[:, 0], cache  # (B, D) class-token features
+    return feats, cache
 
 
 def _forward(params, images, cfg, train, rng, keep_cache):
@@ -274,9 +278,9 @@ def _backward(dlogits, cache):
     xp = get_array_module(dlogits)
     grads = {}
     dfeats, grads["head.weight"], grads["head.bias"] = linear_backward(dlogits, c_h)
+    dcls, grads["norm.weight"], grads["norm.bias"] = layernorm_backward(dfeats, c_n)
     dx = xp.zeros(x_shape, dtype=dlogits.dtype)  # (B, N+1, D): only the class token was read
-    dx[:, 0] = dfeats
-    dx, grads["norm.weight"], grads["norm.bias"] = layernorm_backward(dx, c_n)
+    dx[:, 0] = dcls
     for i in reversed(range(len(blocks))):
         dx = _block_backward(dx, blocks.pop(), grads, f"blocks.{i}.")  # pop: the block's cache is freed
     dx = dropout_backward(dx, c_pd)
@@ -336,4 +340,4 @@ def attention_maps(cache):
         per_shard = [attention_maps(c) for c in cache.caches]
         return [get_array_module(m[0]).concatenate(m) for m in zip(*per_shard)]
     (_, _, blocks, _, _), _ = cache
-    return [attention_probs(c[1]) for c in blocks]  # c[1]: the block's attention cache
+    return [attention_probs(c[1]) for c in blocks]  # c[1]: the block's attention-heads cache
