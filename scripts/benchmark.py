@@ -53,6 +53,20 @@ def matmul_peak(xp, dtype, n=2048, reps=5):
     return 2 * n ** 3 / median_time(lambda: a @ a, xp, reps) / 1e9
 
 
+def torch_matmul_peak(dtype, device, n=2048, reps=5):
+    """The same large matmul in torch: its BLAS (MKL/oneDNN on CPU) sets torch's ceiling."""
+    import torch
+
+    a = torch.tensor(np.random.default_rng(0).standard_normal((n, n)).astype(dtype), device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def mm():
+        a @ a
+        sync()
+
+    return 2 * n ** 3 / median_time(mm, np, reps) / 1e9
+
+
 def tinyvit_fns(cfg, params, x, y):
     """forward / forward+backward / train step closures for tinyvit."""
     opt = AdamW(lr=1e-4)
@@ -116,6 +130,8 @@ def bench_case(name, batch, args, xp):
     peak = matmul_peak(xp, dtype)
     out = {"preset": name, "batch": batch, "dtype": args.dtype, "backend": args.backend,
            "threads": args.threads, "matmul_peak_gflops": peak, "forward_gflop": flops / 1e9}
+    if theirs:
+        out["torch_matmul_peak_gflops"] = torch_matmul_peak(dtype, device)
     for what, mult in (("forward", 1), ("forward_backward", 3), ("train_step", 3)):
         ts, tt = [], []
         for _ in range(args.rounds):  # interleave: each round times ours, then torch's
@@ -219,7 +235,8 @@ def main():
         return
     for r in results:
         print(f"{r['preset']} batch {r['batch']} {r['dtype']} on {r['backend']} ({r['threads']} threads), "
-              f"matmul peak {r['matmul_peak_gflops']:.0f} GFLOP/s")
+              f"matmul peak {r['matmul_peak_gflops']:.0f} GFLOP/s"
+              + (f" (torch's: {r['torch_matmul_peak_gflops']:.0f})" if "torch_matmul_peak_gflops" in r else ""))
         for what in ("forward", "forward_backward", "train_step"):
             m = r[what]
             line = f"  {what:17s} tinyvit {m['tinyvit_ms']:9.1f} ms  {m['images_per_second']:8.1f} img/s  " \
