@@ -18,7 +18,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # torch_vit, the reference model
 
 from tinyvit import init_params, preset, vit_backward, vit_forward  # noqa: E402
-from tinyvit.backend import get_backend, synchronize, to_device  # noqa: E402
+from tinyvit.backend import batch_shards, get_backend, synchronize, to_device  # noqa: E402
 from tinyvit.cli import run  # noqa: E402
 from tinyvit.layers import cross_entropy_backward, cross_entropy_forward  # noqa: E402
 from tinyvit.optim import AdamW  # noqa: E402
@@ -129,7 +129,8 @@ def bench_case(name, batch, args, xp):
     flops = forward_flops(cfg, batch)
     peak = matmul_peak(xp, dtype)
     out = {"preset": name, "batch": batch, "dtype": args.dtype, "backend": args.backend,
-           "threads": args.threads, "matmul_peak_gflops": peak, "forward_gflop": flops / 1e9}
+           "threads": args.threads, "matmul_peak_gflops": peak, "forward_gflop": flops / 1e9,
+           "tinyvit_shards": len(batch_shards(batch, xp) or [None])}  # data-parallel shards per batch
     if theirs:
         out["torch_matmul_peak_gflops"] = torch_matmul_peak(dtype, device)
     for what, mult in (("forward", 1), ("forward_backward", 3), ("train_step", 3)):
@@ -235,7 +236,7 @@ def main():
         return
     for r in results:
         print(f"{r['preset']} batch {r['batch']} {r['dtype']} on {r['backend']} ({r['threads']} threads), "
-              f"matmul peak {r['matmul_peak_gflops']:.0f} GFLOP/s"
+              f"tinyvit in {r['tinyvit_shards']} shard(s), matmul peak {r['matmul_peak_gflops']:.0f} GFLOP/s"
               + (f" (torch's: {r['torch_matmul_peak_gflops']:.0f})" if "torch_matmul_peak_gflops" in r else ""))
         for what in ("forward", "forward_backward", "train_step"):
             m = r[what]

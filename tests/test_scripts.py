@@ -64,3 +64,5 @@ def test_benchmark_vs_torch_smoke():
     case = json.loads(r.stdout.strip().splitlines()[-1])["cases"][0]
     for what in ("forward", "forward_backward", "train_step"):
         assert case[what]["tinyvit_ms"] > 0 and case[what]["torch_ms"] > 0 and case[what]["ratio"] > 0
+    assert case["torch_matmul_peak_gflops"] > 0 and case["matmul_peak_gflops"] > 0
+    assert 1 <= case["tinyvit_shards"] <= 4  # batch 4: at most one image per shard
