@@ -19,6 +19,9 @@ CONFIGS = {
     "small-3blocks": ViTConfig(img_size=16, patch_size=4, in_chans=3, num_classes=5, dim=24, depth=3,
                                heads=3, mlp_dim=40, gelu="tanh"),
     "mnist-preset": preset("mnist", depth=2),
+    # 65 tokens and narrow linears: every norm's affine folds into the linear after it
+    "folded-norms": ViTConfig(img_size=16, patch_size=2, in_chans=1, num_classes=4, dim=8, depth=2,
+                              heads=2, mlp_dim=12),
 }
 
 
