@@ -29,6 +29,42 @@ def test_openblas_thread_count_is_found_and_restored():
     assert blas.threads() == n
 
 
+@needs_blas
+def test_overlapping_single_thread_blocks_restore_the_count():
+    """Two threads whose blocks overlap (A in, B in, A out, B out) leave the count as it was."""
+    import threading
+
+    n = blas.threads()
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def a():
+        with blas.single_thread():
+            a_in.set()
+            b_in.wait(10)
+        a_out.set()
+
+    def b():
+        a_in.wait(10)
+        with blas.single_thread():
+            b_in.set()
+            a_out.wait(10)
+            seen["b after a left"] = blas.threads()  # still one thread: b is inside
+
+    threads = [threading.Thread(target=f) for f in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert seen == {"b after a left": 1}
+    assert blas.threads() == n
+    with blas.single_thread():
+        with blas.single_thread():  # nested in one thread
+            assert blas.threads() == 1
+        assert blas.threads() == 1
+    assert blas.threads() == n
+
+
 @pytest.mark.parametrize("n,k", [(1, 2), (2, 2), (7, 2), (8, 3), (5, 8)])
 def test_batch_shards_cover_the_batch(monkeypatch, n, k):
     monkeypatch.setenv("TINYVIT_SHARDS", str(k))

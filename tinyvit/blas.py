@@ -9,6 +9,7 @@ callers keep the batch whole.
 """
 import ctypes
 import os
+import threading
 from contextlib import contextmanager
 
 # (set, get) pairs under the names the OpenBLAS builds in NumPy wheels export
@@ -63,16 +64,31 @@ def threads():
     return _API[1]() if available() else None
 
 
+_LOCK = threading.Lock()
+_USERS = 0  # callers inside single_thread() now, from any thread
+_SAVED = None  # the thread count to restore when the last of them leaves
+
+
 @contextmanager
 def single_thread():
-    """Run the block with NumPy's BLAS on one thread, then restore its count (no-op if unavailable)."""
+    """Run the block with NumPy's BLAS on one thread, then restore its count (no-op if unavailable).
+
+    Overlapping callers (nested, or from several threads) share one setting: the first saves the
+    count, the last restores it, so no interleaving leaves BLAS stuck at one thread."""
+    global _USERS, _SAVED
     if not available():
         yield
         return
     set_fn, get_fn = _API
-    n = get_fn()
-    set_fn(1)
+    with _LOCK:
+        if _USERS == 0:
+            _SAVED = get_fn()
+            set_fn(1)
+        _USERS += 1
     try:
         yield
     finally:
-        set_fn(n)
+        with _LOCK:
+            _USERS -= 1
+            if _USERS == 0:
+                set_fn(_SAVED)
