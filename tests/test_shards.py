@@ -65,6 +65,20 @@ def test_overlapping_single_thread_blocks_restore_the_count():
     assert blas.threads() == n
 
 
+@pytest.mark.skipif(not _openblas_numpy(), reason="NumPy is not built on OpenBLAS")
+def test_every_mapped_openblas_goes_to_one_thread(monkeypatch):
+    """SciPy ships its own OpenBLAS: both copies must drop to one thread, NumPy's is found first."""
+    pytest.importorskip("scipy.linalg")  # maps SciPy's copy into this process
+    monkeypatch.setattr(blas, "_API", None)  # look up again, now with both mapped
+    assert blas.available()
+    paths = [path for path, _, _ in blas._API]
+    assert "numpy" in paths[0]
+    before = [get() for _, _, get in blas._API]
+    with blas.single_thread():
+        assert [get() for _, _, get in blas._API] == [1] * len(paths)
+    assert [get() for _, _, get in blas._API] == before
+
+
 @pytest.mark.parametrize("n,k", [(1, 2), (2, 2), (7, 2), (8, 3), (5, 8)])
 def test_batch_shards_cover_the_batch(monkeypatch, n, k):
     monkeypatch.setenv("TINYVIT_SHARDS", str(k))

@@ -19,7 +19,7 @@ _NAMES = (
     ("openblas_set_num_threads64_", "openblas_get_num_threads64_"),
     ("openblas_set_num_threads", "openblas_get_num_threads"),
 )
-_API = None  # None: not looked up yet; False: not found; else (set, get)
+_API = None  # None: not looked up yet; else a list of (path, set, get), NumPy's first; [] if none
 
 
 def _mapped_openblas_libraries():
@@ -30,13 +30,15 @@ def _mapped_openblas_libraries():
     except OSError:  # not Linux
         return []
     paths = {x[5].strip() for x in fields if len(x) == 6}
-    return sorted(p for p in paths if "openblas" in os.path.basename(p).lower() and ".so" in p)
+    paths = [p for p in paths if "openblas" in os.path.basename(p).lower() and ".so" in p]
+    return sorted(paths, key=lambda p: ("numpy" not in p, p))  # NumPy's own copy first
 
 
 def _lookup():
-    """(set, get) ctypes functions of NumPy's OpenBLAS, or False."""
+    """[(path, set, get)] for every OpenBLAS mapped here, NumPy's first (SciPy may bring another)."""
     import numpy  # noqa: F401  (loads NumPy's BLAS, so it is mapped below)
 
+    found = []
     for path in _mapped_openblas_libraries():
         try:
             lib = ctypes.CDLL(path)  # already loaded: this only returns its handle
@@ -47,8 +49,9 @@ def _lookup():
             if set_fn is not None and get_fn is not None:
                 set_fn.argtypes, set_fn.restype = [ctypes.c_int], None
                 get_fn.argtypes, get_fn.restype = [], ctypes.c_int
-                return set_fn, get_fn
-    return False
+                found.append((path, set_fn, get_fn))
+                break
+    return found
 
 
 def available() -> bool:
@@ -61,7 +64,7 @@ def available() -> bool:
 
 def threads():
     """NumPy's BLAS thread count now, or None when it cannot be read."""
-    return _API[1]() if available() else None
+    return _API[0][2]() if available() else None
 
 
 _LOCK = threading.Lock()
@@ -79,11 +82,11 @@ def single_thread():
     if not available():
         yield
         return
-    set_fn, get_fn = _API
     with _LOCK:
-        if _USERS == 0:
-            _SAVED = get_fn()
-            set_fn(1)
+        if _USERS == 0:  # every OpenBLAS we found: a second copy would otherwise still spread out
+            _SAVED = [get_fn() for _, _, get_fn in _API]
+            for _, set_fn, _ in _API:
+                set_fn(1)
         _USERS += 1
     try:
         yield
@@ -91,4 +94,5 @@ def single_thread():
         with _LOCK:
             _USERS -= 1
             if _USERS == 0:
-                set_fn(_SAVED)
+                for (_, set_fn, _), n in zip(_API, _SAVED):
+                    set_fn(n)
