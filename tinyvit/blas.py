@@ -3,9 +3,9 @@
 Data-parallel shards (tinyvit.backend.run_shards) give each core its own part of the batch. Each
 shard's matmuls must then run on one BLAS thread: two callers that each ask OpenBLAS for every
 core contend, and a train step got twice as slow in that case. NumPy has no API for this, so we
-look up OpenBLAS's own openblas_set_num_threads in the library NumPy loaded (as threadpoolctl
-does). Where it is not found (MKL or Accelerate builds, macOS, Windows) available() is False and
-callers keep the batch whole.
+look up OpenBLAS's own openblas_set_num_threads in every OpenBLAS mapped into the process (NumPy's,
+and SciPy's copy if it is loaded), as threadpoolctl does. Where none is found (MKL or Accelerate
+builds, macOS, Windows) available() is False and callers keep the batch whole.
 """
 import ctypes
 import os
