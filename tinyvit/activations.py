@@ -182,20 +182,11 @@ def softmax_forward(x):
     return y, y
 
 
-def _softmax_grad_rows(dout, y, dx):
-    """dx = y * (dout - sum(dout * y)) for a block of rows."""
-    xp = get_array_module(dout)
-    xp.multiply(dout, y, out=dx)
-    xp.subtract(dout, rowsum(dx), out=dx)
-    dx *= y
-
-
 def softmax_backward(dout, cache):
-    """Return dx of softmax_forward: y * (dout - sum(dout * y))."""
+    """Return dx of softmax_forward: y * (dout - sum(dout * y)), softmax_parts_backward with r = 1."""
     y = cache
-    dx = get_array_module(y).empty_like(y, order="C")
-    row_chunks(_softmax_grad_rows, [dout, y], [dx])
-    return dx
+    xp = get_array_module(y)
+    return softmax_parts_backward(dout, y, xp.ones(y.shape[:-1] + (1,), dtype=y.dtype))
 
 
 def _softmax_parts_grad_rows(dr, e, r, dx):
