@@ -246,11 +246,16 @@ class _ShardedCache(NamedTuple):
     caches: list
 
 
-def _shards(params, images, cfg, train):
-    """Batch slices to run one per core (backend.batch_shards), or None to run the batch whole."""
-    if train and (cfg.dropout or cfg.attn_dropout):
-        return None  # dropout draws from one RNG stream in order: keep its masks reproducible
-    return batch_shards(images.shape[0], get_array_module(params["pos_embed"]))
+def _run_batch(fn, params, images, cfg, train):
+    """(shards, outputs): fn on the checked images whole (shards None, one output), or fn on each
+    data-parallel shard (backend.batch_shards), one per core."""
+    images = _prepare_images(params, images, cfg)
+    shards = None
+    if not (train and (cfg.dropout or cfg.attn_dropout)):  # dropout: one RNG stream, drawn in order
+        shards = batch_shards(images.shape[0], get_array_module(params["pos_embed"]))
+    if shards is None:
+        return None, [fn(images)]
+    return shards, run_shards(lambda s: fn(images[s]), shards)
 
 
 def vit_forward(params, images, cfg: ViTConfig, train=False, rng=None, keep_cache=True):
@@ -260,11 +265,9 @@ def vit_forward(params, images, cfg: ViTConfig, train=False, rng=None, keep_cach
     On NumPy the batch runs as one shard per core (see backend.batch_shards; TINYVIT_SHARDS=1 turns
     that off); the logits and gradients are the same up to float rounding.
     """
-    images = _prepare_images(params, images, cfg)
-    shards = _shards(params, images, cfg, train)
+    shards, outs = _run_batch(lambda x: _forward(params, x, cfg, train, rng, keep_cache), params, images, cfg, train)
     if shards is None:
-        return _forward(params, images, cfg, train, rng, keep_cache)
-    outs = run_shards(lambda s: _forward(params, images[s], cfg, train, rng, keep_cache), shards)
+        return outs[0]
     logits = get_array_module(outs[0][0]).concatenate([o[0] for o in outs])
     return logits, (_ShardedCache(shards, [o[1] for o in outs]) if keep_cache else None)
 
@@ -326,12 +329,9 @@ def head_backward(dlogits, cache):
 
 def vit_features(params, images, cfg: ViTConfig):
     """Class-token features after the final norm (B, D), eval mode; head-only training uses them."""
-    images = _prepare_images(params, images, cfg)
-    shards = _shards(params, images, cfg, False)
-    if shards is None:
-        return _features_forward(params, images, cfg, False, None, keep_cache=False)[0]
-    outs = run_shards(lambda s: _features_forward(params, images[s], cfg, False, None, keep_cache=False)[0], shards)
-    return get_array_module(outs[0]).concatenate(outs)
+    shards, outs = _run_batch(lambda x: _features_forward(params, x, cfg, False, None, keep_cache=False)[0],
+                              params, images, cfg, False)
+    return outs[0] if shards is None else get_array_module(outs[0]).concatenate(outs)
 
 
 def attention_maps(cache):
