@@ -105,7 +105,7 @@ def main():
     probs, heats = [], []
     for i in range(0, len(xs), args.batch_size):
         x = xp.asarray(np.concatenate(xs[i:i + args.batch_size]))  # (B, C, S, S)
-        logits, cache = vit_forward(params, x, cfg)
+        logits, cache = vit_forward(params, x, cfg, keep_cache=want_maps, all_tokens=want_maps)  # maps need every token
         probs.append(softmax(logits))
         if want_maps:
             heats.append(attention_rollout(attention_maps(cache)))  # (B, g, g)

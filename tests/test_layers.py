@@ -248,6 +248,30 @@ def test_attention(xp, dtype, B, N, C, heads):
         assert rel_err(ours, t.grad.numpy()) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("N,n", [(5, 1), (17, 1), (9, 4), (6, 6)])
+def test_attention_heads_first_queries_only(xp, dtype, N, n):
+    """queries=n: the first n tokens' outputs of full attention, and gradients through those alone."""
+    B, C, heads = 2, 12, 3
+    rng = np.random.default_rng(7)
+    x, g = rng.normal(size=(B, N, C)), rng.normal(size=(B, n, C))
+    wq, bq = rng.normal(size=(3 * C, C)) / np.sqrt(C), rng.normal(size=3 * C)
+    wp, bp = rng.normal(size=(C, C)) / np.sqrt(C), rng.normal(size=C)
+    ts = [_t(a, dtype) for a in (x, wq, bq, wp, bp)]
+    yt = _torch_attention(*ts, heads)[:, :n]
+    yt.backward(_t(g, dtype, grad=False))
+    dev = lambda a: to_device(a.astype(dtype), xp)  # noqa: E731
+    qkv, qkv_cache = L.linear_forward(dev(x), dev(wq), dev(bq))
+    y, cache = L.attention_heads_forward(qkv, dev(wp), dev(bp), heads, queries=n)
+    assert y.shape == (B, n, C) and L.attention_probs(cache).shape == (B, heads, n, N)
+    dqkv, dwp, dbp = _check_no_mutation(L.attention_heads_backward, dev(g), cache)
+    dx, dwq, dbq = L.linear_backward(dqkv, qkv_cache)
+    _assert_dtype(dtype, y, dqkv, dwp, dbp)
+    assert rel_err(y, yt.detach().numpy()) < TOL[dtype]
+    for ours, t in zip((dx, dwq, dbq, dwp, dbp), ts):
+        assert rel_err(ours, t.grad.numpy()) < TOL[dtype]
+
+
 def test_attention_probs_match_torch(xp):
     rng = np.random.default_rng(8)
     B, N, C, heads = 2, 9, 12, 3

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from conftest import rel_err
 from torch_vit import torch_vit_from_params
-from tinyvit import TinyViTError, ViTConfig, blas, init_params, preset, vit_backward, vit_forward
+from tinyvit import TinyViTError, ViTConfig, attention_maps, blas, init_params, preset, vit_backward, vit_forward
 from tinyvit.backend import to_device, to_numpy
 from tinyvit.layers import cross_entropy_backward, cross_entropy_forward
 from tinyvit.model import count_params
@@ -65,6 +65,36 @@ def test_vit_matches_torch(xp, name, B, dtype):
     for name_, p in model.named_parameters():
         assert grads[name_].dtype == dtype and grads[name_].shape == p.shape, name_
         assert rel_err(grads[name_], p.grad.numpy()) < tol, name_
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_last_block_on_class_token_equals_all_tokens(xp, name):
+    """By default the last block computes the class token's output alone: same logits and grads."""
+    cfg = CONFIGS[name]
+    params = {k: to_device(v, xp) for k, v in _randomized_params(cfg, seed=4).items()}
+    images = to_device(np.random.default_rng(5).normal(size=(3, cfg.in_chans, cfg.img_size, cfg.img_size)), xp)
+    dlogits = to_device(np.random.default_rng(6).normal(size=(3, cfg.num_classes)), xp)
+    runs = []
+    for all_tokens in (False, True):
+        logits, cache = vit_forward(params, images, cfg, all_tokens=all_tokens)
+        blocks = cache.caches[0][0][2] if hasattr(cache, "caches") else cache[0][2]
+        q = blocks[-1][1][0]  # the last block's cached queries (B, H, n, D)
+        assert q.shape[2] == (cfg.num_patches + 1 if all_tokens else 1)
+        runs.append((logits, vit_backward(dlogits, cache)))
+    (a, ga), (b, gb) = runs
+    assert rel_err(a, b) < 1e-12
+    for k in ga:
+        assert rel_err(ga[k], gb[k]) < 1e-12, k
+
+
+def test_attention_maps_need_all_tokens():
+    cfg = CONFIGS["small-3blocks"]
+    params = init_params(cfg, dtype=np.float64)
+    x = np.random.default_rng(0).normal(size=(2, 3, 16, 16))
+    with pytest.raises(TinyViTError, match="all_tokens=True"):
+        attention_maps(vit_forward(params, x, cfg)[1])
+    maps = attention_maps(vit_forward(params, x, cfg, all_tokens=True)[1])
+    assert [m.shape for m in maps] == [(2, 3, 17, 17)] * 3
 
 
 @pytest.mark.parametrize("shards", ["1", "2"])

@@ -332,7 +332,7 @@ def test_rollout_accepts_backend_arrays(xp):
 def test_rollout_from_model_and_overlay():
     params = init_params(RGB, seed=3)
     x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
-    _, cache = vit_forward(params, x, RGB)
+    _, cache = vit_forward(params, x, RGB, all_tokens=True)
     heat = attention_rollout(attention_maps(cache))
     assert heat.shape == (2, 4, 4) and np.isfinite(heat).all()
     img = Image.new("RGB", (90, 40), (10, 20, 30))

@@ -121,7 +121,7 @@ def _run(monkeypatch, shards, dtype=np.float64, train=True, cfg=CFG, rng=None):
     images = np.random.default_rng(2).normal(size=(7, cfg.in_chans, cfg.img_size, cfg.img_size)).astype(dtype)
     logits, cache = vit_forward(params, images, cfg, train=train, rng=rng)
     dlogits = np.random.default_rng(3).normal(size=logits.shape).astype(dtype)
-    maps = attention_maps(cache)
+    maps = attention_maps(vit_forward(params, images, cfg, train=train, rng=rng, all_tokens=True)[1])
     head = head_backward(dlogits, cache)
     grads = vit_backward(dlogits, cache)
     return logits, maps, head, grads, vit_features(params, images, cfg), cache

@@ -187,20 +187,23 @@ def attention_backward(dout, cache, need_dx=True):
     return dx, dw_qkv, db_qkv, dw_proj, db_proj
 
 
-def attention_heads_forward(qkv, w_proj, b_proj, heads, attn_drop=0.0, rng=None, train=False):
+def attention_heads_forward(qkv, w_proj, b_proj, heads, attn_drop=0.0, rng=None, train=False, queries=None):
     """Attention after the qkv linear: softmax(q k^T / sqrt(D)) v per head, then the projection.
 
-    qkv (B, N, 3C) is ours to scale in place (its q part)."""
+    qkv (B, N, 3C) is ours to scale in place (its q part). queries=n computes the output of the first
+    n tokens only (B, n, C), attending over all N: the last block needs just the class token's."""
     xp = get_array_module(qkv)
     B, N, C3 = qkv.shape
     D = C3 // (3 * heads)
+    n = N if queries is None else queries
     # views, no copy: each (N, D) head matrix has unit stride along D, which BLAS takes as is
     q, k, v = qkv.reshape(B, N, 3, heads, D).transpose(2, 0, 3, 1, 4)  # each (B, H, N, D)
+    q = q[:, :, :n]  # (B, H, n, D)
     scale = D ** -0.5
-    q *= scale  # scaling q (N x D) is cheaper than scaling the scores (N x N)
-    s = q @ k.transpose(0, 1, 3, 2)  # (B, H, N, N)
-    o = xp.empty((B, N, heads, D), dtype=qkv.dtype)  # heads written straight into (B, N, C) order
-    ov = o.transpose(0, 2, 1, 3)  # (B, H, N, D) view of it
+    q *= scale  # scaling q (n x D) is cheaper than scaling the scores (n x N)
+    s = q @ k.transpose(0, 1, 3, 2)  # (B, H, n, N)
+    o = xp.empty((B, n, heads, D), dtype=qkv.dtype)  # heads written straight into (B, n, C) order
+    ov = o.transpose(0, 2, 1, 3)  # (B, H, n, D) view of it
     e, r = softmax_parts(s)  # softmax = e * r
     e_d, drop_cache = dropout_forward(e, attn_drop, rng, train)
     with np.errstate(over="ignore"):  # an overflow here is caught just below
@@ -210,8 +213,8 @@ def attention_heads_forward(qkv, w_proj, b_proj, heads, attn_drop=0.0, rng=None,
         e_d = e if drop_cache is None else e * drop_cache  # the same dropout mask
         xp.matmul(e_d, v, out=ov)
     del s
-    o *= r.transpose(0, 2, 1, 3)  # normalise N x D rows, not N x N ones; in o's memory order
-    out, proj_cache = linear_forward(o.reshape(B, N, heads * D), w_proj, b_proj)
+    o *= r.transpose(0, 2, 1, 3)  # normalise n x D rows, not n x N ones; in o's memory order
+    out, proj_cache = linear_forward(o.reshape(B, n, heads * D), w_proj, b_proj)
     return out, (q, k, v, e, r, e_d, drop_cache, proj_cache, scale)
 
 
@@ -222,16 +225,20 @@ def attention_probs(heads_cache):
 
 
 def attention_heads_backward(dout, cache):
-    """Return (dqkv, dw_proj, db_proj) of attention_heads_forward."""
+    """Return (dqkv, dw_proj, db_proj) of attention_heads_forward; dqkv is (B, N, 3C) for any queries."""
     q, k, v, e, r, e_d, drop_cache, proj_cache, scale = cache
     xp = get_array_module(dout)
-    B, H, N, D = q.shape
-    do, dw_proj, db_proj = linear_backward(dout, proj_cache)  # (B, N, C)
-    u = (do.reshape(B, N, H, D) * r.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)  # (B, H, N, D): do * r
+    B, H, n, D = q.shape
+    N = k.shape[2]
+    do, dw_proj, db_proj = linear_backward(dout, proj_cache)  # (B, n, C)
+    u = (do.reshape(B, n, H, D) * r.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)  # (B, H, n, D): do * r
     dqkv = xp.empty((B, N, 3, H, D), dtype=dout.dtype)  # the layout qkv had: no copy back
     dq, dk, dv = dqkv.transpose(2, 0, 3, 1, 4)  # each (B, H, N, D), views written in place
+    if n < N:
+        dq[:, :, n:] = 0  # tokens that asked nothing
+        dq = dq[:, :, :n]  # (B, H, n, D)
     xp.matmul(e_d.transpose(0, 1, 3, 2), u, out=dv)
-    dr = u @ v.transpose(0, 1, 3, 2)  # (B, H, N, N) = r * dL/d(probs after dropout)
+    dr = u @ v.transpose(0, 1, 3, 2)  # (B, H, n, N) = r * dL/d(probs after dropout)
     dr = dropout_backward(dr, drop_cache)
     ds = softmax_parts_backward(dr, e, r)  # dL/ds
     del dr

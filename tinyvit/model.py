@@ -146,17 +146,19 @@ def count_params(params: dict) -> int:
 # --- forward / backward -----------------------------------------------------------------------
 
 
-def _block_forward(params, p, x, cfg, train, rng, keep_cache=True):
+def _block_forward(params, p, x, cfg, train, rng, keep_cache=True, queries=None):
     """One pre-norm block: x + attn(norm1(x)), then + mlp(norm2(x)).
 
-    Each norm's affine is folded into the linear after it (layernorm_linear_forward): same math."""
+    Each norm's affine is folded into the linear after it (layernorm_linear_forward): same math.
+    queries=n returns the first n tokens alone (B, n, D): every token still feeds attention's keys
+    and values, but nothing after the attention is computed for the other tokens."""
     qkv, c_n1 = layernorm_linear_forward(x, params[p + "norm1.weight"], params[p + "norm1.bias"],
                                          params[p + "attn.qkv.weight"], params[p + "attn.qkv.bias"], cfg.ln_eps)
     h, c_at = attention_heads_forward(qkv, params[p + "attn.proj.weight"], params[p + "attn.proj.bias"],
-                                      cfg.heads, cfg.attn_dropout, rng, train)
+                                      cfg.heads, cfg.attn_dropout, rng, train, queries)
     del qkv
     h, c_d1 = dropout_forward(h, cfg.dropout, rng, train)
-    x = x + h
+    x = x[:, :h.shape[1]] + h  # (B, n, D)
     h, c_f1 = layernorm_linear_forward(x, params[p + "norm2.weight"], params[p + "norm2.bias"],
                                        params[p + "mlp.fc1.weight"], params[p + "mlp.fc1.bias"], cfg.ln_eps)
     if keep_cache:
@@ -191,9 +193,9 @@ def _block_backward(dx, cache, grads, p):
     dqkv, grads[p + "attn.proj.weight"], grads[p + "attn.proj.bias"] = attention_heads_backward(dh, c_at)
     del c_at
     dh, grads[p + "norm1.weight"], grads[p + "norm1.bias"], grads[p + "attn.qkv.weight"], \
-        grads[p + "attn.qkv.bias"] = layernorm_linear_backward(dqkv, c_n1)
-    dx += dh
-    return dx
+        grads[p + "attn.qkv.bias"] = layernorm_linear_backward(dqkv, c_n1)  # (B, N, D)
+    dh[:, :dx.shape[1]] += dx  # the residual reaches the tokens the block returned (all, or the first n)
+    return dh
 
 
 def _prepare_images(params, images, cfg):
@@ -208,11 +210,13 @@ def _prepare_images(params, images, cfg):
     return images
 
 
-def _features_forward(params, images, cfg, train, rng, keep_cache=True):
+def _features_forward(params, images, cfg, train, rng, keep_cache=True, all_tokens=False):
     """Patch embed + CLS + pos, the blocks and the final norm; returns CLS features (B, D).
 
     keep_cache=False (inference) drops each block's intermediates as soon as the next block
-    runs, so memory holds about one block's worth instead of the whole backward cache."""
+    runs, so memory holds about one block's worth instead of the whole backward cache.
+    The head reads the class token alone, so the last block computes only its output (after an
+    attention over every token) unless all_tokens: the same features for about 1/depth less work."""
     xp = get_array_module(params["pos_embed"])
     x, c_pe = patch_embed_forward(images, params["patch_embed.proj.weight"], params["patch_embed.proj.bias"])
     B, N, D = x.shape
@@ -222,19 +226,20 @@ def _features_forward(params, images, cfg, train, rng, keep_cache=True):
     x, c_pd = dropout_forward(x, cfg.dropout, rng, train)
     blocks = []
     for i in range(cfg.depth):
-        x, c = _block_forward(params, f"blocks.{i}.", x, cfg, train, rng, keep_cache)
+        last = i == cfg.depth - 1 and not all_tokens
+        x, c = _block_forward(params, f"blocks.{i}.", x, cfg, train, rng, keep_cache, 1 if last else None)
         if keep_cache:
             blocks.append(c)
         del c
-    # the head reads the class token alone, and layernorm is per token: normalise just that one
+    # layernorm is per token: normalise just the class token, the one the head reads
     feats, c_n = layernorm_forward(x[:, 0], params["norm.weight"], params["norm.bias"], cfg.ln_eps)  # (B, D)
     cache = (c_pe, c_pd, blocks, c_n, x.shape) if keep_cache else None
     return feats, cache
 
 
-def _forward(params, images, cfg, train, rng, keep_cache):
+def _forward(params, images, cfg, train, rng, keep_cache, all_tokens):
     """vit_forward on one (prepared) batch or shard."""
-    feats, c_body = _features_forward(params, images, cfg, train, rng, keep_cache)
+    feats, c_body = _features_forward(params, images, cfg, train, rng, keep_cache, all_tokens)
     logits, c_h = linear_forward(feats, params["head.weight"], params["head.bias"])
     return logits, ((c_body, c_h) if keep_cache else None)
 
@@ -258,14 +263,17 @@ def _run_batch(fn, params, images, cfg, train):
     return shards, run_shards(lambda s: fn(images[s]), shards)
 
 
-def vit_forward(params, images, cfg: ViTConfig, train=False, rng=None, keep_cache=True):
+def vit_forward(params, images, cfg: ViTConfig, train=False, rng=None, keep_cache=True, all_tokens=False):
     """Logits (B, num_classes) for NCHW images, computed in the params' dtype; returns (logits, cache).
 
     With keep_cache=False (inference only) the cache is None and memory stays about one block's worth.
+    The last block runs on the class token alone (the head reads nothing else); all_tokens=True runs
+    it on every token, which only attention_maps needs: the logits and gradients are the same.
     On NumPy the batch runs as one shard per core (see backend.batch_shards; TINYVIT_SHARDS=1 turns
     that off); the logits and gradients are the same up to float rounding.
     """
-    shards, outs = _run_batch(lambda x: _forward(params, x, cfg, train, rng, keep_cache), params, images, cfg, train)
+    shards, outs = _run_batch(lambda x: _forward(params, x, cfg, train, rng, keep_cache, all_tokens),
+                              params, images, cfg, train)
     if shards is None:
         return outs[0]
     logits = get_array_module(outs[0][0]).concatenate([o[0] for o in outs])
@@ -335,9 +343,13 @@ def vit_features(params, images, cfg: ViTConfig):
 
 
 def attention_maps(cache):
-    """Each block's attention probabilities (B, H, N+1, N+1) from a vit_forward cache (eval mode)."""
+    """Each block's attention probabilities (B, H, N+1, N+1) from a vit_forward(..., all_tokens=True) cache."""
     if isinstance(cache, _ShardedCache):
         per_shard = [attention_maps(c) for c in cache.caches]
         return [get_array_module(m[0]).concatenate(m) for m in zip(*per_shard)]
     (_, _, blocks, _, _), _ = cache
+    q, k = blocks[-1][1][:2] if blocks else (None, None)  # the last block's attention-heads cache
+    if q is not None and q.shape[2] < k.shape[2]:
+        raise TinyViTError("this cache holds the last block's class-token attention only: "
+                           "run vit_forward with all_tokens=True for attention maps")
     return [attention_probs(c[1]) for c in blocks]  # c[1]: the block's attention-heads cache
