@@ -187,6 +187,30 @@ def test_gelu_inplace_equals_forward(xp, dtype, kind, n):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("kind", ["erf", "tanh"])
+@pytest.mark.parametrize("shape,out_f,p", [((2, 5, 12), 7, 0.0), ((3, 220, 150), 20, 0.0), ((2, 9, 16), 6, 0.4)])
+def test_gelu_linear(xp, dtype, kind, shape, out_f, p):
+    """linear(dropout(gelu(x))), whose backward remakes the linear's input: against torch, with
+    the dropout mask ours drew; the middle shape spans several blocks of the chunked GELU."""
+    rng = np.random.default_rng(11)
+    x, w, b = 2 * rng.normal(size=shape), rng.normal(size=(out_f, shape[-1])), rng.normal(size=out_f)
+    g = rng.normal(size=shape[:-1] + (out_f,))
+    dev = lambda a: to_device(a.astype(dtype), xp)  # noqa: E731
+    out, cache = L.gelu_linear_forward(dev(x), dev(w), dev(b), kind, p, xp.random.default_rng(0), True)
+    dx, dw, db = _check_no_mutation(L.gelu_linear_backward, dev(g), cache)
+    mask = 1.0 if p == 0 else to_numpy(cache[1]).astype(np.float64)
+    assert p == 0 or 0 < (mask == 0).mean() < 1
+    xt, wt, bt = (_t(a, dtype) for a in (x, w, b))
+    yt = F.linear(F.gelu(xt, approximate="none" if kind == "erf" else "tanh") * torch.tensor(mask), wt, bt)
+    yt.backward(_t(g, dtype, grad=False))
+    _assert_dtype(dtype, out, dx, dw, db)
+    tol = 1e-10 if dtype == np.float64 else 2e-5
+    assert rel_err(out, yt.detach().numpy()) < tol
+    for ours, t in ((dx, xt), (dw, wt), (db, bt)):
+        assert rel_err(ours, t.grad.numpy()) < tol
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("scale", [1.0, 30.0, 1e4])
 @pytest.mark.parametrize("shape", [(1, 1), (2, 3, 5), (4, 2, 17, 17)])
 def test_softmax(xp, dtype, scale, shape):

@@ -58,16 +58,16 @@ def _gelu_erf_block(x, out, cdf):
     get_array_module(x).multiply(x, cdf, out=out)
 
 
-def _gelu_erf_train_block(x, out, dg):
-    """out = x Phi(x) and dg = GELU'(x) = Phi(x) + x phi(x) on one block."""
+def _gelu_erf_grad_block(x, cdf, dout, dx):
+    """dx = dout * GELU'(x) = dout * (Phi(x) + x phi(x)) on one block, from cdf = Phi(x)."""
     xp = get_array_module(x)
-    _gelu_erf_block(x, out, dg)  # dg holds Phi(x) so far
-    pdf = x * x
-    pdf *= -0.5
-    xp.exp(pdf, out=pdf)
-    pdf *= _INV_SQRT_2PI
-    pdf *= x
-    dg += pdf
+    xp.multiply(x, x, out=dx)
+    dx *= -0.5
+    xp.exp(dx, out=dx)
+    dx *= _INV_SQRT_2PI
+    dx *= x  # x phi(x)
+    dx += cdf
+    dx *= dout
 
 
 def _gelu_erf_inplace_block(x):
@@ -85,13 +85,15 @@ def gelu_inplace(x, kind="erf"):
 
 
 def gelu_forward(x, kind="erf"):
-    """GELU: exact x * Phi(x) ('erf') or torch's tanh approximation ('tanh')."""
+    """GELU: exact x * Phi(x) ('erf') or torch's tanh approximation ('tanh').
+
+    Both are x * c(x); the cache keeps x and c, from which backward gets GELU'(x) (as torch,
+    the derivative is left to backward, so a forward pays only for what it returns)."""
     xp = get_array_module(x)
     if kind == "erf":
-        # keep GELU'(x) rather than x: backward is one multiply, and x can be freed
-        out, dg = xp.empty_like(x, order="C"), xp.empty_like(x, order="C")
-        ew_chunks(_gelu_erf_train_block, [x], [out, dg])
-        return out, (None, dg, kind)
+        out, cdf = xp.empty_like(x, order="C"), xp.empty_like(x, order="C")
+        ew_chunks(_gelu_erf_block, [x], [out, cdf])
+        return out, (x, cdf, kind)
     if kind == "tanh":
         u = x * x
         u *= 0.044715
@@ -112,9 +114,11 @@ def gelu_forward(x, kind="erf"):
 def gelu_backward(dout, cache):
     """Return dx of gelu_forward."""
     x, c, kind = cache
-    if kind == "erf":
-        return dout * c  # c = GELU'(x), computed in forward
     xp = get_array_module(x)
+    if kind == "erf":  # c = Phi(x)
+        dx = xp.empty_like(x, order="C")
+        ew_chunks(_gelu_erf_grad_block, [x, c, dout], [dx])
+        return dx
     # tanh kind, c = sigmoid(2u): d/dx [x c] = c + 2 x c (1 - c) u'(x)
     x = xp.clip(x, -1e4, 1e4)  # beyond, c (1 - c) is exactly 0: keep x^3 from inf * 0 = NaN
     du = x * x

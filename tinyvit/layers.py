@@ -144,6 +144,29 @@ def layernorm_linear_backward(dout, cache):
     return dx, d_ln_w, d_ln_b, dw, (db_fold if has_b else None)
 
 
+def gelu_linear_forward(x, w, b=None, kind="erf", p=0.0, rng=None, train=True):
+    """linear(dropout(gelu(x))), the MLP's second half, caching x and GELU's factor c (gelu = x c)
+    instead of the linear's input: backward remakes that input in one pass, so the forward keeps
+    two fc1-sized arrays, as a GELU that stored its derivative would, without computing it."""
+    y, c_g = gelu_forward(x, kind)
+    y, c_d = dropout_forward(y, p, rng, train)
+    out, (_, w, has_b) = linear_forward(y, w, b)
+    return out, (c_g, c_d, w, has_b)  # y is freed here
+
+
+def gelu_linear_backward(dout, cache):
+    """Return (dx, dw, db) of gelu_linear_forward; db is None without a bias."""
+    c_g, c_d, w, has_b = cache
+    x, c, _ = c_g
+    y = x * c  # the GELU output again
+    if c_d is not None:
+        y *= c_d  # and its dropout
+    dy, dw, db = linear_backward(dout, (y, w, has_b))
+    del y
+    dy = dropout_backward(dy, c_d)
+    return gelu_backward(dy, c_g), dw, db
+
+
 # --- dropout ----------------------------------------------------------------------------------
 
 

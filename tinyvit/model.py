@@ -10,8 +10,8 @@ from .backend import batch_shards, get_array_module, in_place_blocks, run_shards
 from .errors import TinyViTError
 from .layers import (
     attention_heads_backward, attention_heads_forward, attention_probs, colsum, dropout_backward,
-    dropout_forward, gelu_backward, gelu_forward, gelu_inplace, layernorm_backward, layernorm_forward,
-    layernorm_linear_backward, layernorm_linear_forward, linear_backward, linear_forward,
+    dropout_forward, gelu_inplace, gelu_linear_backward, gelu_linear_forward, layernorm_backward,
+    layernorm_forward, layernorm_linear_backward, layernorm_linear_forward, linear_backward, linear_forward,
     patch_embed_backward, patch_embed_forward,
 )
 
@@ -161,15 +161,15 @@ def _block_forward(params, p, x, cfg, train, rng, keep_cache=True, queries=None)
     x = x[:, :h.shape[1]] + h  # (B, n, D)
     h, c_f1 = layernorm_linear_forward(x, params[p + "norm2.weight"], params[p + "norm2.bias"],
                                        params[p + "mlp.fc1.weight"], params[p + "mlp.fc1.bias"], cfg.ln_eps)
-    if keep_cache:
-        h, c_g = gelu_forward(h, cfg.gelu)
+    w2, b2 = params[p + "mlp.fc2.weight"], params[p + "mlp.fc2.bias"]
+    if keep_cache:  # fc2(dropout(gelu(h))), caching fc1's output and GELU's factor
+        h, c_f2 = gelu_linear_forward(h, w2, b2, cfg.gelu, cfg.dropout, rng, train)
     else:  # inference: GELU in place on fc1's output, nothing kept
-        h, c_g = gelu_inplace(h, cfg.gelu), None
-    h, c_d2 = dropout_forward(h, cfg.dropout, rng, train)
-    h, c_f2 = linear_forward(h, params[p + "mlp.fc2.weight"], params[p + "mlp.fc2.bias"])
+        h, _ = dropout_forward(gelu_inplace(h, cfg.gelu), cfg.dropout, rng, train)
+        h, c_f2 = linear_forward(h, w2, b2)
     h, c_d3 = dropout_forward(h, cfg.dropout, rng, train)
     x += h  # x is our own buffer here (x + h above), so in place is safe
-    return x, (c_n1, c_at, c_d1, c_f1, c_g, c_d2, c_f2, c_d3)
+    return x, (c_n1, c_at, c_d1, c_f1, c_f2, c_d3)
 
 
 def _block_backward(dx, cache, grads, p):
@@ -177,14 +177,11 @@ def _block_backward(dx, cache, grads, p):
 
     `cache` is the block's only remaining reference (popped by vit_backward), so each layer's
     saved arrays are freed as soon as its backward is done: a lower peak, as torch frees saved tensors."""
-    c_n1, c_at, c_d1, c_f1, c_g, c_d2, c_f2, c_d3 = cache
+    c_n1, c_at, c_d1, c_f1, c_f2, c_d3 = cache
     del cache
     dh = dropout_backward(dx, c_d3)
-    dh, grads[p + "mlp.fc2.weight"], grads[p + "mlp.fc2.bias"] = linear_backward(dh, c_f2)
+    dh, grads[p + "mlp.fc2.weight"], grads[p + "mlp.fc2.bias"] = gelu_linear_backward(dh, c_f2)
     del c_f2
-    dh = dropout_backward(dh, c_d2)
-    dh = gelu_backward(dh, c_g)
-    del c_g
     dh, grads[p + "norm2.weight"], grads[p + "norm2.bias"], grads[p + "mlp.fc1.weight"], \
         grads[p + "mlp.fc1.bias"] = layernorm_linear_backward(dh, c_f1)
     del c_f1
