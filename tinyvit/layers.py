@@ -213,17 +213,18 @@ def attention_backward(dout, cache, need_dx=True):
 def attention_heads_forward(qkv, w_proj, b_proj, heads, attn_drop=0.0, rng=None, train=False, queries=None):
     """Attention after the qkv linear: softmax(q k^T / sqrt(D)) v per head, then the projection.
 
-    qkv (B, N, 3C) is ours to scale in place (its q part). queries=n computes the output of the first
-    n tokens only (B, n, C), attending over all N: the last block needs just the class token's."""
+    queries=n computes the output of the first n tokens only (B, n, C), attending over all N: the
+    last block needs just the class token's."""
     xp = get_array_module(qkv)
     B, N, C3 = qkv.shape
     D = C3 // (3 * heads)
     n = N if queries is None else queries
     # views, no copy: each (N, D) head matrix has unit stride along D, which BLAS takes as is
     q, k, v = qkv.reshape(B, N, 3, heads, D).transpose(2, 0, 3, 1, 4)  # each (B, H, N, D)
-    q = q[:, :, :n]  # (B, H, n, D)
     scale = D ** -0.5
-    q *= scale  # scaling q (n x D) is cheaper than scaling the scores (n x N)
+    # scale q (n x D), cheaper than the scores (n x N), into a contiguous copy: BLAS runs
+    # q @ k^T ~25% faster on it than on the strided view, and backward's ds^T @ q too
+    q = q[:, :, :n] * scale  # (B, H, n, D)
     s = q @ k.transpose(0, 1, 3, 2)  # (B, H, n, N)
     o = xp.empty((B, n, heads, D), dtype=qkv.dtype)  # heads written straight into (B, n, C) order
     ov = o.transpose(0, 2, 1, 3)  # (B, H, n, D) view of it
