@@ -3,6 +3,7 @@ import math
 
 import numpy as np
 
+from . import kernels
 from .backend import erf, ew_chunks, get_array_module, in_place_blocks, row_chunks, rowsum
 
 
@@ -77,7 +78,7 @@ def _gelu_erf_inplace_block(x):
 
 def gelu_inplace(x, kind="erf"):
     """GELU overwriting x, with nothing kept for backward: inference on a buffer we own."""
-    if kind != "erf":
+    if kind != "erf" or get_array_module(x) is not np:  # CuPy: one fused kernel anyway
         x[...] = gelu_forward(x, kind)[0]
         return x
     in_place_blocks(_gelu_erf_inplace_block, [], [x])
@@ -90,6 +91,9 @@ def gelu_forward(x, kind="erf"):
     Both are x * c(x); the cache keeps x and c, from which backward gets GELU'(x) (as torch,
     the derivative is left to backward, so a forward pays only for what it returns)."""
     xp = get_array_module(x)
+    if xp is not np and kind in ("erf", "tanh"):  # one fused CUDA kernel
+        out, c = kernels.gelu(x, kind)
+        return out, (x, c, kind)
     if kind == "erf":
         out, cdf = xp.empty_like(x, order="C"), xp.empty_like(x, order="C")
         ew_chunks(_gelu_erf_block, [x], [out, cdf])
@@ -115,6 +119,8 @@ def gelu_backward(dout, cache):
     """Return dx of gelu_forward."""
     x, c, kind = cache
     xp = get_array_module(x)
+    if xp is not np:
+        return kernels.gelu_grad(x, c, dout, kind)
     if kind == "erf":  # c = Phi(x)
         dx = xp.empty_like(x, order="C")
         ew_chunks(_gelu_erf_grad_block, [x, c, dout], [dx])
@@ -163,6 +169,8 @@ def softmax_parts(x, shift=False):
     shift=True always subtracts the row max; by default only when a row sum leaves the safe range.
     """
     xp = get_array_module(x)
+    if xp is not np:  # CuPy: always shifted, three fused passes (max, sum of exp, exp)
+        return kernels.softmax_parts(x)
     e = xp.empty_like(x, order="C")
     r = xp.empty(x.shape[:-1] + (1,), dtype=x.dtype)
     if not shift:
@@ -208,6 +216,8 @@ def softmax_parts_backward(dr, e, r):
 
     With y = e r: y (dy - sum(dy y)) = e (r dy - r sum(r dy e)) = e (dr - r sum(dr e)).
     """
-    dx = get_array_module(e).empty_like(e, order="C")
+    if get_array_module(e) is not np:
+        return kernels.softmax_parts_grad(dr, e, r)
+    dx = np.empty_like(e, order="C")
     row_chunks(_softmax_parts_grad_rows, [dr, e, r], [dx])
     return dx

@@ -26,6 +26,14 @@ def cupy_available() -> bool:
     return _import_cupy() is not None
 
 
+def cupy_module():
+    """The cupy module, for code that builds CUDA kernels (tinyvit.kernels); an error without a GPU."""
+    cp = _import_cupy()
+    if cp is None:
+        raise TinyViTError("CuPy with a CUDA GPU is needed here, and none is usable")
+    return cp
+
+
 _MALLOC_TUNED = None  # None: not tried yet; then whether it was applied
 
 

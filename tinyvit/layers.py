@@ -10,6 +10,7 @@ from .activations import (  # noqa: F401  (re-exported: layers is the one place 
     gelu_backward, gelu_forward, gelu_inplace, softmax_backward, softmax_forward, softmax_parts,
     softmax_parts_backward,
 )
+from . import kernels
 from .backend import colsum, get_array_module, row_chunks, rowsum  # noqa: F401  (colsum re-exported)
 
 
@@ -64,6 +65,10 @@ def layernorm_forward(x, w, b, eps=1e-5):
     w = b = None leaves out the affine: the output is xhat itself (layernorm_linear_forward folds
     the affine into the next linear)."""
     xp = get_array_module(x)
+    if xp is not np:
+        fused = _layernorm_fused(x, w, b, eps)
+        if fused is not None:
+            return fused
     c = x.shape[-1]
 
     def rows(x, xhat, rstd, *out):
@@ -88,6 +93,21 @@ def layernorm_forward(x, w, b, eps=1e-5):
     return outs[-1] if w is not None else xhat, (xhat, rstd, w)
 
 
+def _layernorm_fused(x, w, b, eps):
+    """layernorm_forward in three CUDA kernels; None when a row's statistics overflow (the
+    general path rescales those rows)."""
+    xp = get_array_module(x)
+    mean, var = kernels.layernorm_stats(x)  # (..., 1) each
+    if bool(xp.isinf(var).any() | xp.isinf(mean).any()):
+        return None
+    rstd = 1.0 / xp.sqrt(var + eps)
+    if w is None:
+        xhat = kernels.layernorm_apply(x, mean, rstd)
+        return xhat, (xhat, rstd, w)
+    xhat, y = kernels.layernorm_apply(x, mean, rstd, w, b)
+    return y, (xhat, rstd, w)
+
+
 def layernorm_backward(dout, cache):
     """Return (dx, dw, db) of layernorm_forward (dw = db = None without an affine)."""
     xhat, rstd, w = cache
@@ -95,6 +115,8 @@ def layernorm_backward(dout, cache):
     c = xhat.shape[-1]
     dw = None if w is None else colsum((dout * xhat).reshape(-1, c))
     db = None if w is None else colsum(dout.reshape(-1, c))
+    if xp is not np:
+        return kernels.layernorm_grad(dout, xhat, rstd, w), dw, db
 
     def rows(dout, xhat, rstd, dx):
         # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = dout * w
@@ -306,9 +328,12 @@ def cross_entropy_forward(logits, labels, label_smoothing=0.0):
     """Mean softmax cross-entropy over the batch; labels are int class ids (B,)."""
     xp = get_array_module(logits)
     B, K = logits.shape
-    z = logits - logits.max(axis=1, keepdims=True)
-    lse = xp.log(xp.exp(z).sum(axis=1, keepdims=True))
-    logp = z - lse  # (B, K) log-probabilities
+    if xp is not np:
+        logp = kernels.log_softmax(logits)  # (B, K) log-probabilities
+    else:
+        z = logits - logits.max(axis=1, keepdims=True)
+        lse = xp.log(xp.exp(z).sum(axis=1, keepdims=True))
+        logp = z - lse  # (B, K) log-probabilities
     rows = xp.arange(B)
     nll = -logp[rows, labels]
     if label_smoothing:
@@ -323,6 +348,8 @@ def cross_entropy_backward(dloss, cache):
     logp, labels, eps = cache
     xp = get_array_module(logp)
     B, K = logp.shape
+    if xp is not np:
+        return kernels.cross_entropy_grad(logp, labels, eps, float(dloss) / B)
     dlogits = xp.exp(logp)  # softmax
     if eps:
         dlogits -= eps / K
