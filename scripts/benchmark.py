@@ -27,7 +27,10 @@ DEFAULT_CASES = {"numpy": [("mnist", 128), ("vit-b16", 8)], "cupy": [("vit-b16",
 
 
 def forward_flops(cfg, batch):
-    """Multiply-adds x 2 of one forward pass (matmuls and attention products; elementwise ignored)."""
+    """Multiply-adds x 2 of one forward pass (matmuls and attention products; elementwise ignored).
+
+    These are the full model's FLOPs, every token through every block as torch computes it; tinyvit's
+    last block runs the class token alone, so its GFLOP/s are model-FLOP rates, not BLAS rates."""
     n, d, m = cfg.num_patches + 1, cfg.dim, cfg.mlp_dim
     per_block = 2 * n * (3 * d * d + d * d + 2 * d * m) + 2 * 2 * n * n * d
     embed = 2 * cfg.num_patches * cfg.in_chans * cfg.patch_size ** 2 * d
