@@ -33,7 +33,7 @@ class RowReduce(NamedTuple):
 _INV_SQRT2, _INV_SQRT_2PI, _SQRT_2_OVER_PI = "0.7071067811865476", "0.3989422804014327", "0.7978845608028654"
 
 SPECS = {
-    # GELU = x c(x): the forward returns c for backward (as gelu_forward's cache), which needs c'
+    # GELU = x c(x): forward also returns c (gelu_forward's cache); backward forms GELU' = c + x c'(x)
     "gelu_erf": Elementwise("T x", "T y, T c", f"c = (T)0.5 * ((T)1 + erf(x * (T){_INV_SQRT2})); y = x * c;"),
     "gelu_erf_grad": Elementwise(
         "T x, T c, T dout", "T dx", f"dx = dout * (c + x * exp((T)-0.5 * x * x) * (T){_INV_SQRT_2PI});"),
