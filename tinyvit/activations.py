@@ -48,23 +48,25 @@ def _phi32_block(x, cdf):
     cdf += d
 
 
+# The NumPy blocks below; CuPy runs GELU as one fused kernel (tinyvit.kernels) instead.
+
+
 def _gelu_erf_block(x, out, cdf):
-    """out = x * Phi(x) and cdf = Phi(x) = (1 + erf(x / sqrt 2)) / 2 on one block."""
-    if x.dtype.name == "float32" and get_array_module(x).__name__ == "numpy":
+    """out = x * Phi(x) and cdf = Phi(x) = (1 + erf(x / sqrt 2)) / 2 on one NumPy block."""
+    if x.dtype == np.float32:
         _phi32_block(x, cdf)
     else:
         cdf[...] = erf(x * _INV_SQRT_2)
         cdf += 1.0
         cdf *= 0.5
-    get_array_module(x).multiply(x, cdf, out=out)
+    np.multiply(x, cdf, out=out)
 
 
 def _gelu_erf_grad_block(x, cdf, dout, dx):
-    """dx = dout * GELU'(x) = dout * (Phi(x) + x phi(x)) on one block, from cdf = Phi(x)."""
-    xp = get_array_module(x)
-    xp.multiply(x, x, out=dx)
+    """dx = dout * GELU'(x) = dout * (Phi(x) + x phi(x)) on one NumPy block, from cdf = Phi(x)."""
+    np.multiply(x, x, out=dx)
     dx *= -0.5
-    xp.exp(dx, out=dx)
+    np.exp(dx, out=dx)
     dx *= _INV_SQRT_2PI
     dx *= x  # x phi(x)
     dx += cdf
@@ -72,8 +74,8 @@ def _gelu_erf_grad_block(x, cdf, dout, dx):
 
 
 def _gelu_erf_inplace_block(x):
-    """x = x * Phi(x) in place on one block, Phi in a block-sized scratch."""
-    _gelu_erf_block(x, x, get_array_module(x).empty_like(x))
+    """x = x * Phi(x) in place on one NumPy block, Phi in a block-sized scratch."""
+    _gelu_erf_block(x, x, np.empty_like(x))
 
 
 def gelu_inplace(x, kind="erf"):
@@ -122,7 +124,7 @@ def gelu_backward(dout, cache):
     if xp is not np:
         return kernels.gelu_grad(x, c, dout, kind)
     if kind == "erf":  # c = Phi(x)
-        dx = xp.empty_like(x, order="C")
+        dx = np.empty_like(x, order="C")
         ew_chunks(_gelu_erf_grad_block, [x, c, dout], [dx])
         return dx
     # tanh kind, c = sigmoid(2u): d/dx [x c] = c + 2 x c (1 - c) u'(x)

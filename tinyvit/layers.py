@@ -59,6 +59,12 @@ def _layernorm_rows_scaled(x, xhat, rstd, eps):
     xhat *= xp.minimum(r64, xp.finfo(x.dtype).max).astype(x.dtype)  # constant rows: xhat = 0 anyway
 
 
+def _stats_overflow(mean, var):
+    """True when some row's mean or variance overflowed (|x| beyond ~1e19 in float32)."""
+    xp = get_array_module(mean)
+    return bool(xp.isinf(var).any() | xp.isinf(mean).any())
+
+
 def layernorm_forward(x, w, b, eps=1e-5):
     """LayerNorm over the last axis: (x - mean) / sqrt(var + eps) * w + b.
 
@@ -76,7 +82,7 @@ def layernorm_forward(x, w, b, eps=1e-5):
         xp.subtract(x, mean, out=xhat)  # centred
         var = rowsum(xhat * xhat)
         var /= c  # biased variance, as torch
-        if bool(xp.isinf(var).any() | xp.isinf(mean).any()):  # |x| beyond ~1e19 in float32
+        if _stats_overflow(mean, var):
             _layernorm_rows_scaled(x, xhat, rstd, eps)
         else:
             var += eps
@@ -98,7 +104,7 @@ def _layernorm_fused(x, w, b, eps):
     general path rescales those rows)."""
     xp = get_array_module(x)
     mean, var = kernels.layernorm_stats(x)  # (..., 1) each
-    if bool(xp.isinf(var).any() | xp.isinf(mean).any()):
+    if _stats_overflow(mean, var):
         return None
     rstd = 1.0 / xp.sqrt(var + eps)
     if w is None:
@@ -265,7 +271,7 @@ def attention_heads_forward(qkv, w_proj, b_proj, heads, attn_drop=0.0, rng=None,
 
 
 def attention_probs(heads_cache):
-    """The attention probabilities (B, H, N, N) (before dropout) from attention_heads_forward's cache."""
+    """The attention probabilities (B, H, n, N) (before dropout) from attention_heads_forward's cache."""
     _, _, _, e, r, *_ = heads_cache
     return e * r
 
