@@ -22,7 +22,7 @@ def xp(request):
 def rel_err(a, b, floor=1e-12):
     """max |a - b| / max(max |b|, floor): relative to the reference b, absolute when b is ~0."""
     a = to_numpy(a).astype(np.float64)
-    b = np.asarray(b, dtype=np.float64)
+    b = to_numpy(b).astype(np.float64)
     assert a.shape == b.shape, (a.shape, b.shape)
     scale = np.max(np.abs(b)) if b.size else 0.0
     diff = np.max(np.abs(a - b)) if a.size else 0.0

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernel_emulator
+from tinyvit.testing import kernel_emulator
 from conftest import rel_err
 from tinyvit import kernels
 from tinyvit.activations import softmax_parts, softmax_parts_backward

@@ -9,8 +9,12 @@ from .errors import TinyViTError
 BACKENDS = ("numpy", "cupy", "auto")
 
 
-def _import_cupy():
-    """Return the cupy module if it is installed and sees a GPU, else None."""
+STANDIN_ENV = "TINYVIT_CUPY_STANDIN"  # =1: without a usable GPU, 'cupy' is the host stand-in
+_CUPY = {}  # the stand-in setting -> the module found (or None), looked up once
+
+
+def _real_cupy():
+    """The cupy module if it is installed and sees a GPU, else None."""
     try:
         import cupy  # noqa: F401  (optional dependency)
 
@@ -21,9 +25,25 @@ def _import_cupy():
     return None
 
 
+def _import_cupy():
+    """Real CuPy on a GPU; else the stand-in (tinyvit.testing.cupy_standin) when TINYVIT_CUPY_STANDIN=1; else None."""
+    standin = os.environ.get(STANDIN_ENV, "") not in ("", "0")
+    if standin not in _CUPY:
+        cp = _real_cupy()
+        if cp is None and standin:
+            from .testing import cupy_standin as cp
+        _CUPY[standin] = cp
+    return _CUPY[standin]
+
+
 def cupy_available() -> bool:
-    """True when CuPy is installed and a CUDA GPU is visible."""
+    """True when CuPy is installed and a CUDA GPU is visible (or the stand-in is switched on)."""
     return _import_cupy() is not None
+
+
+def is_standin(xp) -> bool:
+    """True for the host CuPy stand-in (no GPU behind it)."""
+    return getattr(xp, "__name__", "") == "tinyvit.testing.cupy_standin"
 
 
 def cupy_module():
@@ -86,9 +106,7 @@ def get_array_module(*arrays):
     """numpy or cupy, whichever owns the arrays (cupy.get_array_module without importing CuPy)."""
     for a in arrays:
         if type(a).__module__.startswith("cupy"):
-            import cupy
-
-            return cupy
+            return _import_cupy()
     return np
 
 
@@ -337,7 +355,10 @@ def _erf_block(x, out):
 
 def erf(x):
     """Error function, elementwise, in x's dtype (float32 or float64), NumPy or CuPy."""
-    if get_array_module(x) is not np:
+    xp = get_array_module(x)
+    if xp is not np:
+        if is_standin(xp):
+            return xp.special_erf(x)
         from cupyx.scipy.special import erf as cupy_erf
 
         return cupy_erf(x)

@@ -1,0 +1,1 @@
+"""Test doubles for machines without a GPU: the CuPy stand-in and the host kernel emulator."""
