@@ -37,8 +37,8 @@ def test_every_kernel_compiles_on_the_host(dev):
     """Each spec builds (both dtypes), including any the tests below do not reach."""
     for name, spec in kernels.SPECS.items():
         for dtype in (np.float32, np.float64):
-            args = [np.ones((2, 3), dtype) if p.split()[0] == "T" else np.int64(1) for p in spec.in_params.split(",")]
-            out = kernels.kernel(name)(*map(dev, args), **({} if isinstance(spec, kernels.Elementwise)
+            args = [dev(np.ones((2, 3), dtype)) if p.split()[0] == "T" else 1 for p in spec.in_params.split(",")]
+            out = kernels.kernel(name)(*args, **({} if isinstance(spec, kernels.Elementwise)
                                                            else {"axis": -1, "keepdims": True}))
             assert all(o.dtype == dtype for o in (out if isinstance(out, tuple) else (out,))), name
 
@@ -63,24 +63,29 @@ def test_gelu_kernels(dev, dtype, kind):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("shape", [(3, 7), (2, 5, 64)])
-def test_layernorm_kernels(dev, dtype, affine, shape):
+@pytest.mark.parametrize("magnitude", [1.0, 1e30])
+def test_layernorm_kernels(dev, dtype, affine, shape, magnitude):
+    """Against torch; rows near float32's limit (squares overflow) are scaled on the device, exactly."""
     rng = np.random.default_rng(1)
     x, g = (rng.normal(2, 3, size=shape).astype(dtype) for _ in range(2))
+    x[0] *= dtype(magnitude)  # one row (or block of rows) far beyond sqrt(float32 max)
     w, b = (rng.normal(size=shape[-1]).astype(dtype) for _ in range(2))
     eps = 1e-6
     xt, wt, bt = _t(x), _t(w), _t(b)
     yt = F.layer_norm(xt, shape[-1:], wt if affine else None, bt if affine else None, eps)
     yt.backward(torch.tensor(g.astype(np.float64)))
-    mean, var = kernels.layernorm_stats(dev(x))
-    assert mean.shape == shape[:-1] + (1,)
-    rstd = 1.0 / (var + eps) ** 0.5
     if affine:
-        xhat, y = kernels.layernorm_apply(dev(x), mean, rstd, dev(w), dev(b))
+        xhat, rstd, y = kernels.layernorm_forward(dev(x), eps, dev(w), dev(b))
     else:
-        y = xhat = kernels.layernorm_apply(dev(x), mean, rstd)
+        y = xhat, rstd = kernels.layernorm_forward(dev(x), eps)
+        y = xhat
+    assert rstd.shape == shape[:-1] + (1,) and np.isfinite(to_numpy(y)).all()
     assert rel_err(y, yt.detach().numpy()) < 10 * TOL[dtype]
     dx = kernels.layernorm_grad(dev(g), xhat, rstd, dev(w) if affine else None)
-    assert dx.dtype == dtype and rel_err(dx, xt.grad.numpy()) < 10 * TOL[dtype]
+    assert dx.dtype == dtype
+    # dx scales as 1 / magnitude: compare each row block on its own scale
+    assert rel_err(dx[1:], xt.grad.numpy()[1:]) < 10 * TOL[dtype]
+    assert rel_err(dx[:1], xt.grad.numpy()[:1]) < 10 * TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

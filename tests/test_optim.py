@@ -202,33 +202,34 @@ def test_bad_settings():
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("max_norm", [1.0, 1e3])  # clips / does not clip
-def test_clip_grad_norm(dtype, max_norm):
-    grads = make_grads(dtype, 1)[0]
-    tgrads = [torch.tensor(g) for g in grads.values()]
+def test_clip_grad_norm(xp, dtype, max_norm):
+    """Against torch; the norm is a float on NumPy and stays on the device (0-d) on CuPy."""
+    host = make_grads(dtype, 1)[0]
+    tgrads = [torch.tensor(g) for g in host.values()]
     tp = [torch.zeros_like(g, requires_grad=True) for g in tgrads]
     for p, g in zip(tp, tgrads):
         p.grad = g
     expected = float(torch.nn.utils.clip_grad_norm_(tp, max_norm, foreach=False))
-    before = {k: v.copy() for k, v in grads.items()}
+    grads = backend.to_device(host, xp)
     total = optim.clip_grad_norm(grads, max_norm)
-    assert isinstance(total, float)
+    assert isinstance(total, float) if xp is np else total.shape == ()
     tol = TOL[dtype]
-    np.testing.assert_allclose(total, expected, rtol=tol["rtol"])
+    np.testing.assert_allclose(float(total), expected, rtol=tol["rtol"])
     for (k, g), p in zip(grads.items(), tp):
-        np.testing.assert_allclose(g, p.grad.numpy(), **tol, err_msg=k)
+        np.testing.assert_allclose(backend.to_numpy(g), p.grad.numpy(), **tol, err_msg=k)
         assert g.dtype == dtype
-    if max_norm > total:
-        assert all(np.array_equal(grads[k], before[k]) for k in grads)
+    if max_norm > float(total):
+        assert all(np.array_equal(backend.to_numpy(grads[k]), host[k]) for k in grads)
 
 
-def test_clip_grad_norm_nonfinite_leaves_grads():
-    grads = make_grads(np.float64, 1)[0]
-    grads["head.bias"] = np.array([1.0, np.inf])
-    before = {k: v.copy() for k, v in grads.items()}
-    assert optim.clip_grad_norm(grads, 1.0) == math.inf
+def test_clip_grad_norm_nonfinite_leaves_grads(xp):
+    host = make_grads(np.float64, 1)[0]
+    host["head.bias"] = np.array([1.0, np.inf])
+    grads = backend.to_device(host, xp)
+    assert float(optim.clip_grad_norm(grads, 1.0)) == math.inf
     grads["head.bias"][1] = np.nan
-    assert math.isnan(optim.clip_grad_norm(grads, 1.0))
-    assert all(np.array_equal(grads[k], before[k]) for k in grads if k != "head.bias")
+    assert math.isnan(float(optim.clip_grad_norm(grads, 1.0)))
+    assert all(np.array_equal(backend.to_numpy(grads[k]), host[k]) for k in grads if k != "head.bias")
 
 
 def torch_lrs(make_sched, n, base_lr):
@@ -307,7 +308,7 @@ def test_cupy_matches_numpy(case):
     for g in grads[10:]:
         fresh.step(params, backend.to_device(g, xp))
     gpu_grads = backend.to_device(grads[0], xp)
-    np.testing.assert_allclose(optim.clip_grad_norm(gpu_grads, 1.0),
+    np.testing.assert_allclose(float(optim.clip_grad_norm(gpu_grads, 1.0)),
                                optim.clip_grad_norm({k: v.copy() for k, v in grads[0].items()}, 1.0),
                                rtol=1e-12)
     for k in SHAPES:

@@ -47,13 +47,25 @@ SPECS = {
         "T xc = fmin(fmax(x, (T)-1e4), (T)1e4);"  # beyond, c (1 - c) is 0: keep x^3 from inf * 0
         f" T du = (T)2 * (T){_SQRT_2_OVER_PI} * ((T)1 + (T)3 * (T)0.044715 * xc * xc);"
         " dx = dout * (c + xc * c * ((T)1 - c) * du);"),
-    # layernorm: the row sum, then the squares about the mean (two passes, as the NumPy path); one
-    # pass then writes xhat (and the affine output). Divisions by C are done on the (..., 1) results.
-    "row_sum": RowReduce("T x", "T y", "x", "a + b", "y = a", "0"),
-    "row_sq_dev": RowReduce("T x, T mean", "T y", "(x - mean) * (x - mean)", "a + b", "y = a", "0"),
-    "ln_normalize": Elementwise("T x, T mean, T rstd", "T xhat", "xhat = (x - mean) * rstd;"),
+    # layernorm: a row's max |x| picks a power-of-two scale (1 unless the squares could overflow:
+    # exact, and decided on the device, no host check); then the row sum and the squares about
+    # the mean of the scaled row (two passes, as the NumPy path), rstd in double (eps / s^2
+    # underflows T), and one pass writing xhat (and the affine output).
+    "row_absmax": RowReduce("T x", "T y", "fabs(x)", "fmax(a, b)", "y = a", "0"),
+    "ln_scale": Elementwise(
+        "T m", "T inv_s", "inv_s = m > (sizeof(T) == 4 ? (T)1e12 : (T)1e120) ? exp2(-ceil(log2(m))) : (T)1;"),
+    "row_sum_scaled": RowReduce("T x, T inv_s", "T y", "x * inv_s", "a + b", "y = a", "0"),
+    "row_sq_dev": RowReduce("T x, T inv_s, T mean", "T y", "(x * inv_s - mean) * (x * inv_s - mean)", "a + b",
+                            "y = a", "0"),
+    "ln_rstd": Elementwise(
+        "T var, T inv_s, float64 eps", "T rstd_s, T rstd",
+        "double s = 1.0 / (double)inv_s; double r = 1.0 / sqrt((double)var + eps / (s * s));"
+        " rstd_s = (T)r; rstd = (T)(r * (double)inv_s);"),
+    "ln_normalize": Elementwise("T x, T inv_s, T mean, T rstd_s", "T xhat", "xhat = (x * inv_s - mean) * rstd_s;"),
     "ln_normalize_affine": Elementwise(
-        "T x, T mean, T rstd, T w, T b", "T xhat, T y", "xhat = (x - mean) * rstd; y = xhat * w + b;"),
+        "T x, T inv_s, T mean, T rstd_s, T w, T b", "T xhat, T y",
+        "xhat = (x * inv_s - mean) * rstd_s; y = xhat * w + b;"),
+    "row_sum": RowReduce("T x", "T y", "x", "a + b", "y = a", "0"),
     "row_dot": RowReduce("T u, T v", "T y", "u * v", "a + b", "y = a", "0"),
     "row_dot3": RowReduce("T u, T v, T w", "T y", "u * v * w", "a + b", "y = a", "0"),
     "ln_grad": Elementwise(
@@ -101,21 +113,22 @@ def gelu_grad(x, c, dout, kind):
     return kernel(f"gelu_{kind}_grad")(x, c, dout)
 
 
-def layernorm_stats(x):
-    """(mean, biased variance) of each row of x, each (..., 1)."""
-    inv_n = 1.0 / x.shape[-1]
-    mean = _rows("row_sum", x)
-    mean *= inv_n
-    var = _rows("row_sq_dev", x, mean)
-    var *= inv_n
-    return mean, var
+def layernorm_forward(x, eps, w=None, b=None):
+    """(xhat, rstd), or (xhat, rstd, xhat * w + b), of each row of x, in six kernels and no host sync.
 
-
-def layernorm_apply(x, mean, rstd, w=None, b=None):
-    """xhat, or (xhat, xhat * w + b), in one pass."""
+    Rows whose squares could overflow are scaled by a power of two first (exact); rstd is the true
+    1 / sqrt(var(x) + eps), (..., 1), which backward reads."""
+    t, inv_n = x.dtype.type, 1.0 / x.shape[-1]
+    inv_s = kernel("ln_scale")(_rows("row_absmax", x))  # (..., 1)
+    mean = _rows("row_sum_scaled", x, inv_s)
+    mean *= t(inv_n)
+    var = _rows("row_sq_dev", x, inv_s, mean)
+    var *= t(inv_n)
+    rstd_s, rstd = kernel("ln_rstd")(var, inv_s, float(eps))
     if w is None:
-        return kernel("ln_normalize")(x, mean, rstd)
-    return kernel("ln_normalize_affine")(x, mean, rstd, w, b)
+        return kernel("ln_normalize")(x, inv_s, mean, rstd_s), rstd
+    xhat, y = kernel("ln_normalize_affine")(x, inv_s, mean, rstd_s, w, b)
+    return xhat, rstd, y
 
 
 def layernorm_grad(dout, xhat, rstd, w=None):

@@ -223,13 +223,23 @@ def make_optimizer(name: str, **kw):
         raise TinyViTError(f"optimizer {name!r}: bad settings ({e})") from None
 
 
-def clip_grad_norm(grads, max_norm: float) -> float:
-    """Global L2 norm of all grads; scale them in place by max_norm/(norm+1e-6) when that is < 1."""
+def clip_grad_norm(grads, max_norm: float):
+    """Global L2 norm of all grads; scale them in place by max_norm/(norm+1e-6) when that is < 1.
+
+    Returns the norm: a float on NumPy; on CuPy a 0-d device array, decided on the device (reading
+    it is a host sync, so it is left to the caller). A non-finite norm leaves the grads as they are."""
     if not grads:
         return 0.0
     xp = get_array_module(*grads.values())
     sq = [xp.vdot(g.ravel(), g.ravel()) for g in grads.values()]  # one sum of squares per grad
-    total = float(xp.sqrt(xp.sum(xp.stack(sq).astype(xp.float64))))  # one device sync
+    total = xp.sqrt(xp.sum(xp.stack(sq).astype(xp.float64)))
+    if xp is not np:
+        coef = xp.minimum(float(max_norm) / (total + 1e-6), 1.0)
+        coef = xp.where(xp.isfinite(total), coef, 1.0)  # as the NumPy path: no scaling by NaN
+        for g in grads.values():
+            g *= coef.astype(g.dtype)
+        return total
+    total = float(total)
     if not math.isfinite(total):
         return total  # the training loop decides (skip the step, stop, ...)
     coef = float(max_norm) / (total + 1e-6)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .backend import to_device
+from .backend import get_array_module, to_device, to_numpy
 from .checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
 from .data import iterate_batches, num_batches
 from .errors import TinyViTError
@@ -67,18 +67,19 @@ def eval_batch_size(cfg, limit=500):
 
 def evaluate(params, cfg, data: Dataset, xp, batch_size=None, progress=None):
     """Top-1 accuracy (a fraction) of params on a dataset, in eval mode, without backward caches."""
-    correct = 0
+    tally = 0  # (correct, non-finite logits) summed on the backend: one host read at the end
     batch_size = batch_size or eval_batch_size(cfg)
     for x, y in iterate_batches(data.images, data.labels, batch_size, xp, mean=data.mean, std=data.std,
                                 shuffle=False, img_size=data.img_size, dtype=params["pos_embed"].dtype):
         logits, _ = vit_forward(params, x, cfg, keep_cache=False)
-        if not bool(xp.isfinite(logits).all()):  # argmax would quietly count them as class 0
-            raise TinyViTError("evaluation produced NaN or Inf logits: the images or the params hold "
-                               "non-finite values")
-        correct += int((logits.argmax(axis=1) == y).sum())
+        tally = tally + xp.stack([(logits.argmax(axis=1) == y).sum(), (~xp.isfinite(logits)).sum()])
         if progress:
             progress.update(len(y))
-    return correct / len(data.labels)
+    correct, bad = (int(v) for v in to_numpy(tally)) if len(data.labels) else (0, 0)
+    if bad:  # argmax would quietly count them as class 0
+        raise TinyViTError("evaluation produced NaN or Inf logits: the images or the params hold "
+                           "non-finite values")
+    return correct / max(len(data.labels), 1)
 
 
 class _StopFlag:
@@ -151,11 +152,19 @@ def fit(params, cfg, tc: TrainConfig, xp, train: Dataset, test: Dataset, out_dir
         m = dict(meta, train_state=_train_state(e, b, step, rng, history, tc))
         save_checkpoint(ckpt_path, params, cfg, m, opt.state_dict())
 
+    def check(tally):  # read the steps' losses (one host read); stop before a non-finite one is kept
+        loss = tally.read()
+        if not math.isfinite(loss):
+            save_note = f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written yet"
+            also = "" if xp is np else " (on CuPy, NaN or Inf images also end here: they are not checked per batch)"
+            raise TinyViTError(f"training diverged: loss is {loss} at epoch {epoch + 1}, step {step} "
+                               f"(lr {lr:.3g}); {save_note}; try a lower --lr or --clip 1.0{also}")
+
     with _StopFlag() as flag:
         while epoch < tc.epochs and not stopped:
             bar = Progress(steps_per_epoch, f"epoch {epoch + 1}/{tc.epochs}", unit="step",
                            initial=batch, disable=quiet)
-            loss_sum, correct, seen, t_epoch = 0.0, 0, 0, time.perf_counter()
+            tally, t_epoch = _Tally(1 if xp is np else DEVICE_READ_EVERY), time.perf_counter()
             for x, y in iterate_batches(train.images, train.labels, tc.batch_size, xp, mean=train.mean,
                                         std=train.std, seed=tc.seed, epoch=epoch, drop_last=True,
                                         augment=None if tc.augment == "none" else tc.augment,
@@ -164,31 +173,29 @@ def fit(params, cfg, tc: TrainConfig, xp, train: Dataset, test: Dataset, out_dir
                 t_step = time.perf_counter()
                 lr = schedule(step)
                 loss, correct_b, grads = _step_grads(params, x, y, cfg, tc, dev_rng, epoch < tc.head_epochs)
-                if not math.isfinite(loss):
-                    save_note = f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written yet"
-                    raise TinyViTError(f"training diverged: loss is {loss} at epoch {epoch + 1}, step {step} "
-                                       f"(lr {lr:.3g}); {save_note}; try a lower --lr or --clip 1.0")
+                tally.add(loss, correct_b, len(y))
+                if tally.due():
+                    check(tally)
                 if tc.clip:
                     clip_grad_norm(grads, tc.clip)
                 opt.step({k: params[k] for k in grads}, grads, lr=lr)
                 step, batch, ran_steps = step + 1, batch + 1, ran_steps + 1
-                n = len(y)
-                loss_sum, seen, images_seen = loss_sum + loss * n, seen + n, images_seen + n
-                correct += correct_b
+                images_seen += len(y)
                 train_time += time.perf_counter() - t_step
                 rate = images_seen / train_time
-                bar.update(1, loss=f"{loss_sum / seen:.4f}", img_s=f"{rate:.0f}")
+                bar.update(1, loss=f"{tally.mean_loss():.4f}", img_s=f"{rate:.0f}")
                 over_time = time_limit is not None and time.perf_counter() - t_start > time_limit
                 if flag.stop or over_time or (max_steps is not None and ran_steps >= max_steps):
                     stopped = True
                     break
             bar.close()
+            check(tally)  # the steps not read yet, before anything is saved
             if stopped and batch < steps_per_epoch:
                 save(epoch, batch)  # mid-epoch: resume continues from this batch
                 break
             epoch, batch = epoch + 1, 0
-            rec = {"epoch": epoch, "step": step, "lr": lr, "train_loss": loss_sum / max(seen, 1),
-                   "train_accuracy": correct / max(seen, 1),
+            rec = {"epoch": epoch, "step": step, "lr": lr, "train_loss": tally.mean_loss(),
+                   "train_accuracy": tally.correct / max(tally.seen, 1),
                    "epoch_seconds": time.perf_counter() - t_epoch}
             ebar = Progress(len(test.labels), "  evaluating", unit="img", disable=quiet)
             rec["test_accuracy"] = evaluate(params, cfg, test, xp, progress=ebar)
@@ -214,13 +221,50 @@ def fit(params, cfg, tc: TrainConfig, xp, train: Dataset, test: Dataset, out_dir
             "params": params}
 
 
+DEVICE_READ_EVERY = 10  # on CuPy, steps between host reads of the loss (each read stalls the GPU)
+
+
+class _Tally:
+    """An epoch's summed loss and correct count, added where they were computed (on the GPU under
+    CuPy) and read to the host in one transfer every `every` steps."""
+
+    def __init__(self, every):
+        self.every, self.pending, self.unread = every, None, 0
+        self.loss_sum, self.correct, self.seen = 0.0, 0, 0
+
+    def add(self, loss, correct, n):
+        """Count one step: its mean loss and correct count (0-d arrays) over n images."""
+        xp = get_array_module(loss)
+        v = xp.stack([loss.astype(xp.float64) * n, correct.astype(xp.float64), xp.float64(n)])
+        self.pending = v if self.pending is None else self.pending + v
+        self.unread += 1
+
+    def due(self) -> bool:
+        """True when `every` steps wait to be read."""
+        return self.unread >= self.every
+
+    def read(self) -> float:
+        """Bring the waiting sums to the host (one transfer); return their mean loss (nan/inf kept)."""
+        if self.pending is None:
+            return 0.0
+        loss_sum, correct, seen = (float(v) for v in to_numpy(self.pending))
+        self.pending, self.unread = None, 0
+        self.loss_sum, self.correct, self.seen = self.loss_sum + loss_sum, self.correct + int(correct), self.seen + int(seen)
+        return loss_sum / max(seen, 1)
+
+    def mean_loss(self) -> float:
+        """Mean loss per image over the steps read so far."""
+        return self.loss_sum / max(self.seen, 1)
+
+
 def _step_grads(params, x, y, cfg, tc, rng, head_only):
-    """Mean loss, correct count and gradients of one batch, over tc.grad_accum micro-batches."""
+    """Mean loss, correct count (0-d arrays, left on the device) and gradients of one batch, over
+    tc.grad_accum micro-batches."""
     k = tc.grad_accum
     if len(y) % k:
         raise TinyViTError(f"batch size {len(y)} is not divisible by grad_accum {k}")
     m = len(y) // k
-    total_loss, correct, grads = 0.0, 0, None
+    total_loss, correct, grads = 0, 0, None
     for i in range(k):
         xb, yb = x[i * m:(i + 1) * m], y[i * m:(i + 1) * m]
         logits, cache = vit_forward(params, xb, cfg, train=True, rng=rng)
@@ -235,8 +279,8 @@ def _step_grads(params, x, y, cfg, tc, rng, head_only):
         else:
             for name, v in g.items():
                 grads[name] += v
-        total_loss += float(loss) / k
-        correct += int((logits.argmax(axis=1) == yb).sum())
+        total_loss = total_loss + loss / k  # no float(): that would be a host read per micro-batch
+        correct = correct + (logits.argmax(axis=1) == yb).sum()
     return total_loss, correct, grads
 
 
