@@ -328,7 +328,9 @@ class ElementwiseKernel(kernel_emulator.ElementwiseKernel):
         super().__init__(in_params, out_params, operation, name)
 
     def __call__(self, *args, size=None, block_size=None, stream=None):
-        return _wrap(super().__call__(*_dev(args)))
+        r = _wrap(super().__call__(*_dev(args)))
+        given = args[len(self.ins):]  # outputs passed in are returned as themselves
+        return (given[0] if len(given) == 1 else tuple(given)) if given else r
 
 
 class ReductionKernel(kernel_emulator.ReductionKernel):

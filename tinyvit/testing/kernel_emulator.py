@@ -48,9 +48,11 @@ def _compile(source):
         with open(src, "w") as f:
             f.write(source)
         tmp = so + f".{os.getpid()}"
-        subprocess.run([COMPILER, "-O1", "-shared", "-fPIC", "-o", tmp, src], check=True, capture_output=True)
-        os.replace(tmp, so)
+        r = subprocess.run([COMPILER, "-O1", "-shared", "-fPIC", "-o", tmp, src], capture_output=True, text=True)
         os.unlink(src)
+        if r.returncode:  # as CuPy's CompileException: the compiler's log
+            raise RuntimeError(f"kernel does not compile:\n{r.stderr.strip()}")
+        os.replace(tmp, so)
     lib = _LIBS[source] = ctypes.CDLL(so)
     return lib
 
@@ -112,7 +114,7 @@ class ElementwiseKernel:
         decl = "".join(f"{_ctype(t, dtype)} {n};\n" for t, n in self.outs)
         store = "".join(f"(({_ctype(t, dtype)}*)p[{len(ins) + k}])[i] = {n};\n" for k, (t, n) in enumerate(self.outs))
         src = (_header(dtype) + 'extern "C" void run(long n, void** p) {\nfor (long i = 0; i < n; i++) {\n'
-               + _loads(self.ins, dtype, "i") + decl + "{ " + self.body + " }\n" + store + "}\n}\n")
+               + _loads(self.ins, dtype, "i") + decl + "{ " + self.body + "; }\n" + store + "}\n}\n")
         _run(_compile(src).run, [ctypes.c_long(int(np.prod(shape)))], ins + outs)
         if given:
             for o, r in zip(given, outs):
