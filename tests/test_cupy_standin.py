@@ -1,29 +1,20 @@
 """The CuPy stand-in refuses what real CuPy refuses, and tinyvit's CuPy path keeps its host-sync budget.
 
-These tests import the stand-in directly, so they run in every pass (with or without
-TINYVIT_CUPY_STANDIN), and on a GPU machine too: they check the double, not the GPU.
+These tests use the stand-in's arrays directly (tinyvit takes the module from its arrays), so they
+run in every pass, with or without TINYVIT_CUPY_STANDIN, and on a GPU machine too.
 """
 import json
 
 import numpy as np
 import pytest
 
-from tinyvit import backend, kernels
+from tinyvit import backend
 from tinyvit import train as T
 from tinyvit.model import init_params, preset, vit_forward
 from tinyvit.optim import clip_grad_norm
 from tinyvit.testing import cupy_standin as cp
 
 IMPLICIT = "Implicit conversion to a NumPy array is not allowed"
-
-
-@pytest.fixture
-def standin(monkeypatch):
-    """The stand-in as tinyvit's cupy (whatever this machine has), for backend-level checks."""
-    monkeypatch.setattr(backend, "_import_cupy", lambda: cp)
-    monkeypatch.setattr(kernels, "cupy_module", lambda: cp)
-    monkeypatch.setattr(kernels, "_KERNELS", {})
-    return cp
 
 
 def test_api_record_names_its_cupy():
@@ -127,7 +118,7 @@ def _batch(cfg, xp, n=4):
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_train_step_and_inference_read_nothing_from_the_device(standin, name):
+def test_train_step_and_inference_read_nothing_from_the_device(name):
     """Forward, backward, clipping and the optimizer step: no host read; an inference batch: none."""
     cfg = CONFIGS[name]
     params = backend.to_device(init_params(cfg), cp)
@@ -144,7 +135,7 @@ def test_train_step_and_inference_read_nothing_from_the_device(standin, name):
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_fit_reads_at_most_once_per_step(standin, name, tmp_path, monkeypatch):
+def test_fit_reads_at_most_once_per_step(name, tmp_path, monkeypatch):
     """A whole training run: at most one device-to-host transfer per step, besides evaluation and
     checkpoint writing (once per epoch, each a deliberate transfer)."""
     cfg = CONFIGS[name]

@@ -1,11 +1,11 @@
-"""tinyvit.kernels (the fused CUDA kernels) against torch: on the host through kernel_emulator, which
-compiles each kernel's C body with g++, and on CuPy when a GPU is present."""
+"""tinyvit.kernels (the fused CUDA kernels) against torch: on the host through the CuPy stand-in, whose
+kernel emulator compiles each kernel's C body with g++, and on CuPy when a GPU is present."""
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tinyvit.testing import kernel_emulator
+from tinyvit.testing import cupy_standin, kernel_emulator
 from conftest import rel_err
 from tinyvit import kernels
 from tinyvit.activations import softmax_parts, softmax_parts_backward
@@ -20,13 +20,10 @@ TOL = {np.float32: 2e-6, np.float64: 1e-13}
 
 
 @pytest.fixture(params=BACKENDS)
-def dev(request, monkeypatch):
-    """Puts an array where the kernels run: NumPy for the emulator, the GPU for CuPy."""
-    if request.param == "host":
-        monkeypatch.setattr(kernels, "cupy_module", lambda: kernel_emulator.FakeCupy)
-        monkeypatch.setattr(kernels, "_KERNELS", {})
-        return np.asarray
-    return get_backend("cupy").asarray
+def dev(request):
+    """Puts an array where the kernels run: the CuPy stand-in (kernel bodies compiled by g++ on the
+    host), or the GPU for real CuPy."""
+    return cupy_standin.asarray if request.param == "host" else get_backend("cupy").asarray
 
 
 def _t(a):
@@ -38,7 +35,7 @@ def test_every_kernel_compiles_on_the_host(dev):
     for name, spec in kernels.SPECS.items():
         for dtype in (np.float32, np.float64):
             args = [dev(np.ones((2, 3), dtype)) if p.split()[0] == "T" else 1 for p in spec.in_params.split(",")]
-            out = kernels.kernel(name)(*args, **({} if isinstance(spec, kernels.Elementwise)
+            out = kernels.kernel(name, args[0])(*args, **({} if isinstance(spec, kernels.Elementwise)
                                                            else {"axis": -1, "keepdims": True}))
             assert all(o.dtype == dtype for o in (out if isinstance(out, tuple) else (out,))), name
 

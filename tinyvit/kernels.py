@@ -8,7 +8,7 @@ them against NumPy, and the layer tests run them through CuPy whenever a GPU is 
 """
 from typing import NamedTuple
 
-from .backend import cupy_module
+from .backend import cupy_module, get_array_module
 
 
 class Elementwise(NamedTuple):
@@ -86,31 +86,34 @@ SPECS = {
 _KERNELS = {}
 
 
-def kernel(name):
-    """The compiled CuPy kernel for SPECS[name] (built once per process)."""
-    if name not in _KERNELS:
-        cp, s = cupy_module(), SPECS[name]
+def kernel(name, like=None):
+    """The compiled kernel for SPECS[name] from the cupy module that owns `like` (real CuPy or its
+    host stand-in; the backend's cupy when like is None), built once per process and module."""
+    cp = cupy_module() if like is None else get_array_module(like)
+    key = (cp.__name__, name)
+    if key not in _KERNELS:
+        s = SPECS[name]
         if isinstance(s, Elementwise):
-            _KERNELS[name] = cp.ElementwiseKernel(s.in_params, s.out_params, s.body, f"tinyvit_{name}")
+            _KERNELS[key] = cp.ElementwiseKernel(s.in_params, s.out_params, s.body, f"tinyvit_{name}")
         else:
-            _KERNELS[name] = cp.ReductionKernel(s.in_params, s.out_params, s.map_expr, s.reduce_expr,
-                                                s.post_expr, s.identity, f"tinyvit_{name}")
-    return _KERNELS[name]
+            _KERNELS[key] = cp.ReductionKernel(s.in_params, s.out_params, s.map_expr, s.reduce_expr,
+                                               s.post_expr, s.identity, f"tinyvit_{name}")
+    return _KERNELS[key]
 
 
 def _rows(name, *args):
     """A row reduction over the last axis, kept as size 1: (..., C) -> (..., 1)."""
-    return kernel(name)(*args, axis=-1, keepdims=True)
+    return kernel(name, args[0])(*args, axis=-1, keepdims=True)
 
 
 def gelu(x, kind):
     """(x c(x), c(x)) for GELU kind 'erf' or 'tanh', in one pass."""
-    return kernel(f"gelu_{kind}")(x)
+    return kernel(f"gelu_{kind}", x)(x)
 
 
 def gelu_grad(x, c, dout, kind):
     """dout * GELU'(x) from x and c(x)."""
-    return kernel(f"gelu_{kind}_grad")(x, c, dout)
+    return kernel(f"gelu_{kind}_grad", x)(x, c, dout)
 
 
 def layernorm_forward(x, eps, w=None, b=None):
@@ -119,15 +122,15 @@ def layernorm_forward(x, eps, w=None, b=None):
     Rows whose squares could overflow are scaled by a power of two first (exact); rstd is the true
     1 / sqrt(var(x) + eps), (..., 1), which backward reads."""
     t, inv_n = x.dtype.type, 1.0 / x.shape[-1]
-    inv_s = kernel("ln_scale")(_rows("row_absmax", x))  # (..., 1)
+    inv_s = kernel("ln_scale", x)(_rows("row_absmax", x))  # (..., 1)
     mean = _rows("row_sum_scaled", x, inv_s)
     mean *= t(inv_n)
     var = _rows("row_sq_dev", x, inv_s, mean)
     var *= t(inv_n)
-    rstd_s, rstd = kernel("ln_rstd")(var, inv_s, float(eps))
+    rstd_s, rstd = kernel("ln_rstd", var)(var, inv_s, float(eps))
     if w is None:
-        return kernel("ln_normalize")(x, inv_s, mean, rstd_s), rstd
-    xhat, y = kernel("ln_normalize_affine")(x, inv_s, mean, rstd_s, w, b)
+        return kernel("ln_normalize", x)(x, inv_s, mean, rstd_s), rstd
+    xhat, y = kernel("ln_normalize_affine", x)(x, inv_s, mean, rstd_s, w, b)
     return xhat, rstd, y
 
 
@@ -138,28 +141,28 @@ def layernorm_grad(dout, xhat, rstd, w=None):
         s1, s2, w = _rows("row_sum", dout), _rows("row_dot", dout, xhat), t(1.0)
     else:
         s1, s2 = _rows("row_dot", dout, w), _rows("row_dot3", dout, w, xhat)
-    return kernel("ln_grad")(dout, w, xhat, rstd, s1, s2, t(1.0 / xhat.shape[-1]))
+    return kernel("ln_grad", dout)(dout, w, xhat, rstd, s1, s2, t(1.0 / xhat.shape[-1]))
 
 
 def softmax_parts(x):
     """(e, r) with softmax(x) = e * r over the last axis, shifted by the row max."""
     m = _rows("row_max", x)
-    return kernel("exp_shifted")(x, m), _rows("row_sum_exp", x, m)
+    return kernel("exp_shifted", x)(x, m), _rows("row_sum_exp", x, m)
 
 
 def softmax_parts_grad(dr, e, r):
     """e (dr - r sum(dr e)): softmax_parts_backward in two kernels."""
-    return kernel("softmax_grad")(dr, e, r, _rows("row_dot", dr, e))
+    return kernel("softmax_grad", dr)(dr, e, r, _rows("row_dot", dr, e))
 
 
 def log_softmax(x):
     """Log-probabilities of each row of x."""
     m = _rows("row_max", x)
-    return kernel("log_softmax")(x, m, _rows("row_sum_exp", x, m))
+    return kernel("log_softmax", x)(x, m, _rows("row_sum_exp", x, m))
 
 
 def cross_entropy_grad(logp, labels, eps, scale):
     """(softmax - (1 - eps) onehot - eps / K) * scale for log-probabilities (B, K)."""
     t = logp.dtype.type
     k = logp.shape[1]
-    return kernel("ce_grad")(logp, labels.reshape(-1, 1).astype("int64"), k, t(eps / k), t(1.0 - eps), t(scale))
+    return kernel("ce_grad", logp)(logp, labels.reshape(-1, 1).astype("int64"), k, t(eps / k), t(1.0 - eps), t(scale))

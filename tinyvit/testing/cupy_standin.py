@@ -240,7 +240,8 @@ class ndarray:
     __invert__ = lambda self: ndarray(~self._a)  # noqa: E731
 
 
-ndarray.__module__ = "cupy"  # backend.get_array_module tells device arrays by their module
+ndarray.__module__ = "cupy"  # backend.get_array_module tells device arrays by their module ...
+ndarray.standin_module = sys.modules[__name__]  # ... and takes this one for ours, even beside a real CuPy
 
 
 def _index(key):

@@ -154,10 +154,3 @@ class ReductionKernel:
 def _run(fn, sizes, arrays):
     ptrs = (ctypes.c_void_p * len(arrays))(*[a.ctypes.data for a in arrays])
     fn(*sizes, ptrs)
-
-
-class FakeCupy:
-    """What tinyvit.kernels takes from the cupy module, on host NumPy arrays."""
-
-    ElementwiseKernel = ElementwiseKernel
-    ReductionKernel = ReductionKernel
