@@ -208,8 +208,8 @@ def main():
                                                      "else ~/.cache/tinyvit)")
     ap.add_argument("--weights", default=None, help=f"ViT-Ti/16 weights for the fine-tune (default: {TIMM_TI16} "
                                                     "in $TINYVIT_WEIGHTS or weights/)")
-    ap.add_argument("--mnist-minutes", type=float, default=3.0, help="time cap of the MNIST run on a GPU (default 3)")
-    ap.add_argument("--finetune-minutes", type=float, default=1.5, help="time cap of the fine-tune on a GPU (default 1.5)")
+    ap.add_argument("--mnist-minutes", type=float, default=3.5, help="time cap of the MNIST run on a GPU (default 3.5)")
+    ap.add_argument("--finetune-minutes", type=float, default=1.0, help="time cap of the fine-tune on a GPU (default 1)")
     ap.add_argument("--skip", default="", help="comma-separated steps to leave out (tests,syncs,mnist,benchmark,finetune)")
     ap.add_argument("--_syncs", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
