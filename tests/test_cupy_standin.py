@@ -34,8 +34,16 @@ def test_implicit_host_conversion_is_refused(convert):
                                 lambda d, h: cp.concatenate([d, h]), lambda d, h: d.__setitem__(slice(None), h),
                                 lambda d, h: cp.exp(d, out=h), lambda d, h: np.add(h, d)])
 def test_host_array_meeting_device_array_is_refused(op):
-    with pytest.raises(TypeError, match="Unsupported type <class 'numpy.ndarray'>"):
+    with pytest.raises(TypeError, match="Unsupported type <class 'numpy.ndarray'>|Only cupy arrays"):
         op(cp.ones(3), np.ones(3))
+
+
+@pytest.mark.parametrize("join", [cp.concatenate, cp.stack])
+def test_joins_take_device_arrays_only(join):
+    """NumPy would join scalars and 0-d arrays alike; CuPy takes only its arrays."""
+    assert join([cp.ones(1), cp.zeros(1)]).shape[0] in (1, 2)
+    with pytest.raises(TypeError, match="Only cupy arrays can be concatenated"):
+        join([cp.ones(1), np.float64(1)])
 
 
 def test_what_cupy_lacks_is_refused():

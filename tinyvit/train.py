@@ -229,15 +229,15 @@ class _Tally:
     CuPy) and read to the host in one transfer every `every` steps."""
 
     def __init__(self, every):
-        self.every, self.pending, self.unread = every, None, 0
+        self.every, self.pending, self.unread, self.unread_n = every, None, 0, 0
         self.loss_sum, self.correct, self.seen = 0.0, 0, 0
 
     def add(self, loss, correct, n):
         """Count one step: its mean loss and correct count (0-d arrays) over n images."""
         xp = get_array_module(loss)
-        v = xp.stack([loss.astype(xp.float64) * n, correct.astype(xp.float64), xp.float64(n)])
+        v = xp.stack([loss.astype(xp.float64) * n, correct.astype(xp.float64)])  # (loss sum, correct)
         self.pending = v if self.pending is None else self.pending + v
-        self.unread += 1
+        self.unread, self.unread_n = self.unread + 1, self.unread_n + n
 
     def due(self) -> bool:
         """True when `every` steps wait to be read."""
@@ -247,9 +247,10 @@ class _Tally:
         """Bring the waiting sums to the host (one transfer); return their mean loss (nan/inf kept)."""
         if self.pending is None:
             return 0.0
-        loss_sum, correct, seen = (float(v) for v in to_numpy(self.pending))
-        self.pending, self.unread = None, 0
-        self.loss_sum, self.correct, self.seen = self.loss_sum + loss_sum, self.correct + int(correct), self.seen + int(seen)
+        loss_sum, correct = (float(v) for v in to_numpy(self.pending))
+        seen = self.unread_n
+        self.pending, self.unread, self.unread_n = None, 0, 0
+        self.loss_sum, self.correct, self.seen = self.loss_sum + loss_sum, self.correct + int(correct), self.seen + seen
         return loss_sum / max(seen, 1)
 
     def mean_loss(self) -> float:

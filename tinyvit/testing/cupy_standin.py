@@ -78,9 +78,14 @@ def _wrap(r):
     return r
 
 
+_JOINS = frozenset({"concatenate", "stack", "hstack", "vstack", "dstack", "column_stack"})
+
+
 def _call(name, fn, sig, args, kwargs):
     """fn(*args, **kwargs) on host values after CuPy's checks; the result as device arrays."""
     _check_call(name, sig, args, kwargs)
+    if name in _JOINS and args and any(not isinstance(a, ndarray) for a in args[0]):
+        raise TypeError("Only cupy arrays can be concatenated")  # scalars too, unlike NumPy
     return _wrap(fn(*_dev(args), **{k: _dev(v) for k, v in kwargs.items()}))
 
 
