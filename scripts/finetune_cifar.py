@@ -117,8 +117,8 @@ def main():
     params, cfg, meta = load_weights(args.weights)
     params, cfg = adapt(params, cfg, img_size=args.img_size, num_classes=10)
     root = data_root(args.data_dir)
-    tr_x, tr_y, names = load_cifar10(root, "train")
-    te_x, te_y, _ = load_cifar10(root, "test")
+    tr_x, tr_y, names = load_cifar10(root, "train", limit=args.limit_train)  # reads only the batches needed
+    te_x, te_y, _ = load_cifar10(root, "test", limit=args.limit_test)
     tr_x, tr_y = tr_x[:args.limit_train], tr_y[:args.limit_train]
     te_x, te_y = te_x[:args.limit_test], te_y[:args.limit_test]
     mean, std = tuple(meta.get("mean", (0.5,) * 3)), tuple(meta.get("std", (0.5,) * 3))

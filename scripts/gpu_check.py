@@ -7,6 +7,10 @@ through the CuPy stand-in). Without a GPU the same steps run on the stand-in, mu
 report says so: that checks the script itself (CI does).
 
     python scripts/gpu_check.py --out gpu_report
+
+Data: mnist/ (11 MB) and, for the fine-tune, cifar10/cifar-10-batches-bin/ with data_batch_1 and
+test_batch (it reads only those: 10,000 training and 2,000 test images) under --data-dir, and the
+ViT-Ti/16 .npz (--weights). A step whose files are missing fails with its reason in the report.
 """
 import argparse
 import json

@@ -292,6 +292,21 @@ def test_cifar_layouts(tmp_path, small, layout, split):
     assert names == NAMES
 
 
+@pytest.mark.parametrize("layout", ["bin", "bin.gz", "tar", "py2"])
+def test_cifar_limit_reads_only_the_batches_it_needs(tmp_path, small, layout):
+    """limit=N takes the first N images' batches; in the binary layouts the others may be absent."""
+    stems = cifar.batch_names("train")
+    x, y = _records(len(stems))
+    _write_cifar(tmp_path, layout, x, y, stems)
+    if layout.startswith("bin"):
+        for p in (tmp_path / "cifar10" / cifar.BIN_DIR).glob("data_batch_[2-5].bin*"):
+            p.unlink()  # only the first batch is present
+    xs, ys, _ = data.load_cifar10(tmp_path, "train", download=False, limit=R - 1)
+    assert xs.shape == (R, 3, 32, 32)
+    np.testing.assert_array_equal(xs, x[:R])
+    np.testing.assert_array_equal(ys, y[:R])
+
+
 def test_cifar_precedence_and_default_names(tmp_path, small):
     x, y = _records(1, seed=1)
     _write_cifar(tmp_path, "tar", *_records(1, seed=2), ["test_batch"])

@@ -149,12 +149,15 @@ def load_mnist(root, split="train", download=True):
 
 
 # --- CIFAR-10 -----------------------------------------------------------------------------------
-def load_cifar10(root, split="train", download=True):
+def load_cifar10(root, split="train", download=True, limit=None):
     """CIFAR-10 (images uint8 (N, 3, 32, 32), labels int64 (N,), class names) from <root>/cifar10/.
 
     Sources, first found wins: cifar-10-batches-bin/*.bin[.gz], cifar-10-binary.tar.gz,
-    cifar-10-batches-py/ (pickles, read with an allow-list); else download the binary tar.gz."""
+    cifar-10-batches-py/ (pickles, read with an allow-list); else download the binary tar.gz.
+    limit=N reads only the binary batches that hold the first N images (and needs only those)."""
     stems = cifar.batch_names(split)
+    if limit is not None:
+        stems = stems[:max(1, -(-int(limit) // cifar.RECORDS_PER_BATCH))]
     folder = Path(root) / "cifar10"
     bin_dir, tar_path, py_dir = folder / cifar.BIN_DIR, folder / cifar.TAR_NAME, folder / cifar.PY_DIR
     bins = [next((p for p in (bin_dir / f"{s}.bin", bin_dir / f"{s}.bin.gz") if p.is_file()), None)
@@ -173,7 +176,7 @@ def load_cifar10(root, split="train", download=True):
     if tar_path.is_file():
         batches, meta = cifar.read_tar(tar_path, split)
         names = cifar.parse_class_names(meta, f"{tar_path}:batches.meta.txt") if meta else None
-        return _stack(batches, len(stems)) + (names or CIFAR10_CLASSES,)
+        return _stack(batches[:len(stems)], len(stems)) + (names or CIFAR10_CLASSES,)
     images = np.empty((len(stems) * cifar.RECORDS_PER_BATCH, 3, 32, 32), np.uint8)
     labels = np.empty(len(images), np.int64)
     for i, s in enumerate(stems):
