@@ -31,7 +31,7 @@ def test_implicit_host_conversion_is_refused(convert):
 
 
 @pytest.mark.parametrize("op", [lambda d, h: d + h, lambda d, h: h * d, lambda d, h: cp.multiply(d, h),
-                                lambda d, h: cp.concatenate([d, h]), lambda d, h: d.__setitem__(slice(None), h),
+                                lambda d, h: cp.concatenate([d, h]), lambda d, h: d.__setitem__(slice(1), h[:1]),
                                 lambda d, h: cp.exp(d, out=h), lambda d, h: np.add(h, d)])
 def test_host_array_meeting_device_array_is_refused(op):
     with pytest.raises(TypeError, match="Unsupported type <class 'numpy.ndarray'>|Only cupy arrays"):
@@ -81,6 +81,11 @@ def test_host_data_is_copied_to_the_device():
     d = cp.asarray(h)
     d *= 2
     assert h.tolist() == [1, 1, 1] and d.get().tolist() == [2, 2, 2]
+    d[:] = h  # a whole-array assignment copies host data in (CuPy allows it)
+    assert d.get().tolist() == [1, 1, 1]
+    assert cp.asarray([cp.ones(2), cp.zeros(2)]).shape == (2, 2)  # a list of device arrays
+    with pytest.raises(TypeError, match=IMPLICIT):
+        cp.array([0.0, cp.cos(cp.zeros(()))])  # device values mixed with host ones
     assert cp.asarray(d) is not None and cp.asarray(d)._a is d._a  # device data: no copy, as CuPy
 
 

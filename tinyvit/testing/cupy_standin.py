@@ -165,7 +165,7 @@ class ndarray:
         return _wrap(self._a[_index(key)])
 
     def __setitem__(self, key, value):
-        if isinstance(value, np.ndarray):
+        if isinstance(value, np.ndarray) and not _whole(key):  # d[:] = h and d[...] = h copy host data in
             raise _unsupported(value)
         self._a[_index(key)] = value._a if isinstance(value, ndarray) else value
 
@@ -249,6 +249,11 @@ ndarray.__module__ = "cupy"  # backend.get_array_module tells device arrays by t
 ndarray.standin_module = sys.modules[__name__]  # ... and takes this one for ours, even beside a real CuPy
 
 
+def _whole(key):
+    """True for the keys that name a whole array: [:] and [...]."""
+    return key is Ellipsis or (isinstance(key, slice) and key == slice(None))
+
+
 def _index(key):
     """An index for the host storage: device arrays unwrapped; host index arrays are copied in (CuPy
     allows that host-to-device step)."""
@@ -260,12 +265,24 @@ def _index(key):
 # --- creation and transfers -------------------------------------------------------------------
 
 
+def _leaves(x):
+    """The non-list leaves of a nested list or tuple."""
+    if isinstance(x, (list, tuple)):
+        return [leaf for v in x for leaf in _leaves(v)]
+    return [x]
+
+
 def _host_in(x):
-    """Host data given to a creation call: device arrays (also nested in lists) unwrapped."""
+    """Host data given to a creation call: a device array, a nest of only device arrays (unwrapped),
+    or host data; device arrays mixed with host values would need a host read, which CuPy refuses."""
     if isinstance(x, ndarray):
         return x._a
-    if isinstance(x, (list, tuple)):
-        return [_host_in(v) for v in x]
+    leaves = _leaves(x) if isinstance(x, (list, tuple)) else []
+    on_device = [isinstance(v, ndarray) for v in leaves]
+    if any(on_device) and not all(on_device):
+        ndarray.__array__(None)  # CuPy's implicit-conversion TypeError
+    if any(on_device):
+        return np.array([_host_in(v) for v in x])
     return x
 
 
