@@ -7,10 +7,11 @@ Example:
 """
 import argparse
 import sys
+from pathlib import Path
 
-from tinyvit.checkpoint import save_checkpoint
+from tinyvit.checkpoint import prepare_out_dir, save_checkpoint
 from tinyvit.convert import FORMATS, adapt, convert
-from tinyvit.errors import TinyViTError
+from tinyvit.errors import TinyViTError, describe_os_error
 from tinyvit.model import count_params
 
 
@@ -34,6 +35,7 @@ def main(argv=None):
     """Convert, optionally adapt, save; one summary line on stdout."""
     args = parse_args(argv)
     try:
+        prepare_out_dir(Path(args.out).parent)  # a wrong --out fails before the conversion
         params, cfg, meta = convert(args.src, fmt=args.format, heads=args.heads)
         old_classes, old_size = cfg.num_classes, cfg.img_size
         params, cfg = adapt(params, cfg, img_size=args.img_size, num_classes=args.num_classes)
@@ -45,6 +47,9 @@ def main(argv=None):
         out = save_checkpoint(args.out, params, cfg, meta)
     except TinyViTError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, no permission, ...: one line, as the other scripts
+        print(f"error: {describe_os_error(e)}", file=sys.stderr)
         return 2
     print(f"{meta['format']} -> {out}: img {cfg.img_size} patch {cfg.patch_size} dim {cfg.dim} "
           f"depth {cfg.depth} heads {cfg.heads} mlp {cfg.mlp_dim} classes {cfg.num_classes} "

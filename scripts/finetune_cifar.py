@@ -11,7 +11,7 @@ import tinyvit  # noqa: F401  (before NumPy: sets OpenBLAS's spin time, see tiny
 import numpy as np
 
 from tinyvit.backend import get_backend, to_device, to_numpy
-from tinyvit.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from tinyvit.checkpoint import atomic_write, load_checkpoint, prepare_out_dir, save_checkpoint
 from tinyvit.cli import add_run_args, add_train_args, report, run, train_config
 from tinyvit.convert import adapt, convert
 from tinyvit.data import data_root, iterate_batches, load_cifar10
@@ -112,6 +112,7 @@ def main():
         for flag, value in (("--lr", 1e-3), ("--epochs", 30), ("--batch-size", 256), ("--augment", "none")):
             if not given(flag):
                 setattr(args, flag[2:].replace("-", "_"), value)
+    prepare_out_dir(args.out)  # a wrong --out fails now, not after the feature pass or an epoch
 
     xp = get_backend(args.backend)
     params, cfg, meta = load_weights(args.weights)

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from tinyvit.backend import _real_cupy  # noqa: E402
 from tinyvit.cli import run  # noqa: E402
-from tinyvit.errors import TinyViTError  # noqa: E402
+from tinyvit.checkpoint import prepare_out_dir  # noqa: E402
 
 TIMM_TI16 = "vit_tiny_patch16_224.augreg_in21k_ft_in1k.npz"
 # MNIST on a GPU: the mnist preset at its full depth (6 blocks), 30 epochs with shift augmentation
@@ -224,10 +224,7 @@ def main():
     gpu = _real_cupy()
     small = gpu is None
     out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise TinyViTError(f"cannot create --out {out} ({e.strerror or e})") from None
+    prepare_out_dir(out)
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     if small:
         env["TINYVIT_CUPY_STANDIN"] = "1"  # no GPU: every --backend cupy run goes through the stand-in

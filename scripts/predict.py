@@ -15,7 +15,7 @@ import tinyvit  # noqa: F401  (before NumPy: sets OpenBLAS's spin time, see tiny
 import numpy as np
 
 from tinyvit.backend import get_backend, to_device, to_numpy
-from tinyvit.checkpoint import atomic_write, load_checkpoint
+from tinyvit.checkpoint import atomic_write, load_checkpoint, prepare_out_dir
 from tinyvit.cli import run
 from tinyvit.errors import TinyViTError
 from tinyvit.images import MAX_PIXELS, attention_rollout, load_image, normalisation, open_image, overlay_attention
@@ -92,6 +92,8 @@ def main():
     if not args.max_megapixels > 0:
         raise TinyViTError(f"--max-megapixels must be positive, got {args.max_megapixels}")
 
+    if args.attention_map is not None:  # a wrong output folder fails before any work
+        prepare_out_dir(Path(args.attention_map).parent, "the --attention-map folder")
     params, cfg, meta = load_checkpoint(args.checkpoint)
     mean, std = normalisation(meta, cfg.in_chans, args.checkpoint)
     names = class_names(meta, cfg.num_classes, args.checkpoint)

@@ -4,6 +4,7 @@ import argparse
 
 from tinyvit import init_params, preset
 from tinyvit.backend import get_backend
+from tinyvit.checkpoint import prepare_out_dir
 from tinyvit.cli import add_run_args, add_train_args, report, run, train_config
 from tinyvit.data import MNIST_MEAN, MNIST_STD, data_root, load_mnist
 from tinyvit.model import PRESETS
@@ -33,6 +34,7 @@ def main():
     add_train_args(ap, DEFAULTS)
     add_run_args(ap, "runs/mnist")
     args = ap.parse_args()
+    prepare_out_dir(args.out)  # a wrong --out fails now, not after an epoch
 
     xp = get_backend(args.backend)
     root = data_root(args.data_dir)

@@ -3,16 +3,20 @@ import dataclasses
 import json
 import sys
 
-from .errors import TinyViTError
+from .errors import TinyViTError, describe_os_error
 from .train import TrainConfig
 
 
 def run(main):
-    """Call main(); a TinyViTError becomes one 'error: ...' line on stderr and exit code 2."""
+    """Call main(); a TinyViTError or an operating-system fault (full disk, no permission, ...)
+    becomes one 'error: ...' line on stderr and exit code 2, never a traceback."""
     try:
         code = main()
     except TinyViTError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        print(f"error: {describe_os_error(e)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from .backend import get_array_module, to_device, to_numpy
-from .checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
+from .checkpoint import atomic_write, load_checkpoint, load_optimizer_state, prepare_out_dir, save_checkpoint
 from .data import iterate_batches, num_batches
-from .errors import TinyViTError
+from .errors import TinyViTError, describe_os_error
 from .layers import cross_entropy_backward, cross_entropy_forward
 from .model import head_backward, vit_backward, vit_forward
 from .optim import clip_grad_norm, make_optimizer, make_schedule
@@ -122,17 +122,17 @@ def fit(params, cfg, tc: TrainConfig, xp, train: Dataset, test: Dataset, out_dir
     Returns a summary dict (test_accuracy, epochs, train_seconds, images_per_second, checkpoint,
     stopped_early). With `resume`, continues the run saved in that checkpoint exactly.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path, log_path = out_dir / "checkpoint.npz", out_dir / "metrics.jsonl"
+    files = _RunFiles(out_dir)
+    ckpt_path = files.ckpt
     opt = tc.make_optimizer()
     rng = np.random.default_rng(tc.seed)  # dropout; its state travels in the checkpoint
     epoch, batch, step, history = 0, 0, 0, []
     if resume:
         params, opt, rng, (epoch, batch, step, history) = _resume(resume, params, cfg, tc, opt, rng)
+        files.good = (Path(resume), step)
         # the log restarts from the checkpoint's history: epochs logged after it (by a run killed
         # before its next checkpoint) are run again and must not appear twice
-        log_path.write_text("".join(json.dumps(rec) + "\n" for rec in history))
+        files.write_log(history)
     params = to_device(params, xp)
     dev_rng = rng if xp is np else xp.random.default_rng(tc.seed + step)
     steps_per_epoch = num_batches(len(train.labels), tc.batch_size, drop_last=True)
@@ -150,12 +150,12 @@ def fit(params, cfg, tc: TrainConfig, xp, train: Dataset, test: Dataset, out_dir
 
     def save(e, b):
         m = dict(meta, train_state=_train_state(e, b, step, rng, history, tc))
-        save_checkpoint(ckpt_path, params, cfg, m, opt.state_dict())
+        files.checkpoint(lambda: save_checkpoint(ckpt_path, params, cfg, m, opt.state_dict()), step)
 
     def check(tally):  # read the steps' losses (one host read); stop before a non-finite one is kept
         loss = tally.read()
         if not math.isfinite(loss):
-            save_note = f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written yet"
+            save_note = files.last_good()
             also = "" if xp is np else " (on CuPy, NaN or Inf images also end here: they are not checked per batch)"
             raise TinyViTError(f"training diverged: loss is {loss} at epoch {epoch + 1}, step {step} "
                                f"(lr {lr:.3g}); {save_note}; try a lower --lr or --clip 1.0{also}")
@@ -201,8 +201,7 @@ def fit(params, cfg, tc: TrainConfig, xp, train: Dataset, test: Dataset, out_dir
             rec["test_accuracy"] = evaluate(params, cfg, test, xp, progress=ebar)
             ebar.close()
             history.append(rec)
-            with open(log_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            files.write_log(history)
             if not quiet:
                 print(f"epoch {epoch}/{tc.epochs}: loss {rec['train_loss']:.4f}  train acc "
                       f"{rec['train_accuracy']:.4f}  test acc {rec['test_accuracy']:.4f}  "
@@ -210,15 +209,51 @@ def fit(params, cfg, tc: TrainConfig, xp, train: Dataset, test: Dataset, out_dir
             save(epoch, 0)
     seconds = time.perf_counter() - t_start
     done = epoch >= tc.epochs
-    final = out_dir / "model.npz"
+    final = files.out / "model.npz"
     if done:  # a slim copy (no optimizer state) for evaluate.py / predict.py
         test_acc = history[-1]["test_accuracy"]
-        save_checkpoint(final, params, cfg, dict(meta, test_accuracy=test_acc, history=history))
+        files.write("the final model", final,
+                    lambda: save_checkpoint(final, params, cfg, dict(meta, test_accuracy=test_acc, history=history)))
     return {"test_accuracy": history[-1]["test_accuracy"] if history else None,
             "epochs": epoch, "steps": step, "train_seconds": seconds,
             "images_per_second": images_seen / train_time if train_time > 0 else 0.0,
             "checkpoint": str(final if done else ckpt_path), "stopped_early": not done,
             "params": params}
+
+
+class _RunFiles:
+    """A run's output folder (checked writable at start-up) and its files. A write the system refuses
+    (full disk, quota, ...) ends the run with one line naming the last good checkpoint and how to
+    resume from it; atomic writes leave that checkpoint and the log whole."""
+
+    def __init__(self, out_dir):
+        self.out = prepare_out_dir(out_dir)
+        self.ckpt, self.log = self.out / "checkpoint.npz", self.out / "metrics.jsonl"
+        self.good = None  # (path, step) of the last checkpoint known to be whole
+
+    def last_good(self) -> str:
+        """Where the run can be resumed from, in words."""
+        if self.good is None:
+            return "no checkpoint was written yet"
+        path, step = self.good
+        return f"the last good checkpoint is {path} (step {step}): continue with --resume {path}"
+
+    def write(self, what, path, write_fn):
+        """write_fn() (an atomic write of path); an OSError becomes one TinyViTError."""
+        try:
+            write_fn()
+        except OSError as e:
+            raise TinyViTError(f"cannot write {what} {path}: {describe_os_error(e, about=path)}; {self.last_good()}") from None
+
+    def checkpoint(self, write_fn, step):
+        """Write the training checkpoint; on success it is the last good one."""
+        self.write("the checkpoint", self.ckpt, write_fn)
+        self.good = (self.ckpt, step)
+
+    def write_log(self, history):
+        """metrics.jsonl as one JSON line per finished epoch (rewritten whole, atomically)."""
+        text = "".join(json.dumps(rec) + "\n" for rec in history).encode()
+        self.write("the log", self.log, lambda: atomic_write(self.log, lambda f: f.write(text)))
 
 
 DEVICE_READ_EVERY = 10  # on CuPy, steps between host reads of the loss (each read stalls the GPU)
