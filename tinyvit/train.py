@@ -59,6 +59,11 @@ class Dataset:
     std: tuple
     img_size: int = None  # resize to this on the backend (None: as stored)
 
+    def batches(self, batch_size, xp, **kw):
+        """iterate_batches over these images (tinyvit.loader.FolderDataset answers the same call)."""
+        return iterate_batches(self.images, self.labels, batch_size, xp, mean=self.mean, std=self.std,
+                               img_size=self.img_size, **kw)
+
 
 def eval_batch_size(cfg, limit=500):
     """Images per inference pass: about 64k tokens, so a 224 px ViT stays within a few GB."""
@@ -69,8 +74,7 @@ def evaluate(params, cfg, data: Dataset, xp, batch_size=None, progress=None):
     """Top-1 accuracy (a fraction) of params on a dataset, in eval mode, without backward caches."""
     tally = 0  # (correct, non-finite logits) summed on the backend: one host read at the end
     batch_size = batch_size or eval_batch_size(cfg)
-    for x, y in iterate_batches(data.images, data.labels, batch_size, xp, mean=data.mean, std=data.std,
-                                shuffle=False, img_size=data.img_size, dtype=params["pos_embed"].dtype):
+    for x, y in data.batches(batch_size, xp, shuffle=False, dtype=params["pos_embed"].dtype):
         logits, _ = vit_forward(params, x, cfg, keep_cache=False)
         tally = tally + xp.stack([(logits.argmax(axis=1) == y).sum(), (~xp.isfinite(logits)).sum()])
         if progress:
@@ -165,11 +169,9 @@ def fit(params, cfg, tc: TrainConfig, xp, train: Dataset, test: Dataset, out_dir
             bar = Progress(steps_per_epoch, f"epoch {epoch + 1}/{tc.epochs}", unit="step",
                            initial=batch, disable=quiet)
             tally, t_epoch = _Tally(1 if xp is np else DEVICE_READ_EVERY), time.perf_counter()
-            for x, y in iterate_batches(train.images, train.labels, tc.batch_size, xp, mean=train.mean,
-                                        std=train.std, seed=tc.seed, epoch=epoch, drop_last=True,
-                                        augment=None if tc.augment == "none" else tc.augment,
-                                        img_size=train.img_size, start_batch=batch,
-                                        dtype=params["pos_embed"].dtype):
+            for x, y in train.batches(tc.batch_size, xp, seed=tc.seed, epoch=epoch, drop_last=True,
+                                      augment=None if tc.augment == "none" else tc.augment,
+                                      start_batch=batch, dtype=params["pos_embed"].dtype):
                 t_step = time.perf_counter()
                 lr = schedule(step)
                 loss, correct_b, grads = _step_grads(params, x, y, cfg, tc, dev_rng, epoch < tc.head_epochs)
