@@ -1,0 +1,120 @@
+"""Batches from image files, decoded in background threads with a bounded prefetch.
+
+Evaluation resizes the shorter side to img_size / crop_pct (bicubic) and centre-crops img_size, as
+timm evaluates; training takes a random-resized crop (area 8-100%, aspect 3/4-4/3, as torchvision's
+RandomResizedCrop) and a horizontal flip with p = 0.5. Each image's crop depends only on (seed,
+epoch, position), so runs and resumes repeat exactly whatever the threads' timing. Pillow decodes
+and resizes with the GIL released, so the threads use every core while the model waits least.
+"""
+import math
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from .errors import TinyViTError
+from .folders import ImageList, Warnings
+from .images import BICUBIC, MAX_PIXELS, _standard_mode, _to_array, open_image
+
+
+def centre_box(w, h, crop_pct):
+    """The centred square that becomes the eval crop: side min(w, h) * crop_pct."""
+    m = min(w, h) * crop_pct
+    return ((w - m) / 2, (h - m) / 2, (w + m) / 2, (h + m) / 2)
+
+
+def random_resized_box(w, h, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop box (left, top, right, bottom): 10 tries, then a centre crop."""
+    area = w * h
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < cw <= w and 0 < ch <= h:
+            x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            return (x0, y0, x0 + cw, y0 + ch)
+    r = w / h  # fallback: the whole image, clamped to the aspect range, centred
+    cw, ch = (w, round(w / min(r, ratio[1]))) if r > ratio[1] else (round(h * max(r, ratio[0])), h)
+    cw, ch = min(cw, w), min(ch, h)
+    return ((w - cw) // 2, (h - ch) // 2, (w - cw) // 2 + cw, (h - ch) // 2 + ch)
+
+
+def decode(path, size, channels=3, crop_pct=0.875, rng=None):
+    """One image file -> uint8 (C, size, size): the eval transform, or (rng given) the train one."""
+    draft = None if rng is not None else math.ceil(size / crop_pct)  # JPEG: decode at reduced scale
+    img = _standard_mode(open_image(path, MAX_PIXELS, draft_size=draft), path)
+    if channels == 1 and img.mode in ("RGB", "RGBA"):
+        img = img.convert("LA" if img.mode == "RGBA" else "L")
+    w, h = img.size
+    box = centre_box(w, h, crop_pct) if rng is None else random_resized_box(w, h, rng)
+    x = _to_array(img.resize((size, size), BICUBIC, box=box))  # (S, S, c) in [0, 1], alpha composited
+    if x.shape[-1] != channels:
+        x = np.repeat(x, channels, axis=-1)  # grayscale file into an RGB model
+    if rng is not None and rng.random() < 0.5:
+        x = x[:, ::-1]
+    return np.rint(x * 255.0).astype(np.uint8).transpose(2, 0, 1)
+
+
+class FolderDataset:
+    """An ImageList decoded on the fly, with the normalisation the model expects (fit's Dataset API)."""
+
+    def __init__(self, images: ImageList, img_size, mean, std, channels=3, crop_pct=0.875, workers=2,
+                 warn=None):
+        if not 0.0 < crop_pct <= 1.0:
+            raise TinyViTError(f"crop_pct must be in (0, 1], got {crop_pct}")
+        self.images, self.img_size, self.mean, self.std = images, img_size, tuple(mean), tuple(std)
+        self.channels, self.crop_pct, self.workers = channels, crop_pct, max(1, int(workers))
+        self.warn = warn or Warnings()
+        self.decoded = 0  # images decoded so far (for rate reports)
+
+    @property
+    def labels(self):
+        return self.images.labels
+
+    def _decode_batch(self, idx, train, seed, epoch, first):
+        """(uint8 images, kept indices, [(path, why)]) for one batch; runs on a worker thread."""
+        xs, kept, bad = [], [], []
+        for j, i in enumerate(idx):
+            path = self.images.paths[i]
+            rng = np.random.default_rng([seed, epoch, 2, first + j]) if train else None
+            try:
+                xs.append(decode(path, self.img_size, self.channels, self.crop_pct, rng))
+                kept.append(i)
+            except TinyViTError as e:
+                bad.append((path, str(e).removeprefix(f"{path}: ")))
+        return xs, kept, bad
+
+    def batches(self, batch_size, xp, *, shuffle=True, seed=0, epoch=0, drop_last=False, augment=None,
+                start_batch=0, dtype=np.float32):
+        """Yield (x float NCHW normalised, y int64) on xp; augment (anything but None/'none') trains."""
+        train = augment not in (None, "none")
+        n = len(self.images)
+        order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+        stop = (n // batch_size if drop_last else -(-n // batch_size)) * batch_size
+        starts = range(start_batch * batch_size, stop, batch_size)
+        scale = xp.asarray(1.0 / (255.0 * np.asarray(self.std, np.float64)), dtype=dtype).reshape(1, -1, 1, 1)
+        shift = xp.asarray(-np.asarray(self.mean, np.float64) / np.asarray(self.std, np.float64),
+                           dtype=dtype).reshape(1, -1, 1, 1)
+        with ThreadPoolExecutor(self.workers) as pool:
+            pending = deque()
+            todo = iter(starts)
+
+            def submit():
+                s = next(todo, None)
+                if s is not None:
+                    idx = [i for i in order[s:min(s + batch_size, n)] if self.images.paths[i] not in self.images.bad]
+                    pending.append(pool.submit(self._decode_batch, idx, train, seed, epoch, s))
+
+            for _ in range(self.workers + 1):  # a bounded prefetch: decoded batches wait, at most this many
+                submit()
+            while pending:
+                xs, kept, bad = pending.popleft().result()
+                submit()
+                for path, why in bad:
+                    self.images.bad[path] = why
+                    self.warn(path, why)
+                if not kept:
+                    continue
+                self.decoded += len(kept)
+                x = xp.asarray(np.stack(xs)).astype(dtype) * scale + shift  # (x / 255 - mean) / std
+                yield x, xp.asarray(self.images.labels[kept])
