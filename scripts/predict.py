@@ -2,10 +2,12 @@
 
 Every image is read (see tinyvit/images.py for the mode, alpha, resize and inversion rules) before
 anything is printed: one unreadable file stops the run with a one-line error (exit 2).
---attention-map OUT.png writes the input image at its own size with the attention-rollout heat map
-blended over the centre square the model saw. With one image the file is OUT itself; with several,
-each goes to OUT's folder as <OUT stem>_<image stem><OUT suffix> (out_digit.png), and a repeated
-image stem gets _2, _3, ... appended.
+--attention-map OUT.png writes a figure per image, side by side: the input as the model sees it
+(centre square, resized; inverted or gray where the model's input is), the attention-rollout heat map
+(the CLS token's row over the patches, 10th to 99th percentile, bilinear) in the inferno colour map,
+the heat map over the dimmed image, and a colour bar. With one image the file is OUT itself; with
+several, each goes to OUT's folder as <OUT stem>_<image stem><OUT suffix> (out_digit.png), and a
+repeated image stem gets _2, _3, ... appended.
 """
 import argparse
 import json
@@ -18,7 +20,7 @@ from tinyvit.backend import get_backend, to_device, to_numpy
 from tinyvit.checkpoint import atomic_write, load_checkpoint, prepare_out_dir
 from tinyvit.cli import run
 from tinyvit.errors import TinyViTError
-from tinyvit.images import MAX_PIXELS, attention_rollout, load_image, normalisation, open_image, overlay_attention
+from tinyvit.images import MAX_PIXELS, attention_figure, attention_rollout, input_view, load_image, normalisation
 from tinyvit.model import attention_maps, vit_forward
 
 INVERT = {"auto": None, "yes": True, "no": False}
@@ -76,8 +78,8 @@ def main():
                     help="array backend: numpy (CPU), cupy (CUDA GPU) or auto (default numpy)")
     ap.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     ap.add_argument("--attention-map", default=None, metavar="OUT.png",
-                    help="write the attention-rollout heat map over the image to this PNG "
-                         "(several images: OUT_<image stem>.png each)")
+                    help="write a figure of the image, its attention-rollout heat map, the overlay and a "
+                         "colour bar to this PNG (several images: OUT_<image stem>.png each)")
     ap.add_argument("--invert", choices=list(INVERT), default="auto",
                     help="invert gray levels: auto (MNIST checkpoints only: when the border is brighter "
                          "than the centre, i.e. dark ink on light paper), yes, or no (default auto)")
@@ -121,8 +123,10 @@ def main():
                                                  for j in top]})
     if want_maps:
         heats = np.concatenate(heats)
-        for res, heat, out in zip(results, heats, map_paths(args.attention_map, args.images)):
-            save_png(overlay_attention(open_image(res["image"], max_pixels), heat), out)
+        for res, inp, heat, out in zip(results, xs, heats, map_paths(args.attention_map, args.images)):
+            top = res["top_k"][0]
+            title = f"{Path(res['image']).name}: {top['class']} {top['probability'] * 100:.1f}%"
+            save_png(attention_figure(input_view(inp[0], mean, std), heat, title), out)
             res["attention_map"] = str(out)
 
     if args.json:

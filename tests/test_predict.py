@@ -1,5 +1,6 @@
 """Image loading (every Pillow mode, sizes, limits, bad files), attention rollout, and scripts/predict.py."""
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -14,8 +15,8 @@ from PIL import Image
 from tinyvit import TinyViTError, init_params, preset
 from tinyvit.backend import to_numpy
 from tinyvit.checkpoint import save_checkpoint
-from tinyvit.images import (attention_rollout, auto_invert, colormap, load_image, normalisation,
-                            open_image, overlay_attention, rollout_matrix)
+from tinyvit.images import (attention_layout, attention_rollout, auto_invert, colormap, load_image,
+                            normalisation, open_image, overlay_attention, rollout_matrix)
 from tinyvit.model import ViTConfig, attention_maps, vit_forward
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -352,8 +353,9 @@ def test_rollout_bad_input():
 
 
 def _predict(*args):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's tinyvit, not an installed copy
     return subprocess.run([sys.executable, str(ROOT / "scripts" / "predict.py"), *map(str, args)],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -391,8 +393,8 @@ def test_cli_json_and_attention_maps(ckpts, pictures, tmp_path):
         assert all(RGB_NAMES[t["index"]] == t["class"] for t in tops)
         m = out.parent / f"out_{img.stem}.png"
         assert p["attention_map"] == str(m)
-        with Image.open(m) as a, Image.open(img) as src:
-            assert a.size == src.size and a.mode == "RGB"
+        with Image.open(m) as a:  # the four-panel figure (image, heat map, overlay, colour bar)
+            assert a.size == attention_layout(RGB.img_size)["size"] and a.mode == "RGB"
 
 
 def test_cli_single_attention_map_uses_out_name(ckpts, pictures, tmp_path):
@@ -400,7 +402,7 @@ def test_cli_single_attention_map_uses_out_name(ckpts, pictures, tmp_path):
     r = _predict(ckpts[0], pictures / "digit.png", "--attention-map", out, "--invert", "yes")
     assert r.returncode == 0, r.stderr
     with Image.open(out) as a:
-        assert a.size == (60, 40)
+        assert a.size == attention_layout(MNIST.img_size)["size"]
 
 
 @pytest.mark.parametrize("case", ["missing-image", "bad-checkpoint", "bad-top-k"])

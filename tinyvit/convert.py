@@ -15,6 +15,7 @@ from .backend import get_array_module
 from .checkpoint import check_params, read_npz
 from .data import bilinear_resize
 from .errors import TinyViTError, input_file
+from .labels import NUM_IMAGENET_CLASSES, imagenet_classes
 from .model import ViTConfig, param_shapes
 from .safetensors import read_safetensors
 from .torchzip import load_torch_zip
@@ -314,6 +315,16 @@ def _hf_sidecar(path):
     return out
 
 
+def class_names_for(id2label, num_classes, trained_head=True):
+    """An HF id2label with real names, else ImageNet-1k's for a trained 1000-class head, else class_i."""
+    names = [f"class_{i}" for i in range(num_classes)]
+    if trained_head and isinstance(id2label, dict) and len(id2label) == num_classes:
+        got = [str(id2label.get(str(i), names[i])) for i in range(num_classes)]
+        if not all(re.fullmatch(r"(LABEL|class)_?\d+", n) for n in got):  # HF's LABEL_i are no names
+            return got
+    return imagenet_classes() if trained_head and num_classes == NUM_IMAGENET_CLASSES else names
+
+
 def convert(src, fmt="auto", heads=None):
     """Read public ViT weights -> (params, cfg, meta). Normalisation rule in meta's mean/std:
     torchvision -> ImageNet mean/std; Google (.npz, original and AugReg), timm and HF -> 0.5/0.5
@@ -330,17 +341,17 @@ def convert(src, fmt="auto", heads=None):
     params, cfg, info = to_timm(state, fmt, heads or side_heads, eps, src)
     if side_heads and not heads:
         info["heads_from"] = "config.json"
-    if side.get("hidden_act") in ("gelu_new", "gelu_pytorch_tanh"):
+    act = side.get("hidden_act", "gelu")
+    if act in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu_python_tanh"):  # HF's tanh-GELU names
         cfg = dataclasses.replace(cfg, gelu="tanh")
+    elif act not in ("gelu", "gelu_python"):  # anything else would run as GELU with wrong logits
+        raise TinyViTError(f"{src}: config.json's hidden_act {act!r} is not GELU, the only activation tinyvit has")
     params = {k: np.ascontiguousarray(v, dtype=np.float32 if v.dtype == np.float16 else v.dtype)
               for k, v in params.items()}
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if fmt == "torchvision" else (HALF, HALF)
     if isinstance(side.get("image_mean"), list) and isinstance(side.get("image_std"), list):
         mean, std = side["image_mean"], side["image_std"]
-    labels = side.get("id2label")
-    names = [f"class_{i}" for i in range(cfg.num_classes)]
-    if isinstance(labels, dict) and len(labels) == cfg.num_classes and not info["notes"]:
-        names = [str(labels.get(str(i), names[i])) for i in range(cfg.num_classes)]
+    names = class_names_for(side.get("id2label"), cfg.num_classes, trained_head=not info["notes"])
     meta = dict(source=str(src), format=info["format"], mean=list(mean), std=list(std), class_names=names,
                 dropped=info["dropped"], notes=info["notes"], heads_from=info["heads_from"])
     return params, cfg, meta
