@@ -1,0 +1,52 @@
+"""Export a tinyvit checkpoint to timm (.safetensors state dict) or Hugging Face transformers (a folder).
+
+Examples:
+  python scripts/export_weights.py runs/cifar/model.npz --to timm --out vit.safetensors
+  python scripts/export_weights.py runs/cifar/model.npz --to hf --out vit-hf/
+
+timm: the file's __metadata__ holds VisionTransformer's arguments (img_size, patch_size, in_chans,
+num_classes, embed_dim, depth, num_heads, mlp_ratio, act_layer, norm_eps) and the class names, mean
+and std as JSON. Build the model with those (class_token=True, global_pool='token', qkv_bias=True;
+norm_layer=partial(nn.LayerNorm, eps=norm_eps) when norm_eps is not timm's 1e-6) and load the file with
+safetensors.torch.load_file + load_state_dict(strict=True).
+hf: ViTForImageClassification.from_pretrained(folder) and ViTImageProcessor.from_pretrained(folder).
+"""
+import argparse
+import json
+
+import tinyvit  # noqa: F401  (before NumPy: sets OpenBLAS's spin time, see tinyvit/__init__.py)
+from tinyvit.cli import run
+from tinyvit.export import TARGETS, export
+
+
+def build_parser():
+    """The command line."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint", help="tinyvit checkpoint .npz to export (e.g. model.npz from a training run)")
+    ap.add_argument("--to", required=True, choices=TARGETS,
+                    help="timm: one .safetensors state dict; hf: a transformers ViTForImageClassification folder")
+    ap.add_argument("--out", required=True,
+                    help="output: the .safetensors file (--to timm) or the folder to write into (--to hf)")
+    ap.add_argument("--json", action="store_true", help="print the summary as one JSON line instead of text")
+    return ap
+
+
+def summary_line(s):
+    """One readable line: what was written where."""
+    c = s["config"]
+    return (f"{s['checkpoint']} -> {s['target']}: {', '.join(s['files'])} ({s['tensors']} tensors, "
+            f"{s['params']:,} params, {s['dtype']}; img {c['img_size']} patch {c['patch_size']} dim {c['dim']} "
+            f"depth {c['depth']} heads {c['heads']} mlp {c['mlp_dim']} classes {c['num_classes']} "
+            f"gelu {c['gelu']} eps {c['ln_eps']:g})")
+
+
+def main(argv=None):
+    """Export; one summary line on stdout."""
+    args = build_parser().parse_args(argv)
+    summary = export(args.checkpoint, args.to, args.out)
+    print(json.dumps(summary) if args.json else summary_line(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,348 @@
+"""Export to timm and HF transformers: strict loads into the torch ViT and logits vs vit_forward, the HF
+folder converting back bit for bit, transformers itself when installed, bad input, and the script."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import rel_err
+from torch_vit import TorchViT
+from tinyvit import TinyViTError, ViTConfig, vit_forward
+from tinyvit.checkpoint import load_checkpoint, save_checkpoint
+from tinyvit.convert import convert
+from tinyvit.export import export, mlp_ratio
+from tinyvit.images import normalisation
+from tinyvit.model import init_params, param_shapes
+from tinyvit.safetensors import read_safetensors
+
+try:
+    import transformers
+except ImportError:  # CI: pip install "transformers==5.24.0" (tested with torch 2.13; leaves torch alone)
+    transformers = None
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "export_weights.py"
+WEIGHTS = Path(os.environ.get("TINYVIT_WEIGHTS") or ROOT.parent / "shared" / "weights")
+TI16 = WEIGHTS / "vit_tiny_patch16_224.augreg_in21k_ft_in1k.npz"
+needs_ti16 = pytest.mark.skipif(not TI16.is_file(),
+                                reason=f"real ViT-Ti/16 weights not found at {TI16} (set TINYVIT_WEIGHTS)")
+needs_hf = pytest.mark.skipif(transformers is None, reason="transformers is not installed (pip install transformers)")
+
+CFGS = {  # exact GELU at timm's eps; tanh GELU, HF's eps, one channel and an MLP ratio m/d misses by an ulp
+    "erf": ViTConfig(img_size=32, patch_size=8, in_chans=3, num_classes=5, dim=32, depth=2, heads=4, mlp_dim=64),
+    "tanh": ViTConfig(img_size=24, patch_size=4, in_chans=1, num_classes=3, dim=28, depth=3, heads=4, mlp_dim=61,
+                      ln_eps=1e-12, gelu="tanh"),
+}
+NAMES = {"erf": ["cat", "dog", "ship", "frog", "truck"], "tanh": ["zero", "one", "two"]}
+MEAN_STD = {"erf": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]), "tanh": ([0.25], [0.75])}
+HF_BLOCK = ["attention.attention.query", "attention.attention.key", "attention.attention.value",
+            "attention.output.dense", "intermediate.dense", "output.dense", "layernorm_before", "layernorm_after"]
+
+
+def _params(cfg, dtype=np.float64, seed=0):
+    """Every tensor random (biases and norms too), so a swapped or misplaced slice changes the logits."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for k, v in init_params(cfg, seed, dtype=dtype).items():
+        noise = rng.standard_normal(v.shape)
+        out[k] = (1 + 0.1 * noise if k.endswith("norm1.weight") or k.endswith("norm2.weight") or k == "norm.weight"
+                  else v + 0.05 * noise).astype(dtype)
+    return out
+
+
+def _checkpoint(tmp_path, name, dtype=np.float64, meta=True, seed=0):
+    """A checkpoint of CFGS[name] on disk -> (path, params, cfg)."""
+    cfg, params = CFGS[name], _params(CFGS[name], dtype, seed)
+    m = dict(class_names=NAMES[name], mean=MEAN_STD[name][0], std=MEAN_STD[name][1]) if meta else {}
+    path = save_checkpoint(tmp_path / f"{name}.npz", params, cfg, m)
+    return path, params, cfg
+
+
+def _images(cfg, n=3, dtype=np.float64, seed=1):
+    return np.random.default_rng(seed).standard_normal((n, cfg.in_chans, cfg.img_size, cfg.img_size)).astype(dtype)
+
+
+def _cfg_from_timm_metadata(md):
+    """The ViTConfig that the file's __metadata__ alone describes (what a timm user builds)."""
+    D = int(md["embed_dim"])
+    return ViTConfig(img_size=int(md["img_size"]), patch_size=int(md["patch_size"]), in_chans=int(md["in_chans"]),
+                     num_classes=int(md["num_classes"]), dim=D, depth=int(md["depth"]), heads=int(md["num_heads"]),
+                     mlp_dim=int(D * float(md["mlp_ratio"])), ln_eps=float(md["norm_eps"]),
+                     gelu={"gelu": "erf", "gelu_tanh": "tanh"}[md["act_layer"]])
+
+
+def _torch_logits(cfg, state, x):
+    """TorchViT (timm's module names) loaded strictly with a state dict; float64 logits."""
+    model = TorchViT(cfg).to(torch.float64)
+    model.load_state_dict({k: torch.from_numpy(np.array(v, dtype=np.float64)) for k, v in state.items()}, strict=True)
+    with torch.no_grad():
+        return model(torch.from_numpy(x)).numpy()
+
+
+# --- timm ---------------------------------------------------------------------------------------
+
+
+def test_mlp_ratio_survives_timms_int_rounding():
+    cfg = CFGS["tanh"]
+    assert int(cfg.dim * (cfg.mlp_dim / cfg.dim)) != cfg.mlp_dim  # the case the nudge exists for
+    assert int(cfg.dim * mlp_ratio(cfg)) == cfg.mlp_dim
+    assert mlp_ratio(CFGS["erf"]) == 2.0
+
+
+@pytest.mark.parametrize("name", list(CFGS))
+def test_timm_export_loads_strictly_and_matches(tmp_path, name):
+    ckpt, params, cfg = _checkpoint(tmp_path, name)
+    summary = export(ckpt, "timm", tmp_path / "out" / "vit.safetensors")
+    state, md = read_safetensors(summary["files"][0])
+    assert sorted(state) == sorted(param_shapes(cfg)) and summary["tensors"] == len(state)
+    assert all(state[k].dtype == params[k].dtype and np.array_equal(state[k], params[k]) for k in params)
+    assert _cfg_from_timm_metadata(md) == cfg  # the metadata alone rebuilds the architecture
+    assert (md["global_pool"], md["class_token"], md["fc_norm"], md["format"]) == ("token", "true", "false", "pt")
+    assert json.loads(md["class_names"]) == NAMES[name]
+    assert (json.loads(md["mean"]), json.loads(md["std"])) == MEAN_STD[name]
+    assert ViTConfig.from_dict(json.loads(md["tinyvit_config"])) == cfg
+    x = _images(cfg)
+    ref = vit_forward(params, x, cfg, keep_cache=False)[0]
+    assert rel_err(_torch_logits(_cfg_from_timm_metadata(md), state, x), ref) <= 1e-10
+
+
+def test_timm_export_without_metadata_defaults(tmp_path):
+    ckpt, _, cfg = _checkpoint(tmp_path, "tanh", np.float32, meta=False)
+    state, md = read_safetensors(export(ckpt, "timm", tmp_path / "v.safetensors")["out"])
+    assert json.loads(md["class_names"]) is None and state["head.weight"].dtype == np.float32
+    assert tuple(json.loads(md["mean"])) == normalisation({}, cfg.in_chans)[0]  # tinyvit's own rule (MNIST's)
+
+
+@needs_ti16
+def test_real_vit_ti16_timm_export(tmp_path):
+    params, cfg, meta = convert(TI16)
+    ckpt = save_checkpoint(tmp_path / "ti16.npz", params, cfg, meta)
+    state, md = read_safetensors(export(ckpt, "timm", tmp_path / "ti16.safetensors")["out"])
+    assert list(state) == sorted(param_shapes(cfg)) and _cfg_from_timm_metadata(md) == cfg
+    assert all(np.array_equal(state[k], params[k]) and state[k].dtype == np.float32 for k in params)
+    x = _images(cfg, n=2)
+    ref = vit_forward({k: v.astype(np.float64) for k, v in params.items()}, x, cfg, keep_cache=False)[0]
+    assert rel_err(_torch_logits(cfg, state, x), ref) <= 1e-10
+
+
+# --- Hugging Face -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", list(CFGS))
+def test_hf_export_converts_back_bit_for_bit(tmp_path, name, dtype):
+    ckpt, params, cfg = _checkpoint(tmp_path, name, dtype)
+    folder = tmp_path / "hf"
+    summary = export(ckpt, "hf", folder)
+    assert sorted(Path(f).name for f in summary["files"]) == sorted(p.name for p in folder.iterdir())
+    back, cfg2, meta2 = convert(folder / "model.safetensors", fmt="hf")
+    assert cfg2 == cfg and list(back) == list(params)
+    assert all(back[k].dtype == params[k].dtype and np.array_equal(back[k], params[k]) for k in params)
+    assert meta2["class_names"] == NAMES[name] and (meta2["mean"], meta2["std"]) == MEAN_STD[name]
+    assert convert(folder / "model.safetensors")[1] == cfg  # detected as HF without fmt
+
+
+@pytest.mark.parametrize("name", list(CFGS))
+def test_hf_files_use_hfs_names(tmp_path, name):
+    ckpt, params, cfg = _checkpoint(tmp_path, name)
+    folder = tmp_path / "hf"
+    export(ckpt, "hf", folder)
+    state, md = read_safetensors(folder / "model.safetensors")
+    want = {"vit.embeddings.cls_token", "vit.embeddings.position_embeddings", "vit.layernorm.weight",
+            "vit.layernorm.bias", "classifier.weight", "classifier.bias",
+            "vit.embeddings.patch_embeddings.projection.weight", "vit.embeddings.patch_embeddings.projection.bias"}
+    want |= {f"vit.encoder.layer.{i}.{m}.{wb}" for i in range(cfg.depth) for m in HF_BLOCK for wb in ("weight", "bias")}
+    assert set(state) == want and md == {"format": "pt"}
+    D, b = cfg.dim, "vit.encoder.layer.1."
+    for j, t in enumerate(("query", "key", "value")):  # thirds of timm's qkv, in that order
+        for wb in ("weight", "bias"):
+            third = params[f"blocks.1.attn.qkv.{wb}"][j * D:(j + 1) * D]
+            assert np.array_equal(state[f"{b}attention.attention.{t}.{wb}"], third)
+    assert np.array_equal(state[b + "output.dense.weight"], params["blocks.1.mlp.fc2.weight"])
+    assert np.array_equal(state[b + "layernorm_after.bias"], params["blocks.1.norm2.bias"])
+    c = json.loads((folder / "config.json").read_text())
+    assert (c["architectures"], c["model_type"], c["hidden_act"]) == (
+        ["ViTForImageClassification"], "vit", {"erf": "gelu", "tanh": "gelu_pytorch_tanh"}[cfg.gelu])
+    assert (c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"], c["intermediate_size"]) == (
+        cfg.dim, cfg.depth, cfg.heads, cfg.mlp_dim)
+    assert (c["image_size"], c["patch_size"], c["num_channels"], c["encoder_stride"], c["layer_norm_eps"]) == (
+        cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.patch_size, cfg.ln_eps)
+    assert c["qkv_bias"] is True and c["hidden_dropout_prob"] == c["attention_probs_dropout_prob"] == 0.0
+    assert c["id2label"] == {str(i): n for i, n in enumerate(NAMES[name])}
+    assert c["label2id"] == {n: i for i, n in enumerate(NAMES[name])} and c["torch_dtype"] == "float64"
+    p = json.loads((folder / "preprocessor_config.json").read_text())
+    assert p["size"] == {"height": cfg.img_size, "width": cfg.img_size} and p["resample"] == 2
+    assert p["do_resize"] and p["do_rescale"] and p["do_normalize"] and p["rescale_factor"] == 1 / 255
+    assert (p["image_mean"], p["image_std"]) == MEAN_STD[name]
+
+
+def test_hf_export_without_class_names(tmp_path):
+    ckpt, _, cfg = _checkpoint(tmp_path, "erf", np.float32, meta=False)
+    export(ckpt, "hf", tmp_path / "hf")
+    c = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert c["id2label"] == {str(i): f"LABEL_{i}" for i in range(cfg.num_classes)} and c["torch_dtype"] == "float32"
+    assert c["label2id"] == {f"LABEL_{i}": i for i in range(cfg.num_classes)}
+    p = json.loads((tmp_path / "hf" / "preprocessor_config.json").read_text())
+    assert p["image_mean"] == p["image_std"] == [0.5] * 3
+
+
+def _hf_logits(folder, x):
+    """transformers' ViTForImageClassification from the local folder (no hub), float32 logits."""
+    model, info = transformers.ViTForImageClassification.from_pretrained(
+        str(folder), local_files_only=True, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    model.eval()
+    with torch.no_grad():
+        return model(pixel_values=torch.from_numpy(x)).logits.numpy()
+
+
+@needs_hf
+@pytest.mark.parametrize("name", list(CFGS))
+def test_transformers_loads_the_folder(tmp_path, name):
+    ckpt, params, cfg = _checkpoint(tmp_path, name, np.float32)
+    folder = tmp_path / "hf"
+    export(ckpt, "hf", folder)
+    x = _images(cfg, dtype=np.float32)
+    ref = vit_forward(params, x, cfg, keep_cache=False)[0]
+    assert rel_err(_hf_logits(folder, x), ref) <= 1e-4
+    config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    assert config.id2label == dict(enumerate(NAMES[name]))
+    assert config.hidden_act == ("gelu" if name == "erf" else "gelu_pytorch_tanh")
+    assert config.label2id == {n: i for i, n in enumerate(NAMES[name])}
+
+
+@needs_hf
+def test_transformers_image_processor_normalises_as_exported(tmp_path):
+    from PIL import Image
+
+    ckpt, _, cfg = _checkpoint(tmp_path, "erf", np.float32)
+    export(ckpt, "hf", tmp_path / "hf")
+    proc = transformers.AutoImageProcessor.from_pretrained(str(tmp_path / "hf"), local_files_only=True)
+    rgb = np.random.default_rng(2).integers(0, 256, (cfg.img_size, cfg.img_size, 3), dtype=np.uint8)
+    got = np.asarray(proc(images=Image.fromarray(rgb), return_tensors="pt")["pixel_values"])[0]  # (3, S, S)
+    mean, std = (np.array(v, np.float32)[:, None, None] for v in MEAN_STD["erf"])
+    assert np.allclose(got, (rgb.transpose(2, 0, 1) / 255.0 - mean) / std, atol=1e-5)
+
+
+@needs_ti16
+def test_real_vit_ti16_hf_export(tmp_path):
+    params, cfg, meta = convert(TI16)
+    ckpt = save_checkpoint(tmp_path / "ti16.npz", params, cfg, meta)
+    folder = tmp_path / "hf"
+    export(ckpt, "hf", folder)
+    back, cfg2, meta2 = convert(folder / "model.safetensors")
+    assert cfg2 == cfg and all(np.array_equal(back[k], params[k]) for k in params)
+    assert meta2["class_names"] == meta["class_names"] and (meta2["mean"], meta2["std"]) == (meta["mean"], meta["std"])
+    if transformers is not None:
+        x = _images(cfg, n=2, dtype=np.float32)
+        assert rel_err(_hf_logits(folder, x), vit_forward(params, x, cfg, keep_cache=False)[0]) <= 1e-4
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+
+def _run(*args):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=120)
+
+
+def _one_error_line(r, *needles):
+    assert r.returncode == 2 and r.stdout == "", (r.returncode, r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert all(str(n) in lines[0] for n in needles), lines[0]
+
+
+@pytest.mark.parametrize("content", [b'{"not": "a checkpoint"}\n', b"PK\x03\x04 truncated zip", None])
+def test_script_refuses_a_non_checkpoint(tmp_path, content):
+    bad = tmp_path / "notes.npz"
+    if content is not None:
+        bad.write_bytes(content)
+    else:  # a real .npz, but no tinyvit metadata
+        np.savez(bad, x=np.zeros(3))
+    for to in ("timm", "hf"):
+        _one_error_line(_run(bad, "--to", to, "--out", tmp_path / f"o-{to}"), bad)
+        assert not (tmp_path / f"o-{to}").exists()
+    _one_error_line(_run(tmp_path / "missing.npz", "--to", "timm", "--out", tmp_path / "o"), tmp_path / "missing.npz")
+
+
+def test_script_refuses_an_unusable_out(tmp_path):
+    ckpt, _, _ = _checkpoint(tmp_path, "erf")
+    taken = tmp_path / "taken.safetensors"
+    taken.write_bytes(b"keep me")
+    _one_error_line(_run(ckpt, "--to", "hf", "--out", taken), taken, "not a folder")
+    assert taken.read_bytes() == b"keep me"
+    (tmp_path / "dir").mkdir()
+    _one_error_line(_run(ckpt, "--to", "timm", "--out", tmp_path / "dir"), tmp_path / "dir", "is a folder")
+    before = ckpt.read_bytes()
+    _one_error_line(_run(ckpt, "--to", "timm", "--out", ckpt), ckpt)
+    assert ckpt.read_bytes() == before
+
+
+def test_inconsistent_metadata_is_refused(tmp_path):
+    cfg = CFGS["erf"]
+    for meta, what in ((dict(class_names=["a", "b"]), "class_names has 2 entries"),
+                       (dict(class_names=[1, 2, 3, 4, 5]), "not a list of strings"),
+                       (dict(mean=[0.5, 0.5], std=[0.5, 0.5]), "2/2 values")):
+        ckpt = save_checkpoint(tmp_path / "m.npz", _params(cfg), cfg, meta)
+        for to in ("timm", "hf"):
+            with pytest.raises(TinyViTError, match=what) as e:
+                export(ckpt, to, tmp_path / f"o-{to}")
+            assert str(ckpt) in str(e.value) and "\n" not in str(e.value)
+            assert not (tmp_path / f"o-{to}").exists()
+    with pytest.raises(TinyViTError, match="unknown export target"):
+        export(ckpt, "onnx", tmp_path / "o")
+
+
+# --- the script end to end ----------------------------------------------------------------------
+
+
+def test_script_exports_both_targets(tmp_path):
+    ckpt, params, cfg = _checkpoint(tmp_path, "erf", np.float32)
+    r = _run(ckpt, "--to", "timm", "--out", tmp_path / "t" / "vit.safetensors", "--json")
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)  # exactly one JSON line
+    assert r.stdout.count("\n") == 1 and s["target"] == "timm" and s["params"] == sum(v.size for v in params.values())
+    state, _ = read_safetensors(s["files"][0])
+    assert all(np.array_equal(state[k], params[k]) for k in params)
+    r = _run(ckpt, "--to", "hf", "--out", tmp_path / "h", "--json")
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert s["target"] == "hf" and [Path(f).name for f in s["files"]] == ["model.safetensors", "config.json",
+                                                                           "preprocessor_config.json"]
+    back, cfg2, _ = convert(tmp_path / "h" / "model.safetensors", fmt="hf")
+    assert cfg2 == cfg and all(np.array_equal(back[k], params[k]) for k in params)
+    assert load_checkpoint(ckpt)[1] == cfg  # the source is untouched
+    r = _run(ckpt, "--to", "hf", "--out", tmp_path / "h")  # into the same folder again, plain line
+    assert r.returncode == 0 and r.stdout.count("\n") == 1 and str(tmp_path / "h") in r.stdout, r.stderr
+
+
+def test_script_help_covers_every_flag():
+    r = _run("--help")
+    assert r.returncode == 0 and "--to" in r.stdout and "--json" in r.stdout
+    spec = importlib.util.spec_from_file_location("export_weights", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert all(a.help for a in mod.build_parser()._actions)
+
+
+@pytest.mark.parametrize("act,gelu", [("gelu_fast", "tanh"), ("gelu_python_tanh", "tanh"), ("relu", None),
+                                      ("quick_gelu", None)])
+def test_hf_reader_maps_or_refuses_each_activation(tmp_path, act, gelu):
+    """HF's other tanh-GELU names read as tanh; an activation tinyvit lacks is refused, not run as GELU."""
+    folder = tmp_path / "hf"
+    export(_checkpoint(tmp_path, "erf")[0], "hf", folder)
+    conf = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(conf, hidden_act=act)))
+    if gelu is None:
+        with pytest.raises(TinyViTError, match=f"hidden_act '{act}' is not GELU"):
+            convert(folder / "model.safetensors", fmt="hf")
+    else:
+        assert convert(folder / "model.safetensors", fmt="hf")[1].gelu == gelu
