@@ -1,4 +1,7 @@
-"""Test-set accuracy of a tinyvit checkpoint on MNIST or CIFAR-10."""
+"""Test-set accuracy of a tinyvit checkpoint on MNIST, CIFAR-10, Oxford-IIIT Pet or an image folder.
+
+For a model fine-tuned on a folder (scripts/finetune.py --data DIR), the validation split is rebuilt
+exactly as training made it (the seed and --val-split recorded in the checkpoint)."""
 import argparse
 import json
 import time
@@ -8,6 +11,8 @@ from tinyvit.checkpoint import load_checkpoint
 from tinyvit.cli import run
 from tinyvit.data import CIFAR10_MEAN, CIFAR10_STD, MNIST_MEAN, MNIST_STD, data_root, load_cifar10, load_mnist
 from tinyvit.errors import TinyViTError
+from tinyvit.folders import ImageList, folder_splits, pets_splits
+from tinyvit.loader import FolderDataset
 from tinyvit.progress import Progress
 from tinyvit.train import Dataset, evaluate
 
@@ -30,11 +35,32 @@ def test_set(name, root, cfg, meta, limit):
     return Dataset(x[:limit], y[:limit], mean, std, img_size=size)
 
 
+def folder_test_set(name, root, cfg, meta, args):
+    """The validation/test split of a folder dataset or Oxford-IIIT Pet, as the checkpoint recorded it."""
+    if name == "pets":
+        _, images = pets_splits(root, workers=args.workers)
+    else:
+        folder = args.data or meta.get("data")
+        if not folder:
+            raise TinyViTError(f"{args.checkpoint}: no data folder recorded; pass --data DIR")
+        _, images = folder_splits(folder, meta.get("val_split", 0.1), meta.get("split_seed", 0), workers=args.workers)
+    names = meta.get("class_names")
+    if names is not None and list(images.classes) != list(names):
+        raise TinyViTError(f"the folder's classes {images.classes[:5]}... differ from the checkpoint's {names[:5]}...")
+    mean, std = tuple(meta.get("mean", (0.5,) * 3)), tuple(meta.get("std", (0.5,) * 3))
+    if args.limit is not None:
+        images = ImageList(images.paths[:args.limit], images.labels[:args.limit], images.classes)
+    return FolderDataset(images, cfg.img_size, mean, std, cfg.in_chans, meta.get("crop_pct", 0.875), args.workers)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("checkpoint", help="a tinyvit checkpoint (.npz), e.g. weights/mnist_vit.npz")
-    ap.add_argument("--dataset", choices=["mnist", "cifar10"], default=None,
+    ap.add_argument("--dataset", choices=["mnist", "cifar10", "pets", "folder"], default=None,
                     help="test set to use (default: the dataset recorded in the checkpoint)")
+    ap.add_argument("--data", default=None, metavar="DIR", help="the image folder of a folder-trained model "
+                    "(default: the folder recorded in the checkpoint)")
+    ap.add_argument("--workers", type=int, default=2, help="image files: decoding threads (default 2)")
     ap.add_argument("--backend", choices=["numpy", "cupy", "auto"], default="numpy", help="array backend (default numpy)")
     ap.add_argument("--data-dir", default=None, help="data root holding mnist/ and cifar10/ (default: $TINYVIT_DATA, else ~/.cache/tinyvit)")
     ap.add_argument("--batch-size", type=int, default=None,
@@ -44,11 +70,14 @@ def main():
     args = ap.parse_args()
 
     params, cfg, meta = load_checkpoint(args.checkpoint)
-    name = args.dataset or meta.get("dataset")
-    if name not in ("mnist", "cifar10"):
-        raise TinyViTError(f"{args.checkpoint}: no dataset recorded; pass --dataset mnist|cifar10")
+    name = args.dataset or ("folder" if args.data else meta.get("dataset"))
+    if name not in ("mnist", "cifar10", "pets", "folder"):
+        raise TinyViTError(f"{args.checkpoint}: no dataset recorded; pass --dataset mnist|cifar10|pets or --data DIR")
     xp = get_backend(args.backend)
-    data = test_set(name, data_root(args.data_dir), cfg, meta, args.limit)
+    if name in ("pets", "folder"):
+        data = folder_test_set(name, data_root(args.data_dir), cfg, meta, args)
+    else:
+        data = test_set(name, data_root(args.data_dir), cfg, meta, args.limit)
     bar = Progress(len(data.labels), "evaluating", unit="img", disable=args.json)
     t0 = time.perf_counter()
     acc = evaluate(to_device(params, xp), cfg, data, xp, batch_size=args.batch_size, progress=bar)
