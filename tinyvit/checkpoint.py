@@ -107,7 +107,9 @@ def read_npz(path, what="checkpoint"):
     except PermissionError as e:  # the system's fault, not the file's: say so, not "corrupt"
         raise TinyViTError(describe_os_error(e)) from None
     except ValueError as e:  # object arrays need pickle, which we refuse; bad .npy headers
-        raise TinyViTError(f"{path}: not a plain-array .npz ({' '.join(str(e).split())})") from None
+        why = ("holds pickled (object) data, which tinyvit never loads from a file" if "pickle" in str(e)
+               else " ".join(str(e).split()))
+        raise TinyViTError(f"{path}: not a plain-array .npz ({why})") from None
     except (zipfile.BadZipFile, OSError, EOFError, KeyError) as e:
         raise TinyViTError(f"{path}: not a readable .npz {what} (truncated or corrupt: {e})") from None
     except Exception as e:  # untrusted bytes: zlib, tokenize, unknown zip methods, MemoryError, ...
