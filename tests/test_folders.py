@@ -275,3 +275,33 @@ def test_warnings_stop_listing_after_a_limit(capsys):
         w(f"f{i}", "bad")
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 3 and "more unreadable files" in err[-1]
+
+
+def test_pets_downloads_md5_checked_and_unpacks(tmp_path, monkeypatch):
+    """--data pets without the files: both tarballs fetched (here from file:// copies), md5-checked, unpacked."""
+    import hashlib
+    import tarfile
+
+    from tinyvit import folders
+
+    src = tmp_path / "src"
+    for n, k in (("Bombay", 1), ("keeshond", 2)):
+        for i in (1, 2):
+            _png(src / "images" / f"{n}_{i}.jpg", value=(k * 90, i, 0))
+    (src / "annotations").mkdir()
+    (src / "annotations" / "trainval.txt").write_text("Bombay_1 1 1 1\nkeeshond_1 2 2 1\n")
+    (src / "annotations" / "test.txt").write_text("Bombay_2 1 1 1\nkeeshond_2 2 2 1\n")
+    urls = {}
+    for name in ("images", "annotations"):
+        tar = tmp_path / "served" / f"{name}.tar.gz"
+        tar.parent.mkdir(exist_ok=True)
+        with tarfile.open(tar, "w:gz") as tf:
+            tf.add(src / name, arcname=name)
+        urls[f"{name}.tar.gz"] = (tar.as_uri(), hashlib.md5(tar.read_bytes()).hexdigest())
+    monkeypatch.setattr(folders, "PETS_URLS", urls)
+    tr, te = pets_splits(tmp_path / "root")
+    assert tr.classes == ["Bombay", "Keeshond"] and te.labels.tolist() == [0, 1]
+    bad = dict(urls, **{"images.tar.gz": (urls["images.tar.gz"][0], "0" * 32)})
+    monkeypatch.setattr(folders, "PETS_URLS", bad)
+    with pytest.raises(TinyViTError, match="md5 mismatch"):
+        pets_splits(tmp_path / "other")
