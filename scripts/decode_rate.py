@@ -1,0 +1,78 @@
+"""How fast this machine decodes an image folder for training, against how fast the model trains.
+
+  python scripts/decode_rate.py DIR [--weights W] [--img-size 224] [--batch-size 32]
+
+Decoding (tinyvit.loader, the train and eval transforms, 1 and --workers threads) should be well
+above the model's images/s, or the model waits on JPEG decoding.
+"""
+import argparse
+import json
+import time
+
+import tinyvit  # noqa: F401  (before NumPy: sets OpenBLAS's spin time, see tinyvit/__init__.py)
+import numpy as np
+
+from tinyvit.cli import run
+from tinyvit.convert import adapt
+from tinyvit.finetune import load_weights
+from tinyvit.folders import folder_splits
+from tinyvit.layers import cross_entropy_backward, cross_entropy_forward
+from tinyvit.loader import FolderDataset
+from tinyvit.model import init_params, preset, vit_backward, vit_forward
+
+
+def decode_rate(images, size, workers, train):
+    """Images per second through FolderDataset.batches (no model)."""
+    ds = FolderDataset(images, size, (0.5,) * 3, (0.5,) * 3, workers=workers)
+    t, n = time.perf_counter(), 0
+    for _, y in ds.batches(32, np, augment="crop_flip" if train else None, shuffle=False):
+        n += len(y)
+    return n / (time.perf_counter() - t)
+
+
+def model_rates(params, cfg, batch, reps=3):
+    """(train-step, inference) images per second of the model on random input."""
+    x = np.random.default_rng(0).standard_normal((batch, 3, cfg.img_size, cfg.img_size)).astype(np.float32)
+    y = np.arange(batch) % cfg.num_classes
+
+    def step():
+        logits, cache = vit_forward(params, x, cfg, train=True)
+        vit_backward(cross_entropy_backward(1.0, cross_entropy_forward(logits, y)[1]), cache)
+
+    rates = []
+    for fn in (step, lambda: vit_forward(params, x, cfg, keep_cache=False)):
+        fn()  # warm-up
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        rates.append(batch * reps / (time.perf_counter() - t))
+    return rates
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("data", help="an image folder (DIR/<class>/* or DIR/train/<class>/*)")
+    ap.add_argument("--weights", default=None, help="model to time (default: a random-init vit-ti16)")
+    ap.add_argument("--img-size", type=int, default=224, help="input resolution (default 224)")
+    ap.add_argument("--batch-size", type=int, default=32, help="model batch (default 32)")
+    ap.add_argument("--workers", type=int, default=2, help="decoding threads to compare with one (default 2)")
+    ap.add_argument("--json", action="store_true", help="print one JSON line")
+    args = ap.parse_args()
+    images, _ = folder_splits(args.data, 0.1, 0)
+    out = {"images": len(images)}
+    for w in sorted({1, args.workers}):
+        for train in (True, False):
+            out[f"decode_{'train' if train else 'eval'}_workers{w}"] = decode_rate(images, args.img_size, w, train)
+    if args.weights:
+        params, cfg, _ = load_weights(args.weights)
+    else:
+        cfg = preset("vit-ti16")
+        params = init_params(cfg)
+    params, cfg = adapt(params, cfg, img_size=args.img_size, num_classes=len(images.classes))
+    out["model_train_step"], out["model_inference"] = model_rates(params, cfg, args.batch_size)
+    print(json.dumps(out) if args.json else "\n".join(f"{k:28s} {v:8.1f} img/s" if k != "images" else
+                                                       f"{k:28s} {v:8d}" for k, v in out.items()))
+
+
+if __name__ == "__main__":
+    run(main)
