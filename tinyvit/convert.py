@@ -1,6 +1,6 @@
 """Convert public ViT weights (Google .npz, timm, torchvision, HF transformers) to tinyvit params.
 
-Every format is mapped onto timm's names and torch layouts (see /work/shared/weights/README.md),
+Every format is mapped onto timm's names and torch layouts (each source's names: its mapper below),
 the config is inferred from the shapes, and the full key set and every shape is checked.
 """
 import dataclasses
