@@ -509,3 +509,32 @@ def test_bilinear_resize_matches_torch(xp, src, dst, dtype, atol):
     got = to_numpy(data.bilinear_resize(xp.asarray(x), dst))
     assert got.dtype == dtype and got.shape == want.shape
     np.testing.assert_allclose(got, want, atol=atol, rtol=0)
+
+
+def test_affine_augment_resamples_exactly(xp):
+    """Identity, whole-pixel shifts and quarter turns hit pixel centres: exact; what leaves is 0."""
+    from tinyvit.augment import affine, random_affine
+
+    x = np.random.default_rng(0).random((2, 1, 9, 9)).astype(np.float32)
+    m = np.zeros((2, 2, 3))
+    m[:, 0, 0] = m[:, 1, 1] = 1
+    assert np.array_equal(to_numpy(affine(xp.asarray(x), m)), x)
+    m[:, 0, 2] = -2  # output column c reads source column c - 2
+    y = to_numpy(affine(xp.asarray(x), m))
+    assert np.array_equal(y[..., 2:], x[..., :-2]) and not y[..., :2].any()
+    q = np.zeros((2, 2, 3))
+    q[:, 0, 1], q[:, 1, 0] = 1, -1  # a quarter turn about the centre
+    assert np.allclose(to_numpy(affine(xp.asarray(x), q)), np.rot90(x, -1, axes=(2, 3)), atol=1e-6)  # clockwise
+    maps = random_affine(np.random.default_rng(1), 1000)
+    angles = np.degrees(np.arctan2(maps[:, 0, 1], maps[:, 0, 0]))
+    assert np.abs(angles).max() <= 10 and np.abs(angles).max() > 9  # +-10 degrees
+
+
+def test_affine_batches_are_seeded(xp):
+    x = np.random.default_rng(0).integers(0, 256, (64, 28, 28)).astype(np.uint8)
+    y = np.arange(64) % 10
+    kw = dict(mean=(0.1307,), std=(0.3081,), augment="affine", seed=3)
+    a = [to_numpy(b) for b, _ in data.iterate_batches(x, y, 32, xp, epoch=0, **kw)]
+    b = [to_numpy(b) for b, _ in data.iterate_batches(x, y, 32, xp, epoch=0, **kw)]
+    c = [to_numpy(b) for b, _ in data.iterate_batches(x, y, 32, xp, epoch=1, **kw)]
+    assert all(np.array_equal(p, q) for p, q in zip(a, b)) and not np.array_equal(a[0], c[0])

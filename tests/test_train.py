@@ -43,8 +43,9 @@ def test_fit_learns_and_writes_outputs(tmp_path):
 
 
 @pytest.mark.parametrize("stop_after", [8, 11])  # at the epoch boundary, and mid-epoch
-def test_resume_is_exact(tmp_path, stop_after):
-    tc = TrainConfig(epochs=2, batch_size=32, lr=2e-3, augment="shift", label_smoothing=0.1)
+@pytest.mark.parametrize("augment,ema", [("shift", 0.0), ("affine", 0.99)])
+def test_resume_is_exact(tmp_path, stop_after, augment, ema):
+    tc = TrainConfig(epochs=2, batch_size=32, lr=2e-3, augment=augment, label_smoothing=0.1, ema=ema)
     straight = _run(tmp_path / "a", tc)["params"]
     first = _run(tmp_path / "b", tc, max_steps=stop_after)
     assert first["stopped_early"] and first["steps"] == stop_after
@@ -156,3 +157,19 @@ def test_head_epochs_freeze_the_backbone(tmp_path):
 def test_warmup_longer_than_run_is_a_clear_error(tmp_path):
     with pytest.raises(TinyViTError, match="warmup .* must be shorter than the run"):
         _run(tmp_path, TrainConfig(epochs=1, batch_size=32, warmup_epochs=1.0))
+
+
+def test_ema_is_evaluated_and_saved(tmp_path):
+    """With --ema the final model and the test accuracy are the moving average's, which follows
+    ema = d ema + (1 - d) w with timm's warm-up d_t = min(d, (1 + t) / (10 + t))."""
+    from tinyvit.train import _ema_update, evaluate
+
+    tc = TrainConfig(epochs=1, batch_size=32, lr=2e-3, ema=0.9, warmup_epochs=0.5)
+    s = _run(tmp_path, tc)
+    model, _, meta = load_checkpoint(s["checkpoint"])
+    last, _, _ = load_checkpoint(tmp_path / "checkpoint.npz")  # the raw weights
+    assert meta["ema"] == 0.9 and any(not np.array_equal(model[k], last[k]) for k in model)
+    assert evaluate(model, TINY, _synthetic(128, 2), np) == s["test_accuracy"]  # the EMA was scored
+    ema = {"w": np.array([1.0])}
+    _ema_update(ema, {"w": np.array([3.0])}, 0.75)
+    assert ema["w"][0] == 1.5

@@ -44,8 +44,11 @@ def add_train_args(ap, defaults: TrainConfig):
     ap.add_argument("--clip", type=float, default=d.clip, help=f"clip the global grad norm to this; 0 = off (default {d.clip})")
     ap.add_argument("--label-smoothing", type=float, default=d.label_smoothing,
                     help=f"label smoothing of the cross-entropy (default {d.label_smoothing})")
-    ap.add_argument("--augment", choices=["none", "shift", "crop_flip"], default=d.augment,
+    ap.add_argument("--augment", choices=["none", "shift", "crop_flip", "affine"], default=d.augment,
                     help=f"training augmentation (default {d.augment})")
+    ap.add_argument("--ema", type=float, default=d.ema, metavar="DECAY",
+                    help=f"evaluate and save an exponential moving average of the weights with this decay, e.g. "
+                         f"0.999; 0 = off (default {d.ema})")
     ap.add_argument("--seed", type=int, default=d.seed, help=f"seed for init, data order, augmentation, dropout (default {d.seed})")
 
 

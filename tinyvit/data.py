@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from . import cifar
+from .augment import affine, random_affine
 from .backend import get_array_module
 from .cifar import CIFAR10_CLASSES, read_maybe_gz
 from .errors import TinyViTError
@@ -251,8 +252,9 @@ def iterate_batches(images, labels, batch_size, xp, *, mean, std, shuffle=True, 
                     drop_last=False, augment=None, img_size=None, dtype=np.float32,
                     max_shift=2, crop_pad=4, start_batch=0):
     """Yield (x float NCHW, y int64) on xp for one epoch; order and augmentation depend only on
-    (seed, epoch). augment: None, 'shift' (±max_shift px, zero fill) or 'crop_flip' (random crop
-    from a zero-padded image, crop_pad px each side, and horizontal flip with p=0.5). img_size
+    (seed, epoch). augment: None, 'shift' (±max_shift px, zero fill), 'crop_flip' (random crop
+    from a zero-padded image, crop_pad px each side, and horizontal flip with p=0.5) or 'affine'
+    (rotation ±10°, scale 0.9-1.1, shift ±max_shift px, bilinear, zero fill: tinyvit.augment). img_size
     resizes bilinearly after augmentation. start_batch skips batches (resuming mid-epoch)."""
     n = len(images)
     if images.ndim not in (3, 4) or len(labels) != n:
@@ -260,8 +262,8 @@ def iterate_batches(images, labels, batch_size, xp, *, mean, std, shuffle=True, 
                            f"got {images.shape} and {len(labels)} labels")
     if int(batch_size) < 1:
         raise TinyViTError(f"batch_size must be >= 1, got {batch_size}")
-    if augment not in (None, "shift", "crop_flip"):
-        raise TinyViTError(f"unknown augment {augment!r}: choose None, 'shift' or 'crop_flip'")
+    if augment not in (None, "shift", "crop_flip", "affine"):
+        raise TinyViTError(f"unknown augment {augment!r}: choose None, 'shift', 'crop_flip' or 'affine'")
     c = 1 if images.ndim == 3 else images.shape[1]
     if len(mean) != c or len(std) != c:
         raise TinyViTError(f"mean/std need {c} values (one per channel), got {len(mean)}/{len(std)}")
@@ -275,7 +277,8 @@ def iterate_batches(images, labels, batch_size, xp, *, mean, std, shuffle=True, 
     order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
     aug_rng = np.random.default_rng([seed, epoch, 1])  # per position in the epoch, all drawn now
     pad = max_shift if augment == "shift" else crop_pad
-    dy, dx = aug_rng.integers(-pad, pad + 1, size=(2, n)) if augment else (None, None)
+    maps = random_affine(aug_rng, n, translate=max_shift) if augment == "affine" else None
+    dy, dx = aug_rng.integers(-pad, pad + 1, size=(2, n)) if augment in ("shift", "crop_flip") else (None, None)
     flip = aug_rng.random(n) < 0.5 if augment == "crop_flip" else None
     on_host = get_array_module(images) is np
     labels = np.asarray(labels) if isinstance(labels, (list, tuple)) else labels
@@ -287,9 +290,12 @@ def iterate_batches(images, labels, batch_size, xp, *, mean, std, shuffle=True, 
         x = xp.asarray(images[idx] if on_host else images[xp.asarray(idx)])  # uint8, one batch
         if x.ndim == 3:
             x = x[:, None]  # (B, 1, H, W)
-        if augment:
+        if augment in ("shift", "crop_flip"):
             x = _translate(x, dy[sl], dx[sl], pad, None if flip is None else flip[sl])
-        x = x.astype(dtype) * scale + shift  # (x / 255 - mean) / std
+        x = x.astype(dtype)
+        if maps is not None:
+            x = affine(x, maps[sl])  # on pixel values: what leaves the frame is black
+        x = x * scale + shift  # (x / 255 - mean) / std
         if img_size is not None and tuple(x.shape[2:]) != (img_size, img_size):
             x = bilinear_resize(x, img_size)
         y = labels[idx] if labels_on_host else labels[xp.asarray(idx)]

@@ -40,6 +40,7 @@ class TrainConfig:
     seed: int = 0
     grad_accum: int = 1  # split each batch into this many micro-batches (same result, less memory)
     head_epochs: int = 0  # train only the head for the first N epochs (progressive fine-tuning)
+    ema: float = 0.0  # decay of an exponential moving average of the weights (timm's model EMA); 0 = off
 
     def make_optimizer(self):
         """The optimizer these settings describe."""
@@ -131,13 +132,16 @@ def fit(params, cfg, tc: TrainConfig, xp, train: Dataset, test: Dataset, out_dir
     opt = tc.make_optimizer()
     rng = np.random.default_rng(tc.seed)  # dropout; its state travels in the checkpoint
     epoch, batch, step, history = 0, 0, 0, []
+    ema = None
     if resume:
-        params, opt, rng, (epoch, batch, step, history) = _resume(resume, params, cfg, tc, opt, rng)
+        params, opt, rng, (epoch, batch, step, history), ema = _resume(resume, params, cfg, tc, opt, rng)
         files.good = (Path(resume), step)
         # the log restarts from the checkpoint's history: epochs logged after it (by a run killed
         # before its next checkpoint) are run again and must not appear twice
         files.write_log(history)
     params = to_device(params, xp)
+    if tc.ema:  # evaluated and saved in place of the weights; its state travels in the checkpoint
+        ema = to_device(ema, xp) if ema is not None else {k: v.copy() for k, v in params.items()}
     dev_rng = rng if xp is np else xp.random.default_rng(tc.seed + step)
     steps_per_epoch = num_batches(len(train.labels), tc.batch_size, drop_last=True)
     if steps_per_epoch == 0:
@@ -154,7 +158,8 @@ def fit(params, cfg, tc: TrainConfig, xp, train: Dataset, test: Dataset, out_dir
 
     def save(e, b):
         m = dict(meta, train_state=_train_state(e, b, step, rng, history, tc))
-        files.checkpoint(lambda: save_checkpoint(ckpt_path, params, cfg, m, opt.state_dict()), step)
+        state = dict(opt.state_dict(), **{_EMA + k: v for k, v in (ema or {}).items()})
+        files.checkpoint(lambda: save_checkpoint(ckpt_path, params, cfg, m, state), step)
 
     def check(tally):  # read the steps' losses (one host read); stop before a non-finite one is kept
         loss = tally.read()
@@ -181,6 +186,8 @@ def fit(params, cfg, tc: TrainConfig, xp, train: Dataset, test: Dataset, out_dir
                 if tc.clip:
                     clip_grad_norm(grads, tc.clip)
                 opt.step({k: params[k] for k in grads}, grads, lr=lr)
+                if ema is not None:
+                    _ema_update(ema, params, min(tc.ema, (1 + step) / (10 + step)))  # timm's warm-up
                 step, batch, ran_steps = step + 1, batch + 1, ran_steps + 1
                 images_seen += len(y)
                 train_time += time.perf_counter() - t_step
@@ -200,7 +207,7 @@ def fit(params, cfg, tc: TrainConfig, xp, train: Dataset, test: Dataset, out_dir
                    "train_accuracy": tally.correct / max(tally.seen, 1),
                    "epoch_seconds": time.perf_counter() - t_epoch}
             ebar = Progress(len(test.labels), "  evaluating", unit="img", disable=quiet)
-            rec["test_accuracy"] = evaluate(params, cfg, test, xp, progress=ebar)
+            rec["test_accuracy"] = evaluate(ema or params, cfg, test, xp, progress=ebar)
             ebar.close()
             history.append(rec)
             files.write_log(history)
@@ -215,12 +222,13 @@ def fit(params, cfg, tc: TrainConfig, xp, train: Dataset, test: Dataset, out_dir
     if done:  # a slim copy (no optimizer state) for evaluate.py / predict.py
         test_acc = history[-1]["test_accuracy"]
         files.write("the final model", final,
-                    lambda: save_checkpoint(final, params, cfg, dict(meta, test_accuracy=test_acc, history=history)))
+                    lambda: save_checkpoint(final, ema or params, cfg, dict(meta, test_accuracy=test_acc,
+                                                                             history=history, ema=tc.ema)))
     return {"test_accuracy": history[-1]["test_accuracy"] if history else None,
             "epochs": epoch, "steps": step, "train_seconds": seconds,
             "images_per_second": images_seen / train_time if train_time > 0 else 0.0,
             "checkpoint": str(final if done else ckpt_path), "stopped_early": not done,
-            "params": params}
+            "params": ema or params}
 
 
 class _RunFiles:
@@ -322,6 +330,16 @@ def _step_grads(params, x, y, cfg, tc, rng, head_only):
     return total_loss, correct, grads
 
 
+_EMA = "ema/"  # the EMA weights' prefix among a checkpoint's optimizer-state entries
+
+
+def _ema_update(ema, params, decay):
+    """ema = decay * ema + (1 - decay) * params, in place, on the backend."""
+    for k, e in ema.items():
+        e *= decay
+        e += (1.0 - decay) * params[k]
+
+
 def _resume(path, params, cfg, tc, opt, rng):
     """Load a training checkpoint's params, optimizer and RNG state; check it is the same run."""
     p, ckpt_cfg, meta = load_checkpoint(path)
@@ -341,10 +359,19 @@ def _resume(path, params, cfg, tc, opt, rng):
     if saved != tc:
         diff = {k: (v, getattr(tc, k)) for k, v in dataclasses.asdict(saved).items() if getattr(tc, k) != v}
         raise TinyViTError(f"{path}: training settings differ from this run's (saved, now): {diff}")
-    opt.load_state_dict(load_optimizer_state(path))
+    opt_state = load_optimizer_state(path)
+    ema = {}
+    for key in [k for k in opt_state if k.startswith(_EMA)]:
+        name = key[len(_EMA):]
+        if name not in params:
+            raise TinyViTError(f"{path}: unexpected entry {key!r} in the training state")
+        ema[name] = opt_state.pop(key).astype(params[name].dtype)
+    if tc.ema and set(ema) != set(params):
+        raise TinyViTError(f"{path}: holds no complete EMA of the weights, which this run (--ema) needs")
+    opt.load_state_dict(opt_state)
     try:
         rng.bit_generator.state = state["rng"]
     except (TypeError, ValueError, KeyError) as e:
         raise TinyViTError(f"{path}: corrupt training state in metadata (rng: {e})") from None
     p = {k: v.astype(params[k].dtype, copy=False) for k, v in p.items()}
-    return p, opt, rng, (*position, history)
+    return p, opt, rng, (*position, history), (ema or None)
