@@ -3,6 +3,7 @@ import dataclasses
 import json
 import sys
 
+from .dist import world
 from .errors import TinyViTError, describe_os_error
 from .train import TrainConfig
 
@@ -13,15 +14,22 @@ def run(main):
     try:
         code = main()
     except TinyViTError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(str(e))
     except OSError as e:
-        print(f"error: {describe_os_error(e)}", file=sys.stderr)
-        sys.exit(2)
+        _fail(describe_os_error(e))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
+
+
+def _fail(message, code=2):
+    """One 'error:' line and exit; under MPI (several ranks) the whole job ends, so none waits."""
+    w = world()
+    prefix = f"rank {w.rank}: " if w.size > 1 and not w.lead else ""
+    print(f"error: {prefix}{message}", file=sys.stderr)
+    w.abort(code)
+    sys.exit(code)
 
 
 def add_train_args(ap, defaults: TrainConfig):
@@ -75,6 +83,8 @@ def add_run_args(ap, out_default):
 
 def report(summary, args, extra=None):
     """Print the run's result: a readable line, or (with --json) one JSON object as the last line."""
+    if not world().lead:  # MPI: rank 0 reports
+        return
     out = {k: v for k, v in summary.items() if k != "params"}
     out.update(extra or {})
     if args.json:

@@ -250,12 +250,14 @@ def num_batches(n, batch_size, drop_last=False):
 
 def iterate_batches(images, labels, batch_size, xp, *, mean, std, shuffle=True, seed=0, epoch=0,
                     drop_last=False, augment=None, img_size=None, dtype=np.float32,
-                    max_shift=2, crop_pad=4, start_batch=0):
+                    max_shift=2, crop_pad=4, start_batch=0, shard=(0, 1)):
     """Yield (x float NCHW, y int64) on xp for one epoch; order and augmentation depend only on
     (seed, epoch). augment: None, 'shift' (±max_shift px, zero fill), 'crop_flip' (random crop
     from a zero-padded image, crop_pad px each side, and horizontal flip with p=0.5) or 'affine'
     (rotation ±10°, scale 0.9-1.1, shift ±max_shift px, bilinear, zero fill: tinyvit.augment). img_size
-    resizes bilinearly after augmentation. start_batch skips batches (resuming mid-epoch)."""
+    resizes bilinearly after augmentation. start_batch skips batches (resuming mid-epoch).
+    shard=(rank, size) yields this rank's part of each batch (data-parallel ranks, tinyvit.dist):
+    the positions, and so the augmentation each image gets, are those of the whole batch."""
     n = len(images)
     if images.ndim not in (3, 4) or len(labels) != n:
         raise TinyViTError(f"images must be (N, H, W) or (N, C, H, W) with one label each, "
@@ -284,8 +286,10 @@ def iterate_batches(images, labels, batch_size, xp, *, mean, std, shuffle=True, 
     labels = np.asarray(labels) if isinstance(labels, (list, tuple)) else labels
     labels_on_host = get_array_module(labels) is np
     stop = num_batches(n, batch_size, drop_last) * batch_size
+    rank, size = shard
     for start in range(start_batch * batch_size, stop, batch_size):
-        sl = slice(start, min(start + batch_size, n))
+        end = min(start + batch_size, n)
+        sl = slice(start + (end - start) * rank // size, start + (end - start) * (rank + 1) // size)
         idx = order[sl]
         x = xp.asarray(images[idx] if on_host else images[xp.asarray(idx)])  # uint8, one batch
         if x.ndim == 3:

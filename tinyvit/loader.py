@@ -85,8 +85,9 @@ class FolderDataset:
         return xs, kept, bad
 
     def batches(self, batch_size, xp, *, shuffle=True, seed=0, epoch=0, drop_last=False, augment=None,
-                start_batch=0, dtype=np.float32):
-        """Yield (x float NCHW normalised, y int64) on xp; augment (anything but None/'none') trains."""
+                start_batch=0, dtype=np.float32, shard=(0, 1)):
+        """Yield (x float NCHW normalised, y int64) on xp; augment (anything but None/'none') trains.
+        shard=(rank, size): this rank's part of each batch, with the whole batch's crops."""
         train = augment not in (None, "none")
         n = len(self.images)
         order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
@@ -102,8 +103,10 @@ class FolderDataset:
             def submit():
                 s = next(todo, None)
                 if s is not None:
-                    idx = [i for i in order[s:min(s + batch_size, n)] if self.images.paths[i] not in self.images.bad]
-                    pending.append(pool.submit(self._decode_batch, idx, train, seed, epoch, s))
+                    e = min(s + batch_size, n)
+                    a, b = s + (e - s) * shard[0] // shard[1], s + (e - s) * (shard[0] + 1) // shard[1]
+                    idx = [i for i in order[a:b] if self.images.paths[i] not in self.images.bad]
+                    pending.append(pool.submit(self._decode_batch, idx, train, seed, epoch, a))
 
             for _ in range(self.workers + 1):  # a bounded prefetch: decoded batches wait, at most this many
                 submit()

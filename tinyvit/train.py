@@ -13,6 +13,7 @@ import numpy as np
 from .backend import get_array_module, to_device, to_numpy
 from .checkpoint import atomic_write, load_checkpoint, load_optimizer_state, prepare_out_dir, save_checkpoint
 from .data import iterate_batches, num_batches
+from .dist import World, world
 from .errors import TinyViTError, describe_os_error
 from .layers import cross_entropy_backward, cross_entropy_forward
 from .model import head_backward, vit_backward, vit_forward
@@ -71,16 +72,18 @@ def eval_batch_size(cfg, limit=500):
     return max(1, min(limit, 65536 // (cfg.num_patches + 1)))
 
 
-def evaluate(params, cfg, data: Dataset, xp, batch_size=None, progress=None):
-    """Top-1 accuracy (a fraction) of params on a dataset, in eval mode, without backward caches."""
-    tally = 0  # (correct, non-finite logits) summed on the backend: one host read at the end
+def evaluate(params, cfg, data: Dataset, xp, batch_size=None, progress=None, world=None):
+    """Top-1 accuracy (a fraction) of params on a dataset, in eval mode, without backward caches.
+    With MPI ranks (world) each scores its part of every batch and the counts are summed."""
+    w = world or World()
+    tally = xp.zeros(2, dtype=xp.int64)  # (correct, non-finite logits) on the backend: one read at the end
     batch_size = batch_size or eval_batch_size(cfg)
-    for x, y in data.batches(batch_size, xp, shuffle=False, dtype=params["pos_embed"].dtype):
+    for x, y in data.batches(batch_size, xp, shuffle=False, dtype=params["pos_embed"].dtype, shard=(w.rank, w.size)):
         logits, _ = vit_forward(params, x, cfg, keep_cache=False)
         tally = tally + xp.stack([(logits.argmax(axis=1) == y).sum(), (~xp.isfinite(logits)).sum()])
         if progress:
-            progress.update(len(y))
-    correct, bad = (int(v) for v in to_numpy(tally)) if len(data.labels) else (0, 0)
+            progress.update(len(y) * w.size)
+    correct, bad = (int(v) for v in w.sum_(to_numpy(tally).astype(np.int64)))
     if bad:  # argmax would quietly count them as class 0
         raise TinyViTError("evaluation produced NaN or Inf logits: the images or the params hold "
                            "non-finite values")
@@ -127,7 +130,9 @@ def fit(params, cfg, tc: TrainConfig, xp, train: Dataset, test: Dataset, out_dir
     Returns a summary dict (test_accuracy, epochs, train_seconds, images_per_second, checkpoint,
     stopped_early). With `resume`, continues the run saved in that checkpoint exactly.
     """
-    files = _RunFiles(out_dir)
+    w = world()  # MPI ranks (tinyvit.dist); one process without a launcher
+    quiet = quiet or not w.lead  # only rank 0 prints, logs and writes files
+    files = _RunFiles(out_dir, active=w.lead)
     ckpt_path = files.ckpt
     opt = tc.make_optimizer()
     rng = np.random.default_rng(tc.seed)  # dropout; its state travels in the checkpoint
@@ -139,6 +144,8 @@ def fit(params, cfg, tc: TrainConfig, xp, train: Dataset, test: Dataset, out_dir
         # the log restarts from the checkpoint's history: epochs logged after it (by a run killed
         # before its next checkpoint) are run again and must not appear twice
         files.write_log(history)
+    if w.rank:  # other ranks draw their own dropout masks, reproducibly (rank 0's state is the saved one)
+        rng = np.random.default_rng([tc.seed, w.rank, step])
     params = to_device(params, xp)
     if tc.ema:  # evaluated and saved in place of the weights; its state travels in the checkpoint
         ema = to_device(ema, xp) if ema is not None else {k: v.copy() for k, v in params.items()}
@@ -173,28 +180,31 @@ def fit(params, cfg, tc: TrainConfig, xp, train: Dataset, test: Dataset, out_dir
         while epoch < tc.epochs and not stopped:
             bar = Progress(steps_per_epoch, f"epoch {epoch + 1}/{tc.epochs}", unit="step",
                            initial=batch, disable=quiet)
-            tally, t_epoch = _Tally(1 if xp is np else DEVICE_READ_EVERY), time.perf_counter()
+            tally, t_epoch = _Tally(1 if xp is np else DEVICE_READ_EVERY, w), time.perf_counter()
             for x, y in train.batches(tc.batch_size, xp, seed=tc.seed, epoch=epoch, drop_last=True,
                                       augment=None if tc.augment == "none" else tc.augment,
-                                      start_batch=batch, dtype=params["pos_embed"].dtype):
+                                      start_batch=batch, dtype=params["pos_embed"].dtype, shard=(w.rank, w.size)):
                 t_step = time.perf_counter()
                 lr = schedule(step)
-                loss, correct_b, grads = _step_grads(params, x, y, cfg, tc, dev_rng, epoch < tc.head_epochs)
+                # this rank's share of the global batch mean: the ranks' gradients then simply add up
+                loss, correct_b, grads = _step_grads(params, x, y, cfg, tc, dev_rng, epoch < tc.head_epochs,
+                                                     weight=len(y) / tc.batch_size)
                 tally.add(loss, correct_b, len(y))
                 if tally.due():
                     check(tally)
+                want_stop = flag.stop or (time_limit is not None and time.perf_counter() - t_start > time_limit)
+                grads, stop_votes = w.sum_grads(grads, [float(want_stop)])  # one Allreduce per step
                 if tc.clip:
                     clip_grad_norm(grads, tc.clip)
                 opt.step({k: params[k] for k in grads}, grads, lr=lr)
                 if ema is not None:
                     _ema_update(ema, params, min(tc.ema, (1 + step) / (10 + step)))  # timm's warm-up
                 step, batch, ran_steps = step + 1, batch + 1, ran_steps + 1
-                images_seen += len(y)
+                images_seen += tc.batch_size
                 train_time += time.perf_counter() - t_step
                 rate = images_seen / train_time
                 bar.update(1, loss=f"{tally.mean_loss():.4f}", img_s=f"{rate:.0f}")
-                over_time = time_limit is not None and time.perf_counter() - t_start > time_limit
-                if flag.stop or over_time or (max_steps is not None and ran_steps >= max_steps):
+                if stop_votes[0] > 0 or (max_steps is not None and ran_steps >= max_steps):  # all ranks agree
                     stopped = True
                     break
             bar.close()
@@ -207,7 +217,7 @@ def fit(params, cfg, tc: TrainConfig, xp, train: Dataset, test: Dataset, out_dir
                    "train_accuracy": tally.correct / max(tally.seen, 1),
                    "epoch_seconds": time.perf_counter() - t_epoch}
             ebar = Progress(len(test.labels), "  evaluating", unit="img", disable=quiet)
-            rec["test_accuracy"] = evaluate(ema or params, cfg, test, xp, progress=ebar)
+            rec["test_accuracy"] = evaluate(ema or params, cfg, test, xp, progress=ebar, world=w)
             ebar.close()
             history.append(rec)
             files.write_log(history)
@@ -236,8 +246,9 @@ class _RunFiles:
     (full disk, quota, ...) ends the run with one line naming the last good checkpoint and how to
     resume from it; atomic writes leave that checkpoint and the log whole."""
 
-    def __init__(self, out_dir):
-        self.out = prepare_out_dir(out_dir)
+    def __init__(self, out_dir, active=True):
+        self.active = active  # False on MPI ranks other than 0: they write nothing
+        self.out = prepare_out_dir(out_dir) if active else Path(out_dir)
         self.ckpt, self.log = self.out / "checkpoint.npz", self.out / "metrics.jsonl"
         self.good = None  # (path, step) of the last checkpoint known to be whole
 
@@ -250,6 +261,8 @@ class _RunFiles:
 
     def write(self, what, path, write_fn):
         """write_fn() (an atomic write of path); an OSError becomes one TinyViTError."""
+        if not self.active:
+            return
         try:
             write_fn()
         except OSError as e:
@@ -273,8 +286,9 @@ class _Tally:
     """An epoch's summed loss and correct count, added where they were computed (on the GPU under
     CuPy) and read to the host in one transfer every `every` steps."""
 
-    def __init__(self, every):
+    def __init__(self, every, world=None):
         self.every, self.pending, self.unread, self.unread_n = every, None, 0, 0
+        self.world = world or World()
         self.loss_sum, self.correct, self.seen = 0.0, 0, 0
 
     def add(self, loss, correct, n):
@@ -292,8 +306,9 @@ class _Tally:
         """Bring the waiting sums to the host (one transfer); return their mean loss (nan/inf kept)."""
         if self.pending is None:
             return 0.0
-        loss_sum, correct = (float(v) for v in to_numpy(self.pending))
-        seen = self.unread_n
+        sums = np.append(to_numpy(self.pending).astype(np.float64), self.unread_n)
+        loss_sum, correct, seen = (float(v) for v in self.world.sum_(sums))  # every rank's steps
+        seen = int(seen)
         self.pending, self.unread, self.unread_n = None, 0, 0
         self.loss_sum, self.correct, self.seen = self.loss_sum + loss_sum, self.correct + int(correct), self.seen + seen
         return loss_sum / max(seen, 1)
@@ -303,9 +318,9 @@ class _Tally:
         return self.loss_sum / max(self.seen, 1)
 
 
-def _step_grads(params, x, y, cfg, tc, rng, head_only):
-    """Mean loss, correct count (0-d arrays, left on the device) and gradients of one batch, over
-    tc.grad_accum micro-batches."""
+def _step_grads(params, x, y, cfg, tc, rng, head_only, weight=1.0):
+    """Mean loss, correct count (0-d arrays, left on the device) and the gradients of weight x the
+    mean loss of one batch, over tc.grad_accum micro-batches."""
     k = tc.grad_accum
     if len(y) % k:
         raise TinyViTError(f"batch size {len(y)} is not divisible by grad_accum {k}")
@@ -315,7 +330,7 @@ def _step_grads(params, x, y, cfg, tc, rng, head_only):
         xb, yb = x[i * m:(i + 1) * m], y[i * m:(i + 1) * m]
         logits, cache = vit_forward(params, xb, cfg, train=True, rng=rng)
         loss, ce_cache = cross_entropy_forward(logits, yb, tc.label_smoothing)
-        dlogits = cross_entropy_backward(1.0 / k, ce_cache)  # the batch mean is the mean of micro means
+        dlogits = cross_entropy_backward(weight / k, ce_cache)  # the batch mean is the mean of micro means
         if head_only:  # backbone frozen: only the head's gradient
             g = head_backward(dlogits, cache)
         else:
