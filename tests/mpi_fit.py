@@ -1,0 +1,51 @@
+"""Run by tests/test_dist.py, with or without mpiexec: a few training steps of a tiny ViT on toy
+data; rank 0 saves the resulting params. argv: OUT_DIR DTYPE STEPS [RESUME_CHECKPOINT]."""
+import sys
+
+import numpy as np
+
+from tinyvit import init_params, preset
+from tinyvit.cli import run
+from tinyvit.dist import world
+from tinyvit.train import Dataset, TrainConfig, fit
+
+CFG = preset("mnist", depth=2, dim=32, heads=2, mlp_dim=64, patch_size=7)
+
+
+def data(n, seed):
+    templates = np.random.default_rng(123).integers(0, 256, size=(10, 28, 28))
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 10, size=n)
+    x = np.clip(templates[y] + rng.normal(0, 40, size=(n, 28, 28)), 0, 255).astype(np.uint8)
+    return Dataset(x, y.astype(np.int64), (0.1307,), (0.3081,))
+
+
+def _test_faults():
+    """TINYVIT_TEST_KILL_RANK=r: rank r is killed (SIGKILL) after 2 s; TINYVIT_TEST_FAIL_RANK=r: it raises."""
+    import os
+    import signal
+    import threading
+
+    from tinyvit.errors import TinyViTError
+
+    rank = world().rank
+    if os.environ.get("TINYVIT_TEST_KILL_RANK") == str(rank):
+        threading.Timer(2.0, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()
+    if os.environ.get("TINYVIT_TEST_FAIL_RANK") == str(rank):
+        raise TinyViTError("a test fault on this rank")
+
+
+def main():
+    _test_faults()
+    out, dtype, steps = sys.argv[1], np.dtype(sys.argv[2]), int(sys.argv[3])
+    resume = sys.argv[4] if len(sys.argv) > 4 else None
+    tc = TrainConfig(epochs=2, batch_size=32, lr=2e-3, augment="shift", label_smoothing=0.1, warmup_epochs=0.5)
+    s = fit(init_params(CFG, dtype=dtype), CFG, tc, np, data(256, 1), data(96, 2), out, quiet=True,
+            max_steps=steps, resume=resume)
+    if world().lead:
+        np.savez(f"{out}/params.npz", **s["params"])
+        print(f"steps {s['steps']} accuracy {s['test_accuracy']}")
+
+
+if __name__ == "__main__":
+    run(main)
