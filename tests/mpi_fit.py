@@ -1,10 +1,12 @@
 """Run by tests/test_dist.py, with or without mpiexec: a few training steps of a tiny ViT on toy
 data; rank 0 saves the resulting params. argv: OUT_DIR DTYPE STEPS [RESUME_CHECKPOINT]."""
+import os
 import sys
 
 import numpy as np
 
 from tinyvit import init_params, preset
+from tinyvit.backend import get_backend, to_numpy
 from tinyvit.cli import run
 from tinyvit.dist import world
 from tinyvit.train import Dataset, TrainConfig, fit
@@ -40,10 +42,11 @@ def main():
     out, dtype, steps = sys.argv[1], np.dtype(sys.argv[2]), int(sys.argv[3])
     resume = sys.argv[4] if len(sys.argv) > 4 else None
     tc = TrainConfig(epochs=2, batch_size=32, lr=2e-3, augment="shift", label_smoothing=0.1, warmup_epochs=0.5)
-    s = fit(init_params(CFG, dtype=dtype), CFG, tc, np, data(256, 1), data(96, 2), out, quiet=True,
+    xp = get_backend(os.environ.get("TINYVIT_TEST_BACKEND", "numpy"))  # cupy: gradients staged via the host
+    s = fit(init_params(CFG, dtype=dtype), CFG, tc, xp, data(256, 1), data(96, 2), out, quiet=True,
             max_steps=steps, resume=resume)
     if world().lead:
-        np.savez(f"{out}/params.npz", **s["params"])
+        np.savez(f"{out}/params.npz", **to_numpy(s["params"]))
         print(f"steps {s['steps']} accuracy {s['test_accuracy']}")
 
 

@@ -58,6 +58,14 @@ def test_two_ranks_equal_one_rank(tmp_path, dtype, tol):
     assert two.stdout.count("steps 5") == 1  # only rank 0 reports
 
 
+def test_two_ranks_on_cupy_reduce_host_staged_buffers(tmp_path):
+    """--backend cupy (the stand-in where no GPU is): gradients go through the host and back."""
+    env = {"TINYVIT_TEST_BACKEND": "cupy", "TINYVIT_CUPY_STANDIN": "1"}
+    one, two = _fit(tmp_path / "one", "float64", 3, **env), _fit(tmp_path / "two", "float64", 3, ranks=2, **env)
+    assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-2000:]
+    assert _rel(_params(tmp_path / "two"), _params(tmp_path / "one")) <= 1e-12
+
+
 def test_two_rank_checkpoint_resumes_on_one_rank(tmp_path):
     whole = _fit(tmp_path / "whole", "float64", 100)  # 2 epochs of 8 steps
     cut = _fit(tmp_path / "cut", "float64", 5, ranks=2)
@@ -90,3 +98,10 @@ def test_train_mnist_under_mpiexec_matches_one_rank(tmp_path):
         runs.append(lines[0])
     assert runs[0]["steps"] == runs[1]["steps"] == 64
     assert abs(runs[0]["test_accuracy"] - runs[1]["test_accuracy"]) <= 0.02, runs
+
+
+def test_head_mode_refuses_several_ranks(tmp_path):
+    r = subprocess.run([MPIEXEC, "-n", "2", sys.executable, str(ROOT / "scripts" / "finetune.py"), "--data",
+                        str(tmp_path), "--preset", "vit-ti16", "--mode", "head", "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=120, env=dict(ENV, PYTHONPATH=str(ROOT)))
+    assert r.returncode != 0 and "--mode head is one process" in r.stderr and "Traceback" not in r.stderr

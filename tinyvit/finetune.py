@@ -16,6 +16,7 @@ from .checkpoint import atomic_write, load_checkpoint, prepare_out_dir, save_che
 from .cli import add_run_args, add_train_args, report, train_config
 from .convert import adapt, convert
 from .data import data_root, load_cifar10
+from .dist import world
 from .errors import TinyViTError
 from .folders import ImageList, Warnings, folder_splits, pets_splits
 from .layers import cross_entropy_backward, cross_entropy_forward, linear_backward, linear_forward
@@ -121,6 +122,9 @@ def load_data(args, cfg, mean, std):
 
 def run_finetune(args):
     """The whole run for parsed flags; returns the summary report() prints."""
+    if args.mode == "head" and world().size > 1:
+        raise TinyViTError("--mode head is one process (a feature pass, then seconds of head training): "
+                           "run it without mpirun, or use --mode full or progressive across ranks")
     prepare_out_dir(args.out)  # a wrong --out fails now, not after the feature pass or an epoch
     xp = get_backend(args.backend)
     if args.weights is not None:
