@@ -5,21 +5,14 @@ import sys
 
 import numpy as np
 
-from tinyvit import init_params, preset
+from tinyvit import init_params
 from tinyvit.backend import get_backend, to_numpy
 from tinyvit.cli import run
 from tinyvit.dist import world
-from tinyvit.train import Dataset, TrainConfig, fit
+from tinyvit.train import TrainConfig, fit
 
-CFG = preset("mnist", depth=2, dim=32, heads=2, mlp_dim=64, patch_size=7)
-
-
-def data(n, seed):
-    templates = np.random.default_rng(123).integers(0, 256, size=(10, 28, 28))
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, 10, size=n)
-    x = np.clip(templates[y] + rng.normal(0, 40, size=(n, 28, 28)), 0, 255).astype(np.uint8)
-    return Dataset(x, y.astype(np.int64), (0.1307,), (0.3081,))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from toy_data import TINY as CFG, synthetic as data  # noqa: E402
 
 
 def _test_faults():

@@ -8,21 +8,13 @@ import numpy as np
 import pytest
 
 from conftest import shared_data_dir
-from tinyvit import TinyViTError, init_params, preset
+from tinyvit import TinyViTError, init_params
 from tinyvit.checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
-from tinyvit.train import Dataset, TrainConfig, fit
+from tinyvit.train import TrainConfig, fit
+from toy_data import TINY, synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = preset("mnist", depth=2, dim=32, heads=2, mlp_dim=64, patch_size=7)
-
-
-def _synthetic(n, seed):
-    """Toy 28x28 uint8 data: class k is a fixed random template k plus pixel noise."""
-    templates = np.random.default_rng(123).integers(0, 256, size=(10, 28, 28))
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, 10, size=n)
-    x = np.clip(templates[y] + rng.normal(0, 40, size=(n, 28, 28)), 0, 255).astype(np.uint8)
-    return Dataset(x, y.astype(np.int64), (0.1307,), (0.3081,))
+_synthetic = synthetic
 
 
 def _run(tmp, tc, **kw):
