@@ -180,7 +180,9 @@ def fit(params, cfg, tc: TrainConfig, xp, train: Dataset, test: Dataset, out_dir
         while epoch < tc.epochs and not stopped:
             bar = Progress(steps_per_epoch, f"epoch {epoch + 1}/{tc.epochs}", unit="step",
                            initial=batch, disable=quiet)
-            tally, t_epoch = _Tally(1 if xp is np else DEVICE_READ_EVERY, w), time.perf_counter()
+            # NumPy on one process reads the loss every step (free); a GPU or MPI ranks every 10 steps
+            every = 1 if xp is np and w.size == 1 else DEVICE_READ_EVERY
+            tally, t_epoch = _Tally(every, w), time.perf_counter()
             for x, y in train.batches(tc.batch_size, xp, seed=tc.seed, epoch=epoch, drop_last=True,
                                       augment=None if tc.augment == "none" else tc.augment,
                                       start_batch=batch, dtype=params["pos_embed"].dtype, shard=(w.rank, w.size)):
