@@ -11,7 +11,7 @@ from tinyvit.checkpoint import load_checkpoint
 from tinyvit.cli import run
 from tinyvit.data import CIFAR10_MEAN, CIFAR10_STD, MNIST_MEAN, MNIST_STD, data_root, load_cifar10, load_mnist
 from tinyvit.errors import TinyViTError
-from tinyvit.folders import ImageList, folder_splits, pets_splits
+from tinyvit.folders import folder_splits, pets_splits, subset
 from tinyvit.loader import FolderDataset
 from tinyvit.progress import Progress
 from tinyvit.train import Dataset, evaluate
@@ -48,8 +48,7 @@ def folder_test_set(name, root, cfg, meta, args):
     if names is not None and list(images.classes) != list(names):
         raise TinyViTError(f"the folder's classes {images.classes[:5]}... differ from the checkpoint's {names[:5]}...")
     mean, std = tuple(meta.get("mean", (0.5,) * 3)), tuple(meta.get("std", (0.5,) * 3))
-    if args.limit is not None:
-        images = ImageList(images.paths[:args.limit], images.labels[:args.limit], images.classes)
+    images = subset(images, args.limit, meta.get("split_seed", 0))  # the same images finetune's --limit-test took
     return FolderDataset(images, cfg.img_size, mean, std, cfg.in_chans, meta.get("crop_pct", 0.875), args.workers)
 
 
@@ -65,7 +64,8 @@ def main():
     ap.add_argument("--data-dir", default=None, help="data root holding mnist/ and cifar10/ (default: $TINYVIT_DATA, else ~/.cache/tinyvit)")
     ap.add_argument("--batch-size", type=int, default=None,
                     help="images per forward pass (default: about 64k tokens, e.g. 500 for MNIST, 332 at 224 px)")
-    ap.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate the first N test images only")
+    ap.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate the first N test images only (folders and "
+                    "Pets: a seeded N, the same as fine-tuning's --limit-test took)")
     ap.add_argument("--json", action="store_true", help="print one JSON line of results")
     args = ap.parse_args()
 

@@ -15,6 +15,7 @@ import numpy as np
 from . import cifar
 from .augment import affine, random_affine
 from .backend import get_array_module
+from .dist import shard_bounds
 from .cifar import CIFAR10_CLASSES, read_maybe_gz
 from .errors import TinyViTError
 
@@ -243,6 +244,13 @@ def _translate(x, dy, dx, pad, flip=None):
                 rows[:, None, :, None], cols[:, None, None, :]]  # (B, C, H, W)
 
 
+def normaliser(mean, std, xp, dtype):
+    """(scale, shift), each (1, C, 1, 1) on xp, with uint8 pixels * scale + shift = (x / 255 - mean) / std."""
+    scale = xp.asarray(1.0 / (255.0 * np.asarray(std, np.float64)), dtype=dtype).reshape(1, -1, 1, 1)
+    shift = xp.asarray(-np.asarray(mean, np.float64) / np.asarray(std, np.float64), dtype=dtype).reshape(1, -1, 1, 1)
+    return scale, shift
+
+
 def num_batches(n, batch_size, drop_last=False):
     """How many batches iterate_batches yields for n images."""
     return n // batch_size if drop_last else -(-n // batch_size)
@@ -272,10 +280,7 @@ def iterate_batches(images, labels, batch_size, xp, *, mean, std, shuffle=True, 
     if not (np.isfinite(np.asarray(mean, np.float64)).all() and (np.asarray(std, np.float64) > 0).all()
             and np.isfinite(np.asarray(std, np.float64)).all()):
         raise TinyViTError(f"mean/std must be finite with std > 0, got mean {tuple(mean)}, std {tuple(std)}")
-    dtype = np.dtype(dtype)
-    scale = xp.asarray(1.0 / (255.0 * np.asarray(std, np.float64)), dtype=dtype).reshape(1, c, 1, 1)
-    shift = xp.asarray(-np.asarray(mean, np.float64) / np.asarray(std, np.float64),
-                       dtype=dtype).reshape(1, c, 1, 1)
+    scale, shift = normaliser(mean, std, xp, dtype)
     order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
     aug_rng = np.random.default_rng([seed, epoch, 1])  # per position in the epoch, all drawn now
     pad = max_shift if augment == "shift" else crop_pad
@@ -286,10 +291,8 @@ def iterate_batches(images, labels, batch_size, xp, *, mean, std, shuffle=True, 
     labels = np.asarray(labels) if isinstance(labels, (list, tuple)) else labels
     labels_on_host = get_array_module(labels) is np
     stop = num_batches(n, batch_size, drop_last) * batch_size
-    rank, size = shard
     for start in range(start_batch * batch_size, stop, batch_size):
-        end = min(start + batch_size, n)
-        sl = slice(start + (end - start) * rank // size, start + (end - start) * (rank + 1) // size)
+        sl = slice(*shard_bounds(start, min(start + batch_size, n), shard))
         idx = order[sl]
         x = xp.asarray(images[idx] if on_host else images[xp.asarray(idx)])  # uint8, one batch
         if x.ndim == 3:

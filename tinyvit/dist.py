@@ -17,6 +17,12 @@ from .errors import TinyViTError
 _LAUNCHER_ENV = ("PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK")  # MPICH/Intel, Open MPI, PMIx
 
 
+def shard_bounds(start, end, shard):
+    """(a, b): rank's part [a, b) of the global batch [start, end), for shard = (rank, size)."""
+    rank, size = shard
+    return start + (end - start) * rank // size, start + (end - start) * (rank + 1) // size
+
+
 class World:
     """This process's rank among `size` (comm None: a single process)."""
 
@@ -32,7 +38,7 @@ class World:
 
     def part(self, n):
         """This rank's slice of a global batch of n."""
-        return slice(n * self.rank // self.size, n * (self.rank + 1) // self.size)
+        return slice(*shard_bounds(0, n, (self.rank, self.size)))
 
     def sum_(self, buf):
         """Sum a host NumPy array over the ranks, in place (a no-op on one rank)."""

@@ -18,7 +18,7 @@ from .convert import adapt, convert
 from .data import data_root, load_cifar10
 from .dist import world
 from .errors import TinyViTError
-from .folders import ImageList, Warnings, folder_splits, pets_splits
+from .folders import Warnings, folder_splits, pets_splits, subset
 from .layers import cross_entropy_backward, cross_entropy_forward, linear_backward, linear_forward
 from .loader import FolderDataset
 from .model import PRESETS, init_params, preset, vit_features
@@ -92,14 +92,6 @@ def load_weights(path):
     return convert(path)
 
 
-def _subset(images: ImageList, n, seed):
-    """A seeded random n of an ImageList (all classes keep their share), in the list's order."""
-    if n is None or n >= len(images):
-        return images
-    keep = np.sort(np.random.default_rng([seed, 7]).permutation(len(images))[:n])
-    return ImageList([images.paths[i] for i in keep], images.labels[keep], images.classes, images.bad)
-
-
 def load_data(args, cfg, mean, std):
     """(train, test datasets, class names, metadata about the data) for --data."""
     if args.data == "cifar10":
@@ -112,12 +104,12 @@ def load_data(args, cfg, mean, std):
     warn = Warnings(args.strict)
     if args.data == "pets":
         tr, te = pets_splits(data_root(args.data_dir), strict=args.strict, workers=args.workers)
-        info = {"dataset": "pets"}
+        info = {"dataset": "pets", "split_seed": args.seed}  # seeds the --limit subsets
     else:
         tr, te = folder_splits(args.data, args.val_split, args.seed, args.strict, args.workers)
         info = {"dataset": "folder", "data": str(Path(args.data).resolve()), "val_split": args.val_split,
                 "split_seed": args.seed}
-    tr, te = _subset(tr, args.limit_train, args.seed), _subset(te, args.limit_test, args.seed)
+    tr, te = subset(tr, args.limit_train, args.seed), subset(te, args.limit_test, args.seed)
     make = lambda lst: FolderDataset(lst, cfg.img_size, mean, std, cfg.in_chans, args.crop_pct,  # noqa: E731
                                      args.workers, warn)
     return make(tr), make(te), tr.classes, dict(info, crop_pct=args.crop_pct)

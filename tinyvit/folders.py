@@ -172,6 +172,14 @@ def _stratified(by_class, classes, val_split, seed, root):
     return tuple(ImageList(p, np.asarray(y, np.int64), list(classes)) for p, y in (tr, va))
 
 
+def subset(images: ImageList, n, seed):
+    """A seeded random n of an ImageList (every class keeps about its share), in the list's order."""
+    if n is None or n >= len(images):
+        return images
+    keep = np.sort(np.random.default_rng([seed, 7]).permutation(len(images))[:n])
+    return ImageList([images.paths[i] for i in keep], images.labels[keep], images.classes, images.bad)
+
+
 # --- Oxford-IIIT Pet ---------------------------------------------------------------------------
 
 

@@ -12,6 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from .data import normaliser
+from .dist import shard_bounds
 from .errors import TinyViTError
 from .folders import ImageList, Warnings
 from .images import BICUBIC, MAX_PIXELS, _standard_mode, _to_array, open_image
@@ -93,9 +95,7 @@ class FolderDataset:
         order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
         stop = (n // batch_size if drop_last else -(-n // batch_size)) * batch_size
         starts = range(start_batch * batch_size, stop, batch_size)
-        scale = xp.asarray(1.0 / (255.0 * np.asarray(self.std, np.float64)), dtype=dtype).reshape(1, -1, 1, 1)
-        shift = xp.asarray(-np.asarray(self.mean, np.float64) / np.asarray(self.std, np.float64),
-                           dtype=dtype).reshape(1, -1, 1, 1)
+        scale, shift = normaliser(self.mean, self.std, xp, dtype)
         with ThreadPoolExecutor(self.workers) as pool:
             pending = deque()
             todo = iter(starts)
@@ -103,8 +103,7 @@ class FolderDataset:
             def submit():
                 s = next(todo, None)
                 if s is not None:
-                    e = min(s + batch_size, n)
-                    a, b = s + (e - s) * shard[0] // shard[1], s + (e - s) * (shard[0] + 1) // shard[1]
+                    a, b = shard_bounds(s, min(s + batch_size, n), shard)
                     idx = [i for i in order[a:b] if self.images.paths[i] not in self.images.bad]
                     pending.append(pool.submit(self._decode_batch, idx, train, seed, epoch, a))
 
