@@ -5,7 +5,7 @@ import argparse
 from tinyvit import init_params, preset
 from tinyvit.backend import get_backend
 from tinyvit.checkpoint import prepare_out_dir
-from tinyvit.cli import add_run_args, add_train_args, report, run, train_config
+from tinyvit.cli import add_run_args, add_train_args, report, run, run_clock, train_config
 from tinyvit.data import MNIST_MEAN, MNIST_STD, data_root, load_mnist
 from tinyvit.model import PRESETS
 from tinyvit.train import Dataset, TrainConfig, fit
@@ -50,8 +50,7 @@ def main():
             "mean": list(MNIST_MEAN), "std": list(MNIST_STD)}
     summary = fit(params, cfg, train_config(args), xp,
                   Dataset(tr_x, tr_y, MNIST_MEAN, MNIST_STD), Dataset(te_x, te_y, MNIST_MEAN, MNIST_STD),
-                  args.out, meta=meta, resume=args.resume, quiet=args.quiet,
-                  time_limit=None if args.time_limit is None else 60 * args.time_limit)
+                  args.out, meta=meta, resume=args.resume, quiet=args.quiet, **run_clock(args))
     report(summary, args, {"backend": args.backend, "preset": args.preset})
 
 

@@ -47,6 +47,33 @@ def test_resume_is_exact(tmp_path, stop_after, augment, ema):
         assert np.array_equal(v, resumed["params"][k]), k  # bit-for-bit
 
 
+@pytest.mark.parametrize("save_every,saved_step", [(0.0, 11), (1e9, 8), (None, 8)])
+def test_save_every_bounds_what_a_crash_loses(tmp_path, monkeypatch, save_every, saved_step):
+    """A crash at step 12 (mid epoch 2) with a checkpoint due every step keeps step 11; the run
+    resumed from it ends bit-identical to an uninterrupted one. Off (or not due): epoch ends only."""
+    import tinyvit.train as train
+    tc = TrainConfig(epochs=2, batch_size=32, lr=2e-3, augment="shift", clip=1.0)
+    straight = _run(tmp_path / "a", tc)["params"]
+    calls, clip = [], train.clip_grad_norm
+
+    def crashing_clip(grads, max_norm):
+        calls.append(1)
+        if len(calls) == 12:
+            raise RuntimeError("power cut")  # no stop flag, no final save: as a kill -9
+        return clip(grads, max_norm)
+
+    monkeypatch.setattr(train, "clip_grad_norm", crashing_clip)
+    with pytest.raises(RuntimeError, match="power cut"):
+        _run(tmp_path / "b", tc, save_every=save_every)
+    monkeypatch.setattr(train, "clip_grad_norm", clip)
+    state = load_checkpoint(tmp_path / "b" / "checkpoint.npz")[2]["train_state"]
+    assert state["step"] == saved_step and state["batch"] == saved_step - 8 * state["epoch"]
+    resumed = _run(tmp_path / "c", tc, resume=tmp_path / "b" / "checkpoint.npz")
+    assert resumed["steps"] == 16 and not resumed["stopped_early"]
+    for k, v in straight.items():
+        assert np.array_equal(v, resumed["params"][k]), k  # bit-for-bit
+
+
 def test_resume_with_other_settings_is_refused(tmp_path):
     tc = TrainConfig(epochs=2, batch_size=32)
     _run(tmp_path / "b", tc, max_steps=3)

@@ -77,8 +77,17 @@ def add_run_args(ap, out_default):
     ap.add_argument("--limit-test", type=int, default=None, metavar="N", help="evaluate on the first N test images only")
     ap.add_argument("--time-limit", type=float, default=None, metavar="MIN",
                     help="stop (with a resumable checkpoint) after this many minutes")
+    ap.add_argument("--save-every", type=float, default=10.0, metavar="MIN",
+                    help="also write the resumable checkpoint this often within an epoch, so a hard kill "
+                         "loses at most this many minutes; 0 = at epoch ends only (default 10)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     ap.add_argument("--json", action="store_true", help="end with one JSON line of results on stdout")
+
+
+def run_clock(args) -> dict:
+    """fit()'s time keywords (seconds) from the --time-limit and --save-every minutes."""
+    return {"time_limit": None if args.time_limit is None else 60 * args.time_limit,
+            "save_every": 60 * args.save_every if args.save_every > 0 else None}
 
 
 def report(summary, args, extra=None):

@@ -13,7 +13,7 @@ import numpy as np
 
 from .backend import get_backend, to_device, to_numpy
 from .checkpoint import atomic_write, load_checkpoint, prepare_out_dir, save_checkpoint
-from .cli import add_run_args, add_train_args, report, train_config
+from .cli import add_run_args, add_train_args, report, run_clock, train_config
 from .convert import adapt, convert
 from .data import data_root, load_cifar10
 from .dist import world
@@ -140,7 +140,7 @@ def run_finetune(args):
         summary = run_head(params, cfg, tc, xp, train, test, out_meta, args)
     else:
         summary = fit(params, cfg, tc, xp, train, test, args.out, meta=out_meta, resume=args.resume,
-                      quiet=args.quiet, time_limit=None if args.time_limit is None else 60 * args.time_limit)
+                      quiet=args.quiet, **run_clock(args))
     if hasattr(train, "decoded"):
         summary["images_decoded"] = train.decoded + test.decoded
         summary["unreadable_files"] = len(train.images.bad) + len(test.images.bad)

@@ -124,11 +124,12 @@ def _train_state(epoch, batch, step, rng, history, tc):
 
 
 def fit(params, cfg, tc: TrainConfig, xp, train: Dataset, test: Dataset, out_dir, *, meta=None,
-        resume=None, time_limit=None, max_steps=None, quiet=False):
+        resume=None, time_limit=None, save_every=None, max_steps=None, quiet=False):
     """Train params in place on the backend xp; write checkpoints and logs to out_dir.
 
     Returns a summary dict (test_accuracy, epochs, train_seconds, images_per_second, checkpoint,
-    stopped_early). With `resume`, continues the run saved in that checkpoint exactly.
+    stopped_early). With `resume`, continues the run saved in that checkpoint exactly. A checkpoint
+    is written at each epoch's end and, with `save_every` (seconds), also that often within an epoch.
     """
     w = world()  # MPI ranks (tinyvit.dist); one process without a launcher
     quiet = quiet or not w.lead  # only rank 0 prints, logs and writes files
@@ -162,6 +163,7 @@ def fit(params, cfg, tc: TrainConfig, xp, train: Dataset, test: Dataset, out_dir
     meta = dict(meta or {})
     t_start, images_seen, stopped = time.perf_counter(), 0, False
     ran_steps, train_time = 0, 0.0  # train_time: seconds in training steps (no evaluation)
+    t_saved = t_start  # when the last checkpoint was written (or the run began)
 
     def save(e, b):
         m = dict(meta, train_state=_train_state(e, b, step, rng, history, tc))
@@ -194,8 +196,11 @@ def fit(params, cfg, tc: TrainConfig, xp, train: Dataset, test: Dataset, out_dir
                 tally.add(loss, correct_b, len(y))
                 if tally.due():
                     check(tally)
-                want_stop = flag.stop or (time_limit is not None and time.perf_counter() - t_start > time_limit)
-                grads, stop_votes = w.sum_grads(grads, [float(want_stop)])  # one Allreduce per step
+                now = time.perf_counter()
+                want_stop = flag.stop or (time_limit is not None and now - t_start > time_limit)
+                # rank 0's clock decides a mid-epoch save; the vote makes every rank take part in it
+                want_save = w.lead and save_every is not None and now - t_saved > save_every
+                grads, votes = w.sum_grads(grads, [float(want_stop), float(want_save)])  # one Allreduce per step
                 if tc.clip:
                     clip_grad_norm(grads, tc.clip)
                 opt.step({k: params[k] for k in grads}, grads, lr=lr)
@@ -206,9 +211,13 @@ def fit(params, cfg, tc: TrainConfig, xp, train: Dataset, test: Dataset, out_dir
                 train_time += time.perf_counter() - t_step
                 rate = images_seen / train_time
                 bar.update(1, loss=f"{tally.mean_loss():.4f}", img_s=f"{rate:.0f}")
-                if stop_votes[0] > 0 or (max_steps is not None and ran_steps >= max_steps):  # all ranks agree
+                if votes[0] > 0 or (max_steps is not None and ran_steps >= max_steps):  # all ranks agree
                     stopped = True
                     break
+                if votes[1] > 0 and batch < steps_per_epoch:  # a hard kill now loses at most save_every
+                    check(tally)
+                    save(epoch, batch)
+                    t_saved = time.perf_counter()
             bar.close()
             check(tally)  # the steps not read yet, before anything is saved
             if stopped and batch < steps_per_epoch:
@@ -228,6 +237,7 @@ def fit(params, cfg, tc: TrainConfig, xp, train: Dataset, test: Dataset, out_dir
                       f"{rec['train_accuracy']:.4f}  test acc {rec['test_accuracy']:.4f}  "
                       f"({rec['epoch_seconds']:.0f} s)", file=sys.stderr)
             save(epoch, 0)
+            t_saved = time.perf_counter()
     seconds = time.perf_counter() - t_start
     done = epoch >= tc.epochs
     final = files.out / "model.npz"
