@@ -66,6 +66,9 @@ def main():
                     help="images per forward pass (default: about 64k tokens, e.g. 500 for MNIST, 332 at 224 px)")
     ap.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate the first N test images only (folders and "
                     "Pets: a seeded N, the same as fine-tuning's --limit-test took)")
+    ap.add_argument("--tta", choices=["none", "flip"], default="none",
+                    help="test-time augmentation: flip adds each image's left-right mirror to its score (twice "
+                         "the time; for photos, not digits) (default none)")
     ap.add_argument("--json", action="store_true", help="print one JSON line of results")
     args = ap.parse_args()
 
@@ -80,10 +83,11 @@ def main():
         data = test_set(name, data_root(args.data_dir), cfg, meta, args.limit)
     bar = Progress(len(data.labels), "evaluating", unit="img", disable=args.json)
     t0 = time.perf_counter()
-    acc = evaluate(to_device(params, xp), cfg, data, xp, batch_size=args.batch_size, progress=bar)
+    acc = evaluate(to_device(params, xp), cfg, data, xp, batch_size=args.batch_size, progress=bar,
+                   flip=args.tta == "flip")
     bar.close()
     seconds = time.perf_counter() - t0
-    result = {"test_accuracy": acc, "dataset": name, "images": len(data.labels),
+    result = {"test_accuracy": acc, "dataset": name, "images": len(data.labels), "tta": args.tta,
               "seconds": seconds, "checkpoint": args.checkpoint}
     print(json.dumps(result) if args.json else f"{name} test accuracy: {acc * 100:.2f}% "
           f"({len(data.labels)} images, {seconds:.1f} s)")

@@ -178,6 +178,22 @@ def test_warmup_longer_than_run_is_a_clear_error(tmp_path):
         _run(tmp_path, TrainConfig(epochs=1, batch_size=32, warmup_epochs=1.0))
 
 
+@pytest.mark.parametrize("n,batch_size", [(50, 16), (64, 64)])
+def test_evaluate_flip_scores_each_image_plus_its_mirror(xp, n, batch_size):
+    from tinyvit.backend import to_device
+    from tinyvit.model import vit_forward
+    from tinyvit.train import evaluate
+
+    params, data = init_params(TINY, seed=3, std=0.3), _synthetic(n, 5)  # large: images matter to the logits
+    (x, y), = data.batches(n, np, shuffle=False, dtype=np.float32)  # normalised, (B, 1, 28, 28)
+    plain = vit_forward(params, x, TINY, keep_cache=False)[0]
+    both = plain + vit_forward(params, np.ascontiguousarray(x[:, :, :, ::-1]), TINY, keep_cache=False)[0]
+    assert (both.argmax(1) != plain.argmax(1)).any()  # the mirror changes answers: the check can fail
+    dev = to_device(params, xp)
+    assert evaluate(dev, TINY, data, xp, batch_size=batch_size, flip=True) == np.mean(both.argmax(1) == y)
+    assert evaluate(dev, TINY, data, xp, batch_size=batch_size) == np.mean(plain.argmax(1) == y)
+
+
 def test_ema_is_evaluated_and_saved(tmp_path):
     """With --ema the final model and the test accuracy are the moving average's, which follows
     ema = d ema + (1 - d) w with timm's warm-up d_t = min(d, (1 + t) / (10 + t))."""
