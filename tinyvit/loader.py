@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .data import normaliser
+from .data import normaliser, num_batches
 from .dist import shard_bounds
 from .errors import TinyViTError
 from .folders import ImageList, Warnings
@@ -93,7 +93,7 @@ class FolderDataset:
         train = augment not in (None, "none")
         n = len(self.images)
         order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
-        stop = (n // batch_size if drop_last else -(-n // batch_size)) * batch_size
+        stop = num_batches(n, batch_size, drop_last) * batch_size
         starts = range(start_batch * batch_size, stop, batch_size)
         scale, shift = normaliser(self.mean, self.std, xp, dtype)
         with ThreadPoolExecutor(self.workers) as pool:

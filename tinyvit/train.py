@@ -170,9 +170,11 @@ def fit(params, cfg, tc: TrainConfig, xp, train: Dataset, test: Dataset, out_dir
     t_saved = t_start  # when the last checkpoint was written (or the run began)
 
     def save(e, b):
+        nonlocal t_saved
         m = dict(meta, train_state=_train_state(e, b, step, rng, history, tc))
         state = dict(opt.state_dict(), **{_EMA + k: v for k, v in (ema or {}).items()})
         files.checkpoint(lambda: save_checkpoint(ckpt_path, params, cfg, m, state), step)
+        t_saved = time.perf_counter()  # --save-every counts from the last checkpoint
 
     def check(tally):  # read the steps' losses (one host read); stop before a non-finite one is kept
         loss = tally.read()
@@ -221,7 +223,6 @@ def fit(params, cfg, tc: TrainConfig, xp, train: Dataset, test: Dataset, out_dir
                 if votes[1] > 0 and batch < steps_per_epoch:  # a hard kill now loses at most save_every
                     check(tally)
                     save(epoch, batch)
-                    t_saved = time.perf_counter()
             bar.close()
             check(tally)  # the steps not read yet, before anything is saved
             if stopped and batch < steps_per_epoch:
@@ -241,7 +242,6 @@ def fit(params, cfg, tc: TrainConfig, xp, train: Dataset, test: Dataset, out_dir
                       f"{rec['train_accuracy']:.4f}  test acc {rec['test_accuracy']:.4f}  "
                       f"({rec['epoch_seconds']:.0f} s)", file=sys.stderr)
             save(epoch, 0)
-            t_saved = time.perf_counter()
     seconds = time.perf_counter() - t_start
     done = epoch >= tc.epochs
     final = files.out / "model.npz"
