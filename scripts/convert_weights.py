@@ -4,6 +4,10 @@ Example:
   python scripts/convert_weights.py ViT-B_16.npz --out weights/vit-b16.npz
   python scripts/convert_weights.py pytorch_model.bin --format hf --img-size 384 --num-classes 10 \\
       --out weights/vit-b16-384-c10.npz
+
+Class names, mean/std and the eval transform come along when the source states them: tinyvit's own
+timm export (its __metadata__), a timm hub config.json (label_names, pretrained_cfg) or HF's
+config.json / preprocessor_config.json beside the file. --img-size keeps the transform (it is relative).
 """
 import argparse
 import sys

@@ -14,7 +14,7 @@ import numpy as np
 
 from tinyvit.cli import run
 from tinyvit.convert import adapt
-from tinyvit.finetune import load_weights
+from tinyvit.convert import load_model
 from tinyvit.folders import folder_splits
 from tinyvit.layers import cross_entropy_backward, cross_entropy_forward
 from tinyvit.loader import FolderDataset
@@ -64,7 +64,7 @@ def main():
         for train in (True, False):
             out[f"decode_{'train' if train else 'eval'}_workers{w}"] = decode_rate(images, args.img_size, w, train)
     if args.weights:
-        params, cfg, _ = load_weights(args.weights)
+        params, cfg, _ = load_model(args.weights)
     else:
         cfg = preset("vit-ti16")
         params = init_params(cfg)

@@ -7,11 +7,12 @@ import json
 import time
 
 from tinyvit.backend import get_backend, to_device
-from tinyvit.checkpoint import load_checkpoint
 from tinyvit.cli import run
+from tinyvit.convert import load_model
 from tinyvit.data import CIFAR10_MEAN, CIFAR10_STD, MNIST_MEAN, MNIST_STD, data_root, load_cifar10, load_mnist
 from tinyvit.errors import TinyViTError
 from tinyvit.folders import folder_splits, pets_splits, subset
+from tinyvit.images import eval_transform
 from tinyvit.loader import FolderDataset
 from tinyvit.progress import Progress
 from tinyvit.train import Dataset, evaluate
@@ -47,9 +48,10 @@ def folder_test_set(name, root, cfg, meta, args):
     names = meta.get("class_names")
     if names is not None and list(images.classes) != list(names):
         raise TinyViTError(f"the folder's classes {images.classes[:5]}... differ from the checkpoint's {names[:5]}...")
-    mean, std = tuple(meta.get("mean", (0.5,) * 3)), tuple(meta.get("std", (0.5,) * 3))
+    t = eval_transform(meta, cfg.in_chans, args.checkpoint)  # the one fine-tuning validated with
     images = subset(images, args.limit, meta.get("split_seed", 0))  # the same images finetune's --limit-test took
-    return FolderDataset(images, cfg.img_size, mean, std, cfg.in_chans, meta.get("crop_pct", 0.875), args.workers)
+    return FolderDataset(images, cfg.img_size, t.mean, t.std, cfg.in_chans, t.crop_pct, args.workers,
+                         resize=t.resize, interpolation=t.interpolation)
 
 
 def main():
@@ -72,7 +74,8 @@ def main():
     ap.add_argument("--json", action="store_true", help="print one JSON line of results")
     args = ap.parse_args()
 
-    params, cfg, meta = load_checkpoint(args.checkpoint)
+    params, cfg, meta = load_model(args.checkpoint, hint="evaluate.py takes a model (a checkpoint or weights "
+                                   "file); the test set comes from --dataset or --data")
     name = args.dataset or ("folder" if args.data else meta.get("dataset"))
     if name not in ("mnist", "cifar10", "pets", "folder"):
         raise TinyViTError(f"{args.checkpoint}: no dataset recorded; pass --dataset mnist|cifar10|pets or --data DIR")

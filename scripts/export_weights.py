@@ -4,12 +4,14 @@ Examples:
   python scripts/export_weights.py runs/cifar/model.npz --to timm --out vit.safetensors
   python scripts/export_weights.py runs/cifar/model.npz --to hf --out vit-hf/
 
-timm: the file's __metadata__ holds VisionTransformer's arguments (img_size, patch_size, in_chans,
-num_classes, embed_dim, depth, num_heads, mlp_ratio, act_layer, norm_eps) and the class names, mean
-and std as JSON. Build the model with those (class_token=True, global_pool='token', qkv_bias=True;
-norm_layer=partial(nn.LayerNorm, eps=norm_eps) when norm_eps is not timm's 1e-6) and load the file with
-safetensors.torch.load_file + load_state_dict(strict=True).
-hf: ViTForImageClassification.from_pretrained(folder) and ViTImageProcessor.from_pretrained(folder).
+timm (--out must end in .safetensors): the file's __metadata__ holds VisionTransformer's arguments
+(img_size, patch_size, in_chans, num_classes, embed_dim, depth, num_heads, mlp_ratio, act_layer,
+norm_eps) and, as JSON, the class names, mean, std, tinyvit config and eval transform. Build the model
+with those (class_token=True, global_pool='token', qkv_bias=True; norm_layer=partial(nn.LayerNorm,
+eps=norm_eps) when norm_eps is not timm's 1e-6) and load the file with safetensors.torch.load_file +
+load_state_dict(strict=True); scripts/convert_weights.py reads it back with all of that metadata.
+hf: ViTForImageClassification.from_pretrained(folder) and AutoImageProcessor.from_pretrained(folder)
+(a ViTImageProcessor, or a ConvNextImageProcessor for a shortest-edge eval transform below 384 px).
 """
 import argparse
 import json

@@ -1,4 +1,5 @@
-"""Classify image files with a tinyvit checkpoint: top-k classes per image, optional attention maps.
+"""Classify image files with a tinyvit checkpoint (or any weights file scripts/convert_weights.py reads,
+converted in memory): top-k classes per image, optional attention maps.
 
 Every image is read (see tinyvit/images.py for the mode, alpha, resize and inversion rules) before
 anything is printed: one unreadable file stops the run with a one-line error (exit 2).
@@ -7,20 +8,25 @@ anything is printed: one unreadable file stops the run with a one-line error (ex
 (the CLS token's row over the patches, 10th to 99th percentile, bilinear) in the inferno colour map,
 the heat map over the dimmed image, and a colour bar. With one image the file is OUT itself; with
 several, each goes to OUT's folder as <OUT stem>_<image stem><OUT suffix> (out_digit.png), and a
-repeated image stem gets _2, _3, ... appended.
+repeated image stem gets _2, _3, ... appended. The file format follows OUT's suffix (.png, .jpg,
+.webp, .bmp, .tiff: any Pillow writes); another suffix, or none, is refused.
 """
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import tinyvit  # noqa: F401  (before NumPy: sets OpenBLAS's spin time, see tinyvit/__init__.py)
 import numpy as np
+from PIL import Image
 
 from tinyvit.backend import get_backend, to_device, to_numpy
-from tinyvit.checkpoint import atomic_write, load_checkpoint, prepare_out_dir
+from tinyvit.checkpoint import atomic_write, prepare_out_dir
 from tinyvit.cli import run
+from tinyvit.convert import load_model
 from tinyvit.errors import TinyViTError
-from tinyvit.images import MAX_PIXELS, attention_figure, attention_rollout, input_view, load_image, normalisation
+from tinyvit.images import (MAX_PIXELS, attention_figure, attention_rollout, eval_transform, input_view, is_colour,
+                            load_image)
 from tinyvit.model import attention_maps, vit_forward
 
 INVERT = {"auto": None, "yes": True, "no": False}
@@ -45,12 +51,23 @@ def softmax(logits):
     return e / e.sum(axis=1, keepdims=True)
 
 
+def image_format(path):
+    """Pillow's writer for path's suffix (PNG for .png, JPEG for .jpg/.jpeg, WEBP, BMP, TIFF, ...)."""
+    fmt = Image.registered_extensions().get(Path(path).suffix.lower())
+    if fmt not in Image.SAVE:
+        raise TinyViTError(f"{path}: --attention-map needs the suffix of an image format Pillow writes "
+                           f"(.png, .jpg, .webp, .bmp, .tiff, ...)")
+    return fmt
+
+
 def map_paths(out, images):
-    """Where each image's attention map goes: OUT for one image, OUT-stem_image-stem otherwise."""
+    """Where each image's attention map goes: OUT for one image, OUT-stem_image-stem otherwise; OUT's
+    suffix must name a format Pillow writes."""
     out = Path(out)
+    image_format(out)
     if len(images) == 1:
         return [out]
-    suffix = out.suffix or ".png"
+    suffix = out.suffix
     paths, seen = [], {}
     for image in images:
         stem = Path(image).stem
@@ -61,11 +78,23 @@ def map_paths(out, images):
 
 
 def save_png(img, path):
-    """Write a Pillow image as PNG atomically; failures are a TinyViTError naming the file."""
+    """Write a Pillow image atomically in the format its suffix names; failures are a TinyViTError naming the file."""
+    fmt = image_format(path)
     try:
-        atomic_write(path, lambda f: img.save(f, format="PNG"))
-    except OSError as e:
-        raise TinyViTError(f"{path}: cannot write the attention map ({e.strerror or e})") from None
+        atomic_write(path, lambda f: img.save(f, format=fmt))
+    except (OSError, ValueError) as e:  # e.g. a mode the format cannot hold
+        raise TinyViTError(f"{path}: cannot write the attention map ({getattr(e, 'strerror', None) or e})") from None
+
+
+def warn_colour(paths, cfg):
+    """One warning when a 1-channel (digit) model is given colour images: it sees only their luminance."""
+    if cfg.in_chans != 1:
+        return
+    colour = [p for p in paths if is_colour(p)]
+    if colour:
+        more = f" and {len(colour) - 1} more" if len(colour) > 1 else ""
+        print(f"warning: {colour[0]}{more}: colour image(s) given to a 1-channel model (trained on gray digits): "
+              f"it sees their luminance only, so its answers may mean little", file=sys.stderr)
 
 
 def main():
@@ -96,13 +125,14 @@ def main():
 
     if args.attention_map is not None:  # a wrong output folder fails before any work
         prepare_out_dir(Path(args.attention_map).parent, "the --attention-map folder")
-    params, cfg, meta = load_checkpoint(args.checkpoint)
-    mean, std = normalisation(meta, cfg.in_chans, args.checkpoint)
+    params, cfg, meta = load_model(args.checkpoint, hint="predict.py takes the checkpoint first, then images")
+    t = eval_transform(meta, cfg.in_chans, args.checkpoint)  # the one fine-tuning and evaluate.py use
     names = class_names(meta, cfg.num_classes, args.checkpoint)
     invert, dataset = INVERT[args.invert], meta.get("dataset")
     max_pixels = int(args.max_megapixels * 1e6)
     want_maps = args.attention_map is not None
-    xs = [load_image(p, cfg, mean, std, max_pixels, invert, dataset) for p in args.images]  # (1, C, S, S) each
+    xs = [load_image(p, cfg, t, max_pixels, invert, dataset) for p in args.images]  # (1, C, S, S) each
+    warn_colour(args.images, cfg)
     xp = get_backend(args.backend)
     params = to_device(params, xp)
 
@@ -126,7 +156,7 @@ def main():
         for res, inp, heat, out in zip(results, xs, heats, map_paths(args.attention_map, args.images)):
             top = res["top_k"][0]
             title = f"{Path(res['image']).name}: {top['class']} {top['probability'] * 100:.1f}%"
-            save_png(attention_figure(input_view(inp[0], mean, std), heat, title), out)
+            save_png(attention_figure(input_view(inp[0], t.mean, t.std), heat, title), out)
             res["attention_map"] = str(out)
 
     if args.json:

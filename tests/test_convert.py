@@ -3,6 +3,7 @@ the real ViT-Ti/16 file, pos-embed resizing, head adaptation, and every kind of 
 import json
 import os
 import pickle
+import re
 import struct
 import subprocess
 import sys
@@ -14,18 +15,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import rel_err
+from conftest import needs_data, needs_ti16, rel_err, shared_data_dir, ti16_weights
 from torch_vit import torch_vit_from_params
 from tinyvit import TinyViTError, ViTConfig, preset, vit_forward
-from tinyvit.checkpoint import load_checkpoint
-from tinyvit.convert import adapt, convert, detect_format, load_state, resize_pos_embed, to_timm
+from tinyvit.checkpoint import load_checkpoint, save_checkpoint
+from tinyvit.convert import adapt, convert, detect_format, load_model, load_state, resize_pos_embed, to_timm
 from tinyvit.model import param_shapes
 from tinyvit.safetensors import read_safetensors, write_safetensors
 from tinyvit.torchzip import load_torch_zip
 
 ROOT = Path(__file__).resolve().parents[1]
-WEIGHTS = Path(os.environ.get("TINYVIT_WEIGHTS") or ROOT.parent / "shared" / "weights")
-TI16 = WEIGHTS / "vit_tiny_patch16_224.augreg_in21k_ft_in1k.npz"
+TI16 = ti16_weights()
 # ViT-B/16 widths, two blocks, 32 px (2x2 patches + CLS)
 CFG = ViTConfig(img_size=32, patch_size=16, in_chans=3, num_classes=10, dim=768, depth=2, heads=12, mlp_dim=3072)
 
@@ -231,7 +231,7 @@ def test_full_vit_b16_key_set(fmt):
     assert all(params[k].shape == s for k, s in param_shapes(b16).items())
 
 
-@pytest.mark.skipif(not TI16.is_file(), reason=f"real ViT-Ti/16 weights not found at {TI16} (set TINYVIT_WEIGHTS)")
+@needs_ti16
 def test_real_vit_ti16_every_format(tmp_path):
     ti = load_state(TI16)
     base, cfg0, _ = convert(TI16)
@@ -481,3 +481,100 @@ def test_cli_error_path(tmp_path):
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "m.npz").exists()
+
+
+# --- load_model: a tinyvit checkpoint, or any weights file, where a model is read ----------------
+
+EVAL = ViTConfig(img_size=32, patch_size=16, in_chans=3, num_classes=10, dim=64, depth=1, heads=1, mlp_dim=64)
+
+
+def save_st_lib(path, d):
+    """A .safetensors written by the safetensors package itself, as timm and HF save them."""
+    save_file = pytest.importorskip("safetensors.torch").save_file
+    save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in d.items()}, str(path), {"format": "pt"})
+
+
+MODEL_FILES = {  # name -> (file name, writer(path, timm-layout params)); names as users have them
+    "google-npz": ("ViT-Ti_16.npz", lambda f, p: save_npz(f, to_google(p, 1))),
+    "timm-safetensors": ("model.safetensors", save_st_lib),
+    "timm-pth": ("vit.pth", save_pth),
+    "timm-ckpt-wrapped": ("last.ckpt", lambda f, p: save_pth(f, p, "state_dict")),
+    "torchvision-pth": ("vit_b_16.pth", lambda f, p: save_pth(f, to_torchvision(p))),
+    "hf-bin": ("pytorch_model.bin", lambda f, p: save_pth(f, to_hf(p))),
+    "safetensors-named-npz": ("weights.npz", save_st_lib),  # the bytes decide, not the suffix
+    "pth-named-npz": ("weights2.npz", save_pth),
+}
+
+
+@pytest.mark.parametrize("name", list(MODEL_FILES))
+def test_load_model_reads_every_weights_file(name, tmp_path):
+    p = random_params(EVAL)
+    fname, write = MODEL_FILES[name]
+    write(tmp_path / fname, p)
+    params, cfg, meta = load_model(tmp_path / fname)
+    assert cfg == ViTConfig(**{**EVAL.to_dict(), "ln_eps": 1e-12 if name.startswith("hf") else 1e-6})
+    assert list(params) == list(p) and all(np.array_equal(params[k], p[k]) for k in p)
+    assert meta["class_names"] == [f"class_{i}" for i in range(10)]
+    with pytest.raises(TinyViTError) as e:  # the checkpoint reader names what the file is instead
+        load_checkpoint(tmp_path / fname)
+    msg = str(e.value)
+    assert "pickled" not in msg and "not an .npy" not in msg and "\n" not in msg, msg
+    if meta["format"] != "google":
+        assert re.search(r": is a (safetensors|torch \.pth) file, not a tinyvit \.npz checkpoint: convert it with "
+                         r"scripts/convert_weights\.py", msg), msg
+
+
+def test_load_model_takes_a_tinyvit_checkpoint_as_is(tmp_path):
+    p = random_params(EVAL)
+    ckpt = save_checkpoint(tmp_path / "m.npz", p, EVAL, {"class_names": list("abcdefghij"), "dataset": "cifar10"})
+    params, cfg, meta = load_model(ckpt)
+    assert cfg == EVAL and meta["class_names"][2] == "c" and meta["dataset"] == "cifar10"
+    assert all(np.array_equal(params[k], p[k]) for k in p)
+
+
+def test_load_model_names_an_image_and_other_files(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "photo.npz", format="JPEG")  # an image by its bytes
+    hint = "predict.py takes the checkpoint first, then images"
+    with pytest.raises(TinyViTError, match=f"x.png: is an image, not a model: {hint}$"):
+        load_model(tmp_path / "x.png", hint=hint)
+    with pytest.raises(TinyViTError, match="photo.npz: is an image, not a model$"):
+        load_model(tmp_path / "photo.npz")
+    with pytest.raises(TinyViTError, match="x.png: is an image, not a tinyvit .npz checkpoint$"):
+        load_checkpoint(tmp_path / "x.png")
+    (tmp_path / "notes.npz").write_text("not a checkpoint at all")
+    with pytest.raises(TinyViTError, match="notes.npz: not an .npz checkpoint \\(no zip signature"):
+        load_checkpoint(tmp_path / "notes.npz")
+    (tmp_path / "w.h5").write_bytes(b"x")
+    with pytest.raises(TinyViTError, match="w.h5: unknown weights file type"):
+        load_model(tmp_path / "w.h5")
+    with pytest.raises(TinyViTError, match="no such model file"):
+        load_model(tmp_path / "missing.pth")
+
+
+def _tool(name, *args):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's tinyvit
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+
+
+@needs_data
+def test_evaluate_script_takes_any_weights_file(tmp_path):
+    p = random_params(EVAL)
+    results = []
+    for name in ("google-npz", "timm-safetensors", "torchvision-pth"):
+        fname, write = MODEL_FILES[name]
+        write(tmp_path / fname, p)
+        r = _tool("evaluate.py", tmp_path / fname, "--dataset", "cifar10", "--data-dir", shared_data_dir(),
+                  "--limit", "16", "--json")
+        assert r.returncode == 0, r.stderr
+        results.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    assert all(r["images"] == 16 and r["test_accuracy"] == results[0]["test_accuracy"] for r in results)
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "cat.png")
+    r = _tool("evaluate.py", tmp_path / "cat.png", "--dataset", "cifar10")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith(f"error: {tmp_path / 'cat.png'}: is an image, not a model: evaluate.py takes"), r.stderr

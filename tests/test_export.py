@@ -1,5 +1,6 @@
 """Export to timm and HF transformers: strict loads into the torch ViT and logits vs vit_forward, the HF
 folder converting back bit for bit, transformers itself when installed, bad input, and the script."""
+import dataclasses
 import importlib.util
 import json
 import os
@@ -10,14 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from conftest import rel_err
+from conftest import needs_ti16, rel_err, ti16_weights
+from PIL import Image
 from torch_vit import TorchViT
+
 from tinyvit import TinyViTError, ViTConfig, vit_forward
 from tinyvit.checkpoint import load_checkpoint, save_checkpoint
 from tinyvit.convert import convert
 from tinyvit.export import export, mlp_ratio
-from tinyvit.images import normalisation
+from tinyvit.images import load_image, normalisation
 from tinyvit.model import init_params, param_shapes
 from tinyvit.safetensors import read_safetensors
 
@@ -28,10 +30,7 @@ except ImportError:  # CI: pip install "transformers==5.24.0" (tested with torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "export_weights.py"
-WEIGHTS = Path(os.environ.get("TINYVIT_WEIGHTS") or ROOT.parent / "shared" / "weights")
-TI16 = WEIGHTS / "vit_tiny_patch16_224.augreg_in21k_ft_in1k.npz"
-needs_ti16 = pytest.mark.skipif(not TI16.is_file(),
-                                reason=f"real ViT-Ti/16 weights not found at {TI16} (set TINYVIT_WEIGHTS)")
+TI16 = ti16_weights()
 needs_hf = pytest.mark.skipif(transformers is None, reason="transformers is not installed (pip install transformers)")
 
 CFGS = {  # exact GELU at timm's eps; tanh GELU, HF's eps, one channel and an MLP ratio m/d misses by an ulp
@@ -177,7 +176,9 @@ def test_hf_files_use_hfs_names(tmp_path, name):
     assert c["id2label"] == {str(i): n for i, n in enumerate(NAMES[name])}
     assert c["label2id"] == {n: i for i, n in enumerate(NAMES[name])} and c["torch_dtype"] == "float64"
     p = json.loads((folder / "preprocessor_config.json").read_text())
-    assert p["size"] == {"height": cfg.img_size, "width": cfg.img_size} and p["resample"] == 2
+    # no transform recorded: the default predict.py also uses (timm's 0.875 centre crop, bicubic)
+    assert p["image_processor_type"] == "ConvNextImageProcessor" and p["crop_pct"] == 0.875
+    assert p["size"] == {"shortest_edge": cfg.img_size} and p["resample"] == 3
     assert p["do_resize"] and p["do_rescale"] and p["do_normalize"] and p["rescale_factor"] == 1 / 255
     assert (p["image_mean"], p["image_std"]) == MEAN_STD[name]
 
@@ -217,17 +218,67 @@ def test_transformers_loads_the_folder(tmp_path, name):
     assert config.label2id == {n: i for i, n in enumerate(NAMES[name])}
 
 
-@needs_hf
-def test_transformers_image_processor_normalises_as_exported(tmp_path):
-    from PIL import Image
+# eval transforms a checkpoint may record: timm's default crop, AugReg's 0.9, HF's squash, a whole
+# square (MNIST, CIFAR runs), and a 384 px model (BitImageProcessor there: ConvNext would warp)
+EVAL_TRANSFORMS = [(32, {}), (32, {"crop_pct": 0.9}), (32, {"resize": "squash", "interpolation": "bilinear"}),
+                   (32, {"crop_pct": 1.0, "interpolation": "bilinear"}), (384, {"crop_pct": 0.95})]
 
-    ckpt, _, cfg = _checkpoint(tmp_path, "erf", np.float32)
+
+def _photos(folder, sizes=((61, 37), (40, 90), (500, 333))):
+    """Non-square JPEG photos (smooth colour fields and noise) -> their paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng, paths = np.random.default_rng(5), []
+    for w, h in sizes:
+        yy, xx = np.mgrid[0:h, 0:w]
+        a = np.stack([xx * 255 / w, yy * 255 / h, 128 + 60 * np.sin(xx / 7.0)], -1) + rng.normal(0, 20, (h, w, 3))
+        paths.append(folder / f"photo_{w}x{h}.jpg")
+        Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).save(paths[-1], quality=92)
+    return paths
+
+
+@needs_hf
+@pytest.mark.parametrize("size,t", EVAL_TRANSFORMS)
+def test_transformers_image_processor_sees_what_load_image_sees(tmp_path, size, t):
+    """The HF export's preprocessor gives the pixels tinyvit's eval transform gives, on non-square photos."""
+    cfg = dataclasses.replace(CFGS["erf"], img_size=size)
+    mean, std = MEAN_STD["erf"]
+    meta = dict(mean=mean, std=std, eval_transform=dict({"resize": "shortest_edge", "crop_pct": 0.875,
+                                                          "interpolation": "bicubic"}, **t, mean=mean, std=std))
+    ckpt = save_checkpoint(tmp_path / "m.npz", _params(cfg, np.float32), cfg, meta)
     export(ckpt, "hf", tmp_path / "hf")
     proc = transformers.AutoImageProcessor.from_pretrained(str(tmp_path / "hf"), local_files_only=True)
-    rgb = np.random.default_rng(2).integers(0, 256, (cfg.img_size, cfg.img_size, 3), dtype=np.uint8)
-    got = np.asarray(proc(images=Image.fromarray(rgb), return_tensors="pt")["pixel_values"])[0]  # (3, S, S)
-    mean, std = (np.array(v, np.float32)[:, None, None] for v in MEAN_STD["erf"])
-    assert np.allclose(got, (rgb.transpose(2, 0, 1) / 255.0 - mean) / std, atol=1e-5)
+    for photo in _photos(tmp_path / "photos"):
+        got = np.asarray(proc(images=Image.open(photo), return_tensors="np")["pixel_values"])[0]  # (3, S, S)
+        want = load_image(photo, cfg, meta)[0]
+        assert got.shape == want.shape and np.abs(got - want).max() < 1e-5, (photo.name, np.abs(got - want).max())
+
+
+@needs_hf
+def test_transformers_pipeline_on_the_hf_export_gives_predicts_probabilities(tmp_path):
+    """pipeline('image-classification') on the exported folder vs predict.py on the checkpoint:
+    the same probabilities for every class (1e-3) on non-square photos."""
+    cfg = CFGS["erf"]
+    mean, std = MEAN_STD["erf"]
+    meta = dict(class_names=NAMES["erf"], mean=mean, std=std,
+                eval_transform={"resize": "shortest_edge", "crop_pct": 0.9, "interpolation": "bicubic",
+                                "mean": mean, "std": std})
+    params = {k: v * 3 if k.startswith("head.") else v for k, v in _params(cfg, np.float32).items()}  # spread-out probabilities
+    ckpt = save_checkpoint(tmp_path / "m.npz", params, cfg, meta)
+    assert _run(ckpt, "--to", "hf", "--out", tmp_path / "hf").returncode == 0
+    photos = _photos(tmp_path / "photos")
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "predict.py"), ckpt, *photos, "--top-k", "5", "--json"],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    ours = {Path(p["image"]).name: {t["class"]: t["probability"] for t in p["top_k"]}
+            for p in json.loads(r.stdout)["predictions"]}
+    classify = transformers.pipeline("image-classification", model=str(tmp_path / "hf"), device="cpu")
+    spread = 0.0
+    for photo in photos:
+        theirs = {d["label"]: d["score"] for d in classify(str(photo), top_k=cfg.num_classes)}
+        assert set(theirs) == set(NAMES["erf"])
+        assert max(abs(theirs[c] - ours[photo.name][c]) for c in theirs) < 1e-3, (photo.name, theirs, ours[photo.name])
+        spread = max(spread, max(theirs.values()) - min(theirs.values()))
+    assert spread > 0.05  # the probabilities differ between classes: the comparison can fail
 
 
 @needs_ti16
@@ -346,3 +397,73 @@ def test_hf_reader_maps_or_refuses_each_activation(tmp_path, act, gelu):
             convert(folder / "model.safetensors", fmt="hf")
     else:
         assert convert(folder / "model.safetensors", fmt="hf")[1].gelu == gelu
+
+
+# --- round trips keep the metadata ----------------------------------------------------------------
+
+TRANSFORMS = {"shortest_edge": {"resize": "shortest_edge", "crop_pct": 0.9, "interpolation": "bicubic"},
+              "squash": {"resize": "squash", "crop_pct": 1.0, "interpolation": "bicubic"}}
+
+
+def _stated_checkpoint(tmp_path, name, resize, dtype=np.float64):
+    """A checkpoint of CFGS[name] with class names, mean/std and an eval transform -> (path, params, meta)."""
+    cfg, params = CFGS[name], _params(CFGS[name], dtype)
+    mean, std = MEAN_STD[name]
+    meta = dict(class_names=NAMES[name], mean=mean, std=std,
+                eval_transform=dict(TRANSFORMS[resize], mean=mean, std=std))
+    return save_checkpoint(tmp_path / f"{name}.npz", params, cfg, meta), params, meta
+
+
+def _convert_back(src, out, *extra):
+    """scripts/convert_weights.py src --out out -> the checkpoint it wrote."""
+    args = [str(a) for a in (src, "--out", out, *extra)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "convert_weights.py"), *args],
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return load_checkpoint(out)
+
+
+@pytest.mark.parametrize("name", list(CFGS))
+def test_timm_export_and_convert_back_keep_metadata(tmp_path, name):
+    ckpt, params, meta = _stated_checkpoint(tmp_path, name, "shortest_edge")
+    r = _run(ckpt, "--to", "timm", "--out", tmp_path / "vit.safetensors")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(read_safetensors(tmp_path / "vit.safetensors")[1]["eval_transform"]) == meta["eval_transform"]
+    back, cfg, meta2 = _convert_back(tmp_path / "vit.safetensors", tmp_path / "back.npz")
+    assert cfg == CFGS[name]  # heads, GELU and eps from the file's metadata too (not width // 64)
+    assert all(back[k].dtype == params[k].dtype and np.array_equal(back[k], params[k]) for k in params)
+    assert meta2["class_names"] == NAMES[name] and (meta2["mean"], meta2["std"]) == MEAN_STD[name]
+    assert meta2["eval_transform"] == meta["eval_transform"] and meta2["heads_from"] == "the file's metadata"
+    _, cfg2, meta3 = _convert_back(tmp_path / "vit.safetensors", tmp_path / "big.npz", "--img-size", 2 * cfg.img_size)
+    assert cfg2.img_size == 2 * cfg.img_size and meta3["eval_transform"] == meta["eval_transform"]  # it is relative
+
+
+@pytest.mark.parametrize("resize", list(TRANSFORMS))
+def test_hf_export_and_convert_back_keep_metadata(tmp_path, resize):
+    ckpt, params, meta = _stated_checkpoint(tmp_path, "erf", resize, np.float32)
+    r = _run(ckpt, "--to", "hf", "--out", tmp_path / "hf")
+    assert r.returncode == 0, r.stderr
+    prep = json.loads((tmp_path / "hf" / "preprocessor_config.json").read_text())
+    want = {"shortest_edge": "ConvNextImageProcessor", "squash": "ViTImageProcessor"}[resize]
+    assert prep["image_processor_type"] == want
+    assert prep["resample"] == 3  # bicubic
+    back, cfg, meta2 = _convert_back(tmp_path / "hf" / "model.safetensors", tmp_path / "back.npz")
+    assert cfg == CFGS["erf"] and all(np.array_equal(back[k], params[k]) for k in params)
+    assert meta2["class_names"] == NAMES["erf"] and (meta2["mean"], meta2["std"]) == MEAN_STD["erf"]
+    assert meta2["eval_transform"] == meta["eval_transform"]
+    if transformers is not None:  # and transformers reads the processor written
+        proc = transformers.AutoImageProcessor.from_pretrained(str(tmp_path / "hf"), local_files_only=True)
+        assert type(proc).__name__.startswith(prep["image_processor_type"])
+        from PIL import Image
+
+        out = proc(images=Image.new("RGB", (50, 40)), return_tensors="np")["pixel_values"]
+        assert out.shape == (1, 3, cfg.img_size, cfg.img_size)
+
+
+@pytest.mark.parametrize("name", ["vit.pt", "vit.pth", "vit"])
+def test_script_refuses_a_timm_out_that_is_not_safetensors(tmp_path, name):
+    ckpt, _, _ = _checkpoint(tmp_path, "erf")
+    out = tmp_path / "o" / name
+    _one_error_line(_run(ckpt, "--to", "timm", "--out", out), out, "--to timm writes safetensors", ".safetensors")
+    assert not (tmp_path / "o").exists()

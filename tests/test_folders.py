@@ -1,7 +1,6 @@
 """Folder datasets and Oxford-IIIT Pet: layouts, splits, bad files, image modes, the decode transforms,
 and the fine-tune script on real CIFAR-10 images written out as PNG and JPEG files."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,11 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import shared_data_dir
+from conftest import needs_data, needs_ti16, shared_data_dir, ti16_weights
 from tinyvit import loader
 from tinyvit.data import load_cifar10
 from tinyvit.errors import TinyViTError
-from tinyvit.finetune import extract_features, load_weights, train_head
+from tinyvit.convert import load_model
+from tinyvit.finetune import extract_features, train_head
 from tinyvit.folders import Warnings, folder_splits, pets_splits
 from tinyvit.loader import FolderDataset
 from tinyvit.convert import adapt
@@ -35,12 +35,6 @@ def _tree(root, n=5, classes=CLASSES):
         for i in range(n):
             _png(root / c / f"{i}.png", value=(k * 80, i * 10, 5))
     return root
-
-
-def _weights():
-    d = Path(os.environ.get("TINYVIT_WEIGHTS", ROOT.parent / "shared" / "weights"))
-    f = d / "vit_tiny_patch16_224.augreg_in21k_ft_in1k.npz"
-    return f if f.is_file() else None
 
 
 # --- layouts and splits -------------------------------------------------------------------------
@@ -205,12 +199,13 @@ def _cifar_tree(root, n, fmt):
     return x, y, names, cut
 
 
-@pytest.mark.skipif(shared_data_dir() is None or _weights() is None, reason="CIFAR-10 and ViT-Ti/16 (../shared) needed")
+@needs_data
+@needs_ti16
 def test_folder_features_and_accuracy_match_the_binary_loader(tmp_path):
     """Head mode at 32 px with crop_pct 1 (the whole image, as the binary loader takes it): the folder
     loader's features equal the binary loader's on the same pixels (PNG: CIFAR's own; JPEG: as decoded),
     so the accuracy is the same, and JPEG's loss moves it little."""
-    params, cfg, meta = load_weights(_weights())
+    params, cfg, meta = load_model(ti16_weights())
     params, cfg = adapt(params, cfg, img_size=32, num_classes=10)
     mean, std = tuple(meta["mean"]), tuple(meta["std"])
     tc = TrainConfig(epochs=20, batch_size=64, lr=1e-3, augment="none", warmup_epochs=0.2)
@@ -243,12 +238,13 @@ def test_folder_features_and_accuracy_match_the_binary_loader(tmp_path):
     assert results["png"][1][0] > 0.2  # 240 images at 32 px through a 224-px model: above chance (0.1)
 
 
-@pytest.mark.skipif(shared_data_dir() is None or _weights() is None, reason="CIFAR-10 and ViT-Ti/16 (../shared) needed")
+@needs_data
+@needs_ti16
 def test_finetune_script_on_a_folder_with_broken_files(tmp_path):
     """The script end to end on real images plus broken files; evaluate and predict read its checkpoint."""
     _cifar_tree(tmp_path / "data", 200, "jpg")
     bad = _broken_files(tmp_path / "data" / "train" / "cat")
-    cmd = [sys.executable, str(ROOT / "scripts" / "finetune.py"), "--data", tmp_path / "data", "--weights", _weights(),
+    cmd = [sys.executable, str(ROOT / "scripts" / "finetune.py"), "--data", tmp_path / "data", "--weights", ti16_weights(),
            "--mode", "head", "--img-size", "32", "--epochs", "10", "--out", tmp_path / "run", "--json", "--quiet"]
     r = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -18,13 +18,14 @@ import torch
 from test_convert import to_google
 from tinyvit import ViTConfig, cifar, data
 from tinyvit.checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
-from tinyvit.convert import convert
+from tinyvit.convert import convert, load_model
+from tinyvit.export import export
 from tinyvit.errors import TinyViTError
 from tinyvit.model import init_params, param_shapes
 from tinyvit.safetensors import read_safetensors, write_safetensors
 from tinyvit.torchzip import load_torch_zip
 
-CASES = int(os.environ.get("TINYVIT_FUZZ_CASES", 60))  # per target; 15 targets: ~900 loads, seconds
+CASES = int(os.environ.get("TINYVIT_FUZZ_CASES", 60))  # per target; 16 targets: ~960 loads, seconds
 SEED = int(os.environ.get("TINYVIT_FUZZ_SEED", 0))  # set both for a longer or different campaign
 BUDGET_S = 2.0  # per load: nothing may hang or crawl through a huge claimed size
 R = 2  # CIFAR records per batch in the synthetic files
@@ -215,6 +216,16 @@ def _safetensors(root):
     return target, None, None, load
 
 
+def _timm_export(root):
+    """tinyvit's timm export, read back by load_model: its __metadata__ (JSON strings) is parsed too."""
+    t = {"resize": "shortest_edge", "crop_pct": 0.9, "interpolation": "bicubic", "mean": [0.4], "std": [0.3]}
+    ckpt = save_checkpoint(root / "m.npz", init_params(CFG, seed=7), CFG,
+                           {"class_names": ["a", "b", "c"], "mean": [0.4], "std": [0.3], "eval_transform": t})
+    target = root / "vit.safetensors"
+    export(ckpt, "timm", target)
+    return target, None, None, lambda p: _check_converted(load_model(p))
+
+
 def _walk(obj):
     """Every leaf of a loaded torch object is an array or a plain value."""
     if isinstance(obj, dict):
@@ -252,6 +263,7 @@ TARGETS = {
     "checkpoint-npz-compressed": lambda root: _checkpoint(root, True),
     "google-npz": _google,
     "safetensors": _safetensors,
+    "timm-export-safetensors": _timm_export,
     "torch-pth": lambda root: _torch(root, ".pth"),
     "hf-bin": lambda root: _torch(root, ".bin"),
 }

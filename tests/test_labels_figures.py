@@ -10,17 +10,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import needs_ti16, ti16_weights
 from tinyvit import init_params
 from tinyvit.checkpoint import load_checkpoint, save_checkpoint
 from tinyvit.convert import class_names_for, convert
 from tinyvit.images import (BICUBIC, attention_figure, attention_layout, colormap, crop_box, input_view,
-                            load_image, model_view, normalise_heat, panel_size)
+                            EvalTransform, load_image, model_view, normalise_heat, panel_size)
 from tinyvit.labels import imagenet_classes
 from tinyvit.model import ViTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-WEIGHTS = Path(os.environ.get("TINYVIT_WEIGHTS") or ROOT.parent / "shared" / "weights")
-TI16 = WEIGHTS / "vit_tiny_patch16_224.augreg_in21k_ft_in1k.npz"
+TI16 = ti16_weights()
 TINY1K = ViTConfig(img_size=32, patch_size=8, in_chans=3, num_classes=1000, dim=32, depth=1, heads=2, mlp_dim=64)
 RGB = ViTConfig(img_size=32, patch_size=8, in_chans=3, num_classes=3, dim=32, depth=2, heads=2, mlp_dim=64)
 # indices confirmed against a second source: timm's imagenet_synsets.txt + imagenet_synset_to_lemma.txt
@@ -90,7 +90,7 @@ def test_convert_1000_class_timm_file_gets_imagenet_names(tmp_path):
     assert cfg.num_classes == 1000 and meta["class_names"] == imagenet_classes()
 
 
-@pytest.mark.skipif(not TI16.is_file(), reason=f"real ViT-Ti/16 weights not found at {TI16} (set TINYVIT_WEIGHTS)")
+@needs_ti16
 def test_real_ti16_converted_and_predicted_with_names(tmp_path):
     out = tmp_path / "ti16.npz"
     r = _script("convert_weights.py", TI16, "--out", out)
@@ -228,7 +228,8 @@ def test_attention_figure_panels():
 
 def test_predict_attention_figure(tmp_path):
     ckpt = save_checkpoint(tmp_path / "rgb.npz", init_params(RGB, seed=2), RGB,
-                           meta={"class_names": ["cat", "dog", "bird"], "mean": [0.5] * 3, "std": [0.5] * 3})
+                           meta={"class_names": ["cat", "dog", "bird"], "mean": [0.5] * 3, "std": [0.5] * 3,
+                                 "eval_transform": EvalTransform([0.5] * 3, [0.5] * 3, crop_pct=1.0).to_dict()})
     src = _photo(tmp_path / "wide.jpg", (90, 40))
     out = tmp_path / "att.png"
     r = _script("predict.py", ckpt, src, "--attention-map", out)
@@ -240,7 +241,7 @@ def test_predict_attention_figure(tmp_path):
     hp = a[y0:y1, x0:x1].reshape(-1, 3)
     assert _nearest_in_colormap(hp[::11]).max() <= 2 and hp.std() > 10
     x0, y0, x1, y1 = lay["image"]  # exactly the (un-normalised) model input, magnified 7x
-    seen = input_view(load_image(src, RGB, [0.5] * 3, [0.5] * 3)[0], [0.5] * 3, [0.5] * 3)
+    seen = input_view(load_image(src, RGB, EvalTransform([0.5] * 3, [0.5] * 3, crop_pct=1.0))[0], [0.5] * 3, [0.5] * 3)
     np.testing.assert_array_equal(a[y0:y1, x0:x1], np.repeat(np.repeat(seen, 7, 0), 7, 1))
     assert np.abs(seen.astype(int) - model_view(Image.open(src), 32)).max() <= 1
 

@@ -15,7 +15,7 @@ from PIL import Image
 from tinyvit import TinyViTError, init_params, preset
 from tinyvit.backend import to_numpy
 from tinyvit.checkpoint import save_checkpoint
-from tinyvit.images import (attention_layout, attention_rollout, auto_invert, colormap, load_image,
+from tinyvit.images import (EvalTransform, attention_layout, attention_rollout, auto_invert, colormap, load_image,
                             normalisation, open_image, overlay_attention, rollout_matrix)
 from tinyvit.model import ViTConfig, attention_maps, vit_forward
 
@@ -74,7 +74,7 @@ def test_every_mode_and_size(tmp_path, mode, size, cfg):
     p = tmp_path / f"img.{FORMAT.get(mode, 'png')}"
     _make(mode, size).save(p)
     mean, std = (M_MEAN, M_STD) if cfg.in_chans == 1 else (R_MEAN, R_STD)
-    x = load_image(p, cfg, mean, std)
+    x = load_image(p, cfg, EvalTransform(mean, std, crop_pct=1.0))
     assert x.shape == (1, cfg.in_chans, cfg.img_size, cfg.img_size) and x.dtype == np.float32
     raw = x[0] * np.asarray(std)[:, None, None] + np.asarray(mean)[:, None, None]  # back to [0, 1]
     assert raw.min() >= -1e-5 and raw.max() <= 1 + 1e-5 and np.isfinite(x).all()
@@ -86,7 +86,7 @@ def test_large_image_both_formats(tmp_path, fmt):
     p = tmp_path / f"big.{fmt}"
     Image.new("RGB", (3000, 2000), (200, 100, 50)).save(p)
     t0 = time.perf_counter()
-    x = load_image(p, RGB, R_MEAN, R_STD)
+    x = load_image(p, RGB, EvalTransform(R_MEAN, R_STD, crop_pct=1.0))
     assert time.perf_counter() - t0 < 5
     raw = x[0] * np.array(R_STD)[:, None, None] + np.array(R_MEAN)[:, None, None]
     np.testing.assert_allclose(raw.mean(axis=(1, 2)), np.array([200, 100, 50]) / 255, atol=2 / 255)
@@ -95,7 +95,7 @@ def test_large_image_both_formats(tmp_path, fmt):
 def test_constant_rgb_exact(tmp_path):
     p = tmp_path / "c.png"
     Image.new("RGB", (70, 30), (255, 0, 128)).save(p)
-    x = load_image(p, RGB, R_MEAN, R_STD)
+    x = load_image(p, RGB, EvalTransform(R_MEAN, R_STD, crop_pct=1.0))
     want = (np.array([255, 0, 128]) / 255 - np.array(R_MEAN)) / np.array(R_STD)
     np.testing.assert_allclose(x[0], np.broadcast_to(want[:, None, None], (3, 32, 32)), atol=1e-6)
 
@@ -103,16 +103,16 @@ def test_constant_rgb_exact(tmp_path):
 def test_constant_gray_exact_and_replicated_into_rgb(tmp_path):
     p = tmp_path / "g.png"
     Image.new("L", (9, 13), 77).save(p)
-    x = load_image(p, MNIST, M_MEAN, M_STD, invert=False)
+    x = load_image(p, MNIST, EvalTransform(M_MEAN, M_STD, crop_pct=1.0), invert=False)
     np.testing.assert_allclose(x, np.full((1, 1, 28, 28), (77 / 255 - 0.1307) / 0.3081), atol=1e-6)
-    x3 = load_image(p, RGB, R_MEAN, R_STD)
+    x3 = load_image(p, RGB, EvalTransform(R_MEAN, R_STD, crop_pct=1.0))
     np.testing.assert_allclose(x3[0, :, 0, 0], (77 / 255 - np.array(R_MEAN)) / np.array(R_STD), atol=1e-6)
 
 
 def test_rgb_into_gray_model_uses_luma(tmp_path):
     p = tmp_path / "c.png"
     Image.new("RGB", (28, 28), (200, 40, 10)).save(p)
-    x = load_image(p, MNIST, (0.0,), (1.0,))
+    x = load_image(p, MNIST, EvalTransform((0.0,), (1.0,), crop_pct=1.0))
     np.testing.assert_allclose(x, (200 * 0.299 + 40 * 0.587 + 10 * 0.114) / 255, atol=1 / 255)
 
 
@@ -122,7 +122,7 @@ def test_16bit_png_scaled_with_full_precision(tmp_path, value):
     p = tmp_path / "d.png"
     Image.fromarray(np.full((20, 30), value, np.uint16)).save(p)
     assert Image.open(p).mode.startswith("I;16")
-    x = load_image(p, MNIST, (0.0,), (1.0,), invert=False)
+    x = load_image(p, MNIST, EvalTransform((0.0,), (1.0,), crop_pct=1.0), invert=False)
     np.testing.assert_allclose(x, value / 65535, rtol=1e-5, atol=1e-7)
 
 
@@ -130,7 +130,7 @@ def test_16bit_png_scaled_with_full_precision(tmp_path, value):
 def test_32bit_int_image_rule(tmp_path, value, want):
     p = tmp_path / "i.tif"
     Image.new("I", (8, 8), value).save(p)
-    x = load_image(p, MNIST, (0.0,), (1.0,), invert=False)
+    x = load_image(p, MNIST, EvalTransform((0.0,), (1.0,), crop_pct=1.0), invert=False)
     np.testing.assert_allclose(x, want, rtol=1e-5, atol=1e-7)
 
 
@@ -138,7 +138,7 @@ def test_32bit_int_image_rule(tmp_path, value, want):
 def test_float_image_rule(tmp_path, value, want):
     p = tmp_path / "f.tif"
     Image.new("F", (8, 8), value).save(p)
-    np.testing.assert_allclose(load_image(p, MNIST, (0.0,), (1.0,), invert=False), want, rtol=1e-5)
+    np.testing.assert_allclose(load_image(p, MNIST, EvalTransform((0.0,), (1.0,), crop_pct=1.0), invert=False), want, rtol=1e-5)
 
 
 @pytest.mark.parametrize("ink,bg", [(0, 1.0), (255, 0.0)], ids=["dark-ink-on-white", "light-ink-on-black"])
@@ -148,7 +148,7 @@ def test_alpha_composited_so_content_stays_visible(tmp_path, ink, bg, mode):
     img.paste((ink,) * (len(mode) - 1) + (255,), (15, 5, 25, 35))  # an opaque bar
     p = tmp_path / "a.png"
     img.save(p)
-    x = load_image(p, RGB, (0.0,) * 3, (1.0,) * 3)
+    x = load_image(p, RGB, EvalTransform((0.0,) * 3, (1.0,) * 3, crop_pct=1.0))
     np.testing.assert_allclose(x[0, :, 1, 1], bg, atol=1e-6)  # background corner
     np.testing.assert_allclose(x[0, :, 16, 16], ink / 255, atol=1e-6)  # the bar
 
@@ -159,7 +159,7 @@ def test_palette_with_transparency(tmp_path):
     img.paste(1, (3, 3, 7, 7))
     p = tmp_path / "p.png"
     img.save(p, transparency=0)
-    x = load_image(p, MNIST, (0.0,), (1.0,), invert=False)
+    x = load_image(p, MNIST, EvalTransform((0.0,), (1.0,), crop_pct=1.0), invert=False)
     assert abs(float(x[0, 0, 0, 0]) - 1.0) < 1e-6 and float(x[0, 0, 14, 14]) < 1e-6  # white bg, black ink
 
 
@@ -169,18 +169,18 @@ def test_inversion_rules(tmp_path):
     paper.paste(0, (20, 10, 36, 46))
     p = tmp_path / "paper.png"
     paper.save(p)
-    plain = load_image(p, MNIST, (0.0,), (1.0,), invert=False)
-    auto = load_image(p, MNIST, (0.0,), (1.0,), invert=None, dataset="mnist")
+    plain = load_image(p, MNIST, EvalTransform((0.0,), (1.0,), crop_pct=1.0), invert=False)
+    auto = load_image(p, MNIST, EvalTransform((0.0,), (1.0,), crop_pct=1.0), invert=None, dataset="mnist")
     np.testing.assert_allclose(auto, 1 - plain, atol=1e-6)
-    np.testing.assert_allclose(load_image(p, MNIST, (0.0,), (1.0,), dataset="cifar10"), plain)
-    np.testing.assert_allclose(load_image(p, MNIST, (0.0,), (1.0,), invert=True), 1 - plain, atol=1e-6)
+    np.testing.assert_allclose(load_image(p, MNIST, EvalTransform((0.0,), (1.0,), crop_pct=1.0), dataset="cifar10"), plain)
+    np.testing.assert_allclose(load_image(p, MNIST, EvalTransform((0.0,), (1.0,), crop_pct=1.0), invert=True), 1 - plain, atol=1e-6)
     digit = Image.new("L", (28, 28), 0)
     digit.paste(255, (10, 5, 18, 23))
     q = tmp_path / "digit.png"
     digit.save(q)
-    assert not auto_invert(load_image(q, MNIST, (0.0,), (1.0,), invert=False)[0].transpose(1, 2, 0))
-    np.testing.assert_allclose(load_image(q, MNIST, (0.0,), (1.0,), dataset="mnist"),
-                               load_image(q, MNIST, (0.0,), (1.0,), invert=False))
+    assert not auto_invert(load_image(q, MNIST, EvalTransform((0.0,), (1.0,), crop_pct=1.0), invert=False)[0].transpose(1, 2, 0))
+    np.testing.assert_allclose(load_image(q, MNIST, EvalTransform((0.0,), (1.0,), crop_pct=1.0), dataset="mnist"),
+                               load_image(q, MNIST, EvalTransform((0.0,), (1.0,), crop_pct=1.0), invert=False))
 
 
 def test_non_square_is_centre_cropped(tmp_path):
@@ -190,7 +190,7 @@ def test_non_square_is_centre_cropped(tmp_path):
     img.paste(200, (100, 0, 200, 100))
     p = tmp_path / "w.png"
     img.save(p)
-    x = load_image(p, MNIST, (0.0,), (1.0,), invert=False)
+    x = load_image(p, MNIST, EvalTransform((0.0,), (1.0,), crop_pct=1.0), invert=False)
     np.testing.assert_allclose(x[..., 2:-2], 200 / 255, atol=1e-6)
     np.testing.assert_allclose(x, 200 / 255, atol=0.1)
 
@@ -222,7 +222,7 @@ def test_decompression_bomb_refused_quickly(tmp_path):
     before = Image.MAX_IMAGE_PIXELS
     t0 = time.perf_counter()
     with pytest.raises(TinyViTError, match=r"bomb\.png.*(limit|bomb)"):
-        load_image(p, MNIST, M_MEAN, M_STD)
+        load_image(p, MNIST, EvalTransform(M_MEAN, M_STD, crop_pct=1.0))
     assert time.perf_counter() - t0 < 1
     assert Image.MAX_IMAGE_PIXELS == before  # Pillow's global limit restored
 
@@ -233,9 +233,9 @@ def test_max_pixels_lowered(tmp_path, limit):
     Image.new("L", (100, 100), 3).save(p)
     before = Image.MAX_IMAGE_PIXELS
     with pytest.raises(TinyViTError, match=r"small\.png.*limit"):
-        load_image(p, MNIST, M_MEAN, M_STD, max_pixels=limit)
+        load_image(p, MNIST, EvalTransform(M_MEAN, M_STD, crop_pct=1.0), max_pixels=limit)
     assert Image.MAX_IMAGE_PIXELS == before
-    assert load_image(p, MNIST, M_MEAN, M_STD, max_pixels=10000).shape == (1, 1, 28, 28)
+    assert load_image(p, MNIST, EvalTransform(M_MEAN, M_STD, crop_pct=1.0), max_pixels=10000).shape == (1, 1, 28, 28)
 
 
 def _truncated_png(p):
@@ -260,7 +260,7 @@ def test_bad_files_name_the_file(tmp_path, kind, pattern):
     elif kind == "header-only":
         p.write_bytes(_png_header(10, 10))
     with pytest.raises(TinyViTError, match=pattern) as e:
-        load_image(p, MNIST, M_MEAN, M_STD)
+        load_image(p, MNIST, EvalTransform(M_MEAN, M_STD, crop_pct=1.0))
     assert str(p) in str(e.value) and "\n" not in str(e.value)
 
 
@@ -418,3 +418,84 @@ def test_cli_errors_are_one_line(ckpts, pictures, tmp_path, case):
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and name in r.stderr
     assert "Traceback" not in r.stderr
+
+
+# --- other weights files, and the attention map's format ---------------------------------------
+
+
+def test_cli_takes_any_weights_file(pictures, tmp_path):
+    """A timm .safetensors (the safetensors package's own writer) and a torch .pth, converted in memory."""
+    save_file = pytest.importorskip("safetensors.numpy").save_file
+    torch = pytest.importorskip("torch")
+    cfg = ViTConfig(img_size=32, patch_size=16, in_chans=3, num_classes=4, dim=64, depth=1, heads=1, mlp_dim=64)
+    params = init_params(cfg, seed=3)
+    save_file(params, str(tmp_path / "model.safetensors"), {"format": "pt"})
+    torch.save({k: torch.from_numpy(v) for k, v in params.items()}, tmp_path / "vit.pth")
+    ckpt = save_checkpoint(tmp_path / "m.npz", params, cfg, {"class_names": [f"class_{i}" for i in range(4)]})
+    outs = []
+    for model in (tmp_path / "model.safetensors", tmp_path / "vit.pth", ckpt):
+        r = _predict(model, pictures / "photo.jpg", "--json")
+        assert r.returncode == 0, r.stderr
+        outs.append(json.loads(r.stdout.strip().splitlines()[-1])["predictions"][0]["top_k"])
+    assert outs[0] == outs[1] == outs[2]  # converted in memory = converted and saved by tinyvit
+
+
+def test_cli_names_an_image_given_as_the_checkpoint(ckpts, pictures):
+    r = _predict(pictures / "digit.png", ckpts[0])
+    assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr == (f"error: {pictures / 'digit.png'}: is an image, not a model: "
+                        f"predict.py takes the checkpoint first, then images\n")
+
+
+@pytest.mark.parametrize("suffix,fmt", [(".png", "PNG"), (".jpg", "JPEG"), (".webp", "WEBP"), (".bmp", "BMP"),
+                                        (".tiff", "TIFF")])
+def test_cli_attention_map_format_follows_suffix(ckpts, pictures, tmp_path, suffix, fmt):
+    from PIL import features
+
+    if fmt == "WEBP" and not features.check("webp"):
+        pytest.skip("this Pillow has no WebP support")
+    r = _predict(ckpts[1], pictures / "photo.jpg", pictures / "digit.png", "--attention-map", tmp_path / f"att{suffix}")
+    assert r.returncode == 0, r.stderr
+    for stem in ("photo", "digit"):
+        with Image.open(tmp_path / f"att_{stem}{suffix}") as a:
+            assert a.format == fmt and a.size == attention_layout(RGB.img_size)["size"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"att_digit{suffix}", f"att_photo{suffix}"]  # no temp files
+
+
+@pytest.mark.parametrize("name", ["att.txt", "att", "att.npz"])
+def test_cli_refuses_an_attention_map_suffix_pillow_cannot_write(ckpts, pictures, tmp_path, name):
+    r = _predict(ckpts[1], pictures / "photo.jpg", "--attention-map", tmp_path / name)
+    assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith(f"error: {tmp_path / name}: --attention-map needs the suffix of an image format")
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- the README's first steps -------------------------------------------------------------------
+
+
+def _predict(*args):
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "predict.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+def test_readme_python_example_classifies_the_example_digit():
+    text = (ROOT / "README.md").read_text()
+    block = next(b.split("\n", 1)[1] for b in text.split("```python")[1:] if "load_model" in b).split("```")[0]
+    assert len(block.strip().splitlines()) <= 6
+    r = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("[('7', ")
+
+
+def test_readme_first_prediction_and_a_colour_photo_for_a_digit_model_is_warned_about(tmp_path):
+    r = _predict("weights/mnist_vit.npz", "docs/digit.png", "--json")
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+    assert json.loads(r.stdout)["predictions"][0]["top_k"][0]["class"] == "7"
+    a = np.zeros((40, 60, 3), np.uint8)
+    a[..., 0], a[..., 1] = 200, np.arange(60, dtype=np.uint8)[None, :] * 3  # red to orange
+    Image.fromarray(a).save(tmp_path / "photo.jpg")
+    Image.fromarray(a[..., 0]).convert("RGB").save(tmp_path / "gray_as_rgb.png")  # no colour in it
+    r = _predict("weights/mnist_vit.npz", tmp_path / "photo.jpg", tmp_path / "gray_as_rgb.png", "docs/digit.png")
+    assert r.returncode == 0, r.stderr
+    warned = [line for line in r.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warned) == 1 and "photo.jpg" in warned[0] and "1-channel model" in warned[0], r.stderr

@@ -11,6 +11,7 @@ import numpy as np
 
 from .backend import to_numpy
 from .errors import TinyViTError, describe_os_error, input_file
+from .filekind import NAMES, file_kind, head
 from .model import ViTConfig, param_shapes
 
 FORMAT = "tinyvit-checkpoint"
@@ -96,6 +97,14 @@ def save_checkpoint(path, params, cfg: ViTConfig, meta=None, opt_state=None, com
 def read_npz(path, what="checkpoint"):
     """All arrays of an untrusted .npz, without pickle; any failure is a TinyViTError naming the file."""
     path = input_file(path, f"{what} file")
+    kind = file_kind(path)
+    if kind in ("safetensors", "torch"):  # np.load would call a zip of torch's "corrupt", the rest "pickled"
+        raise TinyViTError(f"{path}: is {NAMES[kind]}, not a tinyvit .npz {what}: convert it with "
+                           f"scripts/convert_weights.py, or pass it where weights are read")
+    if kind == "image":
+        raise TinyViTError(f"{path}: is an image, not a tinyvit .npz {what}")
+    if not head(path).startswith((b"PK", b"\x93NUMPY", b"\x80")):  # neither zip, .npy nor pickle
+        raise TinyViTError(f"{path}: not an .npz {what} (no zip signature: another kind of file, or corrupt)")
     try:
         z = np.load(path, allow_pickle=False)
         if not isinstance(z, np.lib.npyio.NpzFile):
@@ -111,9 +120,9 @@ def read_npz(path, what="checkpoint"):
                else " ".join(str(e).split()))
         raise TinyViTError(f"{path}: not a plain-array .npz ({why})") from None
     except (zipfile.BadZipFile, OSError, EOFError, KeyError) as e:
-        raise TinyViTError(f"{path}: not a readable .npz {what} (truncated or corrupt: {e})") from None
+        raise TinyViTError(f"{path}: not a readable .npz {what} file (truncated or corrupt: {e})") from None
     except Exception as e:  # untrusted bytes: zlib, tokenize, unknown zip methods, MemoryError, ...
-        raise TinyViTError(f"{path}: not a readable .npz {what} (corrupt: {type(e).__name__}: "
+        raise TinyViTError(f"{path}: not a readable .npz {what} file (corrupt: {type(e).__name__}: "
                            f"{' '.join(str(e).split())})") from None
     bad = next((k for k, v in arrays.items() if not isinstance(v, np.ndarray)), None)
     if bad is not None:  # NpzFile hands back raw bytes for a member that is not an .npy
@@ -190,3 +199,12 @@ def load_optimizer_state(path):
     arrays = read_npz(path)
     _parse_meta(path, arrays)
     return {k[len(_OPT):]: v for k, v in arrays.items() if k.startswith(_OPT)}
+
+
+def read_meta(path):
+    """A checkpoint's metadata alone, leaving its arrays on disk (any problem: load_checkpoint's message)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return _parse_meta(path, {_META: z[_META]})
+    except Exception:  # noqa: BLE001 (untrusted bytes): the full reader names what is wrong
+        return load_checkpoint(path)[2]

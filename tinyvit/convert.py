@@ -1,10 +1,10 @@
 """Convert public ViT weights (Google .npz, timm, torchvision, HF transformers) to tinyvit params.
 
 Every format is mapped onto timm's names and torch layouts (each source's names: its mapper below),
-the config is inferred from the shapes, and the full key set and every shape is checked.
+the config is inferred from the shapes, and the full key set and every shape is checked. load_model
+reads a tinyvit checkpoint as is and any of these converted, wherever a model is read.
 """
 import dataclasses
-import json
 import math
 import re
 from pathlib import Path
@@ -12,17 +12,18 @@ from pathlib import Path
 import numpy as np
 
 from .backend import get_array_module
-from .checkpoint import check_params, read_npz
+from .checkpoint import check_params, load_checkpoint, read_npz
 from .data import bilinear_resize
 from .errors import TinyViTError, input_file
+from .filekind import file_kind
 from .labels import NUM_IMAGENET_CLASSES, imagenet_classes
 from .model import ViTConfig, param_shapes
 from .safetensors import read_safetensors
+from .sidecar import stated
 from .torchzip import load_torch_zip
 
 FORMATS = ("google", "timm", "torchvision", "hf")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-HALF = (0.5, 0.5, 0.5)
 _NESTED = ("state_dict", "model", "module", "model_state_dict", "state_dict_ema", "model_ema")
 _PREFIXES = ("module.", "model.", "_orig_mod.")
 
@@ -65,20 +66,28 @@ def state_from_object(obj, source):
     return state
 
 
+def _load(path):
+    """(flat state dict, the file's string metadata: a safetensors __metadata__, else {}), the reader
+    chosen by the file's first bytes (else its suffix)."""
+    path = input_file(path)
+    kind, metadata = file_kind(path), {}
+    if kind in ("npz", "tinyvit"):
+        obj = read_npz(path, "weights")
+    elif kind == "safetensors":
+        obj, metadata = read_safetensors(path)
+    elif kind == "torch":
+        obj = load_torch_zip(path)
+    elif kind == "image":
+        raise TinyViTError(f"{path}: is an image, not model weights")
+    else:
+        raise TinyViTError(f"{path}: unknown weights file type {path.suffix.lower()!r} "
+                           f"(use .npz, .safetensors, .pth, .pt, .bin or .ckpt)")
+    return state_from_object(obj, path), metadata
+
+
 def load_state(path):
     """A flat {name: NumPy array} state dict from .npz, .safetensors or torch .pth/.pt/.bin/.ckpt."""
-    path = input_file(path)
-    suffix = path.suffix.lower()
-    if suffix == ".npz":
-        obj = read_npz(path, "weights")
-    elif suffix == ".safetensors":
-        obj = read_safetensors(path)[0]
-    elif suffix in (".pth", ".pt", ".bin", ".ckpt"):
-        obj = load_torch_zip(path)
-    else:
-        raise TinyViTError(f"{path}: unknown weights file type {suffix!r} "
-                           f"(use .npz, .safetensors, .pth, .pt, .bin or .ckpt)")
-    return state_from_object(obj, path)
+    return _load(path)[0]
 
 
 def detect_format(state, source="weights"):
@@ -301,20 +310,6 @@ def to_timm(state, fmt="auto", heads=None, ln_eps=None, source="weights"):
     return params, cfg, dict(format=fmt, dropped=dropped, notes=notes, heads_from=heads_from)
 
 
-def _hf_sidecar(path):
-    """HF config.json / preprocessor_config.json beside the file, when present and readable."""
-    out = {}
-    for name in ("config.json", "preprocessor_config.json"):
-        f = Path(path).parent / name
-        if f.is_file():
-            try:
-                d = json.loads(f.read_text())
-                out.update(d if isinstance(d, dict) else {})
-            except (OSError, UnicodeDecodeError, ValueError):
-                pass
-    return out
-
-
 def class_names_for(id2label, num_classes, trained_head=True):
     """An HF id2label with real names, else ImageNet-1k's for a trained 1000-class head, else class_i."""
     names = [f"class_{i}" for i in range(num_classes)]
@@ -326,35 +321,40 @@ def class_names_for(id2label, num_classes, trained_head=True):
 
 
 def convert(src, fmt="auto", heads=None):
-    """Read public ViT weights -> (params, cfg, meta). Normalisation rule in meta's mean/std:
-    torchvision -> ImageNet mean/std; Google (.npz, original and AugReg), timm and HF -> 0.5/0.5
-    (all of Google's ViTs map pixels to [-1, 1]); an HF preprocessor_config.json beside the file
-    overrides. DeiT-style timm files expect ImageNet mean/std: set it in meta yourself."""
+    """Read public ViT weights -> (params, cfg, meta). Class names, mean/std and eval_transform: what the
+    file or the files beside it state (tinyvit.sidecar); unstated, mean/std are ImageNet's for torchvision,
+    0.5 for Google, timm and HF (Google's ViTs map pixels to [-1, 1]; DeiT-style timm files without a
+    config.json want ImageNet's: set it in meta yourself), and eval_transform is left out."""
     src = Path(src)
-    state = load_state(src)
+    state, file_metadata = _load(src)
     fmt = detect_format(state, src) if fmt == "auto" else fmt
-    side = _hf_sidecar(src) if fmt == "hf" else {}
-    if side.get("model_type", "vit") != "vit":
-        side = {}
-    side_heads = side.get("num_attention_heads") if type(side.get("num_attention_heads")) is int else None
-    eps = side.get("layer_norm_eps") if type(side.get("layer_norm_eps")) in (int, float) else None
-    params, cfg, info = to_timm(state, fmt, heads or side_heads, eps, src)
-    if side_heads and not heads:
-        info["heads_from"] = "config.json"
-    act = side.get("hidden_act", "gelu")
-    if act in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu_python_tanh"):  # HF's tanh-GELU names
-        cfg = dataclasses.replace(cfg, gelu="tanh")
-    elif act not in ("gelu", "gelu_python"):  # anything else would run as GELU with wrong logits
-        raise TinyViTError(f"{src}: config.json's hidden_act {act!r} is not GELU, the only activation tinyvit has")
+    side = stated(src, fmt, file_metadata)
+    params, cfg, info = to_timm(state, fmt, heads or side.get("heads"), side.get("ln_eps"), src)
+    if side.get("heads") and not heads:
+        info["heads_from"] = side["where"]
+    cfg = dataclasses.replace(cfg, gelu=side.get("gelu") or cfg.gelu)
     params = {k: np.ascontiguousarray(v, dtype=np.float32 if v.dtype == np.float16 else v.dtype)
               for k, v in params.items()}
-    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if fmt == "torchvision" else (HALF, HALF)
-    if isinstance(side.get("image_mean"), list) and isinstance(side.get("image_std"), list):
-        mean, std = side["image_mean"], side["image_std"]
-    names = class_names_for(side.get("id2label"), cfg.num_classes, trained_head=not info["notes"])
+    mean, std = side.get("mean"), side.get("std")
+    if not (mean and std and len(mean) == len(std) == cfg.in_chans and min(std) > 0):
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if fmt == "torchvision" else ((0.5,) * cfg.in_chans,) * 2
+    names = class_names_for(side.get("labels"), cfg.num_classes, trained_head=not info["notes"])
     meta = dict(source=str(src), format=info["format"], mean=list(mean), std=list(std), class_names=names,
-                dropped=info["dropped"], notes=info["notes"], heads_from=info["heads_from"])
+                dropped=info["dropped"], notes=info["notes"] + side.get("notes", []), heads_from=info["heads_from"])
+    if side.get("transform"):
+        meta["eval_transform"] = dict(side["transform"], mean=list(mean), std=list(std))
     return params, cfg, meta
+
+
+def load_model(path, hint=None):
+    """A tinyvit checkpoint as is, or any weights file convert() reads, converted -> (params, cfg, meta).
+    The file's first bytes (else its suffix) decide; an image is refused by name, `hint` (how the
+    calling script takes its arguments) following."""
+    path = input_file(path, "model file")
+    kind = file_kind(path)
+    if kind == "image":
+        raise TinyViTError(f"{path}: is an image, not a model" + (f": {hint}" if hint else ""))
+    return load_checkpoint(path) if kind == "tinyvit" else convert(path)
 
 
 # --- adapting to a new image size or class count ------------------------------------------------

@@ -16,14 +16,15 @@ import numpy as np
 from .backend import to_numpy
 from .checkpoint import atomic_write, check_params, load_checkpoint
 from .errors import TinyViTError
-from .images import normalisation
+from .images import EvalTransform, eval_transform
 from .model import ViTConfig, count_params, param_shapes
 from .safetensors import write_safetensors
+from .sidecar import CONVNEXT_SQUASH, PIL_RESAMPLE
 
 TARGETS = ("timm", "hf")
 HF_ACT = {"erf": "gelu", "tanh": "gelu_pytorch_tanh"}  # transformers' ACT2FN: F.gelu exact / approximate='tanh'
 TIMM_ACT = {"erf": "gelu", "tanh": "gelu_tanh"}  # timm's get_act_layer names for the same two
-PIL_BILINEAR = 2  # PIL.Image.Resampling.BILINEAR, as ViTImageProcessor stores `resample`
+PIL_CODES = {v: k for k, v in PIL_RESAMPLE.items()}  # interpolation -> PIL.Image.Resampling code
 HF_FILES = ("model.safetensors", "config.json", "preprocessor_config.json")
 
 
@@ -66,8 +67,9 @@ def timm_state(params, cfg: ViTConfig, source="model"):
     return {k: params[k] for k in param_shapes(cfg)}
 
 
-def timm_metadata(cfg: ViTConfig, names, mean, std, source="model"):
-    """safetensors __metadata__ (str -> str): the VisionTransformer kwargs that rebuild the model."""
+def timm_metadata(cfg: ViTConfig, names, mean, std, source="model", transform=None):
+    """safetensors __metadata__ (str -> str): the VisionTransformer kwargs that rebuild the model, and
+    tinyvit's class names, mean/std, config and eval transform (JSON)."""
     return {
         "format": "pt", "architecture": "vit", "library": "timm", "model_class": "VisionTransformer",
         "img_size": str(cfg.img_size), "patch_size": str(cfg.patch_size), "in_chans": str(cfg.in_chans),
@@ -76,7 +78,7 @@ def timm_metadata(cfg: ViTConfig, names, mean, std, source="model"):
         "qkv_bias": "true", "class_token": "true", "global_pool": "token", "fc_norm": "false",
         "act_layer": TIMM_ACT[cfg.gelu], "norm_eps": repr(float(cfg.ln_eps)),
         "class_names": json.dumps(names), "mean": json.dumps(list(mean)), "std": json.dumps(list(std)),
-        "tinyvit_config": json.dumps(cfg.to_dict()),
+        "tinyvit_config": json.dumps(cfg.to_dict()), "eval_transform": json.dumps(transform),
     }
 
 
@@ -86,8 +88,12 @@ def export_timm(out, params, cfg: ViTConfig, meta=None, source="model"):
     if out.is_dir():
         raise TinyViTError(f"{out}: is a folder; --to timm writes one .safetensors file")
     state = timm_state(params, cfg, source)
-    mean, std = normalisation(meta, cfg.in_chans, source)
-    write_safetensors(out, state, timm_metadata(cfg, class_names(meta, cfg.num_classes, source), mean, std, source))
+    t = eval_transform(meta, cfg.in_chans, source)  # the one predict.py and evaluate.py use
+    md = timm_metadata(cfg, class_names(meta, cfg.num_classes, source), t.mean, t.std, source, t.to_dict())
+    if out.suffix.lower() != ".safetensors":  # torch.load and timm would take a .pt/.pth for a pickle
+        raise TinyViTError(f"{out}: --to timm writes safetensors: give --out a .safetensors name "
+                           f"(e.g. {out.with_suffix('.safetensors').name})")
+    write_safetensors(out, state, md)
     return dict(target="timm", out=str(out), files=[str(out)], tensors=len(state),
                 params=count_params(state), dtype=_dtype_name(state), config=cfg.to_dict())
 
@@ -136,13 +142,22 @@ def hf_config(cfg: ViTConfig, names, dtype="float32"):
     }
 
 
-def hf_preprocessor(cfg: ViTConfig, mean, std):
-    """preprocessor_config.json of a ViTImageProcessor: resize to img_size, x / 255, (x - mean) / std."""
+def hf_preprocessor(cfg: ViTConfig, t: EvalTransform):
+    """preprocessor_config.json for the checkpoint's eval transform t: resize, x / 255, (x - mean) / std.
+    shortest_edge: a ConvNextImageProcessor (crop_pct itself) below 384 px, where it warps instead, a
+    BitImageProcessor (shorter side to int(S / crop_pct), centre S); squash: a ViTImageProcessor."""
+    S = cfg.img_size
+    if t.resize == "squash":
+        resize = {"image_processor_type": "ViTImageProcessor", "size": {"height": S, "width": S}}
+    elif S < CONVNEXT_SQUASH:
+        resize = {"image_processor_type": "ConvNextImageProcessor", "size": {"shortest_edge": S}, "crop_pct": t.crop_pct}
+    else:
+        resize = {"image_processor_type": "BitImageProcessor", "size": {"shortest_edge": int(S / t.crop_pct)},
+                  "do_center_crop": True, "crop_size": {"height": S, "width": S}}
     return {
-        "image_processor_type": "ViTImageProcessor", "do_resize": True,
-        "size": {"height": cfg.img_size, "width": cfg.img_size}, "resample": PIL_BILINEAR,
+        **resize, "do_resize": True, "resample": PIL_CODES[t.interpolation],
         "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-        "image_mean": [float(v) for v in mean], "image_std": [float(v) for v in std],
+        "image_mean": [float(v) for v in t.mean], "image_std": [float(v) for v in t.std],
     }
 
 
@@ -159,9 +174,9 @@ def export_hf(out, params, cfg: ViTConfig, meta=None, source="model"):
         raise TinyViTError(f"{out}: exists and is not a folder; --to hf writes a folder (model.safetensors, "
                            f"config.json, preprocessor_config.json)")
     names = class_names(meta, cfg.num_classes, source)
-    mean, std = normalisation(meta, cfg.in_chans, source)
     state = hf_state(params, cfg, source)
-    config, prep = hf_config(cfg, names, _dtype_name(state)), hf_preprocessor(cfg, mean, std)
+    prep = hf_preprocessor(cfg, eval_transform(meta, cfg.in_chans, source))
+    config = hf_config(cfg, names, _dtype_name(state))
     out.mkdir(parents=True, exist_ok=True)
     write_safetensors(out / "model.safetensors", state, {"format": "pt"})  # transformers wants format=pt
     _write_json(out / "config.json", config)

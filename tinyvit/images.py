@@ -12,9 +12,10 @@ Rules (the same for every caller):
   then the inversion rule's business.
 - Channels: 1-channel models get luminance (ITU-R 601-2, Pillow's "L"); grayscale images given to
   3-channel models are replicated to R=G=B.
-- Size: the centred square of side min(W, H) is resized to img_size x img_size with bicubic
-  filtering (= resize the shorter side to img_size, then centre-crop), in one Pillow resize with
-  reducing_gap for speed; big JPEGs are decoded at reduced scale (draft) when only the input is needed.
+- Size: the checkpoint's eval transform (EvalTransform, recorded in its metadata): the shorter side
+  resized to int(img_size / crop_pct) and the centre img_size x img_size cropped (timm's eval), or
+  the whole image squashed to img_size x img_size, with its interpolation; the integer rounding is
+  transformers' (ConvNext/Bit and ViT image processors), so an HF export sees the same pixels.
 - Inversion (after resizing, on [0, 1] values, before normalising): invert=True -> 1 - x,
   False -> never; None (auto) -> only when dataset == "mnist": invert when the border ring is
   brighter than the central square (dark ink on light paper -> MNIST's white on black).
@@ -24,6 +25,7 @@ Rules (the same for every caller):
 import struct
 import warnings
 import zlib
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
@@ -52,6 +54,66 @@ def normalisation(meta, in_chans, source="checkpoint"):
     if not all(s > 0 for s in std):
         raise TinyViTError(f"{source}: std values must be positive, got {std}")
     return mean, std
+
+
+RESIZES = ("shortest_edge", "squash")
+INTERPOLATIONS = {"bicubic": BICUBIC, "bilinear": BILINEAR}
+
+
+@dataclass(frozen=True)
+class EvalTransform:
+    """How a checkpoint's model sees an image file (evaluation, prediction, exports): geometry, then
+    x / 255, then (x - mean) / std per channel."""
+
+    mean: tuple
+    std: tuple
+    resize: str = "shortest_edge"  # shorter side to img_size / crop_pct, centre crop | squash: whole image
+    crop_pct: float = 0.875
+    interpolation: str = "bicubic"
+
+    def to_dict(self) -> dict:
+        """The JSON form stored as a checkpoint's meta["eval_transform"]."""
+        return {"resize": self.resize, "crop_pct": self.crop_pct, "interpolation": self.interpolation,
+                "mean": list(self.mean), "std": list(self.std)}
+
+    def geometry(self) -> dict:
+        """The keywords of eval_resize (and of tinyvit.loader.decode)."""
+        return {"resize": self.resize, "crop_pct": self.crop_pct, "interpolation": self.interpolation}
+
+
+def eval_transform(meta, in_chans, source="checkpoint", crop_pct=None) -> EvalTransform:
+    """The checkpoint's EvalTransform: meta["eval_transform"], else what older files imply (their
+    crop_pct; whole images for MNIST and CIFAR-10 runs; timm's 0.875 otherwise). crop_pct overrides."""
+    t = meta.get("eval_transform")
+    if t is None:
+        whole = meta.get("dataset") in ("mnist", "cifar10")
+        t = {"crop_pct": meta.get("crop_pct", 1.0 if whole else 0.875)}
+    if not isinstance(t, dict):
+        raise TinyViTError(f"{source}: eval_transform in the metadata is not a JSON object")
+    given = {k: t[k] if k in t else meta[k] for k in ("mean", "std") if k in t or k in meta}
+    mean, std = normalisation(given, in_chans, source)
+    resize, interp = t.get("resize", "shortest_edge"), t.get("interpolation", "bicubic")
+    crop = t.get("crop_pct", 0.875) if crop_pct is None else crop_pct
+    if resize not in RESIZES or interp not in INTERPOLATIONS:
+        raise TinyViTError(f"{source}: eval_transform has resize {str(resize)[:20]!r} / interpolation "
+                           f"{str(interp)[:20]!r} (expected one of {RESIZES} / {tuple(INTERPOLATIONS)})")
+    if type(crop) not in (int, float) or not 0.0 < crop <= 1.0:
+        raise TinyViTError(f"{source}: crop_pct must be a number in (0, 1], got {str(crop)[:20]}")
+    return EvalTransform(mean, std, resize, float(crop) if resize == "shortest_edge" else 1.0, interp)
+
+
+def eval_resize(img, size, resize="shortest_edge", crop_pct=0.875, interpolation="bicubic"):
+    """A Pillow image -> size x size by the eval geometry: squashed whole, or the shorter side to
+    int(size / crop_pct) (the longer in proportion, rounded down) and the centre cropped, both with
+    transformers' integer rounding so its image processors see the same pixels."""
+    f = INTERPOLATIONS[interpolation]
+    if resize == "squash":
+        return img.resize((size, size), f)
+    w, h = img.size
+    r = int(size / crop_pct)
+    nw, nh = (r, int(r * h / w)) if w <= h else (int(r * w / h), r)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return img.resize((nw, nh), f).crop((left, top, left + size, top + size))
 
 
 def open_image(path, max_pixels=MAX_PIXELS, draft_size=None):
@@ -150,7 +212,7 @@ def auto_invert(x):
     return float(x[ring].mean()) > float(x[c0:c1, c0:c1].mean())
 
 
-def image_to_input(img, cfg, mean, std, invert=None, dataset=None, path="image"):
+def image_to_input(img, cfg, t: EvalTransform, invert=None, dataset=None, path="image"):
     """A decoded Pillow image -> normalised float32 (1, C, S, S) for the model (rules: module doc)."""
     S, C = cfg.img_size, cfg.in_chans
     if C not in (1, 3):
@@ -158,22 +220,33 @@ def image_to_input(img, cfg, mean, std, invert=None, dataset=None, path="image")
     img = _standard_mode(img, path)
     if C == 1 and img.mode in ("RGB", "RGBA"):
         img = img.convert("LA" if img.mode == "RGBA" else "L")  # luminance, alpha kept
-    small = img.resize((S, S), BICUBIC, box=crop_box(*img.size), reducing_gap=3.0)
-    x = _to_array(small)  # (S, S, 1 or 3)
+    x = _to_array(eval_resize(img, S, **t.geometry()))  # (S, S, 1 or 3)
     if x.shape[-1] != C:
         x = np.repeat(x, C, axis=-1)  # grayscale image into an RGB model
     if invert is None:
         invert = dataset == "mnist" and auto_invert(x)
     if invert:
         x = 1.0 - x
-    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    x = (x - np.asarray(t.mean, np.float32)) / np.asarray(t.std, np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1)[None], dtype=np.float32)  # (1, C, S, S)
 
 
-def load_image(path, cfg, mean, std, max_pixels=MAX_PIXELS, invert=None, dataset=None):
-    """Read an image file as the model's float32 (1, C, S, S) input (rules: module docstring)."""
-    img = open_image(path, max_pixels, draft_size=2 * cfg.img_size)
-    return image_to_input(img, cfg, mean, std, invert, dataset, path)
+def is_colour(path, max_pixels=MAX_PIXELS) -> bool:
+    """True when an image file holds colour, not only gray levels (mean channel spread over 4/255)."""
+    img = _standard_mode(open_image(path, max_pixels), path)
+    if img.mode not in ("RGB", "RGBA"):
+        return False
+    img.thumbnail((64, 64))
+    x = np.asarray(img.convert("RGB"), np.float32)  # (h, w, 3)
+    return float(np.abs(x - x.mean(axis=-1, keepdims=True)).mean()) > 4.0
+
+
+def load_image(path, cfg, t, max_pixels=MAX_PIXELS, invert=None, dataset=None):
+    """Read an image file as the model's float32 (1, C, S, S) input (rules: module docstring); t is
+    the checkpoint's eval_transform(meta, cfg.in_chans), or its meta itself (transform and dataset)."""
+    if isinstance(t, dict):
+        t, dataset = eval_transform(t, cfg.in_chans), t.get("dataset", dataset)
+    return image_to_input(open_image(path, max_pixels), cfg, t, invert, dataset, path)
 
 
 # --- attention ----------------------------------------------------------------------------------

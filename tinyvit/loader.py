@@ -1,12 +1,15 @@
 """Batches from image files, decoded in background threads with a bounded prefetch.
 
-Evaluation resizes the shorter side to img_size / crop_pct (bicubic) and centre-crops img_size, as
-timm evaluates; training takes a random-resized crop (area 8-100%, aspect 3/4-4/3, as torchvision's
+Evaluation applies the checkpoint's eval transform (tinyvit.images.eval_resize: by default the
+shorter side to img_size / crop_pct, bicubic, and the centre img_size, as timm evaluates); training takes a random-resized crop (area 8-100%, aspect 3/4-4/3, as torchvision's
 RandomResizedCrop) and a horizontal flip with p = 0.5. Each image's crop depends only on (seed,
 epoch, position), so runs and resumes repeat exactly whatever the threads' timing. Pillow decodes
 and resizes with the GIL released, so the threads use every core while the model waits least.
 """
+import hashlib
+import json
 import math
+import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,13 +19,7 @@ from .data import normaliser, num_batches
 from .dist import shard_bounds
 from .errors import TinyViTError
 from .folders import ImageList, Warnings
-from .images import BICUBIC, MAX_PIXELS, _standard_mode, _to_array, open_image
-
-
-def centre_box(w, h, crop_pct):
-    """The centred square that becomes the eval crop: side min(w, h) * crop_pct."""
-    m = min(w, h) * crop_pct
-    return ((w - m) / 2, (h - m) / 2, (w + m) / 2, (h + m) / 2)
+from .images import BICUBIC, MAX_PIXELS, _standard_mode, _to_array, eval_resize, open_image
 
 
 def random_resized_box(w, h, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
@@ -41,15 +38,17 @@ def random_resized_box(w, h, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
     return ((w - cw) // 2, (h - ch) // 2, (w - cw) // 2 + cw, (h - ch) // 2 + ch)
 
 
-def decode(path, size, channels=3, crop_pct=0.875, rng=None):
-    """One image file -> uint8 (C, size, size): the eval transform, or (rng given) the train one."""
-    draft = None if rng is not None else math.ceil(size / crop_pct)  # JPEG: decode at reduced scale
-    img = _standard_mode(open_image(path, MAX_PIXELS, draft_size=draft), path)
+def decode(path, size, channels=3, crop_pct=0.875, rng=None, resize="shortest_edge", interpolation="bicubic"):
+    """One image file -> uint8 (C, size, size): the eval transform (images.eval_resize, the one
+    predict.py and the exports use), or (rng given) the train one."""
+    img = _standard_mode(open_image(path, MAX_PIXELS), path)
     if channels == 1 and img.mode in ("RGB", "RGBA"):
         img = img.convert("LA" if img.mode == "RGBA" else "L")
-    w, h = img.size
-    box = centre_box(w, h, crop_pct) if rng is None else random_resized_box(w, h, rng)
-    x = _to_array(img.resize((size, size), BICUBIC, box=box))  # (S, S, c) in [0, 1], alpha composited
+    if rng is None:
+        img = eval_resize(img, size, resize, crop_pct, interpolation)
+    else:
+        img = img.resize((size, size), BICUBIC, box=random_resized_box(*img.size, rng))
+    x = _to_array(img)  # (S, S, c) in [0, 1], alpha composited
     if x.shape[-1] != channels:
         x = np.repeat(x, channels, axis=-1)  # grayscale file into an RGB model
     if rng is not None and rng.random() < 0.5:
@@ -61,17 +60,30 @@ class FolderDataset:
     """An ImageList decoded on the fly, with the normalisation the model expects (fit's Dataset API)."""
 
     def __init__(self, images: ImageList, img_size, mean, std, channels=3, crop_pct=0.875, workers=2,
-                 warn=None):
+                 warn=None, resize="shortest_edge", interpolation="bicubic"):
         if not 0.0 < crop_pct <= 1.0:
             raise TinyViTError(f"crop_pct must be in (0, 1], got {crop_pct}")
         self.images, self.img_size, self.mean, self.std = images, img_size, tuple(mean), tuple(std)
         self.channels, self.crop_pct, self.workers = channels, crop_pct, max(1, int(workers))
+        self.resize, self.interpolation = resize, interpolation
         self.warn = warn or Warnings()
         self.decoded = 0  # images decoded so far (for rate reports)
 
     @property
     def labels(self):
         return self.images.labels
+
+    def fingerprint(self) -> str:
+        """A digest of what the eval-transform pixels depend on: each file's path, size, times and
+        inode (a renamed or swapped file changes them), the labels and the transform."""
+        h = hashlib.blake2b(digest_size=16)
+        for path in self.images.paths:
+            st = os.stat(path)
+            h.update(f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}\n".encode())
+        h.update(np.ascontiguousarray(self.labels, np.int64).tobytes())
+        h.update(json.dumps([self.img_size, self.mean, self.std, self.channels, self.crop_pct, self.resize,
+                             self.interpolation]).encode())
+        return h.hexdigest()
 
     def _decode_batch(self, idx, train, seed, epoch, first):
         """(uint8 images, kept indices, [(path, why)]) for one batch; runs on a worker thread."""
@@ -80,7 +92,8 @@ class FolderDataset:
             path = self.images.paths[i]
             rng = np.random.default_rng([seed, epoch, 2, first + j]) if train else None
             try:
-                xs.append(decode(path, self.img_size, self.channels, self.crop_pct, rng))
+                xs.append(decode(path, self.img_size, self.channels, self.crop_pct, rng, self.resize,
+                                 self.interpolation))
                 kept.append(i)
             except TinyViTError as e:
                 bad.append((path, str(e).removeprefix(f"{path}: ")))
