@@ -1,12 +1,13 @@
 """Train a ViT on MNIST from random init with tinyvit (NumPy on CPU, or CuPy on a GPU)."""
 import argparse
 
-
 from tinyvit import init_params, preset
 from tinyvit.backend import get_backend
 from tinyvit.checkpoint import prepare_out_dir
-from tinyvit.cli import add_run_args, add_train_args, report, run, run_clock, train_config
+from tinyvit.cli import (add_run_args, add_train_args, choose_out, fill_defaults, report, resume_args, run, run_args,
+                         run_clock, train_config)
 from tinyvit.data import MNIST_MEAN, MNIST_STD, data_root, load_mnist
+from tinyvit.images import EvalTransform
 from tinyvit.model import PRESETS
 from tinyvit.train import Dataset, TrainConfig, fit
 
@@ -19,23 +20,32 @@ DEFAULTS = TrainConfig(epochs=10, batch_size=64, lr=3e-3, optimizer="adamw", wei
                        augment="shift", seed=0)
 
 
-def main():
+ARCH_DEFAULTS = {"preset": "mnist", "dropout": 0.0, "depth": DEFAULT_DEPTH, "init_std": 0.07}
+
+
+def parse_args(argv=None):
+    """The command line, with a resumed run's saved flags and then the defaults filled in."""
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--preset", default="mnist", choices=sorted(PRESETS), help="model preset (default mnist)")
-    ap.add_argument("--dropout", type=float, default=0.0, help="dropout rate in the blocks (default 0)")
-    ap.add_argument("--depth", type=int, default=DEFAULT_DEPTH,
+    ap.add_argument("--preset", default=None, choices=sorted(PRESETS), help="model preset (default mnist)")
+    ap.add_argument("--dropout", type=float, default=None, help="dropout rate in the blocks (default 0)")
+    ap.add_argument("--depth", type=int, default=None,
                     help=f"transformer blocks (default {DEFAULT_DEPTH}; the mnist preset itself has 6)")
     for name in ("patch-size", "dim", "heads", "mlp-dim"):
         ap.add_argument(f"--{name}", type=int, default=None, help=f"override the preset's {name.replace('-', '_')}")
     ap.add_argument("--gelu", choices=["erf", "tanh"], default=None, help="override the preset's GELU (exact erf or tanh)")
-    ap.add_argument("--init-std", type=float, default=0.07,
+    ap.add_argument("--init-std", type=float, default=None,
                     help="std of the trunc-normal init of linear weights (default 0.07, about torch's default "
                          "for width 64; timm's 0.02 learns far slower from scratch at this width)")
     add_train_args(ap, DEFAULTS)
     add_run_args(ap, "runs/mnist")
-    args = ap.parse_args()
-    prepare_out_dir(args.out)  # a wrong --out fails now, not after an epoch
+    args = fill_defaults(resume_args(ap.parse_args(argv)), ARCH_DEFAULTS, DEFAULTS)
+    return choose_out(args, "runs/mnist")
 
+
+def main(argv=None):
+    args = parse_args(argv)
+    prepare_out_dir(args.out)  # a wrong --out fails now, not after an epoch
+    tc = train_config(args, DEFAULTS)
     xp = get_backend(args.backend)
     root = data_root(args.data_dir)
     tr_x, tr_y = load_mnist(root, "train")
@@ -45,10 +55,11 @@ def main():
     arch = {k: getattr(args, k) for k in ("patch_size", "dim", "depth", "heads", "mlp_dim", "gelu")}
     cfg = preset(args.preset, img_size=28, in_chans=1, num_classes=10, dropout=args.dropout,
                  **{k: v for k, v in arch.items() if v is not None})
-    params = init_params(cfg, seed=args.seed, std=args.init_std)
-    meta = {"dataset": "mnist", "class_names": [str(i) for i in range(10)],
-            "mean": list(MNIST_MEAN), "std": list(MNIST_STD)}
-    summary = fit(params, cfg, train_config(args), xp,
+    params = init_params(cfg, seed=tc.seed, std=args.init_std)
+    t = EvalTransform(MNIST_MEAN, MNIST_STD, crop_pct=1.0)  # digits fill the frame: the whole square
+    meta = {"dataset": "mnist", "class_names": [str(i) for i in range(10)], "mean": list(MNIST_MEAN),
+            "std": list(MNIST_STD), "eval_transform": t.to_dict(), "run_args": run_args(args)}
+    summary = fit(params, cfg, tc, xp,
                   Dataset(tr_x, tr_y, MNIST_MEAN, MNIST_STD), Dataset(te_x, te_y, MNIST_MEAN, MNIST_STD),
                   args.out, meta=meta, resume=args.resume, quiet=args.quiet, **run_clock(args))
     report(summary, args, {"backend": args.backend, "preset": args.preset})

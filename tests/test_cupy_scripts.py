@@ -9,17 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import shared_data_dir
+from conftest import needs_data, needs_ti16, shared_data_dir, ti16_weights
 from tinyvit.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-needs_mnist = pytest.mark.skipif(shared_data_dir() is None, reason="MNIST/CIFAR-10 (../shared/data) not present")
-
-
-def _weights():
-    d = Path(os.environ.get("TINYVIT_WEIGHTS", ROOT.parent / "shared" / "weights"))
-    f = d / "vit_tiny_patch16_224.augreg_in21k_ft_in1k.npz"
-    return f if f.is_file() else None
+needs_mnist = needs_data
 
 
 def _cupy_script(name, *args, timeout=600):
@@ -64,14 +58,14 @@ def test_train_mnist_resume_evaluate_predict_on_cupy(tmp_path):
     assert Image.open(tmp_path / "attn.png").size[0] >= 28 and pred["predictions"][0]["attention_map"]
 
 
-@pytest.mark.skipif(shared_data_dir() is None or _weights() is None,
-                    reason="CIFAR-10 and the ViT-Ti/16 weights (../shared) not present")
+@needs_data
+@needs_ti16
 @pytest.mark.parametrize("mode", ["head", "full", "progressive"])
 def test_finetune_cifar_on_cupy(tmp_path, mode):
     """Real ViT-Ti/16 weights at 32 px on a few hundred CIFAR-10 images, every mode."""
     extra = {"head": ["--epochs", "5"], "full": ["--epochs", "1", "--batch-size", "32"],
              "progressive": ["--epochs", "2", "--batch-size", "32", "--grad-accum", "2"]}[mode]
-    out = _cupy_script("finetune_cifar.py", "--weights", _weights(), "--mode", mode, "--img-size", "32",
+    out = _cupy_script("finetune_cifar.py", "--weights", ti16_weights(), "--mode", mode, "--img-size", "32",
                        "--limit-train", "256", "--limit-test", "128", "--out", tmp_path, "--json", "--quiet",
                        "--data-dir", shared_data_dir(), *extra)
     assert 0.0 <= out["test_accuracy"] <= 1.0

@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import DATA_HINT, shared_data_dir
 from tinyvit import cifar, data
 from tinyvit.backend import to_numpy
 from tinyvit.errors import TinyViTError
 
-REAL = Path(os.environ.get("TINYVIT_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
+REAL = shared_data_dir() or Path("TINYVIT_DATA-not-set")
 MNIST_MD5 = {"train": ("6bbc9ace898e44ae57da46a324031adb", "a25bea736e30d166cdddb491f175f624"),
              "test": ("2646ac647ad5339dbf082846283269ea", "27ae3e4e09519cfbb04c329615203637")}
 
@@ -39,14 +40,14 @@ def _one_line_error(fn, *needles):
 @pytest.fixture(scope="module", params=["train", "test"])
 def real_mnist(request):
     if not (REAL / "mnist").is_dir():
-        pytest.skip(f"no MNIST under {REAL} (set TINYVIT_DATA)")
+        pytest.skip(DATA_HINT)
     return request.param, data.load_mnist(REAL, request.param, download=False)
 
 
 @pytest.fixture(scope="module", params=["train", "test"])
 def real_cifar(request):
     if not (REAL / "cifar10").is_dir():
-        pytest.skip(f"no CIFAR-10 under {REAL} (set TINYVIT_DATA)")
+        pytest.skip(DATA_HINT)
     return request.param, data.load_cifar10(REAL, request.param, download=False)
 
 

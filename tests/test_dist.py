@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import shared_data_dir
+from conftest import needs_data, shared_data_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 MPIEXEC = shutil.which("mpiexec") or shutil.which("mpirun")
@@ -84,7 +84,7 @@ def test_a_lost_rank_ends_the_job(tmp_path, fault):
         assert "error: rank 1: a test fault on this rank" in r.stderr and "Traceback" not in r.stderr
 
 
-@pytest.mark.skipif(shared_data_dir() is None, reason="real MNIST (../shared/data) not present")
+@needs_data
 def test_train_mnist_under_mpiexec_matches_one_rank(tmp_path):
     args = [str(ROOT / "scripts" / "train_mnist.py"), "--limit-train", "4096", "--limit-test", "512", "--epochs",
             "1", "--warmup-epochs", "0.2", "--data-dir", str(shared_data_dir()), "--json", "--quiet"]

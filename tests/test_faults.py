@@ -18,14 +18,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import shared_data_dir
+from conftest import needs_data, shared_data_dir
 from tinyvit import checkpoint
 from tinyvit.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ["--limit-train", "256", "--limit-test", "64", "--epochs", "2", "--batch-size", "64", "--depth", "1",
        "--patch-size", "7", "--warmup-epochs", "0.5", "--augment", "none", "--json", "--quiet"]
-needs_mnist = pytest.mark.skipif(shared_data_dir() is None, reason="real MNIST (../shared/data) not present")
+needs_mnist = needs_data
 
 
 def _can(cmd):

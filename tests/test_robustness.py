@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import shared_data_dir
+from conftest import DATA_HINT, shared_data_dir
 from tinyvit import TinyViTError, ViTConfig, cifar, data, init_params, vit_forward
 from tinyvit.checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
 from tinyvit.convert import convert, load_state
@@ -235,7 +235,7 @@ print(int(hwm[0].split()[1]) // 1024 if hwm else resource.getrusage(resource.RUS
 def _mnist_data():
     d = shared_data_dir()
     if d is None or not (d / "mnist").is_dir():
-        pytest.skip("real MNIST (../shared/data/mnist or $TINYVIT_DATA) not present")
+        pytest.skip(DATA_HINT)
     return d
 
 

@@ -6,18 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import shared_data_dir
+from conftest import needs_data, needs_ti16, shared_data_dir, ti16_weights
 from tinyvit.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _weights():
-    import os
-
-    d = Path(os.environ.get("TINYVIT_WEIGHTS", ROOT.parent / "shared" / "weights"))
-    f = d / "vit_tiny_patch16_224.augreg_in21k_ft_in1k.npz"
-    return f if f.is_file() else None
 
 
 def _script(name, *args, timeout=300):
@@ -26,8 +18,8 @@ def _script(name, *args, timeout=300):
     return r
 
 
-needs_cifar = pytest.mark.skipif(shared_data_dir() is None or _weights() is None,
-                                 reason="CIFAR-10 and the ViT-Ti/16 weights (../shared) not present")
+def needs_cifar(f):
+    return needs_data(needs_ti16(f))
 
 
 @needs_cifar
@@ -35,7 +27,7 @@ needs_cifar = pytest.mark.skipif(shared_data_dir() is None or _weights() is None
 def test_finetune_cifar_smoke(tmp_path, mode):
     """Real ViT-Ti/16 weights at 32 px on a few hundred CIFAR images: runs, learns, checkpoint works."""
     extra = ["--epochs", "20"] if mode == "head" else ["--epochs", "2", "--batch-size", "32", "--grad-accum", "2"]
-    r = _script("finetune_cifar.py", "--weights", _weights(), "--mode", mode, "--img-size", "32",
+    r = _script("finetune_cifar.py", "--weights", ti16_weights(), "--mode", mode, "--img-size", "32",
                 "--limit-train", "512", "--limit-test", "200", "--out", tmp_path, "--json", "--quiet",
                 "--data-dir", shared_data_dir(), *extra)
     assert r.returncode == 0, r.stderr

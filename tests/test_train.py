@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import shared_data_dir
+from conftest import needs_data, shared_data_dir
 from tinyvit import TinyViTError, init_params
 from tinyvit.checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
-from tinyvit.train import TrainConfig, fit
+from tinyvit.train import TrainConfig, fit, run_schedule, warmup_steps
 from toy_data import TINY, synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,7 +124,7 @@ def test_checkpoint_roundtrip_and_bad_files(tmp_path):
         load_checkpoint(tmp_path / "miss.npz")
 
 
-@pytest.mark.skipif(shared_data_dir() is None, reason="real MNIST (../shared/data) not present")
+@needs_data
 def test_train_mnist_script_smoke_learns(tmp_path):
     """The real script on a 3000-image subset for 4 epochs: far above chance, JSON contract kept."""
     cmd = [sys.executable, str(ROOT / "scripts" / "train_mnist.py"), "--limit-train", "3000",
@@ -173,9 +173,34 @@ def test_head_epochs_freeze_the_backbone(tmp_path):
         assert np.array_equal(v, init[k]) == (not k.startswith("head.")), k
 
 
-def test_warmup_longer_than_run_is_a_clear_error(tmp_path):
-    with pytest.raises(TinyViTError, match="warmup .* must be shorter than the run"):
-        _run(tmp_path, TrainConfig(epochs=1, batch_size=32, warmup_epochs=1.0))
+@pytest.mark.parametrize("epochs,warmup,steps", [(1, 1.0, 0), (2, 3.0, 1), (1, 0.5, 4)])
+def test_warmup_not_shorter_than_the_run_is_shortened_and_said(tmp_path, capsys, epochs, warmup, steps):
+    """8 steps per epoch: a warmup as long as the run becomes a tenth of it, with one line; a
+    shorter one is kept as given."""
+    s = _run(tmp_path, TrainConfig(epochs=epochs, batch_size=32, warmup_epochs=warmup))
+    assert s["epochs"] == epochs and not s["stopped_early"]
+    notes = [line for line in capsys.readouterr().err.splitlines() if "warmup shortened" in line]
+    assert len(notes) == (warmup >= epochs), notes
+    assert warmup_steps(TrainConfig(epochs=epochs, warmup_epochs=warmup), 8) == (steps if warmup < epochs else 8 * epochs // 10)
+
+
+def test_resume_with_more_epochs_extends_the_run(tmp_path):
+    """A finished 2-epoch run resumed with epochs=3 goes on from step 16 with the cosine schedule over
+    24 steps; cut and resumed again inside the extension, it ends bit-identical to one extension."""
+    tc, longer = TrainConfig(epochs=2, batch_size=32, lr=2e-3), TrainConfig(epochs=3, batch_size=32, lr=2e-3)
+    _run(tmp_path / "a", tc)
+    ckpt = tmp_path / "a" / "checkpoint.npz"
+    whole = _run(tmp_path / "b", longer, resume=ckpt)
+    assert whole["steps"] == 24 and whole["epochs"] == 3 and not whole["stopped_early"]
+    hist = load_checkpoint(whole["checkpoint"])[2]["history"]
+    schedule = run_schedule(longer, 8)
+    assert [h["epoch"] for h in hist] == [1, 2, 3] and hist[2]["lr"] == schedule(23) and schedule(16) > 10 * tc.min_lr
+    _run(tmp_path / "c", longer, resume=ckpt, max_steps=3)
+    again = _run(tmp_path / "d", longer, resume=tmp_path / "c" / "checkpoint.npz")
+    for k, v in whole["params"].items():
+        assert np.array_equal(v, again["params"][k]), k
+    with pytest.raises(TinyViTError, match="training settings differ"):  # fewer epochs is not an extension
+        _run(tmp_path / "e", TrainConfig(epochs=1, batch_size=32, lr=2e-3), resume=ckpt)
 
 
 @pytest.mark.parametrize("n,batch_size", [(50, 16), (64, 64)])

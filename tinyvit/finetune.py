@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -12,109 +13,134 @@ from pathlib import Path
 import numpy as np
 
 from .backend import get_backend, to_device, to_numpy
-from .checkpoint import atomic_write, load_checkpoint, prepare_out_dir, save_checkpoint
-from .cli import add_run_args, add_train_args, report, run_clock, train_config
-from .convert import adapt, convert
+from .checkpoint import atomic_write, prepare_out_dir, save_checkpoint
+from .cli import (add_run_args, add_train_args, choose_out, fill_defaults, report, resume_args, run_args, run_clock,
+                  train_config)
+from .convert import adapt, load_model
 from .data import data_root, load_cifar10
 from .dist import world
-from .errors import TinyViTError
+from .errors import TinyViTError, describe_os_error
 from .folders import Warnings, folder_splits, pets_splits, subset
+from .images import eval_transform
 from .layers import cross_entropy_backward, cross_entropy_forward, linear_backward, linear_forward
 from .loader import FolderDataset
 from .model import PRESETS, init_params, preset, vit_features
 from .optim import make_schedule
 from .progress import Progress
-from .train import Dataset, TrainConfig, fit
+from .train import Dataset, TrainConfig, fit, warmup_steps
 
-# Full fine-tune defaults (Adam-type, small lr); head mode overrides lr, epochs, batch and augment.
-# Batch 32: on a 2-core CPU as fast per image as 64 (17.9 vs 17.3 img/s, ViT-Ti/16 at 224 px) with
-# twice the steps; 3 epochs of CIFAR-10 at 224 px then fit in 3 hours there (docs/performance.md)
+# Full fine-tune defaults (Adam-type, small lr). Batch 32: on a 2-core CPU as fast per image as 64
+# (17.9 vs 17.3 img/s, ViT-Ti/16 at 224 px) with twice the steps; 3 epochs of CIFAR-10 at 224 px
+# then fit in 3 hours there (docs/performance.md)
 DEFAULTS = TrainConfig(epochs=3, batch_size=32, lr=5e-5, optimizer="adamw", weight_decay=0.05,
                        schedule="cosine", warmup_epochs=0.2, min_lr=1e-6, clip=1.0, augment="crop_flip",
                        label_smoothing=0.1, seed=0)
-# chosen on 5,000 held-out training features of CIFAR-10 (docs/performance.md): label smoothing
-# costs a linear probe ~0.4 points there, and lr 3e-3 edges out 1e-3
-HEAD_DEFAULTS = (("--lr", 3e-3), ("--epochs", 30), ("--batch-size", 256), ("--augment", "none"),
-                 ("--label-smoothing", 0.0))
+# head mode, chosen on 5,000 held-out training features of CIFAR-10 (docs/performance.md): label
+# smoothing costs a linear probe ~0.4 points there, and lr 3e-3 edges out 1e-3
+HEAD = dataclasses.replace(DEFAULTS, lr=3e-3, epochs=30, batch_size=256, augment="none", label_smoothing=0.0)
+MODE_DEFAULTS = {"head": HEAD, "full": DEFAULTS, "progressive": DEFAULTS}
+# the other flags' defaults, applied after parsing (and after --resume restored the saved run's)
+FLAG_DEFAULTS = {"mode": "head", "img_size": 224, "head_epochs": 1, "head_lr": HEAD.lr, "grad_accum": 1,
+                 "feature_batch": 64, "val_split": 0.1, "workers": 2, "strict": False}
 
 
 def parser(description, data_default=None, out_default="runs/finetune"):
     """The fine-tuning flags (the same for every entry point; data_default None makes --data required)."""
-    ap = argparse.ArgumentParser(description=description)
-    ap.add_argument("--data", default=data_default, required=data_default is None,
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = FLAG_DEFAULTS
+    ap.add_argument("--data", default=None,
                     help="cifar10, pets (Oxford-IIIT Pet, found in or downloaded to the data root), or a folder: "
                          "DIR/train/<class>/* with DIR/val/<class>/* (or test/), or DIR/<class>/*"
-                         + (f" (default {data_default})" if data_default else ""))
+                         + (f" (default {data_default})" if data_default else " (required)"))
     ap.add_argument("--weights", default=None, help="pretrained weights: a tinyvit checkpoint, or a Google .npz, "
                     "timm/HF .safetensors/.pth/.bin or torchvision .pth (converted on the fly); leave out with "
                     "--preset to train from random init")
     ap.add_argument("--preset", default=None, choices=sorted(PRESETS), help="random-init model when no --weights")
-    ap.add_argument("--mode", choices=["full", "head", "progressive"], default="head",
+    ap.add_argument("--mode", choices=["full", "head", "progressive"], default=None,
                     help="head: frozen backbone, features cached once, linear head trained on them; full: "
-                         "everything trains; progressive: head only for --head-epochs, then everything (default head)")
-    ap.add_argument("--img-size", type=int, default=224, help="input resolution; position embeddings are "
-                    "resampled if it differs from the weights' (default 224)")
-    ap.add_argument("--head-epochs", type=int, default=1, help="progressive mode: head-only epochs first (default 1)")
-    ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
-    ap.add_argument("--feature-batch", type=int, default=64, help="head mode: images per backbone pass (default 64)")
-    ap.add_argument("--val-split", type=float, default=0.1, help="folders without train/val: the fraction of "
-                    "each class held out for validation, seeded by --seed (default 0.1)")
-    ap.add_argument("--crop-pct", type=float, default=0.875, help="image files: evaluation centre crop, "
-                    "the shorter side resized to img-size / crop-pct (default 0.875, as timm)")
-    ap.add_argument("--workers", type=int, default=2, help="image files: decoding threads, each a batch "
-                    "ahead at most (default 2)")
-    ap.add_argument("--strict", action="store_true", help="an unreadable image file is an error (default: "
-                    "one warning, and the file is skipped)")
-    add_train_args(ap, DEFAULTS)
+                         "everything trains; progressive: head only for --head-epochs at head mode's lr, then "
+                         f"everything with full mode's recipe (default {d['mode']})")
+    ap.add_argument("--img-size", type=int, default=None, help="input resolution; position embeddings are "
+                    f"resampled if it differs from the weights' (default {d['img_size']})")
+    ap.add_argument("--head-epochs", type=int, default=None,
+                    help=f"progressive mode: head-only epochs first (default {d['head_epochs']})")
+    ap.add_argument("--head-lr", type=float, default=None, help="progressive mode: lr of the head-only epochs, "
+                    f"cosine to --min-lr (default {d['head_lr']}, head mode's)")
+    ap.add_argument("--grad-accum", type=int, default=None, help=f"micro-batches per optimizer step (default {d['grad_accum']})")
+    ap.add_argument("--feature-batch", type=int, default=None,
+                    help=f"head mode: images per backbone pass (default {d['feature_batch']})")
+    ap.add_argument("--val-split", type=float, default=None, help="folders without train/val: the fraction of "
+                    f"each class held out for validation, seeded by --seed (default {d['val_split']})")
+    ap.add_argument("--crop-pct", type=float, default=None, help="image files: evaluation centre crop, the "
+                    "shorter side resized to img-size / crop-pct (default: the weights' eval transform, else 0.875)")
+    ap.add_argument("--workers", type=int, default=None, help="image files: decoding threads, each a batch "
+                    f"ahead at most (default {d['workers']})")
+    ap.add_argument("--strict", action="store_true", default=None, help="an unreadable image file is an error "
+                    "(default: one warning, and the file is skipped)")
+    ap.add_argument("--cache-dir", default=None, help="head mode: where backbone features are cached, keyed on the "
+                    "weights, files and transform (default $TINYVIT_CACHE, else ~/.cache/tinyvit/features)")
+    add_train_args(ap, MODE_DEFAULTS)
     add_run_args(ap, out_default)
     return ap
 
 
-def parse(ap, argv=None):
-    """Parse, then give head mode its defaults for the flags the user did not set."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = ap.parse_args(argv)
-    given = lambda flag: any(a == flag or a.startswith(flag + "=") for a in argv)  # noqa: E731
-    if args.mode == "head":  # the head alone: many cheap epochs, a far larger step
-        for flag, value in HEAD_DEFAULTS:
-            if not given(flag):
-                setattr(args, flag[2:].replace("-", "_"), value)
+def parse(ap, argv=None, data_default=None, out_default="runs/finetune"):
+    """Parse; restore a resumed run's flags; then each mode's defaults for the flags not given."""
+    args = resume_args(ap.parse_args(argv))
+    args.data = args.data or data_default
+    if args.data is None:
+        raise TinyViTError("give --data: cifar10, pets, or a folder of class folders (see --help)")
+    fill_defaults(args, FLAG_DEFAULTS)
+    fill_defaults(args, {}, MODE_DEFAULTS[args.mode])
     if args.weights is None and args.preset is None:
         raise TinyViTError("give --weights (pretrained) or --preset NAME (random init)")
-    return args
+    return choose_out(args, out_default)
 
 
-def load_weights(path):
-    """A tinyvit checkpoint as is, or any public ViT file converted on the fly -> (params, cfg, meta)."""
-    try:
-        return load_checkpoint(path)
-    except TinyViTError as e:
-        if "not a tinyvit checkpoint" not in str(e):
-            raise
-    return convert(path)
-
-
-def load_data(args, cfg, mean, std):
-    """(train, test datasets, class names, metadata about the data) for --data."""
+def load_data(args, cfg, t):
+    """(train, test datasets, class names, metadata about the data) for --data; t: the eval transform."""
     if args.data == "cifar10":
         root = data_root(args.data_dir)
         tr_x, tr_y, names = load_cifar10(root, "train", limit=args.limit_train)  # only the batches needed
         te_x, te_y, _ = load_cifar10(root, "test", limit=args.limit_test)
-        train = Dataset(tr_x[:args.limit_train], tr_y[:args.limit_train], mean, std, img_size=cfg.img_size)
-        test = Dataset(te_x[:args.limit_test], te_y[:args.limit_test], mean, std, img_size=cfg.img_size)
+        train = Dataset(tr_x[:args.limit_train], tr_y[:args.limit_train], t.mean, t.std, img_size=cfg.img_size)
+        test = Dataset(te_x[:args.limit_test], te_y[:args.limit_test], t.mean, t.std, img_size=cfg.img_size)
         return train, test, list(names), {"dataset": "cifar10"}
-    warn = Warnings(args.strict)
+    warn = Warnings(args.strict)  # one per run: header checks and decoding, counted once
     if args.data == "pets":
-        tr, te = pets_splits(data_root(args.data_dir), strict=args.strict, workers=args.workers)
+        tr, te = pets_splits(data_root(args.data_dir), strict=args.strict, workers=args.workers, warn=warn)
         info = {"dataset": "pets", "split_seed": args.seed}  # seeds the --limit subsets
     else:
-        tr, te = folder_splits(args.data, args.val_split, args.seed, args.strict, args.workers)
+        tr, te = folder_splits(args.data, args.val_split, args.seed, args.strict, args.workers, warn=warn)
         info = {"dataset": "folder", "data": str(Path(args.data).resolve()), "val_split": args.val_split,
                 "split_seed": args.seed}
     tr, te = subset(tr, args.limit_train, args.seed), subset(te, args.limit_test, args.seed)
-    make = lambda lst: FolderDataset(lst, cfg.img_size, mean, std, cfg.in_chans, args.crop_pct,  # noqa: E731
-                                     args.workers, warn)
-    return make(tr), make(te), tr.classes, dict(info, crop_pct=args.crop_pct)
+    make = lambda lst: FolderDataset(lst, cfg.img_size, t.mean, t.std, cfg.in_chans, t.crop_pct,  # noqa: E731
+                                     args.workers, warn, t.resize, t.interpolation)
+    return make(tr), make(te), tr.classes, dict(info, crop_pct=t.crop_pct)
+
+
+def start_model(args):
+    """(params, cfg, meta, eval transform) of --weights, or of --preset from random init."""
+    if args.weights is not None:
+        params, cfg, meta = load_model(args.weights, hint="--weights takes a model file")
+    else:
+        cfg = preset(args.preset, img_size=args.img_size)
+        params, meta = init_params(cfg, seed=args.seed), {}
+    if cfg.in_chans != 3:
+        raise TinyViTError(f"fine-tuning takes 3-channel models; these weights have {cfg.in_chans}")
+    t = eval_transform(meta, 3, args.weights or "--preset", args.crop_pct)
+    if args.data == "cifar10" and args.crop_pct is None:  # trained on whole 32 px images, resized bilinearly
+        t = dataclasses.replace(t, resize="shortest_edge", crop_pct=1.0, interpolation="bilinear")
+    return params, cfg, meta, t
+
+
+def train_settings(args) -> TrainConfig:
+    """The mode's recipe with the flags given; progressive's head epochs at head mode's lr."""
+    progressive = args.mode == "progressive"
+    return dataclasses.replace(train_config(args, MODE_DEFAULTS[args.mode]), grad_accum=args.grad_accum,
+                               head_epochs=args.head_epochs if progressive else 0,
+                               head_lr=args.head_lr if progressive else 0.0)
 
 
 def run_finetune(args):
@@ -124,20 +150,13 @@ def run_finetune(args):
                            "run it without mpirun, or use --mode full or progressive across ranks")
     prepare_out_dir(args.out)  # a wrong --out fails now, not after the feature pass or an epoch
     xp = get_backend(args.backend)
-    if args.weights is not None:
-        params, cfg, meta = load_weights(args.weights)
-        mean, std = tuple(meta.get("mean", (0.5,) * 3)), tuple(meta.get("std", (0.5,) * 3))
-    else:
-        cfg = preset(args.preset, img_size=args.img_size)
-        params, meta, mean, std = init_params(cfg, seed=args.seed), {}, (0.5,) * 3, (0.5,) * 3
-    if cfg.in_chans != 3:
-        raise TinyViTError(f"fine-tuning takes 3-channel models; these weights have {cfg.in_chans}")
-    train, test, names, info = load_data(args, dataclasses.replace(cfg, img_size=args.img_size), mean, std)
+    params, cfg, meta, t = start_model(args)
+    train, test, names, info = load_data(args, dataclasses.replace(cfg, img_size=args.img_size), t)
     params, cfg = adapt(params, cfg, img_size=args.img_size, num_classes=len(names))
-    out_meta = dict(info, class_names=list(names), mean=list(mean), std=list(std), mode=args.mode,
+    out_meta = dict(info, class_names=list(names), mean=list(t.mean), std=list(t.std), eval_transform=t.to_dict(),
+                    mode=args.mode, run_args=run_args(args),
                     source_weights=str(args.weights) if args.weights else f"random init ({args.preset})")
-    tc = dataclasses.replace(train_config(args), grad_accum=args.grad_accum,
-                             head_epochs=args.head_epochs if args.mode == "progressive" else 0)
+    tc = train_settings(args)
     if args.mode == "head":
         summary = run_head(params, cfg, tc, xp, train, test, out_meta, args)
     else:
@@ -145,13 +164,13 @@ def run_finetune(args):
                       quiet=args.quiet, **run_clock(args))
     if hasattr(train, "decoded"):
         summary["images_decoded"] = train.decoded + test.decoded
-        summary["unreadable_files"] = len(train.images.bad) + len(test.images.bad)
+        summary["unreadable_files"] = train.warn.count  # every file named in a warning, once
     return summary, cfg
 
 
 def main(description, data_default=None, out_default="runs/finetune", argv=None):
     """Entry point of the fine-tuning scripts."""
-    args = parse(parser(description, data_default, out_default), argv)
+    args = parse(parser(description, data_default, out_default), argv, data_default, out_default)
     summary, cfg = run_finetune(args)
     report(summary, args, {"mode": args.mode, "img_size": cfg.img_size, "backend": args.backend,
                            "data": args.data})
@@ -176,14 +195,45 @@ def extract_features(params, cfg, data, xp, batch_size, desc, quiet=False):
     return np.concatenate(feats).astype(np.float32), np.concatenate(labels), time.perf_counter() - t0
 
 
-def cached_features(out, key, *args, **kw):
-    """extract_features, cached in OUT/features-<key>.npz so a rerun skips the backbone pass."""
-    path = Path(out) / f"features-{key}.npz"
-    if path.exists():
-        with np.load(path, allow_pickle=False) as z:
-            return z["feats"], z["labels"], 0.0
-    feats, labels, secs = extract_features(*args, **kw)
-    atomic_write(path, lambda f: np.savez(f, feats=feats, labels=labels))
+def feature_cache_dir(args) -> Path:
+    """--cache-dir, else $TINYVIT_CACHE, else ~/.cache/tinyvit/features (shared by runs, any --out)."""
+    if args.cache_dir:
+        return Path(args.cache_dir).expanduser()
+    if os.environ.get("TINYVIT_CACHE"):
+        return Path(os.environ["TINYVIT_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "tinyvit" / "features"
+
+
+def feature_key(params, cfg, data) -> str:
+    """What a feature pass depends on: the backbone's weights (names, shapes, bytes), the model's
+    config, and the data's fingerprint (files, labels, transform)."""
+    h = hashlib.blake2b(digest_size=12)
+    for k in sorted(params):
+        if not k.startswith("head."):  # the features come before the head
+            v = np.ascontiguousarray(to_numpy(params[k]))
+            h.update(f"{k}{v.dtype}{v.shape}".encode())
+            h.update(v)
+    h.update(json.dumps([cfg.to_dict(), "float32", data.fingerprint()]).encode())
+    return h.hexdigest()
+
+
+def cached_features(folder, name, params, cfg, data, *args, **kw):
+    """extract_features, cached in FOLDER/<name>-<feature_key>.npz so a rerun skips the backbone pass
+    -> (features, labels, seconds of the pass; 0 from the cache)."""
+    path = Path(folder) / f"{name}-{feature_key(params, cfg, data)}.npz"
+    if path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                feats, labels = z["feats"], z["labels"]
+            if len(labels) == len(data.labels) and feats.shape == (len(labels), cfg.dim):
+                return feats, labels, 0.0
+        except Exception:  # noqa: BLE001 (a damaged cache file is recomputed and replaced)
+            pass
+    feats, labels, secs = extract_features(params, cfg, data, *args, **kw)
+    try:
+        atomic_write(path, lambda f: np.savez(f, feats=feats, labels=labels))
+    except OSError as e:  # the cache only saves time: the run goes on without it
+        print(f"warning: cannot cache the features in {path}: {describe_os_error(e, about=path)}", file=sys.stderr)
     return feats, labels, secs
 
 
@@ -193,8 +243,8 @@ def train_head(tr_f, tr_y, te_f, te_y, w, b, tc, xp, quiet):
     opt = tc.make_optimizer()
     n = len(tr_y)
     steps_per_epoch = max(1, n // tc.batch_size)
-    sched = make_schedule(tc.schedule, tc.lr, tc.epochs * steps_per_epoch,
-                          round(tc.warmup_epochs * steps_per_epoch), steps_per_epoch, tc.gamma, tc.min_lr)
+    sched = make_schedule(tc.schedule, tc.lr, tc.epochs * steps_per_epoch, warmup_steps(tc, steps_per_epoch, True),
+                          steps_per_epoch, tc.gamma, tc.min_lr)
     tr_f, tr_y, te_f = xp.asarray(tr_f), xp.asarray(tr_y), xp.asarray(te_f)
     step = 0
     for epoch in range(tc.epochs):
@@ -219,13 +269,11 @@ def train_head(tr_f, tr_y, te_f, te_y, w, b, tc, xp, quiet):
 def run_head(params, cfg, tc, xp, train, test, meta, args):
     """Head mode: one backbone pass per image (cached), then the linear head on the features."""
     dev = to_device(params, xp)
-    key = hashlib.sha1(json.dumps([str(args.weights and Path(args.weights).resolve()), cfg.img_size,
-                                   args.data, len(train.labels), len(test.labels), meta["mean"], meta["std"],
-                                   meta.get("crop_pct"), meta.get("val_split"), args.seed]).encode()).hexdigest()[:12]
+    folder = feature_cache_dir(args)
     t0 = time.perf_counter()
-    tr_f, tr_y, s1 = cached_features(args.out, f"train-{key}", dev, cfg, train, xp, args.feature_batch,
+    tr_f, tr_y, s1 = cached_features(folder, "train", dev, cfg, train, xp, args.feature_batch,
                                      "features (train)", quiet=args.quiet)
-    te_f, te_y, s2 = cached_features(args.out, f"test-{key}", dev, cfg, test, xp, args.feature_batch,
+    te_f, te_y, s2 = cached_features(folder, "test", dev, cfg, test, xp, args.feature_batch,
                                      "features (test)", quiet=args.quiet)
     head, acc = train_head(tr_f, tr_y, te_f, te_y, params["head.weight"], params["head.bias"], tc, xp, args.quiet)
     seconds = time.perf_counter() - t0
@@ -235,4 +283,5 @@ def run_head(params, cfg, tc, xp, train, test, meta, args):
     n_img = len(tr_y) + len(te_y)
     return {"test_accuracy": acc, "epochs": tc.epochs, "train_seconds": seconds,
             "images_per_second": n_img / (s1 + s2) if s1 + s2 > 0 else None,
-            "feature_seconds": s1 + s2, "checkpoint": str(ckpt), "stopped_early": False}
+            "feature_seconds": s1 + s2, "features_cached": s1 + s2 == 0, "checkpoint": str(ckpt),
+            "stopped_early": False}

@@ -42,15 +42,20 @@ class ImageList:
 
 
 class Warnings:
-    """Unreadable files: one line each on stderr (the first `limit`), or an error when strict."""
+    """Unreadable files: one line each on stderr (the first `limit`), or an error when strict;
+    count is the number of files named (each once)."""
 
     def __init__(self, strict=False, limit=50, stream=None):
         self.strict, self.limit, self.count = strict, limit, 0
         self.stream = stream or sys.stderr
+        self.named = set()
 
     def __call__(self, path, why):
         if self.strict:
             raise TinyViTError(f"{path}: {why} (--strict: unreadable files are errors)")
+        if str(path) in self.named:
+            return
+        self.named.add(str(path))
         self.count += 1
         if self.count <= self.limit:
             print(f"warning: {path}: {why}; skipped", file=self.stream)
@@ -120,12 +125,13 @@ def _image_list(by_class, classes, warn, workers, where):
     return ImageList(paths, np.asarray(labels, np.int64), list(classes))
 
 
-def folder_splits(root, val_split=0.1, seed=0, strict=False, workers=4):
-    """(train, val) ImageLists of a folder dataset (layouts: the module docstring)."""
+def folder_splits(root, val_split=0.1, seed=0, strict=False, workers=4, warn=None):
+    """(train, val) ImageLists of a folder dataset (layouts: the module docstring); warn: a Warnings
+    that also counts what it named (a new one by default)."""
     root = Path(root)
     if not root.is_dir():
         raise TinyViTError(f"{root}: no such folder (expected train/<class>/ and val/<class>/, or <class>/ folders)")
-    warn = Warnings(strict)
+    warn = warn or Warnings(strict)
     val_dir = next((root / n for n in ("val", "valid", "validation", "test") if (root / n).is_dir()), None)
     if (root / "train").is_dir() and val_dir is not None:
         train_files, val_files = _class_files(root / "train", warn), _class_files(val_dir, warn)
@@ -183,7 +189,7 @@ def subset(images: ImageList, n, seed):
 # --- Oxford-IIIT Pet ---------------------------------------------------------------------------
 
 
-def pets_splits(root, download=True, strict=False, workers=4):
+def pets_splits(root, download=True, strict=False, workers=4, warn=None):
     """Oxford-IIIT Pet's official (trainval, test) split, 37 breeds, from <root>/oxford-iiit-pet/."""
     folder = Path(root) / "oxford-iiit-pet"
     lists = {s: folder / "annotations" / f"{s}.txt" for s in ("trainval", "test")}
@@ -193,7 +199,7 @@ def pets_splits(root, download=True, strict=False, workers=4):
             raise TinyViTError(f"Oxford-IIIT Pet files missing; {hint}")
         for name, (url, md5) in PETS_URLS.items():
             _extract(fetch([url], folder / name, md5, hint), folder)
-    warn = Warnings(strict)
+    warn = warn or Warnings(strict)
     rows = {s: _pets_rows(p) for s, p in lists.items()}
     names = {}
     for image, cls in rows["trainval"] + rows["test"]:

@@ -1,5 +1,6 @@
 """The training loop every script shares: epochs of batches, evaluation, logs, checkpoints, resume."""
 import dataclasses
+import hashlib
 import json
 import math
 import signal
@@ -17,7 +18,7 @@ from .dist import World, world
 from .errors import TinyViTError, describe_os_error
 from .layers import cross_entropy_backward, cross_entropy_forward
 from .model import head_backward, vit_backward, vit_forward
-from .optim import clip_grad_norm, make_optimizer, make_schedule
+from .optim import clip_grad_norm, make_optimizer, make_schedule, warmup_cosine
 from .progress import Progress
 
 
@@ -41,6 +42,7 @@ class TrainConfig:
     seed: int = 0
     grad_accum: int = 1  # split each batch into this many micro-batches (same result, less memory)
     head_epochs: int = 0  # train only the head for the first N epochs (progressive fine-tuning)
+    head_lr: float = 0.0  # lr of those head epochs (cosine to min_lr, then the run's warmup); 0 = one schedule
     ema: float = 0.0  # decay of an exponential moving average of the weights (timm's model EMA); 0 = off
 
     def make_optimizer(self):
@@ -65,6 +67,16 @@ class Dataset:
         """iterate_batches over these images (tinyvit.loader.FolderDataset answers the same call)."""
         return iterate_batches(self.images, self.labels, batch_size, xp, mean=self.mean, std=self.std,
                                img_size=self.img_size, **kw)
+
+    def fingerprint(self) -> str:
+        """A digest of the images, labels and normalisation (as FolderDataset.fingerprint)."""
+        h = hashlib.blake2b(digest_size=16)
+        for a in (self.images, self.labels):
+            a = np.ascontiguousarray(a)
+            h.update(f"{a.dtype}{a.shape}".encode())
+            h.update(a)  # the buffer itself: no copy
+        h.update(json.dumps([list(self.mean), list(self.std), self.img_size]).encode())
+        return h.hexdigest()
 
 
 def eval_batch_size(cfg, limit=500):
@@ -127,6 +139,37 @@ def _train_state(epoch, batch, step, rng, history, tc):
             "history": history, "train_config": dataclasses.asdict(tc)}
 
 
+def warmup_steps(tc, steps_per_epoch, say=False):
+    """The warmup in steps: --warmup-epochs, or a tenth of a run that is not longer than it (said)."""
+    total, warm = tc.epochs * steps_per_epoch, round(tc.warmup_epochs * steps_per_epoch)
+    if warm >= total > 0:
+        warm = total // 10
+        if say:
+            print(f"note: warmup shortened from {tc.warmup_epochs:g} to {warm / steps_per_epoch:g} epochs "
+                  f"({warm} steps), a tenth of this {tc.epochs}-epoch run", file=sys.stderr)
+    return warm
+
+
+def run_schedule(tc, steps_per_epoch, say=False):
+    """callable(step) -> lr over the whole run (a run resumed with more epochs: over the new length)."""
+    warm = warmup_steps(tc, steps_per_epoch, say)
+    if tc.head_epochs and tc.head_lr:  # progressive: the new head at head mode's lr, then the full recipe
+        return _phased(tc, steps_per_epoch, warm)
+    return make_schedule(tc.schedule, tc.lr, tc.epochs * steps_per_epoch, warm, steps_per_epoch, tc.gamma, tc.min_lr)
+
+
+def _phased(tc, steps_per_epoch, warm):
+    """Progressive fine-tuning: cosine from head_lr to min_lr over the head epochs, then the run's own
+    warmup and schedule over the rest."""
+    head = tc.head_epochs * steps_per_epoch
+    rest = tc.epochs * steps_per_epoch - head
+    if rest <= 0:
+        raise TinyViTError(f"--head-epochs ({tc.head_epochs}) must be fewer than --epochs ({tc.epochs})")
+    warm = warm if warm < rest else rest // 10
+    after = make_schedule(tc.schedule, tc.lr, rest, warm, steps_per_epoch, tc.gamma, tc.min_lr)
+    return lambda s: warmup_cosine(s, head, tc.head_lr, 0, tc.min_lr) if s < head else after(s - head)
+
+
 def fit(params, cfg, tc: TrainConfig, xp, train: Dataset, test: Dataset, out_dir, *, meta=None,
         resume=None, time_limit=None, save_every=None, max_steps=None, quiet=False):
     """Train params in place on the backend xp; write checkpoints and logs to out_dir.
@@ -158,12 +201,7 @@ def fit(params, cfg, tc: TrainConfig, xp, train: Dataset, test: Dataset, out_dir
     steps_per_epoch = num_batches(len(train.labels), tc.batch_size, drop_last=True)
     if steps_per_epoch == 0:
         raise TinyViTError(f"the training set ({len(train.labels)} images) is smaller than one batch ({tc.batch_size})")
-    total = tc.epochs * steps_per_epoch
-    if tc.schedule == "cosine" and round(tc.warmup_epochs * steps_per_epoch) >= total:
-        raise TinyViTError(f"warmup ({tc.warmup_epochs} epochs) must be shorter than the run "
-                           f"({tc.epochs} epochs): lower --warmup-epochs")
-    schedule = make_schedule(tc.schedule, tc.lr, total, round(tc.warmup_epochs * steps_per_epoch),
-                             steps_per_epoch, tc.gamma, tc.min_lr)
+    schedule = run_schedule(tc, steps_per_epoch, say=w.lead)  # an extended run: stretched over the new length
     meta = dict(meta or {})
     t_start, images_seen, stopped = time.perf_counter(), 0, False
     ran_steps, train_time = 0, 0.0  # train_time: seconds in training steps (no evaluation)
@@ -387,7 +425,8 @@ def _resume(path, params, cfg, tc, opt, rng):
             raise TypeError("epoch/batch/step must be ints >= 0 and history a list")
     except (TypeError, KeyError) as e:
         raise TinyViTError(f"{path}: corrupt training state in metadata ({type(e).__name__}: {e})") from None
-    if saved != tc:
+    extended = dataclasses.replace(saved, epochs=tc.epochs) == tc and tc.epochs > saved.epochs
+    if saved != tc and not extended:  # more epochs extend the run; anything else is another run
         diff = {k: (v, getattr(tc, k)) for k, v in dataclasses.asdict(saved).items() if getattr(tc, k) != v}
         raise TinyViTError(f"{path}: training settings differ from this run's (saved, now): {diff}")
     opt_state = load_optimizer_state(path)

@@ -1,0 +1,185 @@
+"""The scripts' shared command line (tinyvit.cli) on the path a new user takes: defaults resolved after
+parsing, --resume alone, runs never silently replaced, head mode's rerun and its feature cache."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import needs_data, shared_data_dir
+from tinyvit.checkpoint import load_checkpoint
+from tinyvit.finetune import HEAD, parse, parser, train_settings
+from tinyvit.train import run_schedule
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_mnist = needs_data
+# a small, quick MNIST run: 512 images, 2 blocks of patch 7 (8 steps an epoch)
+TINY_MNIST = ["--limit-train", "512", "--limit-test", "128", "--depth", "1", "--patch-size", "7", "--quiet", "--json"]
+
+
+def _script(name, *args, cwd=None, timeout=300):
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, cwd=cwd)
+
+
+def _last_json(r):
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _mnist(*args, cwd=None):
+    return _script("train_mnist.py", *TINY_MNIST, "--data-dir", shared_data_dir(), *args, cwd=cwd)
+
+
+def _folder(root, n=12, classes=("a", "b")):
+    """Class folders of noisy colour images, the same file names in each (00.png ...)."""
+    rng = np.random.default_rng(0)
+    for k, c in enumerate(classes):
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            base = np.array([200, 40, 40]) if k == 0 else np.array([40, 40, 200])
+            a = np.clip(base + rng.normal(0, 40, (24, 30, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(a).save(root / c / f"{i:02d}.png")
+    return root
+
+
+def _head(data, out, *extra):
+    return _script("finetune.py", "--data", data, "--preset", "vit-ti16", "--img-size", "32", "--val-split", "0.25",
+                   "--epochs", "20", "--batch-size", "8", "--out", out, *extra)
+
+
+# --- defaults -----------------------------------------------------------------------------------
+
+
+@needs_mnist
+def test_one_epoch_with_default_settings_runs_and_says_the_warmup_was_shortened(tmp_path):
+    r = _mnist("--epochs", "1", "--batch-size", "16", "--out", tmp_path / "run")  # 32 steps
+    assert _last_json(r)["epochs"] == 1
+    notes = [line for line in r.stderr.splitlines() if "warmup shortened" in line]
+    assert notes == ["note: warmup shortened from 1 to 0.09375 epochs (3 steps), a tenth of this 1-epoch run"]
+
+
+@pytest.mark.parametrize("argv,want", [
+    (["--epoch", "5"], {"epochs": 5, "lr": HEAD.lr}),  # argparse takes the abbreviation
+    (["--batch", "16", "--label", "0.2", "--aug", "crop_flip"], {"batch_size": 16, "label_smoothing": 0.2,
+                                                                 "augment": "crop_flip", "epochs": 30}),
+    (["--mode", "full", "--lr=1e-4"], {"lr": 1e-4, "epochs": 3, "batch_size": 32, "augment": "crop_flip"}),
+])
+def test_finetune_flags_typed_are_never_overwritten_by_a_modes_defaults(tmp_path, argv, want):
+    args = parse(parser("x"), ["--data", str(tmp_path), "--preset", "vit-ti16", "--out", str(tmp_path / "o"), *argv])
+    tc = train_settings(args)
+    assert {k: getattr(tc, k) for k in want} == want
+
+
+def test_finetune_help_states_each_modes_defaults_and_examples_on_their_own_lines():
+    r = _script("finetune.py", "--help")
+    text = " ".join(r.stdout.split())
+    assert r.returncode == 0
+    for s in ("training epochs (default 30 in head mode, 3 in full/progressive mode)",
+              "peak learning rate (default 0.003 in head mode, 5e-05 in full/progressive mode)",
+              "images per step (default 256 in head mode, 32 in full/progressive mode)"):
+        assert s in text, s
+    assert "\n  python scripts/finetune.py --data pets --weights W\n" in r.stdout
+
+
+def test_progressive_head_epochs_train_at_head_modes_lr(tmp_path):
+    args = parse(parser("x"), ["--data", str(tmp_path), "--preset", "vit-ti16", "--mode", "progressive",
+                               "--epochs", "3", "--out", str(tmp_path / "o")])
+    tc = train_settings(args)
+    lr = run_schedule(tc, 10)
+    assert tc.head_epochs == 1 and lr(0) == HEAD.lr and lr(5) > 1e-3  # the zero head at 3e-3 ...
+    assert lr(10) == 0.0 and max(lr(s) for s in range(10, 30)) <= tc.lr  # ... then the full recipe, warmed up
+
+
+# --- runs are never silently replaced; --resume alone --------------------------------------------
+
+
+@needs_mnist
+def test_a_second_run_moves_to_a_numbered_folder_and_an_explicit_out_needs_overwrite(tmp_path):
+    first = _last_json(_mnist("--epochs", "1", cwd=tmp_path))
+    model = Path(tmp_path / first["checkpoint"]).read_bytes()
+    r = _mnist("--epochs", "1", cwd=tmp_path)
+    second = _last_json(r)
+    assert Path(second["checkpoint"]).parent == Path("runs/mnist-2")
+    assert r.stderr.splitlines()[0] == "runs/mnist holds a run; this one goes to runs/mnist-2 (--out DIR to choose)"
+    assert (tmp_path / "runs" / "mnist" / "model.npz").read_bytes() == model  # the first run is untouched
+    r = _mnist("--epochs", "1", "--out", "runs/mnist", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--overwrite" in r.stderr and "Traceback" not in r.stderr
+    assert (tmp_path / "runs" / "mnist" / "model.npz").read_bytes() == model
+    assert _last_json(_mnist("--epochs", "1", "--out", "runs/mnist", "--overwrite", cwd=tmp_path))["epochs"] == 1
+
+
+@needs_mnist
+def test_resume_alone_continues_with_the_saved_settings(tmp_path):
+    flags = ["--epochs", "2", "--lr", "2e-3", "--dim", "32", "--heads", "2", "--mlp-dim", "64", "--seed", "3"]
+    straight = _last_json(_mnist(*flags, "--out", tmp_path / "a"))
+    cut = _last_json(_mnist(*flags, "--out", tmp_path / "b", "--time-limit", "0"))  # stops after one step
+    assert cut["stopped_early"] and cut["steps"] == 1
+    resumed = _last_json(_mnist("--resume", tmp_path / "b" / "checkpoint.npz"))
+    assert resumed["epochs"] == 2 and Path(resumed["checkpoint"]) == tmp_path / "b" / "model.npz"
+    want, got = load_checkpoint(straight["checkpoint"])[0], load_checkpoint(resumed["checkpoint"])[0]
+    assert all(np.array_equal(want[k], got[k]) for k in want)  # bit for bit, as the uninterrupted run
+    r = _mnist("--resume", tmp_path / "b" / "checkpoint.npz", "--lr", "0.1")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "--lr 0.1 differs from the saved run's 0.002" in r.stderr
+    r = _mnist("--resume", tmp_path / "b" / "checkpoint.npz", "--epochs", "3")
+    assert _last_json(r)["epochs"] == 3 and "extending the run" in r.stderr
+    assert len(load_checkpoint(tmp_path / "b" / "model.npz")[2]["history"]) == 3
+
+
+# --- head mode: the rerun, the feature cache ---------------------------------------------------
+
+
+def test_head_mode_rerun_prints_its_summary_from_the_cache(tmp_path):
+    data = _folder(tmp_path / "photos")
+    first = _last_json(_head(data, tmp_path / "run", "--json"))
+    assert first["features_cached"] is False
+    r = _head(data, tmp_path / "run", "--overwrite")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stdout.startswith(f"test accuracy {first['test_accuracy'] * 100:.2f}% after 20 epochs")
+    assert "features from the cache" in r.stdout
+
+
+def test_feature_cache_misses_when_the_folder_changes(tmp_path):
+    """Two class folders swapped (same counts, same file names): the old features must not be used,
+    so the reported accuracy is the one evaluate.py measures on the model."""
+    data = _folder(tmp_path / "photos")
+    first = _last_json(_head(data, tmp_path / "r1", "--json"))
+    os.rename(data / "a", data / "tmp")
+    os.rename(data / "b", data / "a")
+    os.rename(data / "tmp", data / "b")
+    second = _last_json(_head(data, tmp_path / "r2", "--json"))
+    assert second["features_cached"] is False
+    ev = _last_json(_script("evaluate.py", second["checkpoint"], "--json"))
+    assert ev["test_accuracy"] == second["test_accuracy"] and first["test_accuracy"] >= 0.5
+    again = _last_json(_head(data, tmp_path / "r3", "--json"))  # unchanged now: a hit
+    assert again["features_cached"] is True and again["test_accuracy"] == second["test_accuracy"]
+
+
+def test_unreadable_files_counts_every_file_warned_about(tmp_path):
+    data = _folder(tmp_path / "photos")
+    (data / "a" / "notes.txt").write_text("not an image")  # by extension
+    (data / "a" / "empty.png").write_bytes(b"")  # by header
+    png = (data / "b" / "00.png").read_bytes()
+    (data / "b" / "cut.png").write_bytes(png[:len(png) // 2])  # only when decoded
+    r = _head(data, tmp_path / "run", "--json")
+    warned = [line for line in r.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warned) == 3, r.stderr
+    assert _last_json(r)["unreadable_files"] == 3
+
+
+# --- what a skipped test tells a new user ----------------------------------------------------------
+
+
+def test_real_data_skips_say_what_to_set_and_name_no_internal_path():
+    from conftest import DATA_HINT, WEIGHTS_HINT
+
+    assert "TINYVIT_DATA" in DATA_HINT and "download" in DATA_HINT and "TINYVIT_WEIGHTS" in WEIGHTS_HINT
+    for f in sorted(Path(__file__).parent.glob("test_*.py")):
+        for reason in re.findall(r'(?:reason=|pytest\.skip\()(f?"[^"]*")', f.read_text()):
+            assert "shared" not in reason and "{TI16}" not in reason and "{REAL}" not in reason, (f.name, reason)
