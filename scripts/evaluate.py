@@ -56,7 +56,8 @@ def folder_test_set(name, root, cfg, meta, args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("checkpoint", help="a tinyvit checkpoint (.npz), e.g. weights/mnist_vit.npz")
+    ap.add_argument("checkpoint", help="a tinyvit checkpoint (.npz, e.g. weights/mnist_vit.npz) or any weights file "
+                    "convert_weights.py reads (converted in memory)")
     ap.add_argument("--dataset", choices=["mnist", "cifar10", "pets", "folder"], default=None,
                     help="test set to use (default: the dataset recorded in the checkpoint)")
     ap.add_argument("--data", default=None, metavar="DIR", help="the image folder of a folder-trained model "

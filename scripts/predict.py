@@ -99,7 +99,8 @@ def warn_colour(paths, cfg):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("checkpoint", help="a tinyvit checkpoint (.npz), e.g. weights/mnist_vit.npz")
+    ap.add_argument("checkpoint", help="a tinyvit checkpoint (.npz, e.g. weights/mnist_vit.npz) or any weights file "
+                    "convert_weights.py reads (converted in memory)")
     ap.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, anything Pillow reads)")
     ap.add_argument("--top-k", type=int, default=5, metavar="K",
                     help="classes to show per image (default 5, at most the model's class count)")
@@ -108,7 +109,7 @@ def main():
     ap.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     ap.add_argument("--attention-map", default=None, metavar="OUT.png",
                     help="write a figure of the image, its attention-rollout heat map, the overlay and a "
-                         "colour bar to this PNG (several images: OUT_<image stem>.png each)")
+                         "colour bar to this file (PNG, JPEG, WebP, ... by its suffix) (several images: OUT_<image stem>.png each)")
     ap.add_argument("--invert", choices=list(INVERT), default="auto",
                     help="invert gray levels: auto (MNIST checkpoints only: when the border is brighter "
                          "than the centre, i.e. dark ink on light paper), yes, or no (default auto)")
@@ -124,6 +125,7 @@ def main():
         raise TinyViTError(f"--max-megapixels must be positive, got {args.max_megapixels}")
 
     if args.attention_map is not None:  # a wrong output folder fails before any work
+        image_format(args.attention_map)  # a suffix Pillow cannot write fails before any work too
         prepare_out_dir(Path(args.attention_map).parent, "the --attention-map folder")
     params, cfg, meta = load_model(args.checkpoint, hint="predict.py takes the checkpoint first, then images")
     t = eval_transform(meta, cfg.in_chans, args.checkpoint)  # the one fine-tuning and evaluate.py use

@@ -473,11 +473,6 @@ def test_cli_refuses_an_attention_map_suffix_pillow_cannot_write(ckpts, pictures
 # --- the README's first steps -------------------------------------------------------------------
 
 
-def _predict(*args):
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "predict.py"), *map(str, args)],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
-
-
 def test_readme_python_example_classifies_the_example_digit():
     text = (ROOT / "README.md").read_text()
     block = next(b.split("\n", 1)[1] for b in text.split("```python")[1:] if "load_model" in b).split("```")[0]
@@ -488,14 +483,15 @@ def test_readme_python_example_classifies_the_example_digit():
 
 
 def test_readme_first_prediction_and_a_colour_photo_for_a_digit_model_is_warned_about(tmp_path):
-    r = _predict("weights/mnist_vit.npz", "docs/digit.png", "--json")
+    mnist, digit = ROOT / "weights" / "mnist_vit.npz", ROOT / "docs" / "digit.png"
+    r = _predict(mnist, digit, "--json")
     assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
     assert json.loads(r.stdout)["predictions"][0]["top_k"][0]["class"] == "7"
     a = np.zeros((40, 60, 3), np.uint8)
     a[..., 0], a[..., 1] = 200, np.arange(60, dtype=np.uint8)[None, :] * 3  # red to orange
     Image.fromarray(a).save(tmp_path / "photo.jpg")
     Image.fromarray(a[..., 0]).convert("RGB").save(tmp_path / "gray_as_rgb.png")  # no colour in it
-    r = _predict("weights/mnist_vit.npz", tmp_path / "photo.jpg", tmp_path / "gray_as_rgb.png", "docs/digit.png")
+    r = _predict(mnist, tmp_path / "photo.jpg", tmp_path / "gray_as_rgb.png", digit)
     assert r.returncode == 0, r.stderr
     warned = [line for line in r.stderr.splitlines() if line.startswith("warning:")]
     assert len(warned) == 1 and "photo.jpg" in warned[0] and "1-channel model" in warned[0], r.stderr
