@@ -12,16 +12,18 @@ import sys
 import time
 from pathlib import Path
 
-import tinyvit  # noqa: F401  (before NumPy: sets OpenBLAS's spin time, see tinyvit/__init__.py)
 import numpy as np
+
+import tinyvit  # noqa: F401  (before NumPy: sets OpenBLAS's spin time, see tinyvit/__init__.py)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # torch_vit, the reference model
 
 from tinyvit import init_params, preset, vit_backward, vit_forward  # noqa: E402
-from tinyvit.backend import batch_shards, get_backend, synchronize, to_device  # noqa: E402
-from tinyvit.cli import run  # noqa: E402
-from tinyvit.layers import cross_entropy_backward, cross_entropy_forward  # noqa: E402
-from tinyvit.optim import AdamW  # noqa: E402
+from tinyvit.backend import get_backend, synchronize, to_device  # noqa: E402
+from tinyvit.cli.report import run  # noqa: E402
+from tinyvit.cpu.threads import batch_shards
+from tinyvit.nn.layers import cross_entropy_backward, cross_entropy_forward  # noqa: E402
+from tinyvit.train.optim import AdamW  # noqa: E402
 
 DEFAULT_CASES = {"numpy": [("mnist", 128), ("vit-b16", 8)], "cupy": [("vit-b16", 64), ("mnist", 128)]}
 
@@ -91,7 +93,6 @@ def tinyvit_fns(cfg, params, x, y):
 def torch_fns(cfg, params, x, y, device):
     """The same closures for the reference torch ViT (timm's names and math), same params."""
     import torch
-
     from torch_vit import torch_vit_from_params
 
     dtype = torch.float32 if x.dtype == np.float32 else torch.float64

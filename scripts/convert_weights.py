@@ -13,10 +13,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from tinyvit.checkpoint import prepare_out_dir, save_checkpoint
-from tinyvit.convert import FORMATS, adapt, convert
 from tinyvit.errors import TinyViTError, describe_os_error
-from tinyvit.model import count_params
+from tinyvit.io.checkpoint import save_checkpoint
+from tinyvit.io.convert import FORMATS, adapt, convert
+from tinyvit.io.files import prepare_out_dir
+from tinyvit.nn.model import count_params
 
 
 def parse_args(argv=None):

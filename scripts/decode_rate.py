@@ -2,23 +2,22 @@
 
   python scripts/decode_rate.py DIR [--weights W] [--img-size 224] [--batch-size 32]
 
-Decoding (tinyvit.loader, the train and eval transforms, 1 and --workers threads) should be well
+Decoding (tinyvit.data.loader, the train and eval transforms, 1 and --workers threads) should be well
 above the model's images/s, or the model waits on JPEG decoding.
 """
 import argparse
 import json
 import time
 
-import tinyvit  # noqa: F401  (before NumPy: sets OpenBLAS's spin time, see tinyvit/__init__.py)
 import numpy as np
 
-from tinyvit.cli import run
-from tinyvit.convert import adapt
-from tinyvit.convert import load_model
-from tinyvit.folders import folder_splits
-from tinyvit.layers import cross_entropy_backward, cross_entropy_forward
-from tinyvit.loader import FolderDataset
-from tinyvit.model import init_params, preset, vit_backward, vit_forward
+import tinyvit  # noqa: F401  (before NumPy: sets OpenBLAS's spin time, see tinyvit/__init__.py)
+from tinyvit.cli.report import run
+from tinyvit.data.folders import folder_splits
+from tinyvit.data.loader import FolderDataset
+from tinyvit.io.convert import adapt, load_model
+from tinyvit.nn.layers import cross_entropy_backward, cross_entropy_forward
+from tinyvit.nn.model import init_params, preset, vit_backward, vit_forward
 
 
 def decode_rate(images, size, workers, train):

@@ -7,19 +7,22 @@ import json
 import time
 
 from tinyvit.backend import get_backend, to_device
-from tinyvit.cli import run
-from tinyvit.convert import load_model
-from tinyvit.data import CIFAR10_MEAN, CIFAR10_STD, MNIST_MEAN, MNIST_STD, data_root, load_cifar10, load_mnist
+from tinyvit.cli.report import run
+from tinyvit.data.batches import ArrayDataset
+from tinyvit.data.cifar10 import CIFAR10_MEAN, CIFAR10_STD, load_cifar10
+from tinyvit.data.download import data_root
+from tinyvit.data.folders import folder_splits, pets_splits, subset
+from tinyvit.data.loader import FolderDataset
+from tinyvit.data.mnist import MNIST_MEAN, MNIST_STD, load_mnist
+from tinyvit.data.transform import eval_transform
 from tinyvit.errors import TinyViTError
-from tinyvit.folders import folder_splits, pets_splits, subset
-from tinyvit.images import eval_transform
-from tinyvit.loader import FolderDataset
+from tinyvit.io.convert import load_model
 from tinyvit.progress import Progress
-from tinyvit.train import Dataset, evaluate
+from tinyvit.train.evaluate import evaluate
 
 
 def test_set(name, root, cfg, meta, limit):
-    """The test split as a Dataset, normalised as the checkpoint says (dataset defaults otherwise)."""
+    """The test split as a ArrayDataset, normalised as the checkpoint says (dataset defaults otherwise)."""
     if name == "mnist":
         x, y = load_mnist(root, "test")
         mean, std = MNIST_MEAN, MNIST_STD
@@ -33,7 +36,7 @@ def test_set(name, root, cfg, meta, limit):
     if cfg.num_classes != 10:
         raise TinyViTError(f"the checkpoint has {cfg.num_classes} classes; {name} has 10 (fine-tune it first)")
     size = None if x.shape[-1] == cfg.img_size else cfg.img_size
-    return Dataset(x[:limit], y[:limit], mean, std, img_size=size)
+    return ArrayDataset(x[:limit], y[:limit], mean, std, img_size=size)
 
 
 def folder_test_set(name, root, cfg, meta, args):

@@ -17,8 +17,8 @@ import argparse
 import json
 
 import tinyvit  # noqa: F401  (before NumPy: sets OpenBLAS's spin time, see tinyvit/__init__.py)
-from tinyvit.cli import run
-from tinyvit.export import TARGETS, export
+from tinyvit.cli.report import run
+from tinyvit.io.export import TARGETS, export
 
 
 def build_parser():

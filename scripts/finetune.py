@@ -7,8 +7,8 @@
 The checkpoint (OUT/model.npz) carries the class names; evaluate.py and predict.py read it.
 """
 import tinyvit  # noqa: F401  (before NumPy: sets OpenBLAS's spin time, see tinyvit/__init__.py)
-from tinyvit.cli import run
-from tinyvit.finetune import main
+from tinyvit.cli.finetune import main
+from tinyvit.cli.report import run
 
 if __name__ == "__main__":
     run(lambda: main(__doc__, data_default=None, out_default="runs/finetune"))

@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tinyvit.backend import _real_cupy  # noqa: E402
-from tinyvit.cli import run  # noqa: E402
-from tinyvit.checkpoint import prepare_out_dir  # noqa: E402
+from tinyvit.cli.report import run  # noqa: E402
+from tinyvit.io.files import prepare_out_dir  # noqa: E402
 
 TIMM_TI16 = "vit_tiny_patch16_224.augreg_in21k_ft_in1k.npz"
 # MNIST on a GPU: the mnist preset at its full depth (6 blocks), 30 epochs with shift augmentation
@@ -174,10 +174,11 @@ def count_syncs(size):
     import numpy as np
 
     from tinyvit.backend import to_device
-    from tinyvit.model import init_params, preset, vit_forward
-    from tinyvit.optim import clip_grad_norm
+    from tinyvit.nn.model import init_params, preset, vit_forward
     from tinyvit.testing import cupy_standin as cp
-    from tinyvit.train import TrainConfig, _step_grads
+    from tinyvit.train.config import TrainConfig
+    from tinyvit.train.loop import _step_grads
+    from tinyvit.train.optim import clip_grad_norm
 
     res = {}
     for name, cfg in (("mnist", preset("mnist")),
@@ -198,7 +199,7 @@ def count_syncs(size):
         s3 = cp.sync_count()
         res[name] = {"train_step_forward_backward_clip": s1 - s0, "optimizer_step": s2 - s1,
                      "inference_batch": s3 - s2, "blocks": cfg.depth, "img_size": cfg.img_size}
-    from tinyvit.train import DEVICE_READ_EVERY
+    from tinyvit.train.loop import DEVICE_READ_EVERY
 
     res["loop_reads_per_step"] = 1 / DEVICE_READ_EVERY  # the training loop's one read every N steps
     print(json.dumps(res))
@@ -219,7 +220,7 @@ def main():
     args = ap.parse_args()
     if args._syncs:
         return count_syncs(args._syncs)
-    from tinyvit.data import data_root
+    from tinyvit.data.download import data_root
 
     gpu = _real_cupy()
     small = gpu is None

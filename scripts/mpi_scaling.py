@@ -10,13 +10,13 @@ import argparse
 import json
 import time
 
-import tinyvit  # noqa: F401  (before NumPy: sets OpenBLAS's spin time, see tinyvit/__init__.py)
 import numpy as np
 
-from tinyvit.cli import run
-from tinyvit.dist import world
-from tinyvit.layers import cross_entropy_backward, cross_entropy_forward
-from tinyvit.model import count_params, init_params, preset, vit_backward, vit_forward
+import tinyvit  # noqa: F401  (before NumPy: sets OpenBLAS's spin time, see tinyvit/__init__.py)
+from tinyvit.cli.report import run
+from tinyvit.nn.layers import cross_entropy_backward, cross_entropy_forward
+from tinyvit.nn.model import count_params, init_params, preset, vit_backward, vit_forward
+from tinyvit.train.dist import world
 
 
 def median_ms(fn, reps):

@@ -18,9 +18,10 @@ import math
 from pathlib import Path
 
 import tinyvit  # noqa: F401  (before NumPy: sets OpenBLAS's spin time, see tinyvit/__init__.py)
-from tinyvit.checkpoint import atomic_write, load_checkpoint, prepare_out_dir
-from tinyvit.cli import run
+from tinyvit.cli.report import run
 from tinyvit.errors import TinyViTError, input_file
+from tinyvit.io.checkpoint import load_checkpoint
+from tinyvit.io.files import atomic_write, prepare_out_dir
 
 NEEDED = ("epoch", "train_loss", "train_accuracy", "test_accuracy")
 MAX_RECORDS = 100_000  # epochs; more is not a training log

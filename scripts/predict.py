@@ -16,18 +16,19 @@ import json
 import sys
 from pathlib import Path
 
-import tinyvit  # noqa: F401  (before NumPy: sets OpenBLAS's spin time, see tinyvit/__init__.py)
 import numpy as np
 from PIL import Image
 
+import tinyvit  # noqa: F401  (before NumPy: sets OpenBLAS's spin time, see tinyvit/__init__.py)
 from tinyvit.backend import get_backend, to_device, to_numpy
-from tinyvit.checkpoint import atomic_write, prepare_out_dir
-from tinyvit.cli import run
-from tinyvit.convert import load_model
+from tinyvit.cli.report import run
+from tinyvit.data.decode import MAX_PIXELS, is_colour, load_image
+from tinyvit.data.transform import eval_transform
 from tinyvit.errors import TinyViTError
-from tinyvit.images import (MAX_PIXELS, attention_figure, attention_rollout, eval_transform, input_view, is_colour,
-                            load_image)
-from tinyvit.model import attention_maps, vit_forward
+from tinyvit.io.convert import load_model
+from tinyvit.io.files import atomic_write, prepare_out_dir
+from tinyvit.nn.model import attention_maps, vit_forward
+from tinyvit.viz import attention_figure, attention_rollout, input_view
 
 INVERT = {"auto": None, "yes": True, "no": False}
 

@@ -56,7 +56,7 @@ def members(obj, public_only=True):
             continue
         try:
             v = getattr(obj, name)
-        except Exception:  # a property that needs a device
+        except Exception:  # noqa: BLE001 (a property that needs a device)
             attrs.append(name)
             continue
         if inspect.ismodule(v):

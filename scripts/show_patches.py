@@ -12,14 +12,15 @@ Example:
 import argparse
 from pathlib import Path
 
-import tinyvit  # noqa: F401  (before NumPy: sets OpenBLAS's spin time, see tinyvit/__init__.py)
 import numpy as np
 from PIL import Image, ImageDraw
 
-from tinyvit.checkpoint import atomic_write, prepare_out_dir
-from tinyvit.cli import run
+import tinyvit  # noqa: F401  (before NumPy: sets OpenBLAS's spin time, see tinyvit/__init__.py)
+from tinyvit.cli.report import run
+from tinyvit.data.decode import MAX_PIXELS, open_image
 from tinyvit.errors import TinyViTError
-from tinyvit.images import MAX_PIXELS, MIN_PANEL, font, model_view, open_image
+from tinyvit.io.files import atomic_write, prepare_out_dir
+from tinyvit.viz import MIN_PANEL, font, model_view
 
 MAX_PATCHES = 4096  # a bigger sequence makes an unreadable figure
 MAX_FIGURE_PIXELS = 100_000_000

@@ -3,13 +3,25 @@ import argparse
 
 from tinyvit import init_params, preset
 from tinyvit.backend import get_backend
-from tinyvit.checkpoint import prepare_out_dir
-from tinyvit.cli import (add_run_args, add_train_args, choose_out, fill_defaults, report, resume_args, run, run_args,
-                         run_clock, train_config)
-from tinyvit.data import MNIST_MEAN, MNIST_STD, data_root, load_mnist
-from tinyvit.images import EvalTransform
-from tinyvit.model import PRESETS
-from tinyvit.train import Dataset, TrainConfig, fit
+from tinyvit.cli.args import (
+    add_run_args,
+    add_train_args,
+    choose_out,
+    fill_defaults,
+    resume_args,
+    run_args,
+    run_clock,
+    train_config,
+)
+from tinyvit.cli.report import report, run
+from tinyvit.data.batches import ArrayDataset
+from tinyvit.data.download import data_root
+from tinyvit.data.mnist import MNIST_MEAN, MNIST_STD, load_mnist
+from tinyvit.data.transform import EvalTransform
+from tinyvit.io.files import prepare_out_dir
+from tinyvit.nn.model import PRESETS
+from tinyvit.train.config import TrainConfig
+from tinyvit.train.loop import fit
 
 # Defaults: what plain `python scripts/train_mnist.py` runs (see README for the figures): the mnist
 # preset (patch 4, width 64, 4 heads) with 4 blocks instead of 6, so 10 epochs fit in 15 minutes on
@@ -60,7 +72,7 @@ def main(argv=None):
     meta = {"dataset": "mnist", "class_names": [str(i) for i in range(10)], "mean": list(MNIST_MEAN),
             "std": list(MNIST_STD), "eval_transform": t.to_dict(), "run_args": run_args(args)}
     summary = fit(params, cfg, tc, xp,
-                  Dataset(tr_x, tr_y, MNIST_MEAN, MNIST_STD), Dataset(te_x, te_y, MNIST_MEAN, MNIST_STD),
+                  ArrayDataset(tr_x, tr_y, MNIST_MEAN, MNIST_STD), ArrayDataset(te_x, te_y, MNIST_MEAN, MNIST_STD),
                   args.out, meta=meta, resume=args.resume, quiet=args.quiet, **run_clock(args))
     report(summary, args, {"backend": args.backend, "preset": args.preset})
 

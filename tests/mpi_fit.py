@@ -7,12 +7,14 @@ import numpy as np
 
 from tinyvit import init_params
 from tinyvit.backend import get_backend, to_numpy
-from tinyvit.cli import run
-from tinyvit.dist import world
-from tinyvit.train import TrainConfig, fit
+from tinyvit.cli.report import run
+from tinyvit.train.config import TrainConfig
+from tinyvit.train.dist import world
+from tinyvit.train.loop import fit
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from toy_data import TINY as CFG, synthetic as data  # noqa: E402
+from toy_data import TINY as CFG  # noqa: E402
+from toy_data import synthetic as data
 
 
 def _test_faults():

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import needs_data, shared_data_dir
 from PIL import Image
 
-from conftest import needs_data, shared_data_dir
-from tinyvit.checkpoint import load_checkpoint
-from tinyvit.finetune import HEAD, parse, parser, train_settings
-from tinyvit.train import run_schedule
+from tinyvit.cli.finetune import parse, parser, train_settings
+from tinyvit.io.checkpoint import load_checkpoint
+from tinyvit.train.finetune import HEAD
+from tinyvit.train.optim import run_schedule
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_mnist = needs_data

@@ -14,15 +14,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import needs_data, needs_ti16, rel_err, shared_data_dir, ti16_weights
 from torch_vit import torch_vit_from_params
+
 from tinyvit import TinyViTError, ViTConfig, preset, vit_forward
-from tinyvit.checkpoint import load_checkpoint, save_checkpoint
-from tinyvit.convert import adapt, convert, detect_format, load_model, load_state, resize_pos_embed, to_timm
-from tinyvit.model import param_shapes
-from tinyvit.safetensors import read_safetensors, write_safetensors
-from tinyvit.torchzip import load_torch_zip
+from tinyvit.io.checkpoint import load_checkpoint, save_checkpoint
+from tinyvit.io.convert import adapt, convert, detect_format, load_model, load_state, resize_pos_embed, to_timm
+from tinyvit.io.safetensors import read_safetensors, write_safetensors
+from tinyvit.io.torchzip import load_torch_zip
+from tinyvit.nn.model import param_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 TI16 = ti16_weights()

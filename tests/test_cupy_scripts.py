@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import needs_data, needs_ti16, shared_data_dir, ti16_weights
-from tinyvit.checkpoint import load_checkpoint
+
+from tinyvit.io.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_mnist = needs_data

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from tinyvit import backend
-from tinyvit import train as T
-from tinyvit.model import init_params, preset, vit_forward
-from tinyvit.optim import clip_grad_norm
+from tinyvit.data.batches import ArrayDataset
+from tinyvit.nn.model import init_params, preset, vit_forward
 from tinyvit.testing import cupy_standin as cp
+from tinyvit.train import loop as T
+from tinyvit.train.optim import clip_grad_norm
 
 IMPLICIT = "Implicit conversion to a NumPy array is not allowed"
 
@@ -156,7 +157,7 @@ def test_fit_reads_at_most_once_per_step(name, tmp_path, monkeypatch):
     n = 4 * steps
     rng = np.random.default_rng(1)
     shape = (n, cfg.img_size, cfg.img_size) if cfg.in_chans == 1 else (n, 3, cfg.img_size, cfg.img_size)
-    ds = T.Dataset(rng.integers(0, 256, shape).astype(np.uint8), np.arange(n) % 10,
+    ds = ArrayDataset(rng.integers(0, 256, shape).astype(np.uint8), np.arange(n) % 10,
                    (0.5,) * cfg.in_chans, (0.25,) * cfg.in_chans)
     outside = []  # syncs inside evaluation and checkpoint writes
 

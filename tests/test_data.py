@@ -1,4 +1,4 @@
-"""Tests for tinyvit.data / tinyvit.cifar: real files, synthetic and broken files, downloads, batching."""
+"""Tests for tinyvit.data / tinyvit.data.cifar10: real files, synthetic and broken files, downloads, batching."""
 import gzip
 import hashlib
 import io
@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import DATA_HINT, shared_data_dir
-from tinyvit import cifar, data
+
 from tinyvit.backend import to_numpy
+from tinyvit.data import augment, batches, cifar10, download, mnist
 from tinyvit.errors import TinyViTError
 
 REAL = shared_data_dir() or Path("TINYVIT_DATA-not-set")
@@ -41,14 +41,14 @@ def _one_line_error(fn, *needles):
 def real_mnist(request):
     if not (REAL / "mnist").is_dir():
         pytest.skip(DATA_HINT)
-    return request.param, data.load_mnist(REAL, request.param, download=False)
+    return request.param, mnist.load_mnist(REAL, request.param, download=False)
 
 
 @pytest.fixture(scope="module", params=["train", "test"])
 def real_cifar(request):
     if not (REAL / "cifar10").is_dir():
         pytest.skip(DATA_HINT)
-    return request.param, data.load_cifar10(REAL, request.param, download=False)
+    return request.param, cifar10.load_cifar10(REAL, request.param, download=False)
 
 
 def test_real_mnist(real_mnist):
@@ -66,26 +66,26 @@ def test_real_cifar(real_cifar):
     n = 50000 if split == "train" else 10000
     assert x.shape == (n, 3, 32, 32) and x.dtype == np.uint8 and y.dtype == np.int64
     assert (np.bincount(y, minlength=10) == n // 10).all()
-    assert names == cifar.CIFAR10_CLASSES
+    assert names == cifar10.CIFAR10_CLASSES
     if split == "train":  # the published normalisation constants, from exact pixel histograms
         for c in range(3):
             h = np.bincount(x[:, c].ravel(), minlength=256).astype(np.float64)
             k = np.arange(256) / 255.0
             mean = (h * k).sum() / h.sum()
             std = np.sqrt((h * k * k).sum() / h.sum() - mean ** 2)
-            assert abs(mean - data.CIFAR10_MEAN[c]) < 1e-6 and abs(std - data.CIFAR10_STD[c]) < 1e-6
+            assert abs(mean - cifar10.CIFAR10_MEAN[c]) < 1e-6 and abs(std - cifar10.CIFAR10_STD[c]) < 1e-6
 
 
 def test_data_root(tmp_path, monkeypatch):
     monkeypatch.setenv("TINYVIT_DATA", str(tmp_path / "env"))
-    assert data.data_root(tmp_path / "given") == tmp_path / "given"
-    assert data.data_root() == tmp_path / "env"
+    assert download.data_root(tmp_path / "given") == tmp_path / "given"
+    assert download.data_root() == tmp_path / "env"
     monkeypatch.delenv("TINYVIT_DATA")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert data.data_root() == tmp_path / "xdg" / "tinyvit"
+    assert download.data_root() == tmp_path / "xdg" / "tinyvit"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert data.data_root() == tmp_path / "home" / ".cache" / "tinyvit"
+    assert download.data_root() == tmp_path / "home" / ".cache" / "tinyvit"
 
 
 # --- synthetic MNIST ----------------------------------------------------------------------------
@@ -114,7 +114,7 @@ def _mnist_files(root, split="train", n=5, gz=(True, True), seed=0):
 @pytest.mark.parametrize("gz", [(True, True), (False, False), (True, False)])
 def test_mnist_synthetic(tmp_path, split, gz):
     x, y, _, _ = _mnist_files(tmp_path, split, gz=gz)
-    xs, ys = data.load_mnist(tmp_path, split, download=False)
+    xs, ys = mnist.load_mnist(tmp_path, split, download=False)
     assert xs.dtype == np.uint8 and ys.dtype == np.int64
     np.testing.assert_array_equal(xs, x)
     np.testing.assert_array_equal(ys, y)
@@ -139,19 +139,19 @@ def test_mnist_bad_files(tmp_path, case, gz):
     x, y, pi, pl = _mnist_files(tmp_path, gz=(gz, gz))
     path = pi if which == "img" else pl
     path.write_bytes(gzip.compress(make(x, y)) if gz else make(x, y))
-    _one_line_error(lambda: data.load_mnist(tmp_path, "train", download=False), path, words)
+    _one_line_error(lambda: mnist.load_mnist(tmp_path, "train", download=False), path, words)
 
 
 def test_mnist_not_gzip(tmp_path):
     _, _, pi, _ = _mnist_files(tmp_path)
     pi.write_bytes(b"this is not gzip data at all")
-    _one_line_error(lambda: data.load_mnist(tmp_path, download=False), pi)
+    _one_line_error(lambda: mnist.load_mnist(tmp_path, download=False), pi)
     pi.write_bytes(gzip.compress(b"x" * 10000)[:50])  # truncated gzip stream
-    _one_line_error(lambda: data.load_mnist(tmp_path, download=False), pi)
+    _one_line_error(lambda: mnist.load_mnist(tmp_path, download=False), pi)
 
 
 def test_mnist_bad_split(tmp_path):
-    _one_line_error(lambda: data.load_mnist(tmp_path, "val"), "val")
+    _one_line_error(lambda: mnist.load_mnist(tmp_path, "val"), "val")
 
 
 # --- downloads ----------------------------------------------------------------------------------
@@ -159,8 +159,8 @@ def _offline(url, *a, **k):
     raise urllib.error.URLError("network is unreachable")
 
 
-MISSING = {"mnist": (data.load_mnist, ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"]),
-           "cifar10": (data.load_cifar10, [f"data_batch_{i}.bin" for i in range(1, 6)] + [cifar.TAR_NAME])}
+MISSING = {"mnist": (mnist.load_mnist, ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"]),
+           "cifar10": (cifar10.load_cifar10, [f"data_batch_{i}.bin" for i in range(1, 6)] + [cifar10.TAR_NAME])}
 
 
 @pytest.mark.parametrize("name", sorted(MISSING))
@@ -194,16 +194,16 @@ def test_mnist_download_falls_back_to_second_mirror(tmp_path, monkeypatch):
     x, y, pi, pl = _mnist_files(src, "test")
     payloads = {p.name: p.read_bytes() for p in (pi, pl)}
     for p in (pi, pl):
-        monkeypatch.setitem(data.MNIST_FILES, p.name[:-3], hashlib.md5(payloads[p.name]).hexdigest())
+        monkeypatch.setitem(mnist.MNIST_FILES, p.name[:-3], hashlib.md5(payloads[p.name]).hexdigest())
 
     def urlopen(url, **k):
-        if url.startswith(data.MNIST_URLS[0]):
+        if url.startswith(mnist.MNIST_URLS[0]):
             raise urllib.error.HTTPError(url, 403, "Forbidden", {}, None)
         return _Payload(payloads[url.rsplit("/", 1)[1]])
 
     monkeypatch.setattr(urllib.request, "urlopen", urlopen)
     dst = tmp_path / "dst"
-    xs, ys = data.load_mnist(dst, "test")
+    xs, ys = mnist.load_mnist(dst, "test")
     np.testing.assert_array_equal(xs, x)
     np.testing.assert_array_equal(ys, y)
     assert sorted(os.listdir(dst / "mnist")) == sorted(payloads)  # no temp files left
@@ -215,7 +215,7 @@ R = 4  # records per batch in the synthetic files
 
 @pytest.fixture
 def small(monkeypatch):
-    monkeypatch.setattr(cifar, "RECORDS_PER_BATCH", R)
+    monkeypatch.setattr(cifar10, "RECORDS_PER_BATCH", R)
 
 
 def _records(n_batches, seed=0):
@@ -257,36 +257,36 @@ def _write_cifar(root, layout, x, y, stems):
     meta_txt = ("\n".join(NAMES) + "\n\n").encode()
     if layout in ("bin", "bin.gz"):
         for i, s in enumerate(stems):
-            _write(folder / cifar.BIN_DIR / f"{s}.bin", _bin(x[i * R:(i + 1) * R], y[i * R:(i + 1) * R]),
+            _write(folder / cifar10.BIN_DIR / f"{s}.bin", _bin(x[i * R:(i + 1) * R], y[i * R:(i + 1) * R]),
                    layout == "bin.gz")
-        (folder / cifar.BIN_DIR / "batches.meta.txt").write_bytes(meta_txt)
+        (folder / cifar10.BIN_DIR / "batches.meta.txt").write_bytes(meta_txt)
     elif layout == "tar":
         folder.mkdir(parents=True)
-        with tarfile.open(folder / cifar.TAR_NAME, "w:gz") as tf:
+        with tarfile.open(folder / cifar10.TAR_NAME, "w:gz") as tf:
             members = [("batches.meta.txt", meta_txt)] + [
                 (f"{s}.bin", _bin(x[i * R:(i + 1) * R], y[i * R:(i + 1) * R])) for i, s in enumerate(stems)]
             for name, raw in members[::-1]:  # any member order
-                info = tarfile.TarInfo(f"{cifar.BIN_DIR}/{name}")
+                info = tarfile.TarInfo(f"{cifar10.BIN_DIR}/{name}")
                 info.size = len(raw)
                 tf.addfile(info, io.BytesIO(raw))
     else:  # python pickles: "py2" hand-written like the official files, or "pyN" = protocol N
-        (folder / cifar.PY_DIR).mkdir(parents=True)
+        (folder / cifar10.PY_DIR).mkdir(parents=True)
         for i, s in enumerate(stems):
             xb, yb = x[i * R:(i + 1) * R].reshape(R, -1), y[i * R:(i + 1) * R]
             raw = _py2_pickle(xb, yb) if layout == "py2" else pickle.dumps(
                 {b"data": xb, b"labels": [int(v) for v in yb], b"batch_label": b"b"}, protocol=int(layout[2]))
-            (folder / cifar.PY_DIR / s).write_bytes(raw)
-        (folder / cifar.PY_DIR / "batches.meta").write_bytes(
+            (folder / cifar10.PY_DIR / s).write_bytes(raw)
+        (folder / cifar10.PY_DIR / "batches.meta").write_bytes(
             pickle.dumps({b"label_names": [n.encode() for n in NAMES]}, protocol=2))
 
 
 @pytest.mark.parametrize("split", ["train", "test"])
 @pytest.mark.parametrize("layout", ["bin", "bin.gz", "tar", "py2", "py_2", "py_4", "py_5"])
 def test_cifar_layouts(tmp_path, small, layout, split):
-    stems = cifar.batch_names(split)
+    stems = cifar10.batch_names(split)
     x, y = _records(len(stems))
     _write_cifar(tmp_path, layout.replace("_", ""), x, y, stems)
-    xs, ys, names = data.load_cifar10(tmp_path, split, download=False)
+    xs, ys, names = cifar10.load_cifar10(tmp_path, split, download=False)
     assert xs.dtype == np.uint8 and ys.dtype == np.int64 and xs.shape == (len(stems) * R, 3, 32, 32)
     np.testing.assert_array_equal(xs, x)
     np.testing.assert_array_equal(ys, y)
@@ -296,13 +296,13 @@ def test_cifar_layouts(tmp_path, small, layout, split):
 @pytest.mark.parametrize("layout", ["bin", "bin.gz", "tar", "py2"])
 def test_cifar_limit_reads_only_the_batches_it_needs(tmp_path, small, layout):
     """limit=N takes the first N images' batches; in the binary layouts the others may be absent."""
-    stems = cifar.batch_names("train")
+    stems = cifar10.batch_names("train")
     x, y = _records(len(stems))
     _write_cifar(tmp_path, layout, x, y, stems)
     if layout.startswith("bin"):
-        for p in (tmp_path / "cifar10" / cifar.BIN_DIR).glob("data_batch_[2-5].bin*"):
+        for p in (tmp_path / "cifar10" / cifar10.BIN_DIR).glob("data_batch_[2-5].bin*"):
             p.unlink()  # only the first batch is present
-    xs, ys, _ = data.load_cifar10(tmp_path, "train", download=False, limit=R - 1)
+    xs, ys, _ = cifar10.load_cifar10(tmp_path, "train", download=False, limit=R - 1)
     assert xs.shape == (R, 3, 32, 32)
     np.testing.assert_array_equal(xs, x[:R])
     np.testing.assert_array_equal(ys, y[:R])
@@ -311,10 +311,10 @@ def test_cifar_limit_reads_only_the_batches_it_needs(tmp_path, small, layout):
 def test_cifar_precedence_and_default_names(tmp_path, small):
     x, y = _records(1, seed=1)
     _write_cifar(tmp_path, "tar", *_records(1, seed=2), ["test_batch"])
-    _write(tmp_path / "cifar10" / cifar.BIN_DIR / "test_batch.bin", _bin(x, y), True)
-    xs, ys, names = data.load_cifar10(tmp_path, "test", download=False)
+    _write(tmp_path / "cifar10" / cifar10.BIN_DIR / "test_batch.bin", _bin(x, y), True)
+    xs, ys, names = cifar10.load_cifar10(tmp_path, "test", download=False)
     np.testing.assert_array_equal(xs, x)  # binary folder wins over the tar
-    assert names == cifar.CIFAR10_CLASSES  # no batches.meta.txt beside it
+    assert names == cifar10.CIFAR10_CLASSES  # no batches.meta.txt beside it
 
 
 def _bad_bin(x, y):
@@ -326,35 +326,35 @@ def _bad_bin(x, y):
 @pytest.mark.parametrize("gz", [True, False])
 def test_cifar_bad_bin(tmp_path, small, case, gz):
     raw, words = _bad_bin(*_records(1))[case]
-    path = _write(tmp_path / "cifar10" / cifar.BIN_DIR / "test_batch.bin", raw, gz)
-    _one_line_error(lambda: data.load_cifar10(tmp_path, "test", download=False), path, words)
+    path = _write(tmp_path / "cifar10" / cifar10.BIN_DIR / "test_batch.bin", raw, gz)
+    _one_line_error(lambda: cifar10.load_cifar10(tmp_path, "test", download=False), path, words)
 
 
 def test_cifar_bad_tar_and_meta(tmp_path, small):
     x, y = _records(1)
     _write_cifar(tmp_path, "tar", x, y, ["test_batch"])
-    tar = tmp_path / "cifar10" / cifar.TAR_NAME
-    _one_line_error(lambda: data.load_cifar10(tmp_path, "train", download=False), tar, "data_batch_1.bin")
+    tar = tmp_path / "cifar10" / cifar10.TAR_NAME
+    _one_line_error(lambda: cifar10.load_cifar10(tmp_path, "train", download=False), tar, "data_batch_1.bin")
     tar.write_bytes(tar.read_bytes()[:100])
-    _one_line_error(lambda: data.load_cifar10(tmp_path, "test", download=False), tar)
+    _one_line_error(lambda: cifar10.load_cifar10(tmp_path, "test", download=False), tar)
     tar.unlink()
     _write_cifar(tmp_path, "bin", x, y, ["test_batch"])
-    meta = tmp_path / "cifar10" / cifar.BIN_DIR / "batches.meta.txt"
+    meta = tmp_path / "cifar10" / cifar10.BIN_DIR / "batches.meta.txt"
     meta.write_text("only\nthree\nnames\n")
-    _one_line_error(lambda: data.load_cifar10(tmp_path, "test", download=False), meta, "10 class names")
+    _one_line_error(lambda: cifar10.load_cifar10(tmp_path, "test", download=False), meta, "10 class names")
 
 
 @pytest.mark.parametrize("case", ["not_dict", "shape", "labels", "garbage", "empty"])
 def test_cifar_bad_pickle(tmp_path, small, case):
     x, y = _records(1)
     _write_cifar(tmp_path, "py4", x, y, ["test_batch"])
-    path = tmp_path / "cifar10" / cifar.PY_DIR / "test_batch"
+    path = tmp_path / "cifar10" / cifar10.PY_DIR / "test_batch"
     raw = {"not_dict": pickle.dumps([1, 2, 3]),
            "shape": pickle.dumps({"data": np.zeros((R, 3000), np.uint8), "labels": [0] * R}),
            "labels": pickle.dumps({"data": x.reshape(R, -1), "labels": [0, 1, 2, 11]}),
            "garbage": b"\x80\x04not a pickle", "empty": b""}[case]
     path.write_bytes(raw)
-    _one_line_error(lambda: data.load_cifar10(tmp_path, "test", download=False), path)
+    _one_line_error(lambda: cifar10.load_cifar10(tmp_path, "test", download=False), path)
 
 
 class _System:
@@ -382,9 +382,9 @@ def test_cifar_malicious_pickle(tmp_path, small, evil, where):
     _write_cifar(tmp_path, "py2", x, y, ["test_batch"])
     marker = tmp_path / "pwned"
     payload = {b"data": x.reshape(R, -1), b"labels": evil(marker)}
-    path = tmp_path / "cifar10" / cifar.PY_DIR / ("test_batch" if where == "batch" else "batches.meta")
+    path = tmp_path / "cifar10" / cifar10.PY_DIR / ("test_batch" if where == "batch" else "batches.meta")
     path.write_bytes(pickle.dumps(payload, protocol=2))
-    _one_line_error(lambda: data.load_cifar10(tmp_path, "test", download=False), path, "not allowed")
+    _one_line_error(lambda: cifar10.load_cifar10(tmp_path, "test", download=False), path, "not allowed")
     assert not marker.exists()
 
 
@@ -392,18 +392,18 @@ def test_cifar_download(tmp_path, small, monkeypatch):
     src, dst = tmp_path / "src", tmp_path / "dst"
     x, y = _records(1)
     _write_cifar(src, "tar", x, y, ["test_batch"])
-    payload = (src / "cifar10" / cifar.TAR_NAME).read_bytes()
-    monkeypatch.setattr(cifar, "TAR_MD5", hashlib.md5(payload).hexdigest())
+    payload = (src / "cifar10" / cifar10.TAR_NAME).read_bytes()
+    monkeypatch.setattr(cifar10, "TAR_MD5", hashlib.md5(payload).hexdigest())
     monkeypatch.setattr(urllib.request, "urlopen", lambda url, **k: _Payload(payload))
-    xs, ys, names = data.load_cifar10(dst, "test")
+    xs, ys, names = cifar10.load_cifar10(dst, "test")
     np.testing.assert_array_equal(xs, x)
-    assert names == NAMES and os.listdir(dst / "cifar10") == [cifar.TAR_NAME]
+    assert names == NAMES and os.listdir(dst / "cifar10") == [cifar10.TAR_NAME]
 
 
 # --- batching -----------------------------------------------------------------------------------
 # the xp fixture (numpy, and cupy when a GPU is present) comes from conftest.py
 def _batches(*args, **kw):
-    return [(to_numpy(x), to_numpy(y)) for x, y in data.iterate_batches(*args, **kw)]
+    return [(to_numpy(x), to_numpy(y)) for x, y in batches.iterate_batches(*args, **kw)]
 
 
 def _toy(n=37, c=3, hw=32, seed=0):
@@ -415,7 +415,7 @@ def _toy(n=37, c=3, hw=32, seed=0):
 @pytest.mark.parametrize("augment", [None, "crop_flip"])
 def test_batches_deterministic(xp, augment):
     x, y = _toy()
-    kw = dict(mean=data.CIFAR10_MEAN, std=data.CIFAR10_STD, seed=3, augment=augment)
+    kw = dict(mean=cifar10.CIFAR10_MEAN, std=cifar10.CIFAR10_STD, seed=3, augment=augment)
     a, b = _batches(x, y, 8, xp, epoch=1, **kw), _batches(x, y, 8, xp, epoch=1, **kw)
     c = _batches(x, y, 8, xp, epoch=2, **kw)
     for (xa, ya), (xb, yb) in zip(a, b):
@@ -432,13 +432,13 @@ def test_batches_deterministic(xp, augment):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_batches_cover_epoch_and_normalise(xp, drop_last, dtype):
     x, y = _toy()
-    out = _batches(x, y, 8, xp, mean=data.CIFAR10_MEAN, std=data.CIFAR10_STD, drop_last=drop_last, dtype=dtype)
-    assert len(out) == data.num_batches(37, 8, drop_last) == (4 if drop_last else 5)
+    out = _batches(x, y, 8, xp, mean=cifar10.CIFAR10_MEAN, std=cifar10.CIFAR10_STD, drop_last=drop_last, dtype=dtype)
+    assert len(out) == batches.num_batches(37, 8, drop_last) == (4 if drop_last else 5)
     ys = np.concatenate([v for _, v in out])
     assert ys.dtype == np.int64 and len(ys) == (32 if drop_last else 37) and len(set(ys)) == len(ys)
     assert not np.array_equal(ys, np.arange(len(ys)))  # shuffled
-    mean = np.array(data.CIFAR10_MEAN)[:, None, None]
-    std = np.array(data.CIFAR10_STD)[:, None, None]
+    mean = np.array(cifar10.CIFAR10_MEAN)[:, None, None]
+    std = np.array(cifar10.CIFAR10_STD)[:, None, None]
     for xb, yb in out:
         assert xb.dtype == dtype and xb.shape[1:] == (3, 32, 32)
         np.testing.assert_allclose(xb, (x[yb] / 255.0 - mean) / std, atol=1e-5 if dtype == np.float32 else 1e-12)
@@ -484,20 +484,20 @@ def test_batches_crop_flip(xp):
         crops = [pad[i, :, oy:oy + 32, ox:ox + 32] for oy in range(9) for ox in range(9)]
         k = np.rint(img * 255.0)
         assert any(np.array_equal(k, c) or np.array_equal(k, c[..., ::-1]) for c in crops)
-    big = _batches(x, y, 8, xp, mean=data.CIFAR10_MEAN, std=data.CIFAR10_STD, augment="crop_flip", img_size=48)
-    small_ = _batches(x, y, 8, xp, mean=data.CIFAR10_MEAN, std=data.CIFAR10_STD, augment="crop_flip")
+    big = _batches(x, y, 8, xp, mean=cifar10.CIFAR10_MEAN, std=cifar10.CIFAR10_STD, augment="crop_flip", img_size=48)
+    small_ = _batches(x, y, 8, xp, mean=cifar10.CIFAR10_MEAN, std=cifar10.CIFAR10_STD, augment="crop_flip")
     assert big[0][0].shape == (8, 3, 48, 48)
-    np.testing.assert_allclose(big[0][0], data.bilinear_resize(small_[0][0], 48), atol=1e-6)
+    np.testing.assert_allclose(big[0][0], augment.bilinear_resize(small_[0][0], 48), atol=1e-6)
 
 
 def test_batches_bad_arguments():
     x, y = _toy(n=4)
-    kw = dict(mean=data.CIFAR10_MEAN, std=data.CIFAR10_STD)
+    kw = dict(mean=cifar10.CIFAR10_MEAN, std=cifar10.CIFAR10_STD)
     for bad in (dict(augment="rotate"), dict(mean=(0.5,), std=(0.5,)), dict(batch_size=0)):
         args = {**kw, "batch_size": 2, **bad}
         bs = args.pop("batch_size")
-        _one_line_error(lambda: next(data.iterate_batches(x, y, bs, np, **args)))
-    _one_line_error(lambda: next(data.iterate_batches(x, y[:3], 2, np, **kw)), "3 labels")
+        _one_line_error(lambda: next(batches.iterate_batches(x, y, bs, np, **args)))
+    _one_line_error(lambda: next(batches.iterate_batches(x, y[:3], 2, np, **kw)), "3 labels")
 
 
 @pytest.mark.parametrize("dtype,atol", [(np.float32, 1e-6), (np.float64, 1e-12)])
@@ -507,14 +507,14 @@ def test_bilinear_resize_matches_torch(xp, src, dst, dtype, atol):
     size = (dst, dst) if isinstance(dst, int) else dst
     want = torch.nn.functional.interpolate(torch.from_numpy(x), size=size, mode="bilinear",
                                            align_corners=False, antialias=False).numpy()
-    got = to_numpy(data.bilinear_resize(xp.asarray(x), dst))
+    got = to_numpy(augment.bilinear_resize(xp.asarray(x), dst))
     assert got.dtype == dtype and got.shape == want.shape
     np.testing.assert_allclose(got, want, atol=atol, rtol=0)
 
 
 def test_affine_augment_resamples_exactly(xp):
     """Identity, whole-pixel shifts and quarter turns hit pixel centres: exact; what leaves is 0."""
-    from tinyvit.augment import affine, random_affine
+    from tinyvit.data.augment import affine, random_affine
 
     x = np.random.default_rng(0).random((2, 1, 9, 9)).astype(np.float32)
     m = np.zeros((2, 2, 3))
@@ -535,7 +535,7 @@ def test_affine_batches_are_seeded(xp):
     x = np.random.default_rng(0).integers(0, 256, (64, 28, 28)).astype(np.uint8)
     y = np.arange(64) % 10
     kw = dict(mean=(0.1307,), std=(0.3081,), augment="affine", seed=3)
-    a = [to_numpy(b) for b, _ in data.iterate_batches(x, y, 32, xp, epoch=0, **kw)]
-    b = [to_numpy(b) for b, _ in data.iterate_batches(x, y, 32, xp, epoch=0, **kw)]
-    c = [to_numpy(b) for b, _ in data.iterate_batches(x, y, 32, xp, epoch=1, **kw)]
+    a = [to_numpy(b) for b, _ in batches.iterate_batches(x, y, 32, xp, epoch=0, **kw)]
+    b = [to_numpy(b) for b, _ in batches.iterate_batches(x, y, 32, xp, epoch=0, **kw)]
+    c = [to_numpy(b) for b, _ in batches.iterate_batches(x, y, 32, xp, epoch=1, **kw)]
     assert all(np.array_equal(p, q) for p, q in zip(a, b)) and not np.array_equal(a[0], c[0])

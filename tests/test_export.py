@@ -16,12 +16,13 @@ from PIL import Image
 from torch_vit import TorchViT
 
 from tinyvit import TinyViTError, ViTConfig, vit_forward
-from tinyvit.checkpoint import load_checkpoint, save_checkpoint
-from tinyvit.convert import convert
-from tinyvit.export import export, mlp_ratio
-from tinyvit.images import load_image, normalisation
-from tinyvit.model import init_params, param_shapes
-from tinyvit.safetensors import read_safetensors
+from tinyvit.data.decode import load_image
+from tinyvit.data.transform import normalisation
+from tinyvit.io.checkpoint import load_checkpoint, save_checkpoint
+from tinyvit.io.convert import convert
+from tinyvit.io.export import export, mlp_ratio
+from tinyvit.io.safetensors import read_safetensors
+from tinyvit.nn.model import init_params, param_shapes
 
 try:
     import transformers

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import needs_data, shared_data_dir
-from tinyvit import checkpoint
-from tinyvit.checkpoint import load_checkpoint
+
+from tinyvit.io import checkpoint
+from tinyvit.io.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ["--limit-train", "256", "--limit-test", "64", "--epochs", "2", "--batch-size", "64", "--depth", "1",

@@ -1,4 +1,4 @@
-"""tinyvit.filekind: a file's kind from its first bytes (the suffix only when they say nothing)."""
+"""tinyvit.io.filekind: a file's kind from its first bytes (the suffix only when they say nothing)."""
 import zipfile
 
 import numpy as np
@@ -6,9 +6,9 @@ import pytest
 from PIL import Image
 
 from tinyvit import init_params, preset
-from tinyvit.checkpoint import save_checkpoint
-from tinyvit.filekind import file_kind
-from tinyvit.safetensors import write_safetensors
+from tinyvit.io.checkpoint import save_checkpoint
+from tinyvit.io.filekind import file_kind
+from tinyvit.io.safetensors import write_safetensors
 
 
 def _torch_zip(path):

@@ -7,18 +7,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import needs_data, needs_ti16, shared_data_dir, ti16_weights
 from PIL import Image
 
-from conftest import needs_data, needs_ti16, shared_data_dir, ti16_weights
-from tinyvit import loader
-from tinyvit.data import load_cifar10
+from tinyvit.data import loader
+from tinyvit.data.batches import ArrayDataset
+from tinyvit.data.cifar10 import load_cifar10
+from tinyvit.data.folders import Warnings, folder_splits, pets_splits
+from tinyvit.data.loader import FolderDataset
 from tinyvit.errors import TinyViTError
-from tinyvit.convert import load_model
-from tinyvit.finetune import extract_features, train_head
-from tinyvit.folders import Warnings, folder_splits, pets_splits
-from tinyvit.loader import FolderDataset
-from tinyvit.convert import adapt
-from tinyvit.train import Dataset, TrainConfig
+from tinyvit.io.convert import adapt, load_model
+from tinyvit.train.config import TrainConfig
+from tinyvit.train.finetune import extract_features, train_head
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["cat", "dog", "owl"]
@@ -225,7 +225,7 @@ def test_folder_features_and_accuracy_match_the_binary_loader(tmp_path):
         ref = {}
         for split, sl in (("train", slice(0, cut)), ("val", slice(cut, None))):
             order = np.lexsort((np.arange(len(y[sl])), np.argsort(sel)[y[sl]]))  # the folder's file order
-            ds = Dataset(x[sl][order], np.argsort(sel)[y[sl]][order], mean, std)
+            ds = ArrayDataset(x[sl][order], np.argsort(sel)[y[sl]][order], mean, std)
             ref[split] = extract_features(params, cfg, ds, np, 64, split, quiet=True)[:2]
         err = max(np.abs(feats[s][0] - ref[s][0]).max() / np.abs(ref[s][0]).max() for s in feats)
         assert all(np.array_equal(feats[s][1], ref[s][1]) for s in feats)  # same labels, same order
@@ -278,7 +278,7 @@ def test_pets_downloads_md5_checked_and_unpacks(tmp_path, monkeypatch):
     import hashlib
     import tarfile
 
-    from tinyvit import folders
+    from tinyvit.data import folders
 
     src = tmp_path / "src"
     for n, k in (("Bombay", 1), ("keeshond", 2)):

@@ -14,16 +14,17 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-
 from test_convert import to_google
-from tinyvit import ViTConfig, cifar, data
-from tinyvit.checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
-from tinyvit.convert import convert, load_model
-from tinyvit.export import export
+
+from tinyvit import ViTConfig
+from tinyvit.data import cifar10, mnist
 from tinyvit.errors import TinyViTError
-from tinyvit.model import init_params, param_shapes
-from tinyvit.safetensors import read_safetensors, write_safetensors
-from tinyvit.torchzip import load_torch_zip
+from tinyvit.io.checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
+from tinyvit.io.convert import convert, load_model
+from tinyvit.io.export import export
+from tinyvit.io.safetensors import read_safetensors, write_safetensors
+from tinyvit.io.torchzip import load_torch_zip
+from tinyvit.nn.model import init_params, param_shapes
 
 CASES = int(os.environ.get("TINYVIT_FUZZ_CASES", 60))  # per target; 16 targets: ~960 loads, seconds
 SEED = int(os.environ.get("TINYVIT_FUZZ_SEED", 0))  # set both for a longer or different campaign
@@ -123,7 +124,7 @@ def _mnist(root, which, gz):
     target = folder / (f"train-{which}-idx{3 if which == 'images' else 1}-ubyte" + (".gz" if gz else ""))
 
     def load(_):
-        xs, ys = data.load_mnist(root, "train", download=False)
+        xs, ys = mnist.load_mnist(root, "train", download=False)
         assert xs.dtype == np.uint8 and xs.ndim == 3 and xs.shape[1:] == (28, 28)
         assert ys.dtype == np.int64 and ys.shape == (len(xs),) and ((ys >= 0) & (ys <= 9)).all()
     return target, "gz" if gz else None, None, load
@@ -148,31 +149,31 @@ def _cifar(root, layout):
     folder = root / "cifar10"
     inner = None
     if layout in ("bin", "bin.gz"):
-        (folder / cifar.BIN_DIR).mkdir(parents=True)
-        target = folder / cifar.BIN_DIR / f"test_batch.{layout}"
+        (folder / cifar10.BIN_DIR).mkdir(parents=True)
+        target = folder / cifar10.BIN_DIR / f"test_batch.{layout}"
         target.write_bytes(gzip.compress(records, mtime=0) if layout == "bin.gz" else records)
-        (folder / cifar.BIN_DIR / "batches.meta.txt").write_bytes(meta)
+        (folder / cifar10.BIN_DIR / "batches.meta.txt").write_bytes(meta)
         inner = "gz" if layout == "bin.gz" else None
     elif layout == "tar":
         folder.mkdir(parents=True)
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w") as tf:
             for name, raw in (("batches.meta.txt", meta), ("test_batch.bin", records)):
-                info = tarfile.TarInfo(f"{cifar.BIN_DIR}/{name}")
+                info = tarfile.TarInfo(f"{cifar10.BIN_DIR}/{name}")
                 info.size = len(raw)
                 tf.addfile(info, io.BytesIO(raw))
-        target = folder / cifar.TAR_NAME
+        target = folder / cifar10.TAR_NAME
         target.write_bytes(gzip.compress(buf.getvalue(), mtime=0))
         inner = "gz"
     else:  # python pickles, as the official (protocol 2, bytes keys); fuzz the batch or the meta
-        (folder / cifar.PY_DIR).mkdir(parents=True)
+        (folder / cifar10.PY_DIR).mkdir(parents=True)
         batch = pickle.dumps({b"batch_label": b"testing batch 1 of 1", b"labels": [int(v) for v in y],
                               b"data": x.reshape(R, -1)}, protocol=2)
-        (folder / cifar.PY_DIR / "test_batch").write_bytes(batch)
-        (folder / cifar.PY_DIR / "batches.meta").write_bytes(pickle.dumps(
+        (folder / cifar10.PY_DIR / "test_batch").write_bytes(batch)
+        (folder / cifar10.PY_DIR / "batches.meta").write_bytes(pickle.dumps(
             {b"label_names": [f"class{i}".encode() for i in range(10)], b"num_vis": 3072}, protocol=2))
-        target = folder / cifar.PY_DIR / ("batches.meta" if layout == "py-meta" else "test_batch")
-    return target, inner, None, lambda _: _check_cifar(data.load_cifar10(root, "test", download=False))
+        target = folder / cifar10.PY_DIR / ("batches.meta" if layout == "py-meta" else "test_batch")
+    return target, inner, None, lambda _: _check_cifar(cifar10.load_cifar10(root, "test", download=False))
 
 
 def _check_converted(out):
@@ -271,7 +272,7 @@ TARGETS = {
 
 @pytest.mark.parametrize("name", list(TARGETS))
 def test_fuzz_loader(name, tmp_path, monkeypatch):
-    monkeypatch.setattr(cifar, "RECORDS_PER_BATCH", R)
+    monkeypatch.setattr(cifar10, "RECORDS_PER_BATCH", R)
     target, inner, favour, load = TARGETS[name](tmp_path)
     valid = target.read_bytes()
     load(target)  # the unmutated file loads
@@ -337,15 +338,15 @@ def _idx_overflow(tmp):
     # 2**22 * 2**21 * 2**21 = 2**64, which wraps to 0 in int64: "header only" looked complete
     (folder / "train-images-idx3-ubyte").write_bytes(_idx(2051, (1 << 22, 1 << 21, 1 << 21), b""))
     (folder / "train-labels-idx1-ubyte").write_bytes(_idx(2049, (0,), b""))
-    return lambda: data.load_mnist(tmp, "train", download=False)
+    return lambda: mnist.load_mnist(tmp, "train", download=False)
 
 
 def _py_batch(tmp, labels):
     x, _ = _cifar_records()
-    folder = tmp / "cifar10" / cifar.PY_DIR
+    folder = tmp / "cifar10" / cifar10.PY_DIR
     folder.mkdir(parents=True)
     (folder / "test_batch").write_bytes(pickle.dumps({b"data": x.reshape(R, -1), b"labels": labels}, protocol=2))
-    return lambda: data.load_cifar10(tmp, "test", download=False)
+    return lambda: cifar10.load_cifar10(tmp, "test", download=False)
 
 
 def _torch_expanded(tmp):
@@ -386,7 +387,7 @@ CRAFTED = {
 
 @pytest.mark.parametrize("name", list(CRAFTED))
 def test_crafted_file_is_refused(name, tmp_path, monkeypatch):
-    monkeypatch.setattr(cifar, "RECORDS_PER_BATCH", R)
+    monkeypatch.setattr(cifar10, "RECORDS_PER_BATCH", R)
     load = CRAFTED[name](tmp_path)
     t0 = time.perf_counter()
     with pytest.raises(TinyViTError) as info:

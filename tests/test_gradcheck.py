@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from tinyvit import ViTConfig, init_params, vit_backward, vit_forward
-from tinyvit.layers import cross_entropy_backward, cross_entropy_forward
+from tinyvit.nn.layers import cross_entropy_backward, cross_entropy_forward
 
 
 def _loss(params, images, labels, cfg):

@@ -1,15 +1,15 @@
-"""tinyvit.kernels (the fused CUDA kernels) against torch: on the host through the CuPy stand-in, whose
+"""tinyvit.nn.kernels (the fused CUDA kernels) against torch: on the host through the CuPy stand-in, whose
 kernel emulator compiles each kernel's C body with g++, and on CuPy when a GPU is present."""
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-from tinyvit.testing import cupy_standin, kernel_emulator
 from conftest import rel_err
-from tinyvit import kernels
-from tinyvit.activations import softmax_parts, softmax_parts_backward
+
 from tinyvit.backend import cupy_available, get_backend, to_numpy
+from tinyvit.nn import kernels
+from tinyvit.nn.activations import softmax_parts, softmax_parts_backward
+from tinyvit.testing import cupy_standin, kernel_emulator
 
 BACKENDS = [
     pytest.param("host", id="host", marks=pytest.mark.skipif(not kernel_emulator.supported(),

@@ -8,16 +8,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import needs_ti16, ti16_weights
 from PIL import Image
 
-from conftest import needs_ti16, ti16_weights
 from tinyvit import init_params
-from tinyvit.checkpoint import load_checkpoint, save_checkpoint
-from tinyvit.convert import class_names_for, convert
-from tinyvit.images import (BICUBIC, attention_figure, attention_layout, colormap, crop_box, input_view,
-                            EvalTransform, load_image, model_view, normalise_heat, panel_size)
-from tinyvit.labels import imagenet_classes
-from tinyvit.model import ViTConfig
+from tinyvit.data.decode import crop_box, load_image
+from tinyvit.data.transform import EvalTransform
+from tinyvit.io.checkpoint import load_checkpoint, save_checkpoint
+from tinyvit.io.convert import class_names_for, convert
+from tinyvit.io.labels import imagenet_classes
+from tinyvit.nn.model import ViTConfig
+from tinyvit.viz import BICUBIC, attention_figure, attention_layout, colormap, input_view, model_view, normalise_heat, panel_size
 
 ROOT = Path(__file__).resolve().parents[1]
 TI16 = ti16_weights()

@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import rel_err
-from tinyvit import layers as L
+
 from tinyvit.backend import to_device, to_numpy
+from tinyvit.nn import layers as L
 
 TOL = {np.float64: 1e-10, np.float32: 2e-5}
 

@@ -3,13 +3,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import rel_err
 from torch_vit import torch_vit_from_params
-from tinyvit import TinyViTError, ViTConfig, attention_maps, blas, init_params, preset, vit_backward, vit_forward
+
+from tinyvit import TinyViTError, ViTConfig, attention_maps, init_params, preset, vit_backward, vit_forward
 from tinyvit.backend import to_device, to_numpy
-from tinyvit.layers import cross_entropy_backward, cross_entropy_forward
-from tinyvit.model import count_params
+from tinyvit.cpu import blas
+from tinyvit.nn.layers import cross_entropy_backward, cross_entropy_forward
+from tinyvit.nn.model import count_params
 
 CONFIGS = {
     # one block, one head, odd token count (3x3 patches + CLS = 10)
@@ -137,7 +138,7 @@ def test_vit_b16_size_and_cpu_forward():
 @pytest.mark.parametrize("name,count", [("vit-ti16", 5_717_416), ("vit-s16", 22_050_664),
                                         ("mnist", 205_962)])
 def test_preset_param_counts(name, count):
-    from tinyvit.model import param_shapes
+    from tinyvit.nn.model import param_shapes
 
     assert sum(int(np.prod(s)) for s in param_shapes(preset(name)).values()) == count
 

@@ -1,4 +1,4 @@
-"""Every kernel in tinyvit.kernels.SPECS compiled by NVRTC for sm_80 and sm_90, with no GPU needed.
+"""Every kernel in tinyvit.nn.kernels.SPECS compiled by NVRTC for sm_80 and sm_90, with no GPU needed.
 
 The CUDA source is CuPy's own, not a copy of its template: kernels.kernel() builds the
 cupy.ElementwiseKernel / ReductionKernel, and CuPy's per-device kernel builders (the functions under
@@ -18,7 +18,7 @@ import struct
 import numpy as np
 import pytest
 
-from tinyvit import kernels
+from tinyvit.nn import kernels
 
 ARCHS = ("80", "90")
 DTYPES = (np.float32, np.float64)
@@ -51,7 +51,7 @@ def cp():
         from cupy_backends.cuda.libs import nvrtc
 
         nvrtc.getVersion()
-    except Exception as e:  # ImportError, or libnvrtc not found / not loadable
+    except Exception as e:  # noqa: BLE001 (ImportError, or libnvrtc not found or not loadable)
         pytest.skip(f"CuPy with NVRTC is not usable here ({type(e).__name__}: {e})")
     if int(cupy.__version__.split(".")[0]) < 14:
         pytest.skip(f"drives CuPy 14's private kernel builders; CuPy {cupy.__version__} is installed")

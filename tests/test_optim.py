@@ -1,4 +1,4 @@
-"""tinyvit.optim against torch.optim / torch.nn.utils.clip_grad_norm_ / torch lr schedulers."""
+"""tinyvit.train.optim against torch.optim / torch.nn.utils.clip_grad_norm_ / torch lr schedulers."""
 import io
 import math
 import warnings
@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from tinyvit import backend, optim
+from tinyvit import backend
 from tinyvit.errors import TinyViTError
+from tinyvit.train import optim
 
 SHAPES = {
     "patch_embed.proj.weight": (8, 3, 4, 4),

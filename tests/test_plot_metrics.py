@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from tinyvit import init_params
-from tinyvit.checkpoint import save_checkpoint
-from tinyvit.model import ViTConfig
+from tinyvit.io.checkpoint import save_checkpoint
+from tinyvit.nn.model import ViTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 try:

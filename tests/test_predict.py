@@ -14,10 +14,11 @@ from PIL import Image
 
 from tinyvit import TinyViTError, init_params, preset
 from tinyvit.backend import to_numpy
-from tinyvit.checkpoint import save_checkpoint
-from tinyvit.images import (EvalTransform, attention_layout, attention_rollout, auto_invert, colormap, load_image,
-                            normalisation, open_image, overlay_attention, rollout_matrix)
-from tinyvit.model import ViTConfig, attention_maps, vit_forward
+from tinyvit.data.decode import auto_invert, load_image, open_image
+from tinyvit.data.transform import EvalTransform, normalisation
+from tinyvit.io.checkpoint import save_checkpoint
+from tinyvit.nn.model import ViTConfig, attention_maps, vit_forward
+from tinyvit.viz import attention_layout, attention_rollout, colormap, overlay_attention, rollout_matrix
 
 ROOT = Path(__file__).resolve().parents[1]
 MNIST = preset("mnist", depth=1, patch_size=7, dim=32, heads=2, mlp_dim=64)

@@ -1,16 +1,17 @@
-"""tinyvit.reference (the plain-math ViT) against torch autograd, and the fast engine against it."""
+"""tinyvit.nn.reference (the plain-math ViT) against torch autograd, and the fast engine against it."""
 import math
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import rel_err
 from torch_vit import torch_vit_from_params
-from tinyvit import ViTConfig, init_params, model, reference
+
+from tinyvit import ViTConfig, init_params
 from tinyvit.backend import is_standin, to_device, to_numpy
-from tinyvit.layers import cross_entropy_backward, cross_entropy_forward
+from tinyvit.nn import model, reference
+from tinyvit.nn.layers import cross_entropy_backward, cross_entropy_forward
 
 # name -> (config, batch size)
 CONFIGS = {

@@ -17,14 +17,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import DATA_HINT, shared_data_dir
-from tinyvit import TinyViTError, ViTConfig, cifar, data, init_params, vit_forward
-from tinyvit.checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
-from tinyvit.convert import convert, load_state
-from tinyvit.layers import layernorm_backward, gelu_backward, gelu_forward, layernorm_forward, softmax_forward
-from tinyvit.torchzip import load_torch_zip
-from tinyvit.train import Dataset, TrainConfig, evaluate, fit
+
+from tinyvit import TinyViTError, ViTConfig, init_params, vit_forward
+from tinyvit.data import cifar10
+from tinyvit.data.batches import ArrayDataset
+from tinyvit.io.checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
+from tinyvit.io.convert import convert, load_state
+from tinyvit.io.torchzip import load_torch_zip
+from tinyvit.nn.layers import gelu_backward, gelu_forward, layernorm_backward, layernorm_forward, softmax_forward
+from tinyvit.train.config import TrainConfig
+from tinyvit.train.evaluate import evaluate
+from tinyvit.train.loop import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = ViTConfig(img_size=8, patch_size=4, in_chans=1, num_classes=3, dim=8, depth=1, heads=2, mlp_dim=16)
@@ -79,11 +83,11 @@ def evil_npz(path, how, marker, key):
 
 def cifar_py(root, batch=None, meta=None):
     """cifar10/cifar-10-batches-py with every batch = batch bytes (a valid one when None), and meta."""
-    folder = root / "cifar10" / cifar.PY_DIR
+    folder = root / "cifar10" / cifar10.PY_DIR
     folder.mkdir(parents=True, exist_ok=True)
     x = np.zeros((R, 3072), np.uint8)
     good = pickle.dumps({b"data": x, b"labels": [1] * R}, protocol=2)
-    for s in cifar.TRAIN_BATCHES + cifar.TEST_BATCHES:
+    for s in cifar10.TRAIN_BATCHES + cifar10.TEST_BATCHES:
         (folder / s).write_bytes(good if batch is None else batch)
     (folder / "batches.meta").write_bytes(meta if meta is not None else pickle.dumps(
         {b"label_names": [b"c%d" % i for i in range(10)]}, protocol=2))
@@ -104,10 +108,10 @@ ENTRIES = {
     "load_optimizer_state": (".npz", load_optimizer_state),
     "load_state-npz": (".npz", load_state),
     "convert-npz": (".npz", convert),
-    "load_cifar10-train": ("cifar-batch", lambda root: data.load_cifar10(root, "train", download=False)),
-    "load_cifar10-test": ("cifar-batch", lambda root: data.load_cifar10(root, "test", download=False)),
-    "load_cifar10-meta": ("cifar-meta", lambda root: data.load_cifar10(root, "test", download=False)),
-    "cifar.load_pickle": ("pickle", cifar.load_pickle),
+    "load_cifar10-train": ("cifar-batch", lambda root: cifar10.load_cifar10(root, "train", download=False)),
+    "load_cifar10-test": ("cifar-batch", lambda root: cifar10.load_cifar10(root, "test", download=False)),
+    "load_cifar10-meta": ("cifar-meta", lambda root: cifar10.load_cifar10(root, "test", download=False)),
+    "cifar.load_pickle": ("pickle", cifar10.load_pickle),
 }
 
 
@@ -152,7 +156,7 @@ def test_payloads_are_live(how, tmp_path):
 @pytest.mark.parametrize("how", HOWS)
 @pytest.mark.parametrize("entry", list(ENTRIES))
 def test_no_code_from_a_file_ever_runs(entry, how, tmp_path, monkeypatch):
-    monkeypatch.setattr(cifar, "RECORDS_PER_BATCH", R)
+    monkeypatch.setattr(cifar10, "RECORDS_PER_BATCH", R)
     monkeypatch.chdir(tmp_path)  # where a relative "touch MARKER" would land too
     marker = tmp_path / "MARKER"
     container, load = ENTRIES[entry]
@@ -214,8 +218,9 @@ def test_forged_memo_index_allocates_nothing(tmp_path):
 import io, pickle, resource, struct, sys, zipfile
 from pathlib import Path
 import numpy as np
-from tinyvit import cifar, TinyViTError
-from tinyvit.torchzip import load_torch_zip
+from tinyvit import TinyViTError
+from tinyvit.data import cifar10 as cifar
+from tinyvit.io.torchzip import load_torch_zip
 tmp = Path({str(tmp_path)!r})
 bomb = b"\\x80\\x02]r" + struct.pack("<I", 1 << 27) + b"0"  # EMPTY_LIST, LONG_BINPUT 2**27, POP
 (tmp / "batch").write_bytes(bomb + pickle.dumps({{b"data": np.zeros((2, 3072), np.uint8), b"labels": [1, 2]}}, 2)[2:])
@@ -348,7 +353,7 @@ def test_signal_mid_epoch_saves_and_resumes_exactly(reference, tmp_path, sig):
 def test_resume_from_corrupt_training_state(corrupt, tmp_path):
     tc = TrainConfig(epochs=2, batch_size=8)
     x = np.random.default_rng(0).integers(0, 256, (16, 8, 8), dtype=np.uint8)
-    ds = Dataset(x, np.arange(16) % 3, (0.5,), (0.25,))
+    ds = ArrayDataset(x, np.arange(16) % 3, (0.5,), (0.25,))
     fit(init_params(CFG), CFG, tc, np, ds, ds, tmp_path, quiet=True, max_steps=1)
     params, _, meta = load_checkpoint(tmp_path / "checkpoint.npz")
     meta["train_state"] = corrupt(meta["train_state"])
@@ -378,7 +383,7 @@ def _toy(n=32, dtype=np.uint8, seed=0):
 def test_fit_stops_on_nonfinite_pixels(value, tmp_path):
     x, y = _toy(dtype=np.float32)
     x[5, 3, 3] = value  # float images are accepted as they are: vit_forward checks its input
-    ds = Dataset(x, y, (0.5,), (0.25,))
+    ds = ArrayDataset(x, y, (0.5,), (0.25,))
     with pytest.raises(TinyViTError, match=r"images contain NaN or Inf"):
         fit(init_params(CFG), CFG, TrainConfig(epochs=1, batch_size=8, warmup_epochs=0), np, ds, ds, tmp_path, quiet=True)
 
@@ -386,7 +391,7 @@ def test_fit_stops_on_nonfinite_pixels(value, tmp_path):
 @pytest.mark.parametrize("mean, std", [((0.5,), (0.0,)), ((0.5,), (-1.0,)), ((np.nan,), (0.25,)), ((0.5,), (np.inf,))])
 def test_bad_normalisation_is_refused(mean, std, tmp_path):
     x, y = _toy()
-    ds = Dataset(x, y, mean, std)
+    ds = ArrayDataset(x, y, mean, std)
     with pytest.raises(TinyViTError, match="mean/std"):
         fit(init_params(CFG), CFG, TrainConfig(epochs=1, batch_size=8, warmup_epochs=0), np, ds, ds, tmp_path, quiet=True)
 
@@ -396,7 +401,7 @@ def test_evaluate_refuses_nonfinite_logits():
     x, y = _toy(dtype=np.float32)
     x[3] = np.nan
     with pytest.raises(TinyViTError, match="NaN or Inf"):  # argmax would silently call them class 0
-        evaluate(init_params(CFG), CFG, Dataset(x, y, (0.5,), (0.25,)), np, batch_size=8)
+        evaluate(init_params(CFG), CFG, ArrayDataset(x, y, (0.5,), (0.25,)), np, batch_size=8)
 
 
 @QUIET_FP

@@ -5,9 +5,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import needs_data, needs_ti16, shared_data_dir, ti16_weights
-from tinyvit.checkpoint import load_checkpoint
+
+from tinyvit.io.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from tinyvit import TinyViTError, ViTConfig, attention_maps, blas, init_params, vit_backward, vit_features, vit_forward
-from tinyvit import backend
-from tinyvit.model import head_backward
+from tinyvit import TinyViTError, ViTConfig, attention_maps, init_params, vit_backward, vit_features, vit_forward
+from tinyvit.cpu import blas, threads
+from tinyvit.nn.model import head_backward
 
 CFG = ViTConfig(img_size=8, patch_size=4, in_chans=2, num_classes=5, dim=12, depth=2, heads=3, mlp_dim=20)
 
@@ -82,7 +82,7 @@ def test_every_mapped_openblas_goes_to_one_thread(monkeypatch):
 @pytest.mark.parametrize("n,k", [(1, 2), (2, 2), (7, 2), (8, 3), (5, 8)])
 def test_batch_shards_cover_the_batch(monkeypatch, n, k):
     monkeypatch.setenv("TINYVIT_SHARDS", str(k))
-    shards = backend.batch_shards(n)
+    shards = threads.batch_shards(n)
     if min(n, k) < 2 or not blas.available():
         assert shards is None
         return
@@ -96,7 +96,7 @@ def test_batch_shards_cover_the_batch(monkeypatch, n, k):
 def test_bad_shard_count_is_a_clear_error(monkeypatch, value):
     monkeypatch.setenv("TINYVIT_SHARDS", value)
     with pytest.raises(TinyViTError, match="TINYVIT_SHARDS must be a positive integer"):
-        backend.batch_shards(4)
+        threads.batch_shards(4)
 
 
 @needs_blas
@@ -111,7 +111,7 @@ def test_run_shards_restores_blas_threads_after_an_error():
         return i
 
     with pytest.raises(ValueError, match="shard failed"):
-        backend.run_shards(fn, range(3))
+        threads.run_shards(fn, range(3))
     assert seen == [1, 1, 1] and blas.threads() == n
 
 

@@ -1,4 +1,4 @@
-"""What comes with public weights (tinyvit.sidecar): a timm hub config.json, HF's preprocessor_config.json,
+"""What comes with public weights (tinyvit.io.sidecar): a timm hub config.json, HF's preprocessor_config.json,
 tinyvit's own export metadata, read through convert() and scripts/convert_weights.py; bad values ignored."""
 import json
 import os
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from tinyvit import TinyViTError, ViTConfig, init_params
-from tinyvit.checkpoint import load_checkpoint
-from tinyvit.convert import convert
-from tinyvit.safetensors import write_safetensors
+from tinyvit.io.checkpoint import load_checkpoint
+from tinyvit.io.convert import convert
+from tinyvit.io.safetensors import write_safetensors
 
 save_file = pytest.importorskip("safetensors.numpy").save_file  # timm's and HF's writer (transformers needs it)
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,8 +30,8 @@ TIMM_CONFIG = {  # as timm's push_to_hf_hub writes it (timm/models/_hub.py save_
 def _timm_folder(tmp_path, config=None, preprocessor=None, hf=False):
     """model.safetensors (the safetensors package's writer) with config.json / preprocessor_config.json beside it."""
     params = init_params(CFG, seed=1)
-    if hf:  # HF names: the converter's inverse lives in tinyvit.export
-        from tinyvit.export import hf_state
+    if hf:  # HF names: the converter's inverse lives in tinyvit.io.export
+        from tinyvit.io.export import hf_state
 
         params = hf_state(params, CFG)
     save_file({k: np.ascontiguousarray(v) for k, v in params.items()}, str(tmp_path / "model.safetensors"),

@@ -6,12 +6,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import needs_data, shared_data_dir
-from tinyvit import TinyViTError, init_params
-from tinyvit.checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
-from tinyvit.train import TrainConfig, fit, run_schedule, warmup_steps
 from toy_data import TINY, synthetic
+
+from tinyvit import TinyViTError, init_params
+from tinyvit.io.checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
+from tinyvit.train.config import TrainConfig
+from tinyvit.train.loop import fit
+from tinyvit.train.optim import run_schedule, warmup_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 _synthetic = synthetic
@@ -51,7 +53,7 @@ def test_resume_is_exact(tmp_path, stop_after, augment, ema):
 def test_save_every_bounds_what_a_crash_loses(tmp_path, monkeypatch, save_every, saved_step):
     """A crash at step 12 (mid epoch 2) with a checkpoint due every step keeps step 11; the run
     resumed from it ends bit-identical to an uninterrupted one. Off (or not due): epoch ends only."""
-    import tinyvit.train as train
+    from tinyvit.train import loop as train
     tc = TrainConfig(epochs=2, batch_size=32, lr=2e-3, augment="shift", clip=1.0)
     straight = _run(tmp_path / "a", tc)["params"]
     calls, clip = [], train.clip_grad_norm
@@ -206,8 +208,8 @@ def test_resume_with_more_epochs_extends_the_run(tmp_path):
 @pytest.mark.parametrize("n,batch_size", [(50, 16), (64, 64)])
 def test_evaluate_flip_scores_each_image_plus_its_mirror(xp, n, batch_size):
     from tinyvit.backend import to_device
-    from tinyvit.model import vit_forward
-    from tinyvit.train import evaluate
+    from tinyvit.nn.model import vit_forward
+    from tinyvit.train.evaluate import evaluate
 
     params, data = init_params(TINY, seed=3, std=0.3), _synthetic(n, 5)  # large: images matter to the logits
     (x, y), = data.batches(n, np, shuffle=False, dtype=np.float32)  # normalised, (B, 1, 28, 28)
@@ -222,7 +224,8 @@ def test_evaluate_flip_scores_each_image_plus_its_mirror(xp, n, batch_size):
 def test_ema_is_evaluated_and_saved(tmp_path):
     """With --ema the final model and the test accuracy are the moving average's, which follows
     ema = d ema + (1 - d) w with timm's warm-up d_t = min(d, (1 + t) / (10 + t))."""
-    from tinyvit.train import _ema_update, evaluate
+    from tinyvit.train.evaluate import evaluate
+    from tinyvit.train.loop import _ema_update
 
     tc = TrainConfig(epochs=1, batch_size=32, lr=2e-3, ema=0.9, warmup_epochs=0.5)
     s = _run(tmp_path, tc)

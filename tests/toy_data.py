@@ -2,7 +2,7 @@
 import numpy as np
 
 from tinyvit import preset
-from tinyvit.train import Dataset
+from tinyvit.data.batches import ArrayDataset
 
 TINY = preset("mnist", depth=2, dim=32, heads=2, mlp_dim=64, patch_size=7)
 
@@ -13,4 +13,4 @@ def synthetic(n, seed):
     rng = np.random.default_rng(seed)
     y = rng.integers(0, 10, size=n)
     x = np.clip(templates[y] + rng.normal(0, 40, size=(n, 28, 28)), 0, 255).astype(np.uint8)
-    return Dataset(x, y.astype(np.int64), (0.1307,), (0.3081,))
+    return ArrayDataset(x, y.astype(np.int64), (0.1307,), (0.3081,))

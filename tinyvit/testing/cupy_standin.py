@@ -443,7 +443,7 @@ def get_default_pinned_memory_pool():
     return _PINNED
 
 
-# --- cupyx.scipy.special.erf, for tinyvit.backend.erf -------------------------------------------
+# --- cupyx.scipy.special.erf, for tinyvit.nn.special.erf -------------------------------------------
 
 
 def special_erf(x):

@@ -1,5 +1,5 @@
 """CuPy's ElementwiseKernel and ReductionKernel on the host: each kernel's C body is compiled with the
-host C++ compiler and run over NumPy arrays, so tinyvit.kernels is checked without a GPU.
+host C++ compiler and run over NumPy arrays, so tinyvit.nn.kernels is checked without a GPU.
 
 It follows CuPy's calling rules: inputs broadcast together; Python and NumPy scalars take the type
 of their parameter, while arrays bind a placeholder type (T) and must all agree with it and with

@@ -1,0 +1,64 @@
+"""tinyvit.cpu: the blockwise helpers on the thread pool and host-allocator tuning (speed only)."""
+import platform
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tinyvit.cpu import threads
+from tinyvit.nn import activations, special
+from tinyvit.nn import layers as L
+
+
+@pytest.mark.parametrize("op", ["gelu", "softmax", "layernorm"])
+def test_small_blocks_give_the_same_result(monkeypatch, op):
+    """Blockwise (threaded) evaluation equals one whole-array call (row sums may round differently)."""
+    x = np.random.default_rng(0).standard_normal((37, 11, 53)).astype(np.float32)
+    w, b = np.full(53, 1.5, np.float32), np.full(53, 0.25, np.float32)
+    run = {"gelu": lambda: L.gelu_forward(x)[0], "softmax": lambda: L.softmax_forward(x)[0],
+           "layernorm": lambda: L.layernorm_forward(x, w, b)[0]}[op]
+    whole = run()
+    monkeypatch.setattr(threads, "CHUNK", 500)  # about 2,000 blocks for this array
+    np.testing.assert_allclose(run(), whole, rtol=2e-6, atol=1e-7)
+
+
+def test_nested_blockwise_calls_do_not_deadlock(monkeypatch):
+    """A block that itself calls ew_chunks (the GELU table build runs erf) runs it inline."""
+    monkeypatch.setattr(threads, "CHUNK", 1024)
+    monkeypatch.setattr(activations, "_PHI_TABLE", None)  # first GELU builds the table inside a block
+    x = np.linspace(-6, 6, 50_000, dtype=np.float32)
+    result = {}
+    t = threading.Thread(target=lambda: result.update(y=L.gelu_forward(x)[0]), daemon=True)
+    t.start()
+    t.join(timeout=60)
+    assert not t.is_alive(), "blockwise GELU deadlocked on nested pool use"
+    ref = x.astype(np.float64) * 0.5 * (1 + special.erf(x.astype(np.float64) / np.sqrt(2)))
+    np.testing.assert_allclose(result["y"], ref, rtol=2e-6, atol=1e-7)
+
+
+def _print_in_fresh_process(expr, env, setup):
+    """The printed value of expr in a new interpreter (after setup) with only the given environment."""
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", f"{setup}; print({expr})"], capture_output=True, text=True,
+                         cwd=root, env={**env, "PYTHONPATH": str(root)})
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_host_malloc_tuning_can_be_opted_out():
+    """TINYVIT_MALLOC=system keeps the C library's defaults; on glibc the thresholds are set."""
+    setup = "from tinyvit.cpu.malloc import tune_host_malloc"
+    assert _print_in_fresh_process("tune_host_malloc()", {"TINYVIT_MALLOC": "system"}, setup) == "False"
+    glibc = platform.libc_ver()[0] == "glibc"
+    assert _print_in_fresh_process("tune_host_malloc()", {}, setup) == str(glibc)
+
+
+def test_openblas_spin_time_is_short_unless_the_user_set_one():
+    """tinyvit sets a short OpenBLAS spin before NumPy loads; a value in the environment wins."""
+    timeout = "os.environ.get('OPENBLAS_THREAD_TIMEOUT')"
+    setup = "import os, tinyvit, numpy"
+    assert _print_in_fresh_process(timeout, {}, setup) == "16"
+    assert _print_in_fresh_process(timeout, {"OPENBLAS_THREAD_TIMEOUT": "28"}, setup) == "28"

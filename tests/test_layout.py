@@ -1,0 +1,92 @@
+"""The floor plan: every import inside tinyvit runs down (README, 'Read the code'); a planted upward
+import is caught; only backend.py imports CuPy."""
+import ast
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[1] / "tinyvit"
+# package -> the tinyvit packages and top-level modules it may import (itself always)
+ALLOWED = {
+    "errors": set(),
+    "backend": {"errors", "testing"},  # the one production-to-test edge: the CuPy stand-in (said in backend.py)
+    "cpu": {"backend", "errors"},
+    "nn": {"backend", "errors", "cpu"},
+    "data": {"backend", "errors", "cpu", "progress"},
+    "io": {"backend", "errors", "cpu", "nn", "data"},
+    "train": {"backend", "errors", "cpu", "nn", "data", "io", "progress"},
+    "cli": {"backend", "errors", "cpu", "nn", "data", "io", "train", "progress"},
+    "viz": {"backend", "errors", "data"},
+    "progress": set(),
+    "testing": {"backend", "errors"},
+    "__init__": {"backend", "errors", "cpu", "nn", "data", "io", "train"},
+}
+
+
+def room(path: Path) -> str:
+    """The package (or top-level module) a file of tinyvit belongs to."""
+    rel = path.relative_to(PKG)
+    return rel.parts[0] if len(rel.parts) > 1 else rel.stem
+
+
+def imported_rooms(source: str, path: Path):
+    """(line, room) for each tinyvit package or top-level module the source imports."""
+    here = path.relative_to(PKG).parent.parts  # the file's package inside tinyvit
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = list(here[:len(here) - (node.level - 1)])
+                parts = base + (node.module.split(".") if node.module else [])
+                names = [parts] if node.module else [base + [a.name] for a in node.names]
+            elif node.module and node.module.split(".")[0] == "tinyvit":
+                parts = node.module.split(".")[1:]
+                names = [parts] if parts else [[a.name] for a in node.names]
+            else:
+                continue
+            for p in names:
+                if p:
+                    yield node.lineno, p[0]
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.split(".")[0] == "tinyvit" and "." in a.name:
+                    yield node.lineno, a.name.split(".")[1]
+
+
+def violations(source: str, path: Path):
+    """The imports of a file that run up (or sideways into a room not allowed)."""
+    r = room(path)
+    return [(path.name, line, r, to) for line, to in imported_rooms(source, path)
+            if to != r and to in ALLOWED and to not in ALLOWED[r]]
+
+
+def test_every_import_runs_down():
+    bad = []
+    for f in sorted(PKG.rglob("*.py")):
+        bad += violations(f.read_text(), f)
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("planted,where", [
+    ("from ..train.loop import fit", "nn/model.py"),       # the math does not know the training loop
+    ("from ..io.checkpoint import save_checkpoint", "data/batches.py"),  # data knows no files of models
+    ("from ..nn.model import ViTConfig", "data/folders.py"),
+    ("from ..cli.args import run_args", "train/finetune.py"),  # the library never imports the CLI
+    ("from ..train.dist import world", "io/convert.py"),
+    ("from ..nn.special import erf", "cpu/threads.py"),  # cpu: only backend and errors
+    ("from tinyvit.data import folders", "nn/layers.py"),  # absolute imports are read too
+    ("import tinyvit.cli.args", "train/loop.py"),
+])
+def test_a_planted_upward_import_is_caught(planted, where):
+    path = PKG / where
+    assert path.is_file()
+    assert not violations(path.read_text(), path)
+    assert violations(path.read_text() + "\n" + planted + "\n", path)
+
+
+def test_only_the_backend_imports_cupy():
+    for f in sorted(PKG.rglob("*.py")):
+        tree = ast.parse(f.read_text())
+        mods = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        mods += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0]
+        if any(m.split(".")[0] == "cupy" for m in mods):
+            assert f.relative_to(PKG).as_posix() in ("backend.py",), f

@@ -1,0 +1,84 @@
+"""The fine-tuning command line (scripts/finetune.py, scripts/finetune_cifar.py): flags, each mode's
+defaults after parsing, and the run."""
+import argparse
+import dataclasses
+
+from ..errors import TinyViTError
+from ..nn.model import PRESETS
+from ..train.config import TrainConfig
+from ..train.finetune import HEAD, MODE_DEFAULTS, run_finetune
+from .args import add_run_args, add_train_args, choose_out, fill_defaults, resume_args, run_args, run_clock, train_config
+from .report import report
+
+# the other flags' defaults, applied after parsing (and after --resume restored the saved run's)
+FLAG_DEFAULTS = {"mode": "head", "img_size": 224, "head_epochs": 1, "head_lr": HEAD.lr, "grad_accum": 1,
+                 "feature_batch": 64, "val_split": 0.1, "workers": 2, "strict": False}
+
+
+def parser(description, data_default=None, out_default="runs/finetune"):
+    """The fine-tuning flags (the same for every entry point; data_default None makes --data required)."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = FLAG_DEFAULTS
+    ap.add_argument("--data", default=None,
+                    help="cifar10, pets (Oxford-IIIT Pet, found in or downloaded to the data root), or a folder: "
+                         "DIR/train/<class>/* with DIR/val/<class>/* (or test/), or DIR/<class>/*"
+                         + (f" (default {data_default})" if data_default else " (required)"))
+    ap.add_argument("--weights", default=None, help="pretrained weights: a tinyvit checkpoint, or a Google .npz, "
+                    "timm/HF .safetensors/.pth/.bin or torchvision .pth (converted on the fly); leave out with "
+                    "--preset to train from random init")
+    ap.add_argument("--preset", default=None, choices=sorted(PRESETS), help="random-init model when no --weights")
+    ap.add_argument("--mode", choices=["full", "head", "progressive"], default=None,
+                    help="head: frozen backbone, features cached once, linear head trained on them; full: "
+                         "everything trains; progressive: head only for --head-epochs at head mode's lr, then "
+                         f"everything with full mode's recipe (default {d['mode']})")
+    ap.add_argument("--img-size", type=int, default=None, help="input resolution; position embeddings are "
+                    f"resampled if it differs from the weights' (default {d['img_size']})")
+    ap.add_argument("--head-epochs", type=int, default=None,
+                    help=f"progressive mode: head-only epochs first (default {d['head_epochs']})")
+    ap.add_argument("--head-lr", type=float, default=None, help="progressive mode: lr of the head-only epochs, "
+                    f"cosine to --min-lr (default {d['head_lr']}, head mode's)")
+    ap.add_argument("--grad-accum", type=int, default=None, help=f"micro-batches per optimizer step (default {d['grad_accum']})")
+    ap.add_argument("--feature-batch", type=int, default=None,
+                    help=f"head mode: images per backbone pass (default {d['feature_batch']})")
+    ap.add_argument("--val-split", type=float, default=None, help="folders without train/val: the fraction of "
+                    f"each class held out for validation, seeded by --seed (default {d['val_split']})")
+    ap.add_argument("--crop-pct", type=float, default=None, help="image files: evaluation centre crop, the "
+                    "shorter side resized to img-size / crop-pct (default: the weights' eval transform, else 0.875)")
+    ap.add_argument("--workers", type=int, default=None, help="image files: decoding threads, each a batch "
+                    f"ahead at most (default {d['workers']})")
+    ap.add_argument("--strict", action="store_true", default=None, help="an unreadable image file is an error "
+                    "(default: one warning, and the file is skipped)")
+    ap.add_argument("--cache-dir", default=None, help="head mode: where backbone features are cached, keyed on the "
+                    "weights, files and transform (default $TINYVIT_CACHE, else ~/.cache/tinyvit/features)")
+    add_train_args(ap, MODE_DEFAULTS)
+    add_run_args(ap, out_default)
+    return ap
+
+
+def parse(ap, argv=None, data_default=None, out_default="runs/finetune"):
+    """Parse; restore a resumed run's flags; then each mode's defaults for the flags not given."""
+    args = resume_args(ap.parse_args(argv))
+    args.data = args.data or data_default
+    if args.data is None:
+        raise TinyViTError("give --data: cifar10, pets, or a folder of class folders (see --help)")
+    fill_defaults(args, FLAG_DEFAULTS)
+    fill_defaults(args, {}, MODE_DEFAULTS[args.mode])
+    if args.weights is None and args.preset is None:
+        raise TinyViTError("give --weights (pretrained) or --preset NAME (random init)")
+    return choose_out(args, out_default)
+
+
+def train_settings(args) -> TrainConfig:
+    """The mode's recipe with the flags given; progressive's head epochs at head mode's lr."""
+    progressive = args.mode == "progressive"
+    return dataclasses.replace(train_config(args, MODE_DEFAULTS[args.mode]), grad_accum=args.grad_accum,
+                               head_epochs=args.head_epochs if progressive else 0,
+                               head_lr=args.head_lr if progressive else 0.0)
+
+
+def main(description, data_default=None, out_default="runs/finetune", argv=None):
+    """Entry point of the fine-tuning scripts."""
+    args = parse(parser(description, data_default, out_default), argv, data_default, out_default)
+    summary, cfg = run_finetune(args, train_settings(args), run_args(args), run_clock(args))
+    report(summary, args, {"mode": args.mode, "img_size": cfg.img_size, "backend": args.backend,
+                           "data": args.data})

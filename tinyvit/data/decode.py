@@ -1,0 +1,163 @@
+""""""
+import struct
+import warnings
+import zlib
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from ..errors import TinyViTError, input_file
+from .transform import EvalTransform, eval_transform
+
+BICUBIC, BILINEAR = Image.Resampling.BICUBIC, Image.Resampling.BILINEAR
+FILTERS = {"bicubic": BICUBIC, "bilinear": BILINEAR}  # the eval transform's interpolations
+MAX_PIXELS = 64_000_000  # default refusal limit (64 megapixels)
+_DECODE_ERRORS = (OSError, ValueError, EOFError, SyntaxError, struct.error, zlib.error, MemoryError,
+                  Image.DecompressionBombError, Image.DecompressionBombWarning)
+
+
+def eval_resize(img, size, resize="shortest_edge", crop_pct=0.875, interpolation="bicubic"):
+    """A Pillow image -> size x size by the eval geometry: squashed whole, or the shorter side to
+    int(size / crop_pct) (the longer in proportion, rounded down) and the centre cropped, both with
+    transformers' integer rounding so its image processors see the same pixels."""
+    f = FILTERS[interpolation]
+    if resize == "squash":
+        return img.resize((size, size), f)
+    w, h = img.size
+    r = int(size / crop_pct)
+    nw, nh = (r, int(r * h / w)) if w <= h else (int(r * w / h), r)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return img.resize((nw, nh), f).crop((left, top, left + size, top + size))
+
+
+def open_image(path, max_pixels=MAX_PIXELS, draft_size=None):
+    """Open, size-check, decode and EXIF-orient an image file (max_pixels None: no limit); problems are TinyViTError."""
+    path = input_file(path, "image file")
+    old = Image.MAX_IMAGE_PIXELS
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow's own check in open() uses the same limit
+            with Image.open(path) as img:
+                w, h = img.size
+                if max_pixels is not None and w * h > max_pixels:
+                    raise TinyViTError(f"{path}: {w}x{h} image has {w * h} pixels, over the limit of "
+                                       f"{max_pixels} (possible decompression bomb)")
+                if w < 1 or h < 1:
+                    raise TinyViTError(f"{path}: image has no pixels ({w}x{h})")
+                if draft_size and img.format == "JPEG":
+                    img.draft(img.mode, (draft_size, draft_size))  # decode at 1/2..1/8 scale, >= draft_size
+                img.load()
+                return ImageOps.exif_transpose(img)  # a new image when rotated, else a copy
+    except TinyViTError:
+        raise
+    except Image.UnidentifiedImageError:
+        raise TinyViTError(f"{path}: not an image Pillow can read") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise TinyViTError(f"{path}: image is over the limit of {max_pixels} pixels "
+                           f"(possible decompression bomb)") from None
+    except _DECODE_ERRORS as e:
+        raise TinyViTError(f"{path}: cannot decode image (truncated or corrupt: {e})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+
+
+def standard_mode(img, path):
+    """The image as L, LA, RGB, RGBA (8-bit) or F (float, already scaled to [0, 1])."""
+    m = img.mode
+    if m in ("L", "LA", "RGB", "RGBA"):
+        return img
+    if m == "1":
+        return img.convert("L")
+    if m in ("P", "PA"):
+        return img.convert("RGBA" if m == "PA" or "transparency" in img.info else "RGB")
+    if m.startswith("I;16"):
+        x = np.asarray(img).astype(np.float32) / 65535.0  # (H, W), any byte order
+    elif m == "I":
+        x = np.clip(np.asarray(img), 0, 65535).astype(np.float32)
+        x /= 65535.0 if x.size and x.max() > 255 else 255.0
+    elif m == "F":
+        x = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+        if x.size and x.max() > 1.0:
+            x = x / 255.0
+    else:
+        try:  # CMYK, YCbCr, LAB, HSV, RGBX, La, RGBa, ...
+            return img.convert("RGBA" if m.endswith(("A", "a")) else "RGB")
+        except ValueError as e:
+            raise TinyViTError(f"{path}: unsupported image mode {m} ({e})") from None
+    return Image.fromarray(np.clip(x, 0.0, 1.0), mode="F")
+
+
+def crop_box(w, h):
+    """The centred square (left, top, right, bottom) of side min(w, h), as floats."""
+    m = min(w, h)
+    return ((w - m) / 2, (h - m) / 2, (w + m) / 2, (h + m) / 2)
+
+
+def _composite(x, alpha):
+    """Blend (H, W, C) values in [0, 1] onto white, or onto black when the opaque content is light."""
+    lum = x[..., 0] if x.shape[-1] == 1 else x @ np.array([0.299, 0.587, 0.114], np.float32)
+    total = float(alpha.sum())
+    bg = 0.0 if total > 0 and float((lum * alpha).sum()) / total > 0.5 else 1.0
+    a = alpha[..., None]
+    return x * a + bg * (1.0 - a)
+
+
+def to_array(img):
+    """A standard-mode Pillow image -> (H, W, C) float32 in [0, 1], alpha composited away."""
+    x = np.asarray(img, dtype=np.float32)
+    if img.mode == "F":
+        return np.clip(x, 0.0, 1.0)[..., None]  # bicubic overshoot clipped
+    x = x / 255.0
+    if x.ndim == 2:
+        x = x[..., None]  # (H, W, 1)
+    if img.mode in ("LA", "RGBA"):
+        x = _composite(x[..., :-1], x[..., -1])
+    return x
+
+
+def auto_invert(x):
+    """True when the border ring of a (S, S, C) [0, 1] image is brighter than its central square."""
+    s = x.shape[0]
+    r = max(1, s // 7)  # ring width: 4 px at 28
+    ring = np.ones((s, s), bool)
+    ring[r:s - r, r:s - r] = False
+    c0, c1 = s // 4, s - s // 4
+    return float(x[ring].mean()) > float(x[c0:c1, c0:c1].mean())
+
+
+def image_to_input(img, cfg, t: EvalTransform, invert=None, dataset=None, path="image"):
+    """A decoded Pillow image -> normalised float32 (1, C, S, S) for the model (rules: module doc)."""
+    S, C = cfg.img_size, cfg.in_chans
+    if C not in (1, 3):
+        raise TinyViTError(f"models with {C} input channels are not supported (1 or 3)")
+    img = standard_mode(img, path)
+    if C == 1 and img.mode in ("RGB", "RGBA"):
+        img = img.convert("LA" if img.mode == "RGBA" else "L")  # luminance, alpha kept
+    x = to_array(eval_resize(img, S, **t.geometry()))  # (S, S, 1 or 3)
+    if x.shape[-1] != C:
+        x = np.repeat(x, C, axis=-1)  # grayscale image into an RGB model
+    if invert is None:
+        invert = dataset == "mnist" and auto_invert(x)
+    if invert:
+        x = 1.0 - x
+    x = (x - np.asarray(t.mean, np.float32)) / np.asarray(t.std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1)[None], dtype=np.float32)  # (1, C, S, S)
+
+
+def is_colour(path, max_pixels=MAX_PIXELS) -> bool:
+    """True when an image file holds colour, not only gray levels (mean channel spread over 4/255)."""
+    img = standard_mode(open_image(path, max_pixels), path)
+    if img.mode not in ("RGB", "RGBA"):
+        return False
+    img.thumbnail((64, 64))
+    x = np.asarray(img.convert("RGB"), np.float32)  # (h, w, 3)
+    return float(np.abs(x - x.mean(axis=-1, keepdims=True)).mean()) > 4.0
+
+
+def load_image(path, cfg, t, max_pixels=MAX_PIXELS, invert=None, dataset=None):
+    """Read an image file as the model's float32 (1, C, S, S) input (rules: module docstring); t is
+    the checkpoint's eval_transform(meta, cfg.in_chans), or its meta itself (transform and dataset)."""
+    if isinstance(t, dict):
+        t, dataset = eval_transform(t, cfg.in_chans), t.get("dataset", dataset)
+    return image_to_input(open_image(path, max_pixels), cfg, t, invert, dataset, path)

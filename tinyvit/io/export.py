@@ -1,0 +1,203 @@
+"""Export a tinyvit model to timm (one .safetensors state dict) and to Hugging Face transformers (a folder).
+
+timm: exactly the state dict of timm's VisionTransformer with a class token, global_pool='token', no
+fc_norm and no pre-logits (our names and torch layouts already), with the architecture in the file's
+__metadata__. HF: config.json, model.safetensors and preprocessor_config.json of a
+ViTForImageClassification, the exact inverse of tinyvit.io.convert's HF reader (timm's fused qkv split
+into query, key, value). Tensors keep the checkpoint's dtype and bits.
+"""
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..backend import to_numpy
+from ..data.transform import EvalTransform, eval_transform
+from ..errors import TinyViTError
+from ..nn.model import ViTConfig, count_params, param_shapes
+from .checkpoint import check_params, load_checkpoint
+from .files import atomic_write
+from .safetensors import write_safetensors
+from .sidecar import CONVNEXT_SQUASH, PIL_RESAMPLE
+
+TARGETS = ("timm", "hf")
+HF_ACT = {"erf": "gelu", "tanh": "gelu_pytorch_tanh"}  # transformers' ACT2FN: F.gelu exact / approximate='tanh'
+TIMM_ACT = {"erf": "gelu", "tanh": "gelu_tanh"}  # timm's get_act_layer names for the same two
+PIL_CODES = {v: k for k, v in PIL_RESAMPLE.items()}  # interpolation -> PIL.Image.Resampling code
+HF_FILES = ("model.safetensors", "config.json", "preprocessor_config.json")
+
+
+# --- what the checkpoint's metadata says --------------------------------------------------------
+
+
+def class_names(meta, num_classes, source):
+    """meta's class_names checked against the head (None when absent)."""
+    names = meta.get("class_names")
+    if names is None:
+        return None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise TinyViTError(f"{source}: class_names in the metadata is not a list of strings")
+    if len(names) != num_classes:
+        raise TinyViTError(f"{source}: class_names has {len(names)} entries, the head has {num_classes} classes")
+    return list(names)
+
+
+def mlp_ratio(cfg: ViTConfig, source="model"):
+    """A float r with int(dim * r) == mlp_dim, as timm sizes its MLP (m / d itself can fall an ulp short)."""
+    r = cfg.mlp_dim / cfg.dim
+    for c in (r, math.nextafter(r, math.inf), math.nextafter(math.nextafter(r, math.inf), math.inf)):
+        if int(cfg.dim * c) == cfg.mlp_dim:
+            return c
+    raise TinyViTError(f"{source}: no float mlp_ratio gives timm an MLP of {cfg.mlp_dim} for width {cfg.dim}")
+
+
+def _dtype_name(params):
+    """The one dtype all tensors share, or the widest of them (HF's torch_dtype)."""
+    return np.result_type(*[v.dtype for v in params.values()]).name
+
+
+# --- timm -------------------------------------------------------------------------------------
+
+
+def timm_state(params, cfg: ViTConfig, source="model"):
+    """{timm name: NumPy array} in timm's order: checked, not copied (our names are timm's)."""
+    params = {k: to_numpy(v) for k, v in params.items()}
+    check_params(params, cfg, source)
+    return {k: params[k] for k in param_shapes(cfg)}
+
+
+def timm_metadata(cfg: ViTConfig, names, mean, std, source="model", transform=None):
+    """safetensors __metadata__ (str -> str): the VisionTransformer kwargs that rebuild the model, and
+    tinyvit's class names, mean/std, config and eval transform (JSON)."""
+    return {
+        "format": "pt", "architecture": "vit", "library": "timm", "model_class": "VisionTransformer",
+        "img_size": str(cfg.img_size), "patch_size": str(cfg.patch_size), "in_chans": str(cfg.in_chans),
+        "num_classes": str(cfg.num_classes), "embed_dim": str(cfg.dim), "depth": str(cfg.depth),
+        "num_heads": str(cfg.heads), "mlp_ratio": repr(mlp_ratio(cfg, source)), "mlp_hidden_dim": str(cfg.mlp_dim),
+        "qkv_bias": "true", "class_token": "true", "global_pool": "token", "fc_norm": "false",
+        "act_layer": TIMM_ACT[cfg.gelu], "norm_eps": repr(float(cfg.ln_eps)),
+        "class_names": json.dumps(names), "mean": json.dumps(list(mean)), "std": json.dumps(list(std)),
+        "tinyvit_config": json.dumps(cfg.to_dict()), "eval_transform": json.dumps(transform),
+    }
+
+
+def export_timm(out, params, cfg: ViTConfig, meta=None, source="model"):
+    """Write a timm VisionTransformer state dict as .safetensors (atomically) -> summary dict."""
+    out, meta = Path(out), meta or {}
+    if out.is_dir():
+        raise TinyViTError(f"{out}: is a folder; --to timm writes one .safetensors file")
+    state = timm_state(params, cfg, source)
+    t = eval_transform(meta, cfg.in_chans, source)  # the one predict.py and evaluate.py use
+    md = timm_metadata(cfg, class_names(meta, cfg.num_classes, source), t.mean, t.std, source, t.to_dict())
+    if out.suffix.lower() != ".safetensors":  # torch.load and timm would take a .pt/.pth for a pickle
+        raise TinyViTError(f"{out}: --to timm writes safetensors: give --out a .safetensors name "
+                           f"(e.g. {out.with_suffix('.safetensors').name})")
+    write_safetensors(out, state, md)
+    return dict(target="timm", out=str(out), files=[str(out)], tensors=len(state),
+                params=count_params(state), dtype=_dtype_name(state), config=cfg.to_dict())
+
+
+# --- Hugging Face transformers ------------------------------------------------------------------
+
+
+def hf_state(params, cfg: ViTConfig, source="model"):
+    """{HF ViTForImageClassification name: array}: the inverse of convert._from_hf (q, k, v = qkv's thirds)."""
+    p, D = timm_state(params, cfg, source), cfg.dim
+    e = "vit.embeddings."
+    out = {e + "cls_token": p["cls_token"], e + "position_embeddings": p["pos_embed"],
+           e + "patch_embeddings.projection.weight": p["patch_embed.proj.weight"],
+           e + "patch_embeddings.projection.bias": p["patch_embed.proj.bias"]}
+    for i in range(cfg.depth):
+        b, t = f"vit.encoder.layer.{i}.", f"blocks.{i}."
+        for wb in ("weight", "bias"):
+            qkv = p[f"{t}attn.qkv.{wb}"]  # (3D, D) / (3D,): rows [q; k; v], heads contiguous in each
+            for j, name in enumerate(("query", "key", "value")):
+                out[f"{b}attention.attention.{name}.{wb}"] = qkv[j * D:(j + 1) * D]
+        for theirs, ours in (("attention.output.dense", "attn.proj"), ("intermediate.dense", "mlp.fc1"),
+                             ("output.dense", "mlp.fc2"), ("layernorm_before", "norm1"),
+                             ("layernorm_after", "norm2")):
+            for wb in ("weight", "bias"):
+                out[f"{b}{theirs}.{wb}"] = p[f"{t}{ours}.{wb}"]
+    for wb in ("weight", "bias"):
+        out[f"vit.layernorm.{wb}"] = p[f"norm.{wb}"]
+        out[f"classifier.{wb}"] = p[f"head.{wb}"]
+    return out
+
+
+def hf_config(cfg: ViTConfig, names, dtype="float32"):
+    """config.json of a transformers ViTForImageClassification (ViTConfig's field names)."""
+    id2label = {str(i): n for i, n in enumerate(names or [f"LABEL_{i}" for i in range(cfg.num_classes)])}
+    label2id = {}
+    for i, n in id2label.items():
+        label2id.setdefault(n, int(i))  # a repeated name keeps its first index
+    return {
+        "architectures": ["ViTForImageClassification"], "model_type": "vit",
+        "hidden_size": cfg.dim, "num_hidden_layers": cfg.depth, "num_attention_heads": cfg.heads,
+        "intermediate_size": cfg.mlp_dim, "hidden_act": HF_ACT[cfg.gelu],
+        "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "initializer_range": 0.02,
+        "layer_norm_eps": float(cfg.ln_eps), "image_size": cfg.img_size, "patch_size": cfg.patch_size,
+        "num_channels": cfg.in_chans, "qkv_bias": True, "encoder_stride": cfg.patch_size,
+        "id2label": id2label, "label2id": label2id, "torch_dtype": dtype,
+    }
+
+
+def hf_preprocessor(cfg: ViTConfig, t: EvalTransform):
+    """preprocessor_config.json for the checkpoint's eval transform t: resize, x / 255, (x - mean) / std.
+    shortest_edge: a ConvNextImageProcessor (crop_pct itself) below 384 px, where it warps instead, a
+    BitImageProcessor (shorter side to int(S / crop_pct), centre S); squash: a ViTImageProcessor."""
+    S = cfg.img_size
+    if t.resize == "squash":
+        resize = {"image_processor_type": "ViTImageProcessor", "size": {"height": S, "width": S}}
+    elif S < CONVNEXT_SQUASH:
+        resize = {"image_processor_type": "ConvNextImageProcessor", "size": {"shortest_edge": S}, "crop_pct": t.crop_pct}
+    else:
+        resize = {"image_processor_type": "BitImageProcessor", "size": {"shortest_edge": int(S / t.crop_pct)},
+                  "do_center_crop": True, "crop_size": {"height": S, "width": S}}
+    return {
+        **resize, "do_resize": True, "resample": PIL_CODES[t.interpolation],
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": [float(v) for v in t.mean], "image_std": [float(v) for v in t.std],
+    }
+
+
+def _write_json(path, obj):
+    """Atomically write obj as indented JSON."""
+    text = (json.dumps(obj, indent=2) + "\n").encode()
+    atomic_write(path, lambda f: f.write(text))
+
+
+def export_hf(out, params, cfg: ViTConfig, meta=None, source="model"):
+    """Write an HF ViTForImageClassification folder (each file atomically) -> summary dict."""
+    out, meta = Path(out), meta or {}
+    if out.exists() and not out.is_dir():
+        raise TinyViTError(f"{out}: exists and is not a folder; --to hf writes a folder (model.safetensors, "
+                           f"config.json, preprocessor_config.json)")
+    names = class_names(meta, cfg.num_classes, source)
+    state = hf_state(params, cfg, source)
+    prep = hf_preprocessor(cfg, eval_transform(meta, cfg.in_chans, source))
+    config = hf_config(cfg, names, _dtype_name(state))
+    out.mkdir(parents=True, exist_ok=True)
+    write_safetensors(out / "model.safetensors", state, {"format": "pt"})  # transformers wants format=pt
+    _write_json(out / "config.json", config)
+    _write_json(out / "preprocessor_config.json", prep)
+    return dict(target="hf", out=str(out), files=[str(out / f) for f in HF_FILES], tensors=len(state),
+                params=count_params(state), dtype=config["torch_dtype"], config=cfg.to_dict())
+
+
+# --- a checkpoint file --------------------------------------------------------------------------
+
+
+def export(checkpoint, to, out):
+    """Export a tinyvit checkpoint .npz to `to` ('timm' | 'hf') at out -> summary dict."""
+    if to not in TARGETS:
+        raise TinyViTError(f"unknown export target {to!r}: choose one of {', '.join(TARGETS)}")
+    checkpoint, out = Path(checkpoint), Path(out)
+    if out.is_file() and checkpoint.is_file() and os.path.samefile(out, checkpoint):
+        raise TinyViTError(f"{out}: is the checkpoint being exported; choose another --out")
+    params, cfg, meta = load_checkpoint(checkpoint)
+    write = export_timm if to == "timm" else export_hf
+    summary = write(out, params, cfg, meta, source=checkpoint)
+    summary["checkpoint"] = str(checkpoint)
+    return summary

@@ -1,0 +1,35 @@
+"""The optimisation settings of a run (stored in every checkpoint so --resume continues the same run)."""
+from dataclasses import dataclass
+
+from .optim import make_optimizer
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings of a run (stored in every checkpoint so --resume continues the same run)."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    optimizer: str = "adamw"  # adam | adamw | sgd
+    weight_decay: float = 0.05
+    momentum: float = 0.9  # sgd only
+    schedule: str = "cosine"  # constant | cosine | exponential
+    warmup_epochs: float = 1.0
+    min_lr: float = 1e-5
+    gamma: float = 0.9  # exponential schedule, per epoch
+    clip: float = 0.0  # global grad-norm clip; 0 = off
+    label_smoothing: float = 0.0
+    augment: str = "none"  # none | shift | crop_flip
+    seed: int = 0
+    grad_accum: int = 1  # split each batch into this many micro-batches (same result, less memory)
+    head_epochs: int = 0  # train only the head for the first N epochs (progressive fine-tuning)
+    head_lr: float = 0.0  # lr of those head epochs (cosine to min_lr, then the run's warmup); 0 = one schedule
+    ema: float = 0.0  # decay of an exponential moving average of the weights (timm's model EMA); 0 = off
+
+    def make_optimizer(self):
+        """The optimizer these settings describe."""
+        kw = dict(lr=self.lr, weight_decay=self.weight_decay)
+        if self.optimizer == "sgd":
+            kw["momentum"] = self.momentum
+        return make_optimizer(self.optimizer, **kw)

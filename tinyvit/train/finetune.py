@@ -1,0 +1,216 @@
+"""Fine-tuning, shared by scripts/finetune.py (any dataset) and scripts/finetune_cifar.py (CIFAR-10):
+pretrained weights (or a preset from random init), a new head, then the head on cached features
+or the whole model through tinyvit.train.fit."""
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..backend import get_backend, to_device, to_numpy
+from ..data.batches import ArrayDataset
+from ..data.cifar10 import load_cifar10
+from ..data.download import data_root
+from ..data.folders import Warnings, folder_splits, pets_splits, subset
+from ..data.loader import FolderDataset
+from ..data.transform import eval_transform
+from ..errors import TinyViTError, describe_os_error
+from ..io.checkpoint import save_checkpoint
+from ..io.convert import adapt, load_model
+from ..io.files import atomic_write, prepare_out_dir
+from ..nn.layers import cross_entropy_backward, cross_entropy_forward, linear_backward, linear_forward
+from ..nn.model import init_params, preset, vit_features
+from ..progress import Progress
+from .config import TrainConfig
+from .dist import world
+from .loop import fit
+from .optim import make_schedule, warmup_steps
+
+# Full fine-tune defaults (Adam-type, small lr). Batch 32: on a 2-core CPU as fast per image as 64
+# (17.9 vs 17.3 img/s, ViT-Ti/16 at 224 px) with twice the steps; 3 epochs of CIFAR-10 at 224 px
+# then fit in 3 hours there (docs/performance.md)
+DEFAULTS = TrainConfig(epochs=3, batch_size=32, lr=5e-5, optimizer="adamw", weight_decay=0.05,
+                       schedule="cosine", warmup_epochs=0.2, min_lr=1e-6, clip=1.0, augment="crop_flip",
+                       label_smoothing=0.1, seed=0)
+# head mode, chosen on 5,000 held-out training features of CIFAR-10 (docs/performance.md): label
+# smoothing costs a linear probe ~0.4 points there, and lr 3e-3 edges out 1e-3
+HEAD = dataclasses.replace(DEFAULTS, lr=3e-3, epochs=30, batch_size=256, augment="none", label_smoothing=0.0)
+MODE_DEFAULTS = {"head": HEAD, "full": DEFAULTS, "progressive": DEFAULTS}
+
+
+def load_data(args, cfg, t):
+    """(train, test datasets, class names, metadata about the data) for --data; t: the eval transform."""
+    if args.data == "cifar10":
+        root = data_root(args.data_dir)
+        tr_x, tr_y, names = load_cifar10(root, "train", limit=args.limit_train)  # only the batches needed
+        te_x, te_y, _ = load_cifar10(root, "test", limit=args.limit_test)
+        train = ArrayDataset(tr_x[:args.limit_train], tr_y[:args.limit_train], t.mean, t.std, img_size=cfg.img_size)
+        test = ArrayDataset(te_x[:args.limit_test], te_y[:args.limit_test], t.mean, t.std, img_size=cfg.img_size)
+        return train, test, list(names), {"dataset": "cifar10"}
+    warn = Warnings(args.strict)  # one per run: header checks and decoding, counted once
+    if args.data == "pets":
+        tr, te = pets_splits(data_root(args.data_dir), strict=args.strict, workers=args.workers, warn=warn)
+        info = {"dataset": "pets", "split_seed": args.seed}  # seeds the --limit subsets
+    else:
+        tr, te = folder_splits(args.data, args.val_split, args.seed, args.strict, args.workers, warn=warn)
+        info = {"dataset": "folder", "data": str(Path(args.data).resolve()), "val_split": args.val_split,
+                "split_seed": args.seed}
+    tr, te = subset(tr, args.limit_train, args.seed), subset(te, args.limit_test, args.seed)
+    make = lambda lst: FolderDataset(lst, cfg.img_size, t.mean, t.std, cfg.in_chans, t.crop_pct,  # noqa: E731
+                                     args.workers, warn, t.resize, t.interpolation)
+    return make(tr), make(te), tr.classes, dict(info, crop_pct=t.crop_pct)
+
+
+def start_model(args):
+    """(params, cfg, meta, eval transform) of --weights, or of --preset from random init."""
+    if args.weights is not None:
+        params, cfg, meta = load_model(args.weights, hint="--weights takes a model file")
+    else:
+        cfg = preset(args.preset, img_size=args.img_size)
+        params, meta = init_params(cfg, seed=args.seed), {}
+    if cfg.in_chans != 3:
+        raise TinyViTError(f"fine-tuning takes 3-channel models; these weights have {cfg.in_chans}")
+    t = eval_transform(meta, 3, args.weights or "--preset", args.crop_pct)
+    if args.data == "cifar10" and args.crop_pct is None:  # trained on whole 32 px images, resized bilinearly
+        t = dataclasses.replace(t, resize="shortest_edge", crop_pct=1.0, interpolation="bilinear")
+    return params, cfg, meta, t
+
+
+def run_finetune(args, tc: TrainConfig, saved_args: dict, clock: dict):
+    """The whole run for the parsed flags (args), the run's recipe tc, the flags to save for --resume
+    and fit's time keywords -> (summary, cfg)."""
+    if args.mode == "head" and world().size > 1:
+        raise TinyViTError("--mode head is one process (a feature pass, then seconds of head training): "
+                           "run it without mpirun, or use --mode full or progressive across ranks")
+    prepare_out_dir(args.out)  # a wrong --out fails now, not after the feature pass or an epoch
+    xp = get_backend(args.backend)
+    params, cfg, meta, t = start_model(args)
+    train, test, names, info = load_data(args, dataclasses.replace(cfg, img_size=args.img_size), t)
+    params, cfg = adapt(params, cfg, img_size=args.img_size, num_classes=len(names))
+    out_meta = dict(info, class_names=list(names), mean=list(t.mean), std=list(t.std), eval_transform=t.to_dict(),
+                    mode=args.mode, run_args=saved_args,
+                    source_weights=str(args.weights) if args.weights else f"random init ({args.preset})")
+    if args.mode == "head":
+        summary = run_head(params, cfg, tc, xp, train, test, out_meta, args)
+    else:
+        summary = fit(params, cfg, tc, xp, train, test, args.out, meta=out_meta, resume=args.resume,
+                      quiet=args.quiet, **clock)
+    if hasattr(train, "decoded"):
+        summary["images_decoded"] = train.decoded + test.decoded
+        summary["unreadable_files"] = train.warn.count  # every file named in a warning, once
+    return summary, cfg
+
+
+# --- head mode: one backbone pass, then a linear head on the cached features ----------------------
+
+
+def extract_features(params, cfg, data, xp, batch_size, desc, quiet=False):
+    """Class-token features (N, D) of the frozen backbone and their labels, eval transform only."""
+    feats, labels = [], []
+    bar = Progress(len(data.labels), desc, unit="img", disable=quiet)
+    n, t0 = 0, time.perf_counter()
+    for x, y in data.batches(batch_size, xp, shuffle=False):
+        feats.append(to_numpy(vit_features(params, x, cfg)))
+        labels.append(to_numpy(y))
+        n += len(feats[-1])
+        bar.update(len(feats[-1]), img_s=f"{n / (time.perf_counter() - t0):.1f}")
+    bar.close()
+    if not feats:
+        raise TinyViTError(f"{desc}: no image could be read")
+    return np.concatenate(feats).astype(np.float32), np.concatenate(labels), time.perf_counter() - t0
+
+
+def feature_cache_dir(args) -> Path:
+    """--cache-dir, else $TINYVIT_CACHE, else ~/.cache/tinyvit/features (shared by runs, any --out)."""
+    if args.cache_dir:
+        return Path(args.cache_dir).expanduser()
+    if os.environ.get("TINYVIT_CACHE"):
+        return Path(os.environ["TINYVIT_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "tinyvit" / "features"
+
+
+def feature_key(params, cfg, data) -> str:
+    """What a feature pass depends on: the backbone's weights (names, shapes, bytes), the model's
+    config, and the data's fingerprint (files, labels, transform)."""
+    h = hashlib.blake2b(digest_size=12)
+    for k in sorted(params):
+        if not k.startswith("head."):  # the features come before the head
+            v = np.ascontiguousarray(to_numpy(params[k]))
+            h.update(f"{k}{v.dtype}{v.shape}".encode())
+            h.update(v)
+    h.update(json.dumps([cfg.to_dict(), "float32", data.fingerprint()]).encode())
+    return h.hexdigest()
+
+
+def cached_features(folder, name, params, cfg, data, *args, **kw):
+    """extract_features, cached in FOLDER/<name>-<feature_key>.npz so a rerun skips the backbone pass
+    -> (features, labels, seconds of the pass; 0 from the cache)."""
+    path = Path(folder) / f"{name}-{feature_key(params, cfg, data)}.npz"
+    if path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                feats, labels = z["feats"], z["labels"]
+            if len(labels) == len(data.labels) and feats.shape == (len(labels), cfg.dim):
+                return feats, labels, 0.0
+        except Exception:  # noqa: BLE001 (a damaged cache file is recomputed and replaced)
+            pass
+    feats, labels, secs = extract_features(params, cfg, data, *args, **kw)
+    try:
+        atomic_write(path, lambda f: np.savez(f, feats=feats, labels=labels))
+    except OSError as e:  # the cache only saves time: the run goes on without it
+        print(f"warning: cannot cache the features in {path}: {describe_os_error(e, about=path)}", file=sys.stderr)
+    return feats, labels, secs
+
+
+def train_head(tr_f, tr_y, te_f, te_y, w, b, tc, xp, quiet):
+    """Softmax regression on fixed features (the new head) with the run's optimizer and schedule."""
+    head = {"head.weight": xp.asarray(w), "head.bias": xp.asarray(b)}
+    opt = tc.make_optimizer()
+    n = len(tr_y)
+    steps_per_epoch = max(1, n // tc.batch_size)
+    sched = make_schedule(tc.schedule, tc.lr, tc.epochs * steps_per_epoch, warmup_steps(tc, steps_per_epoch, True),
+                          steps_per_epoch, tc.gamma, tc.min_lr)
+    tr_f, tr_y, te_f = xp.asarray(tr_f), xp.asarray(tr_y), xp.asarray(te_f)
+    step = 0
+    for epoch in range(tc.epochs):
+        order = xp.asarray(np.random.default_rng([tc.seed, epoch]).permutation(n))
+        total = 0.0
+        for s in range(steps_per_epoch):
+            idx = order[s * tc.batch_size:(s + 1) * tc.batch_size]
+            logits, c = linear_forward(tr_f[idx], head["head.weight"], head["head.bias"])
+            loss, ce = cross_entropy_forward(logits, tr_y[idx], tc.label_smoothing)
+            _, gw, gb = linear_backward(cross_entropy_backward(1.0, ce), c, need_dx=False)
+            opt.step(head, {"head.weight": gw, "head.bias": gb}, lr=sched(step))
+            total = total + loss  # summed on the device: one read per report below
+            step += 1
+        if not quiet and (epoch + 1) % max(1, tc.epochs // 10) == 0:
+            acc = float((linear_forward(te_f, head["head.weight"], head["head.bias"])[0].argmax(1) == xp.asarray(te_y)).mean())
+            print(f"head epoch {epoch + 1}/{tc.epochs}: loss {float(total) / steps_per_epoch:.4f}  test acc {acc:.4f}",
+                  file=sys.stderr)
+    logits, _ = linear_forward(te_f, head["head.weight"], head["head.bias"])
+    return head, float((to_numpy(logits).argmax(1) == te_y).mean())
+
+
+def run_head(params, cfg, tc, xp, train, test, meta, args):
+    """Head mode: one backbone pass per image (cached), then the linear head on the features."""
+    dev = to_device(params, xp)
+    folder = feature_cache_dir(args)
+    t0 = time.perf_counter()
+    tr_f, tr_y, s1 = cached_features(folder, "train", dev, cfg, train, xp, args.feature_batch,
+                                     "features (train)", quiet=args.quiet)
+    te_f, te_y, s2 = cached_features(folder, "test", dev, cfg, test, xp, args.feature_batch,
+                                     "features (test)", quiet=args.quiet)
+    head, acc = train_head(tr_f, tr_y, te_f, te_y, params["head.weight"], params["head.bias"], tc, xp, args.quiet)
+    seconds = time.perf_counter() - t0
+    params = dict(params, **{k: to_numpy(v) for k, v in head.items()})
+    ckpt = save_checkpoint(Path(args.out) / "model.npz", params, cfg,
+                           dict(meta, test_accuracy=acc, train_config=dataclasses.asdict(tc)))
+    n_img = len(tr_y) + len(te_y)
+    return {"test_accuracy": acc, "epochs": tc.epochs, "train_seconds": seconds,
+            "images_per_second": n_img / (s1 + s2) if s1 + s2 > 0 else None,
+            "feature_seconds": s1 + s2, "features_cached": s1 + s2 == 0, "checkpoint": str(ckpt),
+            "stopped_early": False}

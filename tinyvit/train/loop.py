@@ -1,0 +1,333 @@
+"""The training loop every script shares: epochs of batches, evaluation, logs, checkpoints, resume."""
+import dataclasses
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..backend import get_array_module, to_device, to_numpy
+from ..data.batches import ArrayDataset, num_batches
+from ..errors import TinyViTError, describe_os_error
+from ..io.checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
+from ..io.files import atomic_write, prepare_out_dir
+from ..nn.layers import cross_entropy_backward, cross_entropy_forward
+from ..nn.model import head_backward, vit_backward, vit_forward
+from ..progress import Progress
+from .config import TrainConfig
+from .dist import World, world
+from .evaluate import evaluate
+from .optim import clip_grad_norm, run_schedule
+
+
+class _StopFlag:
+    """Turns SIGINT/SIGTERM into a flag checked between steps, so a stop saves a checkpoint first."""
+
+    def __init__(self):
+        self.stop = False
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.stop:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.stop = True
+        print("\nstopping after this step (a checkpoint is written first; Ctrl-C again to abort)",
+              file=sys.stderr)
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _train_state(epoch, batch, step, rng, history, tc):
+    """The JSON-able position of a run, stored in each checkpoint's metadata."""
+    return {"epoch": epoch, "batch": batch, "step": step, "rng": rng.bit_generator.state,
+            "history": history, "train_config": dataclasses.asdict(tc)}
+
+
+def fit(params, cfg, tc: TrainConfig, xp, train: ArrayDataset, test: ArrayDataset, out_dir, *, meta=None,
+        resume=None, time_limit=None, save_every=None, max_steps=None, quiet=False):
+    """Train params in place on the backend xp; write checkpoints and logs to out_dir.
+
+    Returns a summary dict (test_accuracy, epochs, train_seconds, images_per_second, checkpoint,
+    stopped_early). With `resume`, continues the run saved in that checkpoint exactly. A checkpoint
+    is written at each epoch's end and, with `save_every` (seconds), also that often within an epoch.
+    """
+    w = world()  # MPI ranks (tinyvit.train.dist); one process without a launcher
+    quiet = quiet or not w.lead  # only rank 0 prints, logs and writes files
+    files = _RunFiles(out_dir, active=w.lead)
+    ckpt_path = files.ckpt
+    opt = tc.make_optimizer()
+    rng = np.random.default_rng(tc.seed)  # dropout; its state travels in the checkpoint
+    epoch, batch, step, history = 0, 0, 0, []
+    ema = None
+    if resume:
+        params, opt, rng, (epoch, batch, step, history), ema = _resume(resume, params, cfg, tc, opt, rng)
+        files.good = (Path(resume), step)
+        # the log restarts from the checkpoint's history: epochs logged after it (by a run killed
+        # before its next checkpoint) are run again and must not appear twice
+        files.write_log(history)
+    if w.rank:  # other ranks draw their own dropout masks, reproducibly (rank 0's state is the saved one)
+        rng = np.random.default_rng([tc.seed, w.rank, step])
+    params = to_device(params, xp)
+    if tc.ema:  # evaluated and saved in place of the weights; its state travels in the checkpoint
+        ema = to_device(ema, xp) if ema is not None else {k: v.copy() for k, v in params.items()}
+    dev_rng = rng if xp is np else xp.random.default_rng(tc.seed + step)
+    steps_per_epoch = num_batches(len(train.labels), tc.batch_size, drop_last=True)
+    if steps_per_epoch == 0:
+        raise TinyViTError(f"the training set ({len(train.labels)} images) is smaller than one batch ({tc.batch_size})")
+    schedule = run_schedule(tc, steps_per_epoch, say=w.lead)  # an extended run: stretched over the new length
+    meta = dict(meta or {})
+    t_start, images_seen, stopped = time.perf_counter(), 0, False
+    ran_steps, train_time = 0, 0.0  # train_time: seconds in training steps (no evaluation)
+    t_saved = t_start  # when the last checkpoint was written (or the run began)
+
+    def save(e, b):
+        nonlocal t_saved
+        m = dict(meta, train_state=_train_state(e, b, step, rng, history, tc))
+        state = dict(opt.state_dict(), **{_EMA + k: v for k, v in (ema or {}).items()})
+        files.checkpoint(lambda: save_checkpoint(ckpt_path, params, cfg, m, state), step)
+        t_saved = time.perf_counter()  # --save-every counts from the last checkpoint
+
+    def check(tally):  # read the steps' losses (one host read); stop before a non-finite one is kept
+        loss = tally.read()
+        if not math.isfinite(loss):
+            save_note = files.last_good()
+            also = "" if xp is np else " (on CuPy, NaN or Inf images also end here: they are not checked per batch)"
+            raise TinyViTError(f"training diverged: loss is {loss} at epoch {epoch + 1}, step {step} "
+                               f"(lr {lr:.3g}); {save_note}; try a lower --lr or --clip 1.0{also}")
+
+    with _StopFlag() as flag:
+        while epoch < tc.epochs and not stopped:
+            bar = Progress(steps_per_epoch, f"epoch {epoch + 1}/{tc.epochs}", unit="step",
+                           initial=batch, disable=quiet)
+            # NumPy on one process reads the loss every step (free); a GPU or MPI ranks every 10 steps
+            every = 1 if xp is np and w.size == 1 else DEVICE_READ_EVERY
+            tally, t_epoch = _Tally(every, w), time.perf_counter()
+            for x, y in train.batches(tc.batch_size, xp, seed=tc.seed, epoch=epoch, drop_last=True,
+                                      augment=None if tc.augment == "none" else tc.augment,
+                                      start_batch=batch, dtype=params["pos_embed"].dtype, shard=(w.rank, w.size)):
+                t_step = time.perf_counter()
+                lr = schedule(step)
+                # this rank's share of the global batch mean: the ranks' gradients then simply add up
+                loss, correct_b, grads = _step_grads(params, x, y, cfg, tc, dev_rng, epoch < tc.head_epochs,
+                                                     weight=len(y) / tc.batch_size)
+                tally.add(loss, correct_b, len(y))
+                if tally.due():
+                    check(tally)
+                now = time.perf_counter()
+                want_stop = flag.stop or (time_limit is not None and now - t_start > time_limit)
+                # rank 0's clock decides a mid-epoch save; the vote makes every rank take part in it
+                want_save = w.lead and save_every is not None and now - t_saved > save_every
+                grads, votes = w.sum_grads(grads, [float(want_stop), float(want_save)])  # one Allreduce per step
+                if tc.clip:
+                    clip_grad_norm(grads, tc.clip)
+                opt.step({k: params[k] for k in grads}, grads, lr=lr)
+                if ema is not None:
+                    _ema_update(ema, params, min(tc.ema, (1 + step) / (10 + step)))  # timm's warm-up
+                step, batch, ran_steps = step + 1, batch + 1, ran_steps + 1
+                images_seen += tc.batch_size
+                train_time += time.perf_counter() - t_step
+                rate = images_seen / train_time
+                bar.update(1, loss=f"{tally.mean_loss():.4f}", img_s=f"{rate:.0f}")
+                if votes[0] > 0 or (max_steps is not None and ran_steps >= max_steps):  # all ranks agree
+                    stopped = True
+                    break
+                if votes[1] > 0 and batch < steps_per_epoch:  # a hard kill now loses at most save_every
+                    check(tally)
+                    save(epoch, batch)
+            bar.close()
+            check(tally)  # the steps not read yet, before anything is saved
+            if stopped and batch < steps_per_epoch:
+                save(epoch, batch)  # mid-epoch: resume continues from this batch
+                break
+            epoch, batch = epoch + 1, 0
+            rec = {"epoch": epoch, "step": step, "lr": lr, "train_loss": tally.mean_loss(),
+                   "train_accuracy": tally.correct / max(tally.seen, 1),
+                   "epoch_seconds": time.perf_counter() - t_epoch}
+            ebar = Progress(len(test.labels), "  evaluating", unit="img", disable=quiet)
+            rec["test_accuracy"] = evaluate(ema or params, cfg, test, xp, progress=ebar, world=w)
+            ebar.close()
+            history.append(rec)
+            files.write_log(history)
+            if not quiet:
+                print(f"epoch {epoch}/{tc.epochs}: loss {rec['train_loss']:.4f}  train acc "
+                      f"{rec['train_accuracy']:.4f}  test acc {rec['test_accuracy']:.4f}  "
+                      f"({rec['epoch_seconds']:.0f} s)", file=sys.stderr)
+            save(epoch, 0)
+    seconds = time.perf_counter() - t_start
+    done = epoch >= tc.epochs
+    final = files.out / "model.npz"
+    if done:  # a slim copy (no optimizer state) for evaluate.py / predict.py
+        test_acc = history[-1]["test_accuracy"]
+        files.write("the final model", final,
+                    lambda: save_checkpoint(final, ema or params, cfg, dict(meta, test_accuracy=test_acc,
+                                                                             history=history, ema=tc.ema)))
+    return {"test_accuracy": history[-1]["test_accuracy"] if history else None,
+            "epochs": epoch, "steps": step, "train_seconds": seconds,
+            "images_per_second": images_seen / train_time if train_time > 0 else 0.0,
+            "checkpoint": str(final if done else ckpt_path), "stopped_early": not done,
+            "params": ema or params}
+
+
+class _RunFiles:
+    """A run's output folder (checked writable at start-up) and its files. A write the system refuses
+    (full disk, quota, ...) ends the run with one line naming the last good checkpoint and how to
+    resume from it; atomic writes leave that checkpoint and the log whole."""
+
+    def __init__(self, out_dir, active=True):
+        self.active = active  # False on MPI ranks other than 0: they write nothing
+        self.out = prepare_out_dir(out_dir) if active else Path(out_dir)
+        self.ckpt, self.log = self.out / "checkpoint.npz", self.out / "metrics.jsonl"
+        self.good = None  # (path, step) of the last checkpoint known to be whole
+
+    def last_good(self) -> str:
+        """Where the run can be resumed from, in words."""
+        if self.good is None:
+            return "no checkpoint was written yet"
+        path, step = self.good
+        return f"the last good checkpoint is {path} (step {step}): continue with --resume {path}"
+
+    def write(self, what, path, write_fn):
+        """write_fn() (an atomic write of path); an OSError becomes one TinyViTError."""
+        if not self.active:
+            return
+        try:
+            write_fn()
+        except OSError as e:
+            raise TinyViTError(f"cannot write {what} {path}: {describe_os_error(e, about=path)}; {self.last_good()}") from None
+
+    def checkpoint(self, write_fn, step):
+        """Write the training checkpoint; on success it is the last good one."""
+        self.write("the checkpoint", self.ckpt, write_fn)
+        self.good = (self.ckpt, step)
+
+    def write_log(self, history):
+        """metrics.jsonl as one JSON line per finished epoch (rewritten whole, atomically)."""
+        text = "".join(json.dumps(rec) + "\n" for rec in history).encode()
+        self.write("the log", self.log, lambda: atomic_write(self.log, lambda f: f.write(text)))
+
+
+DEVICE_READ_EVERY = 10  # on CuPy, steps between host reads of the loss (each read stalls the GPU)
+
+
+class _Tally:
+    """An epoch's summed loss and correct count, added where they were computed (on the GPU under
+    CuPy) and read to the host in one transfer every `every` steps."""
+
+    def __init__(self, every, world=None):
+        self.every, self.pending, self.unread, self.unread_n = every, None, 0, 0
+        self.world = world or World()
+        self.loss_sum, self.correct, self.seen = 0.0, 0, 0
+
+    def add(self, loss, correct, n):
+        """Count one step: its mean loss and correct count (0-d arrays) over n images."""
+        xp = get_array_module(loss)
+        v = xp.stack([loss.astype(xp.float64) * n, correct.astype(xp.float64)])  # (loss sum, correct)
+        self.pending = v if self.pending is None else self.pending + v
+        self.unread, self.unread_n = self.unread + 1, self.unread_n + n
+
+    def due(self) -> bool:
+        """True when `every` steps wait to be read."""
+        return self.unread >= self.every
+
+    def read(self) -> float:
+        """Bring the waiting sums to the host (one transfer); return their mean loss (nan/inf kept)."""
+        if self.pending is None:
+            return 0.0
+        sums = np.append(to_numpy(self.pending).astype(np.float64), self.unread_n)
+        loss_sum, correct, seen = (float(v) for v in self.world.sum_(sums))  # every rank's steps
+        seen = int(seen)
+        self.pending, self.unread, self.unread_n = None, 0, 0
+        self.loss_sum, self.correct, self.seen = self.loss_sum + loss_sum, self.correct + int(correct), self.seen + seen
+        return loss_sum / max(seen, 1)
+
+    def mean_loss(self) -> float:
+        """Mean loss per image over the steps read so far."""
+        return self.loss_sum / max(self.seen, 1)
+
+
+def _step_grads(params, x, y, cfg, tc, rng, head_only, weight=1.0):
+    """Mean loss, correct count (0-d arrays, left on the device) and the gradients of weight x the
+    mean loss of one batch, over tc.grad_accum micro-batches."""
+    k = tc.grad_accum
+    if len(y) % k:
+        raise TinyViTError(f"batch size {len(y)} is not divisible by grad_accum {k}")
+    m = len(y) // k
+    total_loss, correct, grads = 0, 0, None
+    for i in range(k):
+        xb, yb = x[i * m:(i + 1) * m], y[i * m:(i + 1) * m]
+        logits, cache = vit_forward(params, xb, cfg, train=True, rng=rng)
+        loss, ce_cache = cross_entropy_forward(logits, yb, tc.label_smoothing)
+        dlogits = cross_entropy_backward(weight / k, ce_cache)  # the batch mean is the mean of micro means
+        if head_only:  # backbone frozen: only the head's gradient
+            g = head_backward(dlogits, cache)
+        else:
+            g = vit_backward(dlogits, cache)
+        if grads is None:
+            grads = g
+        else:
+            for name, v in g.items():
+                grads[name] += v
+        total_loss = total_loss + loss / k  # no float(): that would be a host read per micro-batch
+        correct = correct + (logits.argmax(axis=1) == yb).sum()
+    return total_loss, correct, grads
+
+
+_EMA = "ema/"  # the EMA weights' prefix among a checkpoint's optimizer-state entries
+
+
+def _ema_update(ema, params, decay):
+    """ema = decay * ema + (1 - decay) * params, in place, on the backend."""
+    for k, e in ema.items():
+        e *= decay
+        e += (1.0 - decay) * params[k]
+
+
+def _resume(path, params, cfg, tc, opt, rng):
+    """Load a training checkpoint's params, optimizer and RNG state; check it is the same run."""
+    p, ckpt_cfg, meta = load_checkpoint(path)
+    state = meta.get("train_state")
+    if state is None:
+        raise TinyViTError(f"{path}: holds no training state (a model-only file cannot be resumed)")
+    if ckpt_cfg != cfg:
+        raise TinyViTError(f"{path}: model config differs from this run's ({ckpt_cfg} vs {cfg})")
+    try:  # the metadata is untrusted JSON: any wrong shape of it is a bad file
+        saved = TrainConfig(**state["train_config"])
+        position = tuple(state[k] for k in ("epoch", "batch", "step"))
+        history = state["history"]
+        if not all(type(v) is int and v >= 0 for v in position) or not isinstance(history, list):
+            raise TypeError("epoch/batch/step must be ints >= 0 and history a list")
+    except (TypeError, KeyError) as e:
+        raise TinyViTError(f"{path}: corrupt training state in metadata ({type(e).__name__}: {e})") from None
+    extended = dataclasses.replace(saved, epochs=tc.epochs) == tc and tc.epochs > saved.epochs
+    if saved != tc and not extended:  # more epochs extend the run; anything else is another run
+        diff = {k: (v, getattr(tc, k)) for k, v in dataclasses.asdict(saved).items() if getattr(tc, k) != v}
+        raise TinyViTError(f"{path}: training settings differ from this run's (saved, now): {diff}")
+    opt_state = load_optimizer_state(path)
+    ema = {}
+    for key in [k for k in opt_state if k.startswith(_EMA)]:
+        name = key[len(_EMA):]
+        if name not in params:
+            raise TinyViTError(f"{path}: unexpected entry {key!r} in the training state")
+        ema[name] = opt_state.pop(key).astype(params[name].dtype)
+    if tc.ema and set(ema) != set(params):
+        raise TinyViTError(f"{path}: holds no complete EMA of the weights, which this run (--ema) needs")
+    opt.load_state_dict(opt_state)
+    try:
+        rng.bit_generator.state = state["rng"]
+    except (TypeError, ValueError, KeyError) as e:
+        raise TinyViTError(f"{path}: corrupt training state in metadata (rng: {e})") from None
+    p = {k: v.astype(params[k].dtype, copy=False) for k, v in p.items()}
+    return p, opt, rng, (*position, history), (ema or None)
