@@ -64,121 +64,142 @@ def fit(params, cfg, tc: TrainConfig, xp, train: ArrayDataset, test: ArrayDatase
     stopped_early). With `resume`, continues the run saved in that checkpoint exactly. A checkpoint
     is written at each epoch's end and, with `save_every` (seconds), also that often within an epoch.
     """
-    w = world()  # MPI ranks (tinyvit.train.dist); one process without a launcher
-    quiet = quiet or not w.lead  # only rank 0 prints, logs and writes files
-    files = _RunFiles(out_dir, active=w.lead)
-    ckpt_path = files.ckpt
-    opt = tc.make_optimizer()
-    rng = np.random.default_rng(tc.seed)  # dropout; its state travels in the checkpoint
-    epoch, batch, step, history = 0, 0, 0, []
-    ema = None
-    if resume:
-        params, opt, rng, (epoch, batch, step, history), ema = _resume(resume, params, cfg, tc, opt, rng)
-        files.good = (Path(resume), step)
-        # the log restarts from the checkpoint's history: epochs logged after it (by a run killed
-        # before its next checkpoint) are run again and must not appear twice
-        files.write_log(history)
-    if w.rank:  # other ranks draw their own dropout masks, reproducibly (rank 0's state is the saved one)
-        rng = np.random.default_rng([tc.seed, w.rank, step])
-    params = to_device(params, xp)
-    if tc.ema:  # evaluated and saved in place of the weights; its state travels in the checkpoint
-        ema = to_device(ema, xp) if ema is not None else {k: v.copy() for k, v in params.items()}
-    dev_rng = rng if xp is np else xp.random.default_rng(tc.seed + step)
-    steps_per_epoch = num_batches(len(train.labels), tc.batch_size, drop_last=True)
-    if steps_per_epoch == 0:
-        raise TinyViTError(f"the training set ({len(train.labels)} images) is smaller than one batch ({tc.batch_size})")
-    schedule = run_schedule(tc, steps_per_epoch, say=w.lead)  # an extended run: stretched over the new length
-    meta = dict(meta or {})
-    t_start, images_seen, stopped = time.perf_counter(), 0, False
-    ran_steps, train_time = 0, 0.0  # train_time: seconds in training steps (no evaluation)
-    t_saved = t_start  # when the last checkpoint was written (or the run began)
+    run = _Run(params, cfg, tc, xp, len(train.labels), out_dir, meta, resume, quiet)
+    with _StopFlag() as flag:
+        while run.epoch < tc.epochs and not run.stopped:
+            tally, t_epoch = run.train_epoch(train, flag, time_limit, save_every, max_steps)
+            if run.stopped and run.batch < run.steps_per_epoch:
+                run.save()  # mid-epoch: resume continues from this batch
+                break
+            run.end_epoch(tally, t_epoch, test)
+    return run.finish()
 
-    def save(e, b):
-        nonlocal t_saved
-        m = dict(meta, train_state=_train_state(e, b, step, rng, history, tc))
-        state = dict(opt.state_dict(), **{_EMA + k: v for k, v in (ema or {}).items()})
-        files.checkpoint(lambda: save_checkpoint(ckpt_path, params, cfg, m, state), step)
-        t_saved = time.perf_counter()  # --save-every counts from the last checkpoint
 
-    def check(tally):  # read the steps' losses (one host read); stop before a non-finite one is kept
+class _Run:
+    """One training run's state between steps: weights, optimizer, RNGs, EMA, position, log, files."""
+
+    def __init__(self, params, cfg, tc, xp, n_train, out_dir, meta, resume, quiet):
+        self.w = w = world()  # MPI ranks (tinyvit.train.dist); one process without a launcher
+        self.cfg, self.tc, self.xp = cfg, tc, xp
+        self.quiet = quiet or not w.lead  # only rank 0 prints, logs and writes files
+        self.files = _RunFiles(out_dir, active=w.lead)
+        self.opt = tc.make_optimizer()
+        self.rng = np.random.default_rng(tc.seed)  # dropout; its state travels in the checkpoint
+        self.epoch, self.batch, self.step, self.history, ema = 0, 0, 0, [], None
+        if resume:
+            params, self.opt, self.rng, (self.epoch, self.batch, self.step, self.history), ema = _resume(
+                resume, params, cfg, tc, self.opt, self.rng)
+            self.files.good = (Path(resume), self.step)
+            # the log restarts from the checkpoint's history: epochs logged after it (by a run killed
+            # before its next checkpoint) are run again and must not appear twice
+            self.files.write_log(self.history)
+        if w.rank:  # other ranks draw their own dropout masks, reproducibly (rank 0's state is the saved one)
+            self.rng = np.random.default_rng([tc.seed, w.rank, self.step])
+        self.params = to_device(params, xp)
+        self.ema = None
+        if tc.ema:  # evaluated and saved in place of the weights; its state travels in the checkpoint
+            self.ema = to_device(ema, xp) if ema is not None else {k: v.copy() for k, v in self.params.items()}
+        self.dev_rng = self.rng if xp is np else xp.random.default_rng(tc.seed + self.step)
+        self.steps_per_epoch = num_batches(n_train, tc.batch_size, drop_last=True)
+        if self.steps_per_epoch == 0:
+            raise TinyViTError(f"the training set ({n_train} images) is smaller than one batch ({tc.batch_size})")
+        self.schedule = run_schedule(tc, self.steps_per_epoch, say=w.lead)  # extended: over the new length
+        self.meta = dict(meta or {})
+        self.t_start = self.t_saved = time.perf_counter()  # t_saved: the last checkpoint (or the start)
+        self.images_seen, self.stopped, self.ran_steps, self.train_time, self.lr = 0, False, 0, 0.0, None
+
+    def save(self):
+        """The resumable checkpoint at the current position."""
+        m = dict(self.meta, train_state=_train_state(self.epoch, self.batch, self.step, self.rng, self.history,
+                                                      self.tc))
+        state = dict(self.opt.state_dict(), **{_EMA + k: v for k, v in (self.ema or {}).items()})
+        self.files.checkpoint(lambda: save_checkpoint(self.files.ckpt, self.params, self.cfg, m, state), self.step)
+        self.t_saved = time.perf_counter()  # --save-every counts from the last checkpoint
+
+    def check(self, tally):
+        """Read the steps' losses (one host read); stop before a non-finite one is kept."""
         loss = tally.read()
         if not math.isfinite(loss):
-            save_note = files.last_good()
-            also = "" if xp is np else " (on CuPy, NaN or Inf images also end here: they are not checked per batch)"
-            raise TinyViTError(f"training diverged: loss is {loss} at epoch {epoch + 1}, step {step} "
-                               f"(lr {lr:.3g}); {save_note}; try a lower --lr or --clip 1.0{also}")
+            also = "" if self.xp is np else " (on CuPy, NaN or Inf images also end here: they are not checked per batch)"
+            raise TinyViTError(f"training diverged: loss is {loss} at epoch {self.epoch + 1}, step {self.step} "
+                               f"(lr {self.lr:.3g}); {self.files.last_good()}; try a lower --lr or --clip 1.0{also}")
 
-    with _StopFlag() as flag:
-        while epoch < tc.epochs and not stopped:
-            bar = Progress(steps_per_epoch, f"epoch {epoch + 1}/{tc.epochs}", unit="step",
-                           initial=batch, disable=quiet)
-            # NumPy on one process reads the loss every step (free); a GPU or MPI ranks every 10 steps
-            every = 1 if xp is np and w.size == 1 else DEVICE_READ_EVERY
-            tally, t_epoch = _Tally(every, w), time.perf_counter()
-            for x, y in train.batches(tc.batch_size, xp, seed=tc.seed, epoch=epoch, drop_last=True,
-                                      augment=None if tc.augment == "none" else tc.augment,
-                                      start_batch=batch, dtype=params["pos_embed"].dtype, shard=(w.rank, w.size)):
-                t_step = time.perf_counter()
-                lr = schedule(step)
-                # this rank's share of the global batch mean: the ranks' gradients then simply add up
-                loss, correct_b, grads = _step_grads(params, x, y, cfg, tc, dev_rng, epoch < tc.head_epochs,
-                                                     weight=len(y) / tc.batch_size)
-                tally.add(loss, correct_b, len(y))
-                if tally.due():
-                    check(tally)
-                now = time.perf_counter()
-                want_stop = flag.stop or (time_limit is not None and now - t_start > time_limit)
-                # rank 0's clock decides a mid-epoch save; the vote makes every rank take part in it
-                want_save = w.lead and save_every is not None and now - t_saved > save_every
-                grads, votes = w.sum_grads(grads, [float(want_stop), float(want_save)])  # one Allreduce per step
-                if tc.clip:
-                    clip_grad_norm(grads, tc.clip)
-                opt.step({k: params[k] for k in grads}, grads, lr=lr)
-                if ema is not None:
-                    _ema_update(ema, params, min(tc.ema, (1 + step) / (10 + step)))  # timm's warm-up
-                step, batch, ran_steps = step + 1, batch + 1, ran_steps + 1
-                images_seen += tc.batch_size
-                train_time += time.perf_counter() - t_step
-                rate = images_seen / train_time
-                bar.update(1, loss=f"{tally.mean_loss():.4f}", img_s=f"{rate:.0f}")
-                if votes[0] > 0 or (max_steps is not None and ran_steps >= max_steps):  # all ranks agree
-                    stopped = True
-                    break
-                if votes[1] > 0 and batch < steps_per_epoch:  # a hard kill now loses at most save_every
-                    check(tally)
-                    save(epoch, batch)
-            bar.close()
-            check(tally)  # the steps not read yet, before anything is saved
-            if stopped and batch < steps_per_epoch:
-                save(epoch, batch)  # mid-epoch: resume continues from this batch
+    def train_epoch(self, train, flag, time_limit, save_every, max_steps):
+        """The rest of this epoch's steps, or until a stop -> (its tally, its start time)."""
+        tc, w = self.tc, self.w
+        bar = Progress(self.steps_per_epoch, f"epoch {self.epoch + 1}/{tc.epochs}", unit="step",
+                       initial=self.batch, disable=self.quiet)
+        # NumPy on one process reads the loss every step (free); a GPU or MPI ranks every 10 steps
+        tally = _Tally(1 if self.xp is np and w.size == 1 else DEVICE_READ_EVERY, w)
+        t_epoch = time.perf_counter()
+        for x, y in train.batches(tc.batch_size, self.xp, seed=tc.seed, epoch=self.epoch, drop_last=True,
+                                  augment=None if tc.augment == "none" else tc.augment, start_batch=self.batch,
+                                  dtype=self.params["pos_embed"].dtype, shard=(w.rank, w.size)):
+            t_step = time.perf_counter()
+            votes = self.train_step(x, y, tally, flag, time_limit, save_every)
+            self.images_seen += tc.batch_size
+            self.train_time += time.perf_counter() - t_step
+            bar.update(1, loss=f"{tally.mean_loss():.4f}", img_s=f"{self.images_seen / self.train_time:.0f}")
+            if votes[0] > 0 or (max_steps is not None and self.ran_steps >= max_steps):  # all ranks agree
+                self.stopped = True
                 break
-            epoch, batch = epoch + 1, 0
-            rec = {"epoch": epoch, "step": step, "lr": lr, "train_loss": tally.mean_loss(),
-                   "train_accuracy": tally.correct / max(tally.seen, 1),
-                   "epoch_seconds": time.perf_counter() - t_epoch}
-            ebar = Progress(len(test.labels), "  evaluating", unit="img", disable=quiet)
-            rec["test_accuracy"] = evaluate(ema or params, cfg, test, xp, progress=ebar, world=w)
-            ebar.close()
-            history.append(rec)
-            files.write_log(history)
-            if not quiet:
-                print(f"epoch {epoch}/{tc.epochs}: loss {rec['train_loss']:.4f}  train acc "
-                      f"{rec['train_accuracy']:.4f}  test acc {rec['test_accuracy']:.4f}  "
-                      f"({rec['epoch_seconds']:.0f} s)", file=sys.stderr)
-            save(epoch, 0)
-    seconds = time.perf_counter() - t_start
-    done = epoch >= tc.epochs
-    final = files.out / "model.npz"
-    if done:  # a slim copy (no optimizer state) for evaluate.py / predict.py
-        test_acc = history[-1]["test_accuracy"]
-        files.write("the final model", final,
-                    lambda: save_checkpoint(final, ema or params, cfg, dict(meta, test_accuracy=test_acc,
-                                                                             history=history, ema=tc.ema)))
-    return {"test_accuracy": history[-1]["test_accuracy"] if history else None,
-            "epochs": epoch, "steps": step, "train_seconds": seconds,
-            "images_per_second": images_seen / train_time if train_time > 0 else 0.0,
-            "checkpoint": str(final if done else ckpt_path), "stopped_early": not done,
-            "params": ema or params}
+            if votes[1] > 0 and self.batch < self.steps_per_epoch:  # a hard kill now loses at most save_every
+                self.check(tally)
+                self.save()
+        bar.close()
+        self.check(tally)  # the steps not read yet, before anything is saved
+        return tally, t_epoch
+
+    def train_step(self, x, y, tally, flag, time_limit, save_every):
+        """One optimizer step on a batch (every rank its share) -> the ranks' (stop, save) votes."""
+        tc, w = self.tc, self.w
+        self.lr = self.schedule(self.step)
+        # this rank's share of the global batch mean: the ranks' gradients then simply add up
+        loss, correct, grads = _step_grads(self.params, x, y, self.cfg, tc, self.dev_rng, self.epoch < tc.head_epochs,
+                                           weight=len(y) / tc.batch_size)
+        tally.add(loss, correct, len(y))
+        if tally.due():
+            self.check(tally)
+        now = time.perf_counter()
+        want_stop = flag.stop or (time_limit is not None and now - self.t_start > time_limit)
+        # rank 0's clock decides a mid-epoch save; the vote makes every rank take part in it
+        want_save = w.lead and save_every is not None and now - self.t_saved > save_every
+        grads, votes = w.sum_grads(grads, [float(want_stop), float(want_save)])  # one Allreduce per step
+        if tc.clip:
+            clip_grad_norm(grads, tc.clip)
+        self.opt.step({k: self.params[k] for k in grads}, grads, lr=self.lr)
+        if self.ema is not None:
+            _ema_update(self.ema, self.params, min(tc.ema, (1 + self.step) / (10 + self.step)))  # timm's warm-up
+        self.step, self.batch, self.ran_steps = self.step + 1, self.batch + 1, self.ran_steps + 1
+        return votes
+
+    def end_epoch(self, tally, t_epoch, test):
+        """Log the finished epoch with its test accuracy, then checkpoint it."""
+        self.epoch, self.batch = self.epoch + 1, 0
+        rec = {"epoch": self.epoch, "step": self.step, "lr": self.lr, "train_loss": tally.mean_loss(),
+               "train_accuracy": tally.correct / max(tally.seen, 1), "epoch_seconds": time.perf_counter() - t_epoch}
+        ebar = Progress(len(test.labels), "  evaluating", unit="img", disable=self.quiet)
+        rec["test_accuracy"] = evaluate(self.ema or self.params, self.cfg, test, self.xp, progress=ebar, world=self.w)
+        ebar.close()
+        self.history.append(rec)
+        self.files.write_log(self.history)
+        if not self.quiet:
+            print(f"epoch {self.epoch}/{self.tc.epochs}: loss {rec['train_loss']:.4f}  train acc "
+                  f"{rec['train_accuracy']:.4f}  test acc {rec['test_accuracy']:.4f}  "
+                  f"({rec['epoch_seconds']:.0f} s)", file=sys.stderr)
+        self.save()
+
+    def finish(self) -> dict:
+        """The final slim model (when every epoch ran) and the run's summary."""
+        seconds, done = time.perf_counter() - self.t_start, self.epoch >= self.tc.epochs
+        final, weights = self.files.out / "model.npz", self.ema or self.params
+        if done:  # a slim copy (no optimizer state) for evaluate.py / predict.py
+            m = dict(self.meta, test_accuracy=self.history[-1]["test_accuracy"], history=self.history, ema=self.tc.ema)
+            self.files.write("the final model", final, lambda: save_checkpoint(final, weights, self.cfg, m))
+        return {"test_accuracy": self.history[-1]["test_accuracy"] if self.history else None,
+                "epochs": self.epoch, "steps": self.step, "train_seconds": seconds,
+                "images_per_second": self.images_seen / self.train_time if self.train_time > 0 else 0.0,
+                "checkpoint": str(final if done else self.files.ckpt), "stopped_early": not done, "params": weights}
 
 
 class _RunFiles:
