@@ -27,21 +27,11 @@ from tinyvit.data.transform import eval_transform
 from tinyvit.errors import TinyViTError
 from tinyvit.io.convert import load_model
 from tinyvit.io.files import atomic_write, prepare_out_dir
+from tinyvit.io.labels import class_names
 from tinyvit.nn.model import attention_maps, vit_forward
 from tinyvit.viz import attention_figure, attention_rollout, input_view
 
 INVERT = {"auto": None, "yes": True, "no": False}
-
-
-def class_names(meta, num_classes, source):
-    """Names from the checkpoint's meta class_names, else the indices as strings."""
-    names = meta.get("class_names")
-    if names is None:
-        return [str(i) for i in range(num_classes)]
-    if not isinstance(names, list) or len(names) != num_classes:
-        n = len(names) if isinstance(names, list) else type(names).__name__
-        raise TinyViTError(f"{source}: class_names has {n} entries, the model has {num_classes} classes")
-    return [str(n) for n in names]
 
 
 def softmax(logits):
@@ -130,7 +120,7 @@ def main():
         prepare_out_dir(Path(args.attention_map).parent, "the --attention-map folder")
     params, cfg, meta = load_model(args.checkpoint, hint="predict.py takes the checkpoint first, then images")
     t = eval_transform(meta, cfg.in_chans, args.checkpoint)  # the one fine-tuning and evaluate.py use
-    names = class_names(meta, cfg.num_classes, args.checkpoint)
+    names = class_names(meta, cfg.num_classes, args.checkpoint) or [str(i) for i in range(cfg.num_classes)]
     invert, dataset = INVERT[args.invert], meta.get("dataset")
     max_pixels = int(args.max_megapixels * 1e6)
     want_maps = args.attention_map is not None

@@ -15,8 +15,8 @@ from tinyvit import init_params
 from tinyvit.data.decode import crop_box, load_image
 from tinyvit.data.transform import EvalTransform
 from tinyvit.io.checkpoint import load_checkpoint, save_checkpoint
-from tinyvit.io.convert import class_names_for, convert
-from tinyvit.io.labels import imagenet_classes
+from tinyvit.io.convert import convert
+from tinyvit.io.labels import class_names_for, imagenet_classes
 from tinyvit.nn.model import ViTConfig
 from tinyvit.viz import BICUBIC, attention_figure, attention_layout, colormap, input_view, model_view, normalise_heat, panel_size
 

@@ -55,6 +55,16 @@ def num_batches(n, batch_size, drop_last=False):
     return n // batch_size if drop_last else -(-n // batch_size)
 
 
+def batch_plan(n, batch_size, *, shuffle=True, seed=0, epoch=0, drop_last=False, start_batch=0, shard=(0, 1)):
+    """An epoch's batches as (positions, image indices): the order seeded by (seed, epoch), cut into
+    batches from start_batch on, each this rank's part (shard=(rank, size)). The positions (a slice
+    of the epoch's order) index the per-position augmentation, the same on every rank."""
+    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    for start in range(start_batch * batch_size, num_batches(n, batch_size, drop_last) * batch_size, batch_size):
+        sl = slice(*shard_bounds(start, min(start + batch_size, n), shard))
+        yield sl, order[sl]
+
+
 def iterate_batches(images, labels, batch_size, xp, *, mean, std, shuffle=True, seed=0, epoch=0,
                     drop_last=False, augment=None, img_size=None, dtype=np.float32,
                     max_shift=2, crop_pad=4, start_batch=0, shard=(0, 1)):
@@ -80,7 +90,6 @@ def iterate_batches(images, labels, batch_size, xp, *, mean, std, shuffle=True, 
             and np.isfinite(np.asarray(std, np.float64)).all()):
         raise TinyViTError(f"mean/std must be finite with std > 0, got mean {tuple(mean)}, std {tuple(std)}")
     scale, shift = normaliser(mean, std, xp, dtype)
-    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
     aug_rng = np.random.default_rng([seed, epoch, 1])  # per position in the epoch, all drawn now
     pad = max_shift if augment == "shift" else crop_pad
     maps = random_affine(aug_rng, n, translate=max_shift) if augment == "affine" else None
@@ -89,10 +98,8 @@ def iterate_batches(images, labels, batch_size, xp, *, mean, std, shuffle=True, 
     on_host = get_array_module(images) is np
     labels = np.asarray(labels) if isinstance(labels, (list, tuple)) else labels
     labels_on_host = get_array_module(labels) is np
-    stop = num_batches(n, batch_size, drop_last) * batch_size
-    for start in range(start_batch * batch_size, stop, batch_size):
-        sl = slice(*shard_bounds(start, min(start + batch_size, n), shard))
-        idx = order[sl]
+    for sl, idx in batch_plan(n, batch_size, shuffle=shuffle, seed=seed, epoch=epoch, drop_last=drop_last,
+                              start_batch=start_batch, shard=shard):
         x = xp.asarray(images[idx] if on_host else images[xp.asarray(idx)])  # uint8, one batch
         if x.ndim == 3:
             x = x[:, None]  # (B, 1, H, W)

@@ -126,17 +126,24 @@ def auto_invert(x):
     return float(x[ring].mean()) > float(x[c0:c1, c0:c1].mean())
 
 
+def model_pixels(img, size, channels, path="image", box=None, **geometry):
+    """The one decode pipeline (prediction, evaluation and training): a Pillow image in any mode ->
+    (size, size, channels) float32 in [0, 1]: standard mode, luminance for 1 channel, then the eval
+    geometry (eval_resize's keywords), or a bicubic resize of the crop box (training's), alpha composited."""
+    img = standard_mode(img, path)
+    if channels == 1 and img.mode in ("RGB", "RGBA"):
+        img = img.convert("LA" if img.mode == "RGBA" else "L")  # luminance, alpha kept
+    img = eval_resize(img, size, **geometry) if box is None else img.resize((size, size), BICUBIC, box=box)
+    x = to_array(img)  # (S, S, 1 or 3)
+    return x if x.shape[-1] == channels else np.repeat(x, channels, axis=-1)  # grayscale into an RGB model
+
+
 def image_to_input(img, cfg, t: EvalTransform, invert=None, dataset=None, path="image"):
     """A decoded Pillow image -> normalised float32 (1, C, S, S) for the model (rules: module doc)."""
     S, C = cfg.img_size, cfg.in_chans
     if C not in (1, 3):
         raise TinyViTError(f"models with {C} input channels are not supported (1 or 3)")
-    img = standard_mode(img, path)
-    if C == 1 and img.mode in ("RGB", "RGBA"):
-        img = img.convert("LA" if img.mode == "RGBA" else "L")  # luminance, alpha kept
-    x = to_array(eval_resize(img, S, **t.geometry()))  # (S, S, 1 or 3)
-    if x.shape[-1] != C:
-        x = np.repeat(x, C, axis=-1)  # grayscale image into an RGB model
+    x = model_pixels(img, S, C, path, **t.geometry())  # (S, S, C)
     if invert is None:
         invert = dataset == "mnist" and auto_invert(x)
     if invert:

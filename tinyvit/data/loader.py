@@ -16,8 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ..errors import TinyViTError
-from .batches import normaliser, num_batches, shard_bounds
-from .decode import BICUBIC, MAX_PIXELS, eval_resize, open_image, standard_mode, to_array
+from .batches import batch_plan, normaliser
+from .decode import MAX_PIXELS, model_pixels, open_image
 from .folders import ImageList, Warnings
 
 
@@ -38,18 +38,11 @@ def random_resized_box(w, h, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
 
 
 def decode(path, size, channels=3, crop_pct=0.875, rng=None, resize="shortest_edge", interpolation="bicubic"):
-    """One image file -> uint8 (C, size, size): the eval transform (images.eval_resize, the one
-    predict.py and the exports use), or (rng given) the train one."""
-    img = standard_mode(open_image(path, MAX_PIXELS), path)
-    if channels == 1 and img.mode in ("RGB", "RGBA"):
-        img = img.convert("LA" if img.mode == "RGBA" else "L")
-    if rng is None:
-        img = eval_resize(img, size, resize, crop_pct, interpolation)
-    else:
-        img = img.resize((size, size), BICUBIC, box=random_resized_box(*img.size, rng))
-    x = to_array(img)  # (S, S, c) in [0, 1], alpha composited
-    if x.shape[-1] != channels:
-        x = np.repeat(x, channels, axis=-1)  # grayscale file into an RGB model
+    """One image file -> uint8 (C, size, size): the eval transform (decode.model_pixels, as predict.py
+    and the exports), or (rng given) the train one: a random resized crop, then a flip with p = 0.5."""
+    img = open_image(path, MAX_PIXELS)
+    box = None if rng is None else random_resized_box(*img.size, rng)
+    x = model_pixels(img, size, channels, path, box, resize=resize, crop_pct=crop_pct, interpolation=interpolation)
     if rng is not None and rng.random() < 0.5:
         x = x[:, ::-1]
     return np.rint(x * 255.0).astype(np.uint8).transpose(2, 0, 1)
@@ -103,21 +96,17 @@ class FolderDataset:
         """Yield (x float NCHW normalised, y int64) on xp; augment (anything but None/'none') trains.
         shard=(rank, size): this rank's part of each batch, with the whole batch's crops."""
         train = augment not in (None, "none")
-        n = len(self.images)
-        order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
-        stop = num_batches(n, batch_size, drop_last) * batch_size
-        starts = range(start_batch * batch_size, stop, batch_size)
         scale, shift = normaliser(self.mean, self.std, xp, dtype)
+        todo = batch_plan(len(self.images), batch_size, shuffle=shuffle, seed=seed, epoch=epoch,
+                          drop_last=drop_last, start_batch=start_batch, shard=shard)
         with ThreadPoolExecutor(self.workers) as pool:
             pending = deque()
-            todo = iter(starts)
 
             def submit():
-                s = next(todo, None)
-                if s is not None:
-                    a, b = shard_bounds(s, min(s + batch_size, n), shard)
-                    idx = [i for i in order[a:b] if self.images.paths[i] not in self.images.bad]
-                    pending.append(pool.submit(self._decode_batch, idx, train, seed, epoch, a))
+                sl, order = next(todo, (None, None))
+                if sl is not None:
+                    idx = [i for i in order if self.images.paths[i] not in self.images.bad]
+                    pending.append(pool.submit(self._decode_batch, idx, train, seed, epoch, sl.start))
 
             for _ in range(self.workers + 1):  # a bounded prefetch: decoded batches wait, at most this many
                 submit()

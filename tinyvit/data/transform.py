@@ -3,15 +3,16 @@ metadata; no Pillow here (the exporters use it too)."""
 from dataclasses import dataclass
 
 from ..errors import TinyViTError
+from .mnist import MNIST_MEAN, MNIST_STD
 
-DEFAULT_MEAN = {1: (0.1307,), 3: (0.5, 0.5, 0.5)}  # MNIST's for 1 channel, 0.5 for 3
-DEFAULT_STD = {1: (0.3081,), 3: (0.5, 0.5, 0.5)}
+# the one default rule, for a checkpoint that states none: MNIST's for 1 channel, 0.5 otherwise
+DEFAULT_MEAN, DEFAULT_STD = {1: MNIST_MEAN}, {1: MNIST_STD}
 
 
 def normalisation(meta, in_chans, source="checkpoint"):
     """(mean, std) tuples from checkpoint meta, else MNIST's (1 channel) or 0.5 (3 channels)."""
     mean = meta.get("mean", DEFAULT_MEAN.get(in_chans, (0.5,) * in_chans))
-    std = meta.get("std", DEFAULT_STD.get(in_chans, (0.5,) * in_chans))
+    std = meta.get("std", DEFAULT_STD.get(in_chans, (0.5,) * in_chans))  # 0.5: Google's ViTs and ours
     try:
         mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
     except (TypeError, ValueError):

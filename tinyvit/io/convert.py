@@ -17,7 +17,7 @@ from ..errors import TinyViTError, input_file
 from ..nn.model import ViTConfig, param_shapes
 from .checkpoint import check_params, load_checkpoint, read_npz
 from .filekind import file_kind
-from .labels import NUM_IMAGENET_CLASSES, imagenet_classes
+from .labels import class_names_for
 from .safetensors import read_safetensors
 from .sidecar import stated
 from .torchzip import load_torch_zip
@@ -308,16 +308,6 @@ def to_timm(state, fmt="auto", heads=None, ln_eps=None, source="weights"):
     check_params(params, cfg, where)
     params = {k: params[k] for k in param_shapes(cfg)}
     return params, cfg, dict(format=fmt, dropped=dropped, notes=notes, heads_from=heads_from)
-
-
-def class_names_for(id2label, num_classes, trained_head=True):
-    """An HF id2label with real names, else ImageNet-1k's for a trained 1000-class head, else class_i."""
-    names = [f"class_{i}" for i in range(num_classes)]
-    if trained_head and isinstance(id2label, dict) and len(id2label) == num_classes:
-        got = [str(id2label.get(str(i), names[i])) for i in range(num_classes)]
-        if not all(re.fullmatch(r"(LABEL|class)_?\d+", n) for n in got):  # HF's LABEL_i are no names
-            return got
-    return imagenet_classes() if trained_head and num_classes == NUM_IMAGENET_CLASSES else names
 
 
 def convert(src, fmt="auto", heads=None):

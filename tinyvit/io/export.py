@@ -19,6 +19,7 @@ from ..errors import TinyViTError
 from ..nn.model import ViTConfig, count_params, param_shapes
 from .checkpoint import check_params, load_checkpoint
 from .files import atomic_write
+from .labels import class_names
 from .safetensors import write_safetensors
 from .sidecar import CONVNEXT_SQUASH, PIL_RESAMPLE
 
@@ -30,18 +31,6 @@ HF_FILES = ("model.safetensors", "config.json", "preprocessor_config.json")
 
 
 # --- what the checkpoint's metadata says --------------------------------------------------------
-
-
-def class_names(meta, num_classes, source):
-    """meta's class_names checked against the head (None when absent)."""
-    names = meta.get("class_names")
-    if names is None:
-        return None
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise TinyViTError(f"{source}: class_names in the metadata is not a list of strings")
-    if len(names) != num_classes:
-        raise TinyViTError(f"{source}: class_names has {len(names)} entries, the head has {num_classes} classes")
-    return list(names)
 
 
 def mlp_ratio(cfg: ViTConfig, source="model"):

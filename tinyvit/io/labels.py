@@ -1,4 +1,5 @@
-"""Human-readable ImageNet-1k class names, in class-index (sorted-WNID) order, shipped with tinyvit.
+"""Class names: a checkpoint's own (checked), a foreign file's id2label, and ImageNet-1k's, in class-index
+(sorted-WNID) order, shipped with tinyvit.
 
 Origin of imagenet_classes.txt: the list `_IMAGENET_CATEGORIES` in torchvision/models/_meta.py,
 read as data out of the torchvision 0.29.1 wheel from PyPI (BSD-3-Clause; file
@@ -9,6 +10,7 @@ data/_info/imagenet_synsets.txt with imagenet_synset_to_lemma.txt: 998 of 1000 n
 synset's first WordNet lemma; the two others are torchvision's de-duplicated "crane bird" (134; 517
 is "crane") and "maillot tank suit" (639; 638 is "maillot").
 """
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -34,3 +36,26 @@ def _read_imagenet():
 def imagenet_classes() -> list:
     """The 1000 ImageNet-1k class names by class index (a fresh list; the file is read once)."""
     return list(_read_imagenet())
+
+
+def class_names(meta, num_classes, source):
+    """A checkpoint's class_names, checked against its head (None when it has none)."""
+    names = meta.get("class_names")
+    if names is None:
+        return None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise TinyViTError(f"{source}: class_names in the metadata is not a list of strings")
+    if len(names) != num_classes:
+        raise TinyViTError(f"{source}: class_names has {len(names)} entries, the model has {num_classes} classes")
+    return list(names)
+
+
+def class_names_for(id2label, num_classes, trained_head=True):
+    """A foreign file's id2label with real names, else ImageNet-1k's for a trained 1000-class head,
+    else class_i."""
+    names = [f"class_{i}" for i in range(num_classes)]
+    if trained_head and isinstance(id2label, dict) and len(id2label) == num_classes:
+        got = [str(id2label.get(str(i), names[i])) for i in range(num_classes)]
+        if not all(re.fullmatch(r"(LABEL|class)_?\d+", n) for n in got):  # HF's LABEL_i are no names
+            return got
+    return imagenet_classes() if trained_head and num_classes == NUM_IMAGENET_CLASSES else names
