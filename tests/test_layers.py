@@ -122,7 +122,7 @@ def test_layernorm_linear(xp, dtype, shape, out_f, bias):
     yt.backward(_t(g, dtype, grad=False))
     dev = lambda a: to_device(a.astype(dtype), xp)  # noqa: E731
     y, cache = L.layernorm_linear_forward(dev(x), dev(gam), dev(bet), dev(w), dev(b) if bias else None, 1e-6)
-    assert cache[2] == (out_f < x.size // c)  # folded exactly when w has fewer rows than x
+    assert cache.fold == (out_f < x.size // c)  # folded exactly when w has fewer rows than x
     grads = _check_no_mutation(L.layernorm_linear_backward, dev(g), cache)
     _assert_dtype(dtype, y, *grads)
     assert rel_err(y, yt.detach().numpy()) < TOL[dtype]
@@ -200,7 +200,7 @@ def test_gelu_linear(xp, dtype, kind, shape, out_f, p):
     dev = lambda a: to_device(a.astype(dtype), xp)  # noqa: E731
     out, cache = L.gelu_linear_forward(dev(x), dev(w), dev(b), kind, p, xp.random.default_rng(0), True)
     dx, dw, db = _check_no_mutation(L.gelu_linear_backward, dev(g), cache)
-    mask = 1.0 if p == 0 else to_numpy(cache[1]).astype(np.float64)
+    mask = 1.0 if p == 0 else to_numpy(cache.mask).astype(np.float64)
     assert p == 0 or 0 < (mask == 0).mean() < 1
     xt, wt, bt = (_t(a, dtype) for a in (x, w, b))
     yt = F.linear(F.gelu(xt, approximate="none" if kind == "erf" else "tanh") * torch.tensor(mask), wt, bt)
@@ -308,7 +308,7 @@ def test_attention_probs_match_torch(xp):
     qkv = F.linear(torch.tensor(x), torch.tensor(wq), torch.tensor(bq)).reshape(B, N, 3, heads, -1)
     q, k = qkv.permute(2, 0, 3, 1, 4)[:2]
     ref = torch.softmax(q @ k.transpose(-2, -1) * (C // heads) ** -0.5, dim=-1).numpy()
-    assert rel_err(L.attention_probs(cache[1]), ref) < 1e-12  # cache[1]: after the qkv linear
+    assert rel_err(L.attention_probs(cache.heads), ref) < 1e-12  # the heads' cache, after the qkv linear
 
 
 def test_attention_redoes_shifted_when_unshifted_overflows(xp):

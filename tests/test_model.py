@@ -78,8 +78,8 @@ def test_last_block_on_class_token_equals_all_tokens(xp, name):
     runs = []
     for all_tokens in (False, True):
         logits, cache = vit_forward(params, images, cfg, all_tokens=all_tokens)
-        blocks = cache.caches[0][0][2] if hasattr(cache, "caches") else cache[0][2]
-        q = blocks[-1][1][0]  # the last block's cached queries (B, H, n, D)
+        blocks = (cache.caches[0] if hasattr(cache, "caches") else cache).features.blocks
+        q = blocks[-1].attn.q  # the last block's cached queries (B, H, n, D)
         assert q.shape[2] == (cfg.num_patches + 1 if all_tokens else 1)
         runs.append((logits, vit_backward(dlogits, cache)))
     (a, ga), (b, gb) = runs
@@ -109,7 +109,7 @@ def test_backward_consumes_the_cache(monkeypatch, shards):
     dlogits = np.ones_like(logits)
     grads = vit_backward(dlogits, cache)
     caches = cache.caches if shards == "2" and blas.available() else [cache]  # one per shard
-    assert all(c[0][2] == [] for c in caches)  # every block's cache released
+    assert all(c.features.blocks == [] for c in caches)  # every block's cache released
     with pytest.raises(TinyViTError, match="already used by vit_backward"):
         vit_backward(dlogits, cache)
     _, fresh = vit_forward(params, images, cfg)

@@ -6,6 +6,7 @@ import numpy as np
 from ..backend import get_array_module
 from ..cpu.threads import ew_chunks, in_place_blocks, row_chunks
 from . import kernels
+from .caches import GeluCache
 from .special import erf, rowsum
 
 # --- GELU -------------------------------------------------------------------------------------
@@ -80,7 +81,8 @@ def _gelu_erf_inplace_block(x):
 
 
 def gelu_inplace(x, kind="erf"):
-    """GELU overwriting x, with nothing kept for backward: inference on a buffer we own."""
+    """GELU overwriting x, with nothing kept for backward: inference on a buffer we own (plain form:
+    reference.gelu_forward)."""
     if kind != "erf" or get_array_module(x) is not np:  # CuPy: one fused kernel anyway
         x[...] = gelu_forward(x, kind)[0]
         return x
@@ -92,15 +94,16 @@ def gelu_forward(x, kind="erf"):
     """GELU: exact x * Phi(x) ('erf') or torch's tanh approximation ('tanh').
 
     Both are x * c(x); the cache keeps x and c, from which backward gets GELU'(x) (as torch,
-    the derivative is left to backward, so a forward pays only for what it returns)."""
+    the derivative is left to backward, so a forward pays only for what it returns). Plain form:
+    reference.gelu_forward."""
     xp = get_array_module(x)
     if xp is not np and kind in ("erf", "tanh"):  # one fused CUDA kernel
         out, c = kernels.gelu(x, kind)
-        return out, (x, c, kind)
+        return out, GeluCache(x, c, kind)
     if kind == "erf":
         out, cdf = xp.empty_like(x, order="C"), xp.empty_like(x, order="C")
         ew_chunks(_gelu_erf_block, [x], [out, cdf])
-        return out, (x, cdf, kind)
+        return out, GeluCache(x, cdf, kind)
     if kind == "tanh":
         u = x * x
         u *= 0.044715
@@ -114,13 +117,13 @@ def gelu_forward(x, kind="erf"):
         s = xp.where(u >= 0, 1.0, e).astype(x.dtype, copy=False)
         e += 1.0
         s /= e
-        return x * s, (x, s, kind)
+        return x * s, GeluCache(x, s, kind)
     raise ValueError(f"unknown GELU kind {kind!r}: use 'erf' or 'tanh'")
 
 
 def gelu_backward(dout, cache):
-    """Return dx of gelu_forward."""
-    x, c, kind = cache
+    """Return dx of gelu_forward (plain form: reference.gelu_backward)."""
+    x, c, kind = cache.x, cache.c, cache.kind
     xp = get_array_module(x)
     if xp is not np:
         return kernels.gelu_grad(x, c, dout, kind)
@@ -144,9 +147,10 @@ def gelu_backward(dout, cache):
 
 # --- softmax ----------------------------------------------------------------------------------
 # softmax = e * r with e = exp(x - shift) and r = 1 / rowsum(e). The usual shift is the row max,
-# but a max over short rows costs NumPy ~2 exp passes. Shift 0 is as exact whenever every row sum
-# lands in [2^-60, 2^60]: nothing overflows, and any element whose exp is denormal weighs < 2^-66
-# of its row. Only rows outside that range (huge or very negative logits) need the max.
+# but NumPy's max over short rows costs more than the exp pass (docs/performance.md). Shift 0 is
+# as exact whenever every row sum lands in [2^-60, 2^60]: nothing overflows, and any element whose
+# exp is denormal weighs < 2^-66 of its row. Only rows outside that range (huge or very negative
+# logits) need the max.
 _SUM_LO, _SUM_HI = 2.0 ** -60, 2.0 ** 60
 
 
@@ -170,6 +174,7 @@ def softmax_parts(x, shift=False):
 
     Keeping the two apart lets attention scale (e @ v) by r, a pass over N x D instead of N x N.
     shift=True always subtracts the row max; by default only when a row sum leaves the safe range.
+    Plain form: reference.softmax.
     """
     xp = get_array_module(x)
     if xp is not np:  # CuPy: always shifted, three fused passes (max, sum of exp, exp)
@@ -191,14 +196,14 @@ def _scale_rows(r, y):
 
 
 def softmax_forward(x):
-    """Softmax over the last axis, stable for any finite logits."""
+    """Softmax over the last axis, stable for any finite logits (tests only; plain form: reference.softmax)."""
     y, r = softmax_parts(x)
     row_chunks(_scale_rows, [r], [y])
     return y, y
 
 
 def softmax_backward(dout, cache):
-    """Return dx of softmax_forward: y * (dout - sum(dout * y)), softmax_parts_backward with r = 1."""
+    """Return dx of softmax_forward: y * (dout - sum(dout * y)), softmax_parts_backward with r = 1 (tests only)."""
     y = cache
     xp = get_array_module(y)
     return softmax_parts_backward(dout, y, xp.ones(y.shape[:-1] + (1,), dtype=y.dtype))
@@ -218,6 +223,7 @@ def softmax_parts_backward(dr, e, r):
     """dL/dx for y = e * r = softmax(x), given dr = r * dL/dy (which attention gets for free).
 
     With y = e r: y (dy - sum(dy y)) = e (r dy - r sum(r dy e)) = e (dr - r sum(dr e)).
+    Plain form: ds in reference.attention_backward.
     """
     if get_array_module(e) is not np:
         return kernels.softmax_parts_grad(dr, e, r)

@@ -116,11 +116,12 @@ def gelu_grad(x, c, dout, kind):
     return kernel(f"gelu_{kind}_grad", x)(x, c, dout)
 
 
-def layernorm_forward(x, eps, w=None, b=None):
+def layernorm(x, eps, w=None, b=None):
     """(xhat, rstd), or (xhat, rstd, xhat * w + b), of each row of x, in six kernels and no host sync.
 
     Rows whose squares could overflow are scaled by a power of two first (exact); rstd is the true
-    1 / sqrt(var(x) + eps), (..., 1), which backward reads."""
+    1 / sqrt(var(x) + eps), (..., 1), which backward reads. A fused op, not an `out, cache` pair:
+    layers.layernorm_forward builds its cache from these."""
     t, inv_n = x.dtype.type, 1.0 / x.shape[-1]
     inv_s = kernel("ln_scale", x)(_rows("row_absmax", x))  # (..., 1)
     mean = _rows("row_sum_scaled", x, inv_s)

@@ -1,8 +1,9 @@
 """Every ViT layer as a forward/backward function pair over NumPy or CuPy arrays.
 
 Convention (as llm.c): `out, cache = X_forward(...)` and `grads = X_backward(dout, cache)`.
-No hidden state; backward never writes into `dout`; every op keeps its input dtype.
-GELU and softmax live in tinyvit.nn.activations and are re-exported here.
+No hidden state; backward never writes into `dout`; every op keeps its input dtype. Each cache is a
+NamedTuple of tinyvit.nn.caches, read by field. GELU and softmax live in tinyvit.nn.activations and
+are re-exported here.
 """
 import numpy as np
 
@@ -18,29 +19,40 @@ from .activations import (  # noqa: F401  (re-exported: layers is the one place 
     softmax_parts,
     softmax_parts_backward,
 )
+from .caches import (
+    AttentionCache,
+    AttentionHeadsCache,
+    CrossEntropyCache,
+    GeluLinearCache,
+    LayerNormCache,
+    LayerNormLinearCache,
+    LinearCache,
+    PatchEmbedCache,
+)
 from .special import colsum, rowsum  # noqa: F401  (colsum re-exported)
 
 # --- linear -----------------------------------------------------------------------------------
 
 
 def linear_forward(x, w, b=None):
-    """y = x @ w.T + b for x (..., in), w (out, in) in torch layout, b (out,)."""
+    """y = x @ w.T + b for x (..., in), w (out, in) in torch layout, b (out,) (plain form: reference.linear_forward)."""
     # one 2-D GEMM: NumPy runs a 3-D @ 2-D product as many small, much slower ones
     out = x.reshape(-1, x.shape[-1]) @ w.T  # (M, out)
     if b is not None:
         out += b
-    return out.reshape(x.shape[:-1] + (w.shape[0],)), (x, w, b is not None)
+    return out.reshape(x.shape[:-1] + (w.shape[0],)), LinearCache(x, w, b is not None)
 
 
 def linear_backward(dout, cache, need_dx=True):
-    """Return (dx, dw, db); db is None when the layer has no bias, dx None if not needed."""
-    x, w, has_b = cache
+    """Return (dx, dw, db); db is None when the layer has no bias, dx None if not needed (plain form:
+    reference.linear_backward)."""
+    x = cache.x
     d_out = dout.shape[-1]
     dout2 = dout.reshape(-1, d_out)  # (M, out)
     x2 = x.reshape(-1, x.shape[-1])  # (M, in)
     dw = dout2.T @ x2  # (out, in)
-    db = colsum(dout2) if has_b else None
-    dx = (dout2 @ w).reshape(x.shape) if need_dx else None  # (..., in)
+    db = colsum(dout2) if cache.has_b else None
+    dx = (dout2 @ cache.w).reshape(x.shape) if need_dx else None  # (..., in)
     return dx, dw, db
 
 
@@ -75,7 +87,7 @@ def layernorm_forward(x, w, b, eps=1e-5):
     """LayerNorm over the last axis: (x - mean) / sqrt(var + eps) * w + b.
 
     w = b = None leaves out the affine: the output is xhat itself (layernorm_linear_forward folds
-    the affine into the next linear)."""
+    the affine into the next linear). Plain form: reference.layernorm_forward."""
     xp = get_array_module(x)
     if xp is not np:  # CuPy: fused kernels, no host check of the statistics
         return _layernorm_fused(x, w, b, eps)
@@ -100,21 +112,22 @@ def layernorm_forward(x, w, b, eps=1e-5):
     xhat, rstd = xp.empty_like(x, order="C"), xp.empty(x.shape[:-1] + (1,), dtype=x.dtype)
     outs = [xhat, rstd] if w is None else [xhat, rstd, xp.empty_like(x, order="C")]
     row_chunks(rows, [x], outs)
-    return outs[-1] if w is not None else xhat, (xhat, rstd, w)
+    return outs[-1] if w is not None else xhat, LayerNormCache(xhat, rstd, w)
 
 
 def _layernorm_fused(x, w, b, eps):
     """layernorm_forward on CuPy: fused kernels that handle overflowing rows on the device."""
     if w is None:
-        xhat, rstd = kernels.layernorm_forward(x, eps)
-        return xhat, (xhat, rstd, w)
-    xhat, rstd, y = kernels.layernorm_forward(x, eps, w, b)
-    return y, (xhat, rstd, w)
+        xhat, rstd = kernels.layernorm(x, eps)
+        return xhat, LayerNormCache(xhat, rstd, w)
+    xhat, rstd, y = kernels.layernorm(x, eps, w, b)
+    return y, LayerNormCache(xhat, rstd, w)
 
 
 def layernorm_backward(dout, cache):
-    """Return (dx, dw, db) of layernorm_forward (dw = db = None without an affine)."""
-    xhat, rstd, w = cache
+    """Return (dx, dw, db) of layernorm_forward (dw = db = None without an affine); plain form:
+    reference.layernorm_backward."""
+    xhat, rstd, w = cache.xhat, cache.rstd, cache.w
     xp = get_array_module(dout)
     c = xhat.shape[-1]
     dw = None if w is None else colsum((dout * xhat).reshape(-1, c))
@@ -141,70 +154,73 @@ def layernorm_linear_forward(x, ln_w, ln_b, w, b, eps=1e-5):
 
     (xhat * g + beta) @ w.T + b = xhat @ (w * g).T + (w @ beta + b). Folded, xhat feeds the GEMM
     directly: two passes over x fewer forward and about four backward, for about five passes over
-    w. So we fold when w has fewer rows (outputs) than x has rows (tokens), as in small models."""
+    w. So we fold when w has fewer rows (outputs) than x has rows (tokens), as in small models.
+    Plain form: reference.layernorm_forward, then reference.linear_forward."""
     fold = w.shape[0] < x.size // x.shape[-1]
     if not fold:
         y, c_ln = layernorm_forward(x, ln_w, ln_b, eps)
         out, c_lin = linear_forward(y, w, b)
-        return out, (c_ln, c_lin, fold)
+        return out, LayerNormLinearCache(c_ln, c_lin, fold)
     xhat, c_ln = layernorm_forward(x, None, None, eps)
     b_fold = w @ ln_b if b is None else w @ ln_b + b  # (out,)
     out, c_lin = linear_forward(xhat, w * ln_w, b_fold)  # w * ln_w scales column i by g_i
-    return out, (c_ln, c_lin, fold, w, ln_w, ln_b, b is not None)
+    return out, LayerNormLinearCache(c_ln, c_lin, fold, w, ln_w, ln_b, b is not None)
 
 
 def layernorm_linear_backward(dout, cache):
-    """Return (dx, d ln_w, d ln_b, dw, db) of layernorm_linear_forward; db is None without a bias."""
-    c_ln, c_lin, fold, *affine = cache
-    if not fold:
-        dy, dw, db = linear_backward(dout, c_lin)
-        dx, d_ln_w, d_ln_b = layernorm_backward(dy, c_ln)
+    """Return (dx, d ln_w, d ln_b, dw, db) of layernorm_linear_forward; db is None without a bias (plain
+    form: reference.linear_backward, then reference.layernorm_backward)."""
+    if not cache.fold:
+        dy, dw, db = linear_backward(dout, cache.lin)
+        dx, d_ln_w, d_ln_b = layernorm_backward(dy, cache.ln)
         return dx, d_ln_w, d_ln_b, dw, db
-    w, ln_w, ln_b, has_b = affine
-    dxhat, dw_fold, db_fold = linear_backward(dout, c_lin)
+    w, ln_w, ln_b = cache.w, cache.ln_w, cache.ln_b
+    dxhat, dw_fold, db_fold = linear_backward(dout, cache.lin)
     dw = dw_fold * ln_w  # through w * g ...
     dw += db_fold[:, None] * ln_b  # ... and through w @ beta: (out, in)
     d_ln_w = colsum(w * dw_fold)  # sum over outputs of w_oi * dL/dw'_oi: (in,)
     d_ln_b = db_fold @ w  # (in,)
-    dx, _, _ = layernorm_backward(dxhat, c_ln)
-    return dx, d_ln_w, d_ln_b, dw, (db_fold if has_b else None)
+    dx, _, _ = layernorm_backward(dxhat, cache.ln)
+    return dx, d_ln_w, d_ln_b, dw, (db_fold if cache.has_b else None)
 
 
-def gelu_linear_forward(x, w, b=None, kind="erf", p=0.0, rng=None, train=True):
+def gelu_linear_forward(x, w, b=None, kind="erf", p_drop=0.0, rng=None, train=True):
     """linear(dropout(gelu(x))), the MLP's second half, caching x and GELU's factor c (gelu = x c)
     instead of the linear's input: backward remakes that input in one pass, so the forward keeps
-    two fc1-sized arrays, as a GELU that stored its derivative would, without computing it."""
+    two fc1-sized arrays, as a GELU that stored its derivative would, without computing it.
+    Plain form (no dropout): reference.gelu_forward, then reference.linear_forward."""
     y, c_g = gelu_forward(x, kind)
-    y, c_d = dropout_forward(y, p, rng, train)
-    out, (_, w, has_b) = linear_forward(y, w, b)
-    return out, (c_g, c_d, w, has_b)  # y is freed here
+    y, mask = dropout_forward(y, p_drop, rng, train)
+    out, c_lin = linear_forward(y, w, b)
+    return out, GeluLinearCache(c_g, mask, c_lin.w, c_lin.has_b)  # y is freed here
 
 
 def gelu_linear_backward(dout, cache):
-    """Return (dx, dw, db) of gelu_linear_forward; db is None without a bias."""
-    c_g, c_d, w, has_b = cache
-    x, c, _ = c_g
-    y = x * c  # the GELU output again
-    if c_d is not None:
-        y *= c_d  # and its dropout
-    dy, dw, db = linear_backward(dout, (y, w, has_b))
+    """Return (dx, dw, db) of gelu_linear_forward; db is None without a bias (plain form, no dropout:
+    reference.linear_backward, then reference.gelu_backward)."""
+    y = cache.gelu.x * cache.gelu.c  # the GELU output again
+    if cache.mask is not None:
+        y *= cache.mask  # and its dropout
+    dy, dw, db = linear_backward(dout, LinearCache(y, cache.w, cache.has_b))
     del y
-    dy = dropout_backward(dy, c_d)
-    return gelu_backward(dy, c_g), dw, db
+    dy = dropout_backward(dy, cache.mask)
+    return gelu_backward(dy, cache.gelu), dw, db
 
 
 # --- dropout ----------------------------------------------------------------------------------
 
 
-def dropout_forward(x, p, rng=None, train=True):
-    """Inverted dropout with an explicit RNG (numpy/cupy Generator); identity at eval or p=0."""
-    if not train or p == 0.0:
+def dropout_forward(x, p_drop, rng=None, train=True):
+    """Inverted dropout with an explicit RNG (numpy/cupy Generator); identity at eval or p_drop=0.
+
+    The cache is the scaled keep mask, or None when nothing is dropped (the reference has no dropout)."""
+    if not train or p_drop == 0.0:
         return x, None
     if rng is None:
         raise ValueError("dropout in training needs an explicit rng")
-    keep = rng.random(x.shape, dtype=x.dtype) >= p
+    keep = rng.random(x.shape, dtype=x.dtype) >= p_drop
     mask = keep.astype(x.dtype)
-    mask *= 1.0 / (1.0 - p)
+    mask *= 1.0 / (1.0 - p_drop)
     return x * mask, mask
 
 
@@ -222,17 +238,18 @@ def _finite_total(x):
 
 
 def attention_forward(x, w_qkv, b_qkv, w_proj, b_proj, heads, attn_drop=0.0, rng=None, train=False):
-    """Multi-head self-attention with fused qkv on x (B, N, C), as timm's Attention."""
-    qkv, qkv_cache = linear_forward(x, w_qkv, b_qkv)  # (B, N, 3C)
-    out, heads_cache = attention_heads_forward(qkv, w_proj, b_proj, heads, attn_drop, rng, train)
-    return out, (qkv_cache, heads_cache)
+    """Multi-head self-attention with fused qkv on x (B, N, C), as timm's Attention (tests only: the model
+    runs layernorm_linear_forward, then attention_heads_forward); plain form: reference.attention_forward."""
+    qkv, c_qkv = linear_forward(x, w_qkv, b_qkv)  # (B, N, 3C)
+    out, c_heads = attention_heads_forward(qkv, w_proj, b_proj, heads, attn_drop, rng, train)
+    return out, AttentionCache(c_qkv, c_heads)
 
 
 def attention_backward(dout, cache, need_dx=True):
-    """Return (dx, dw_qkv, db_qkv, dw_proj, db_proj) of attention_forward."""
-    qkv_cache, heads_cache = cache
-    dqkv, dw_proj, db_proj = attention_heads_backward(dout, heads_cache)
-    dx, dw_qkv, db_qkv = linear_backward(dqkv, qkv_cache, need_dx)
+    """Return (dx, dw_qkv, db_qkv, dw_proj, db_proj) of attention_forward (tests only); plain form:
+    reference.attention_backward."""
+    dqkv, dw_proj, db_proj = attention_heads_backward(dout, cache.heads)
+    dx, dw_qkv, db_qkv = linear_backward(dqkv, cache.qkv, need_dx)
     return dx, dw_qkv, db_qkv, dw_proj, db_proj
 
 
@@ -240,7 +257,7 @@ def attention_heads_forward(qkv, w_proj, b_proj, heads, attn_drop=0.0, rng=None,
     """Attention after the qkv linear: softmax(q k^T / sqrt(D)) v per head, then the projection.
 
     queries=n computes the output of the first n tokens only (B, n, C), attending over all N: the
-    last block needs just the class token's."""
+    last block needs just the class token's. Plain form: reference.attention_forward after its qkv linear."""
     xp = get_array_module(qkv)
     B, N, C3 = qkv.shape
     D = C3 // (3 * heads)
@@ -249,52 +266,53 @@ def attention_heads_forward(qkv, w_proj, b_proj, heads, attn_drop=0.0, rng=None,
     q, k, v = qkv.reshape(B, N, 3, heads, D).transpose(2, 0, 3, 1, 4)  # each (B, H, N, D)
     scale = D ** -0.5
     # scale q (n x D), cheaper than the scores (n x N), into a contiguous copy: BLAS runs
-    # q @ k^T ~25% faster on it than on the strided view, and backward's ds^T @ q too
+    # q @ k^T faster on it than on the strided view, and backward's ds^T @ q too (docs/performance.md)
     q = q[:, :, :n] * scale  # (B, H, n, D)
     s = q @ k.transpose(0, 1, 3, 2)  # (B, H, n, N)
     o = xp.empty((B, n, heads, D), dtype=qkv.dtype)  # heads written straight into (B, n, C) order
     ov = o.transpose(0, 2, 1, 3)  # (B, H, n, D) view of it
     e, r = softmax_parts(s)  # softmax = e * r
-    e_d, drop_cache = dropout_forward(e, attn_drop, rng, train)
+    e_d, mask = dropout_forward(e, attn_drop, rng, train)
     with np.errstate(over="ignore"):  # an overflow here is caught just below
         xp.matmul(e_d, v, out=ov)
     if xp is np and not _finite_total(o):  # an unshifted e times a huge |v| can overflow: redo with the
         # row max (CuPy's softmax is always shifted: nothing to redo, and no host check)
         e, r = softmax_parts(s, shift=True)
-        e_d = e if drop_cache is None else e * drop_cache  # the same dropout mask
+        e_d = e if mask is None else e * mask  # the same dropout mask
         xp.matmul(e_d, v, out=ov)
     del s
     o *= r.transpose(0, 2, 1, 3)  # normalise n x D rows, not n x N ones; in o's memory order
-    out, proj_cache = linear_forward(o.reshape(B, n, heads * D), w_proj, b_proj)
-    return out, (q, k, v, e, r, e_d, drop_cache, proj_cache, scale)
+    out, c_proj = linear_forward(o.reshape(B, n, heads * D), w_proj, b_proj)  # (B, n, C)
+    return out, AttentionHeadsCache(q, k, v, e, r, e_d, mask, c_proj, scale)
 
 
 def attention_probs(heads_cache):
-    """The attention probabilities (B, H, n, N) (before dropout) from attention_heads_forward's cache."""
-    _, _, _, e, r, *_ = heads_cache
-    return e * r
+    """The attention probabilities (B, H, n, N) (before dropout) from attention_heads_forward's cache
+    (plain form: the `a` of reference.attention_forward's cache)."""
+    return heads_cache.e * heads_cache.r
 
 
 def attention_heads_backward(dout, cache):
-    """Return (dqkv, dw_proj, db_proj) of attention_heads_forward; dqkv is (B, N, 3C) for any queries."""
-    q, k, v, e, r, e_d, drop_cache, proj_cache, scale = cache
+    """Return (dqkv, dw_proj, db_proj) of attention_heads_forward; dqkv is (B, N, 3C) for any queries
+    (plain form: reference.attention_backward up to its qkv linear)."""
+    q, k, v, e, r = cache.q, cache.k, cache.v, cache.e, cache.r
     xp = get_array_module(dout)
     B, H, n, D = q.shape
     N = k.shape[2]
-    do, dw_proj, db_proj = linear_backward(dout, proj_cache)  # (B, n, C)
+    do, dw_proj, db_proj = linear_backward(dout, cache.proj)  # (B, n, C)
     u = (do.reshape(B, n, H, D) * r.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)  # (B, H, n, D): do * r
     dqkv = xp.empty((B, N, 3, H, D), dtype=dout.dtype)  # the layout qkv had: no copy back
     dq, dk, dv = dqkv.transpose(2, 0, 3, 1, 4)  # each (B, H, N, D), views written in place
     if n < N:
         dq[:, :, n:] = 0  # tokens that asked nothing
         dq = dq[:, :, :n]  # (B, H, n, D)
-    xp.matmul(e_d.transpose(0, 1, 3, 2), u, out=dv)
+    xp.matmul(cache.e_d.transpose(0, 1, 3, 2), u, out=dv)
     dr = u @ v.transpose(0, 1, 3, 2)  # (B, H, n, N) = r * dL/d(probs after dropout)
-    dr = dropout_backward(dr, drop_cache)
+    dr = dropout_backward(dr, cache.mask)
     ds = softmax_parts_backward(dr, e, r)  # dL/ds
     del dr
     xp.matmul(ds, k, out=dq)
-    dq *= scale  # q is cached already scaled
+    dq *= cache.scale  # q is cached already scaled
     xp.matmul(ds.transpose(0, 1, 3, 2), q, out=dk)
     return dqkv.reshape(B, N, 3 * H * D), dw_proj, db_proj
 
@@ -303,34 +321,36 @@ def attention_heads_backward(dout, cache):
 
 
 def patch_embed_forward(x, w, b):
-    """Conv2d(kernel = stride = P) on x (B, C, H, W) as reshape + matmul -> (B, N, D)."""
-    B, C, H, W = x.shape
-    Dm, _, P, _ = w.shape
+    """Conv2d(kernel = stride = P) on x (B, Cin, H, W) as reshape + matmul -> (B, N, C); plain form:
+    reference.patch_embed_forward."""
+    B, Cin, H, W = x.shape
+    C, _, P, _ = w.shape
     hp, wp = H // P, W // P
-    p = x.reshape(B, C, hp, P, wp, P).transpose(0, 2, 4, 1, 3, 5)  # (B, hp, wp, C, P, P)
-    p = p.reshape(B, hp * wp, C * P * P)  # (B, N, C*P*P), rows in conv-weight order
-    out, lin_cache = linear_forward(p, w.reshape(Dm, C * P * P), b)  # (B, N, D)
-    return out, (lin_cache, x.shape, w.shape)
+    patches = x.reshape(B, Cin, hp, P, wp, P).transpose(0, 2, 4, 1, 3, 5)  # (B, hp, wp, Cin, P, P)
+    patches = patches.reshape(B, hp * wp, Cin * P * P)  # (B, N, Cin*P*P), rows in conv-weight order
+    out, c_lin = linear_forward(patches, w.reshape(C, Cin * P * P), b)  # (B, N, C)
+    return out, PatchEmbedCache(c_lin, x.shape, w.shape)
 
 
 def patch_embed_backward(dout, cache, need_dx=True):
-    """Return (dx, dw, db) of patch_embed_forward; dx is None when not needed."""
-    lin_cache, x_shape, w_shape = cache
-    B, C, H, W = x_shape
-    P = w_shape[2]
-    dp, dw, db = linear_backward(dout, lin_cache, need_dx)
-    dw = dw.reshape(w_shape)  # (D, C, P, P)
+    """Return (dx, dw, db) of patch_embed_forward; dx is None when not needed (plain form:
+    reference.patch_embed_backward)."""
+    B, Cin, H, W = cache.x_shape
+    P = cache.w_shape[2]
+    dpatches, dw, db = linear_backward(dout, cache.lin, need_dx)  # (B, N, Cin*P*P)
+    dw = dw.reshape(cache.w_shape)  # (C, Cin, P, P)
     if not need_dx:
         return None, dw, db
-    dp = dp.reshape(B, H // P, W // P, C, P, P).transpose(0, 3, 1, 4, 2, 5)  # (B, C, hp, P, wp, P)
-    return dp.reshape(B, C, H, W), dw, db
+    dpatches = dpatches.reshape(B, H // P, W // P, Cin, P, P).transpose(0, 3, 1, 4, 2, 5)  # (B, Cin, hp, P, wp, P)
+    return dpatches.reshape(B, Cin, H, W), dw, db
 
 
 # --- softmax cross-entropy --------------------------------------------------------------------
 
 
 def cross_entropy_forward(logits, labels, label_smoothing=0.0):
-    """Mean softmax cross-entropy over the batch; labels are int class ids (B,)."""
+    """Mean softmax cross-entropy over the batch; labels are int class ids (B,) (plain form:
+    reference.cross_entropy_forward)."""
     xp = get_array_module(logits)
     B, K = logits.shape
     if xp is not np:
@@ -345,12 +365,13 @@ def cross_entropy_forward(logits, labels, label_smoothing=0.0):
         # target = (1 - e) * onehot + e / K, as torch's CrossEntropyLoss(label_smoothing=e)
         nll = (1.0 - label_smoothing) * nll - (label_smoothing / K) * logp.sum(axis=1)
     loss = nll.mean()
-    return loss, (logp, labels, label_smoothing)
+    return loss, CrossEntropyCache(logp, labels, label_smoothing)
 
 
 def cross_entropy_backward(dloss, cache):
-    """Return dlogits of cross_entropy_forward for an upstream scalar dloss (usually 1.0)."""
-    logp, labels, eps = cache
+    """Return dlogits of cross_entropy_forward for an upstream scalar dloss (usually 1.0); plain form:
+    reference.cross_entropy_backward (for dloss = 1)."""
+    logp, labels, eps = cache.logp, cache.labels, cache.label_smoothing
     xp = get_array_module(logp)
     B, K = logp.shape
     if xp is not np:

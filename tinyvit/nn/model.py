@@ -9,6 +9,7 @@ import numpy as np
 from ..backend import get_array_module
 from ..cpu.threads import batch_shards, in_place_blocks, run_shards
 from ..errors import TinyViTError
+from .caches import BlockCache, FeaturesCache, ViTCache
 from .layers import (
     attention_heads_backward,
     attention_heads_forward,
@@ -95,25 +96,25 @@ def preset(name: str, **overrides) -> ViTConfig:
 
 def param_shapes(cfg: ViTConfig) -> dict:
     """Every parameter's name (timm's) and shape (torch layout), in timm's order."""
-    D, P, C = cfg.dim, cfg.patch_size, cfg.in_chans
+    C, P, Cin = cfg.dim, cfg.patch_size, cfg.in_chans
     shapes = {
-        "cls_token": (1, 1, D),
-        "pos_embed": (1, cfg.num_patches + 1, D),
-        "patch_embed.proj.weight": (D, C, P, P),
-        "patch_embed.proj.bias": (D,),
+        "cls_token": (1, 1, C),
+        "pos_embed": (1, cfg.num_patches + 1, C),
+        "patch_embed.proj.weight": (C, Cin, P, P),
+        "patch_embed.proj.bias": (C,),
     }
     for i in range(cfg.depth):
-        p = f"blocks.{i}."
-        shapes.update({
-            p + "norm1.weight": (D,), p + "norm1.bias": (D,),
-            p + "attn.qkv.weight": (3 * D, D), p + "attn.qkv.bias": (3 * D,),
-            p + "attn.proj.weight": (D, D), p + "attn.proj.bias": (D,),
-            p + "norm2.weight": (D,), p + "norm2.bias": (D,),
-            p + "mlp.fc1.weight": (cfg.mlp_dim, D), p + "mlp.fc1.bias": (cfg.mlp_dim,),
-            p + "mlp.fc2.weight": (D, cfg.mlp_dim), p + "mlp.fc2.bias": (D,),
-        })
-    shapes.update({"norm.weight": (D,), "norm.bias": (D,),
-                   "head.weight": (cfg.num_classes, D), "head.bias": (cfg.num_classes,)})
+        prefix = f"blocks.{i}."
+        shapes.update({prefix + name: shape for name, shape in {
+            "norm1.weight": (C,), "norm1.bias": (C,),
+            "attn.qkv.weight": (3 * C, C), "attn.qkv.bias": (3 * C,),
+            "attn.proj.weight": (C, C), "attn.proj.bias": (C,),
+            "norm2.weight": (C,), "norm2.bias": (C,),
+            "mlp.fc1.weight": (cfg.mlp_dim, C), "mlp.fc1.bias": (cfg.mlp_dim,),
+            "mlp.fc2.weight": (C, cfg.mlp_dim), "mlp.fc2.bias": (C,),
+        }.items()})
+    shapes.update({"norm.weight": (C,), "norm.bias": (C,),
+                   "head.weight": (cfg.num_classes, C), "head.bias": (cfg.num_classes,)})
     return shapes
 
 
@@ -160,22 +161,24 @@ def count_params(params: dict) -> int:
 # --- forward / backward -----------------------------------------------------------------------
 
 
-def _block_forward(params, p, x, cfg, train, rng, keep_cache=True, queries=None):
-    """One pre-norm block: x + attn(norm1(x)), then + mlp(norm2(x)).
+def _block_forward(params, prefix, x, cfg, train, rng, keep_cache=True, queries=None):
+    """One pre-norm block: x + attn(norm1(x)), then + mlp(norm2(x)); prefix is 'blocks.{i}.'.
 
     Each norm's affine is folded into the linear after it (layernorm_linear_forward): same math.
-    queries=n returns the first n tokens alone (B, n, D): every token still feeds attention's keys
-    and values, but nothing after the attention is computed for the other tokens."""
-    qkv, c_n1 = layernorm_linear_forward(x, params[p + "norm1.weight"], params[p + "norm1.bias"],
-                                         params[p + "attn.qkv.weight"], params[p + "attn.qkv.bias"], cfg.ln_eps)
-    h, c_at = attention_heads_forward(qkv, params[p + "attn.proj.weight"], params[p + "attn.proj.bias"],
+    queries=n returns the first n tokens alone (B, n, C): every token still feeds attention's keys
+    and values, but nothing after the attention is computed for the other tokens.
+    Plain form: reference.block_forward."""
+    qkv, c_n1 = layernorm_linear_forward(x, params[prefix + "norm1.weight"], params[prefix + "norm1.bias"],
+                                         params[prefix + "attn.qkv.weight"], params[prefix + "attn.qkv.bias"],
+                                         cfg.ln_eps)
+    h, c_at = attention_heads_forward(qkv, params[prefix + "attn.proj.weight"], params[prefix + "attn.proj.bias"],
                                       cfg.heads, cfg.attn_dropout, rng, train, queries)
     del qkv
     h, c_d1 = dropout_forward(h, cfg.dropout, rng, train)
-    x = x[:, :h.shape[1]] + h  # (B, n, D)
-    h, c_f1 = layernorm_linear_forward(x, params[p + "norm2.weight"], params[p + "norm2.bias"],
-                                       params[p + "mlp.fc1.weight"], params[p + "mlp.fc1.bias"], cfg.ln_eps)
-    w2, b2 = params[p + "mlp.fc2.weight"], params[p + "mlp.fc2.bias"]
+    x = x[:, :h.shape[1]] + h  # (B, n, C)
+    h, c_f1 = layernorm_linear_forward(x, params[prefix + "norm2.weight"], params[prefix + "norm2.bias"],
+                                       params[prefix + "mlp.fc1.weight"], params[prefix + "mlp.fc1.bias"], cfg.ln_eps)
+    w2, b2 = params[prefix + "mlp.fc2.weight"], params[prefix + "mlp.fc2.bias"]
     if keep_cache:  # fc2(dropout(gelu(h))), caching fc1's output and GELU's factor
         h, c_f2 = gelu_linear_forward(h, w2, b2, cfg.gelu, cfg.dropout, rng, train)
     else:  # inference: GELU in place on fc1's output, nothing kept
@@ -183,28 +186,29 @@ def _block_forward(params, p, x, cfg, train, rng, keep_cache=True, queries=None)
         h, c_f2 = linear_forward(h, w2, b2)
     h, c_d3 = dropout_forward(h, cfg.dropout, rng, train)
     x += h  # x is our own buffer here (x + h above), so in place is safe
-    return x, (c_n1, c_at, c_d1, c_f1, c_f2, c_d3)
+    return x, BlockCache(c_n1, c_at, c_d1, c_f1, c_f2, c_d3)
 
 
-def _block_backward(dx, cache, grads, p):
+def _block_backward(dx, cache, grads, prefix):
     """Reverse of _block_forward; writes param grads into `grads`, returns d(block input).
 
     `cache` is the block's only remaining reference (popped by vit_backward), so each layer's
-    saved arrays are freed as soon as its backward is done: a lower peak, as torch frees saved tensors."""
-    c_n1, c_at, c_d1, c_f1, c_f2, c_d3 = cache
+    saved arrays are freed as soon as its backward is done: a lower peak, as torch frees saved tensors.
+    Plain form: reference.block_backward."""
+    c_n1, c_at, c_d1, c_f1, c_f2, c_d3 = cache  # the BlockCache, unpacked so that each part can be freed
     del cache
     dh = dropout_backward(dx, c_d3)
-    dh, grads[p + "mlp.fc2.weight"], grads[p + "mlp.fc2.bias"] = gelu_linear_backward(dh, c_f2)
+    dh, grads[prefix + "mlp.fc2.weight"], grads[prefix + "mlp.fc2.bias"] = gelu_linear_backward(dh, c_f2)
     del c_f2
-    dh, grads[p + "norm2.weight"], grads[p + "norm2.bias"], grads[p + "mlp.fc1.weight"], \
-        grads[p + "mlp.fc1.bias"] = layernorm_linear_backward(dh, c_f1)
+    dh, grads[prefix + "norm2.weight"], grads[prefix + "norm2.bias"], grads[prefix + "mlp.fc1.weight"], \
+        grads[prefix + "mlp.fc1.bias"] = layernorm_linear_backward(dh, c_f1)
     del c_f1
     dx = dx + dh  # residual: both paths carry the gradient
     dh = dropout_backward(dx, c_d1)
-    dqkv, grads[p + "attn.proj.weight"], grads[p + "attn.proj.bias"] = attention_heads_backward(dh, c_at)
+    dqkv, grads[prefix + "attn.proj.weight"], grads[prefix + "attn.proj.bias"] = attention_heads_backward(dh, c_at)
     del c_at
-    dh, grads[p + "norm1.weight"], grads[p + "norm1.bias"], grads[p + "attn.qkv.weight"], \
-        grads[p + "attn.qkv.bias"] = layernorm_linear_backward(dqkv, c_n1)  # (B, N, D)
+    dh, grads[prefix + "norm1.weight"], grads[prefix + "norm1.bias"], grads[prefix + "attn.qkv.weight"], \
+        grads[prefix + "attn.qkv.bias"] = layernorm_linear_backward(dqkv, c_n1)  # (B, N, C)
     dh[:, :dx.shape[1]] += dx  # the residual reaches the tokens the block returned (all, or the first n)
     return dh
 
@@ -224,17 +228,18 @@ def _prepare_images(params, images, cfg):
 
 
 def _features_forward(params, images, cfg, train, rng, keep_cache=True, all_tokens=False):
-    """Patch embed + CLS + pos, the blocks and the final norm; returns CLS features (B, D).
+    """Patch embed + CLS + pos, the blocks and the final norm; returns CLS features (B, C).
 
     keep_cache=False (inference) drops each block's intermediates as soon as the next block
     runs, so memory holds about one block's worth instead of the whole backward cache.
     The head reads the class token alone, so the last block computes only its output (after an
-    attention over every token) unless all_tokens: the same features for about 1/depth less work."""
+    attention over every token) unless all_tokens: the same features for about 1/depth less work.
+    Plain form: reference.vit_forward, up to its head."""
     xp = get_array_module(params["pos_embed"])
     x, c_pe = patch_embed_forward(images, params["patch_embed.proj.weight"], params["patch_embed.proj.bias"])
-    B, N, D = x.shape
-    cls = xp.broadcast_to(params["cls_token"], (B, 1, D))
-    x = xp.concatenate([cls, x], axis=1)  # (B, N+1, D)
+    B, N, C = x.shape
+    cls = xp.broadcast_to(params["cls_token"], (B, 1, C))
+    x = xp.concatenate([cls, x], axis=1)  # (B, N+1, C)
     x += params["pos_embed"]
     x, c_pd = dropout_forward(x, cfg.dropout, rng, train)
     blocks = []
@@ -245,8 +250,8 @@ def _features_forward(params, images, cfg, train, rng, keep_cache=True, all_toke
             blocks.append(c)
         del c
     # layernorm is per token: normalise just the class token, the one the head reads
-    feats, c_n = layernorm_forward(x[:, 0], params["norm.weight"], params["norm.bias"], cfg.ln_eps)  # (B, D)
-    cache = (c_pe, c_pd, blocks, c_n, x.shape) if keep_cache else None
+    feats, c_n = layernorm_forward(x[:, 0], params["norm.weight"], params["norm.bias"], cfg.ln_eps)  # (B, C)
+    cache = FeaturesCache(c_pe, c_pd, blocks, c_n, x.shape) if keep_cache else None
     return feats, cache
 
 
@@ -254,7 +259,7 @@ def _forward(params, images, cfg, train, rng, keep_cache, all_tokens):
     """vit_forward on one (prepared) batch or shard."""
     feats, c_body = _features_forward(params, images, cfg, train, rng, keep_cache, all_tokens)
     logits, c_h = linear_forward(feats, params["head.weight"], params["head.bias"])
-    return logits, ((c_body, c_h) if keep_cache else None)
+    return logits, (ViTCache(c_body, c_h) if keep_cache else None)
 
 
 class _ShardedCache(NamedTuple):
@@ -283,35 +288,36 @@ def vit_forward(params, images, cfg: ViTConfig, train=False, rng=None, keep_cach
     The last block runs on the class token alone (the head reads nothing else); all_tokens=True runs
     it on every token, which only attention_maps needs: the logits and gradients are the same.
     On NumPy the batch runs as one shard per core (see tinyvit.cpu.threads.batch_shards; TINYVIT_SHARDS=1 turns
-    that off); the logits and gradients are the same up to float rounding.
+    that off); the logits and gradients are the same up to float rounding. Plain form: reference.vit_forward.
     """
     shards, outs = _run_batch(lambda x: _forward(params, x, cfg, train, rng, keep_cache, all_tokens),
                               params, images, cfg, train)
     if shards is None:
         return outs[0]
-    logits = get_array_module(outs[0][0]).concatenate([o[0] for o in outs])
-    return logits, (_ShardedCache(shards, [o[1] for o in outs]) if keep_cache else None)
+    logits = get_array_module(outs[0][0]).concatenate([shard_logits for shard_logits, _ in outs])
+    return logits, (_ShardedCache(shards, [shard_cache for _, shard_cache in outs]) if keep_cache else None)
 
 
 def _backward(dlogits, cache):
     """vit_backward of one batch or shard."""
-    (c_pe, c_pd, blocks, c_n, x_shape), c_h = cache
+    features = cache.features
+    blocks = features.blocks
     if not blocks:
         raise TinyViTError("this cache was already used by vit_backward (it is consumed to free "
                            "memory) or holds no blocks: run vit_forward again")
     xp = get_array_module(dlogits)
     grads = {}
-    dfeats, grads["head.weight"], grads["head.bias"] = linear_backward(dlogits, c_h)
-    dcls, grads["norm.weight"], grads["norm.bias"] = layernorm_backward(dfeats, c_n)
-    dx = xp.zeros(x_shape, dtype=dlogits.dtype)  # (B, N+1, D): only the class token was read
+    dfeats, grads["head.weight"], grads["head.bias"] = linear_backward(dlogits, cache.head)
+    dcls, grads["norm.weight"], grads["norm.bias"] = layernorm_backward(dfeats, features.norm)
+    dx = xp.zeros(features.x_shape, dtype=dlogits.dtype)  # (B, n, C): only the class token was read
     dx[:, 0] = dcls
     for i in reversed(range(len(blocks))):
         dx = _block_backward(dx, blocks.pop(), grads, f"blocks.{i}.")  # pop: the block's cache is freed
-    dx = dropout_backward(dx, c_pd)
-    grads["pos_embed"] = colsum(dx.reshape(dx.shape[0], -1)).reshape((1,) + dx.shape[1:])  # (1, N+1, D)
-    grads["cls_token"] = dx[:, :1].sum(axis=0, keepdims=True)  # (1, 1, D)
+    dx = dropout_backward(dx, features.pos_drop)  # (B, N+1, C)
+    grads["pos_embed"] = colsum(dx.reshape(dx.shape[0], -1)).reshape((1,) + dx.shape[1:])  # (1, N+1, C)
+    grads["cls_token"] = dx[:, :1].sum(axis=0, keepdims=True)  # (1, 1, C)
     _, grads["patch_embed.proj.weight"], grads["patch_embed.proj.bias"] = patch_embed_backward(
-        dx[:, 1:], c_pe, need_dx=False)
+        dx[:, 1:], features.patch_embed, need_dx=False)
     return grads
 
 
@@ -325,7 +331,7 @@ def vit_backward(dlogits, cache):
 
     Each block's saved arrays are released as soon as its gradients are done (as torch frees saved
     tensors), so one forward's cache serves one backward. Shards run in parallel and their
-    gradients are summed."""
+    gradients are summed. Plain form: reference.vit_backward."""
     if not isinstance(cache, _ShardedCache):
         return _backward(dlogits, cache)
     parts = run_shards(lambda i: _backward(dlogits[cache.slices[i]], cache.caches[i]), range(len(cache.slices)))
@@ -339,17 +345,17 @@ def vit_backward(dlogits, cache):
 def head_backward(dlogits, cache):
     """Gradients of the head alone (backbone frozen) from a vit_forward cache; leaves the cache intact."""
     if isinstance(cache, _ShardedCache):  # one GEMM over every shard's class-token features
-        heads = [c[1] for c in cache.caches]
-        feats = get_array_module(dlogits).concatenate([h[0] for h in heads])
-        c_h = (feats,) + tuple(heads[0][1:])
+        heads = [c.head for c in cache.caches]
+        feats = get_array_module(dlogits).concatenate([h.x for h in heads])
+        c_h = heads[0]._replace(x=feats)
     else:
-        c_h = cache[1]
+        c_h = cache.head
     _, gw, gb = linear_backward(dlogits, c_h, need_dx=False)
     return {"head.weight": gw, "head.bias": gb}
 
 
 def vit_features(params, images, cfg: ViTConfig):
-    """Class-token features after the final norm (B, D), eval mode; head-only training uses them."""
+    """Class-token features after the final norm (B, C), eval mode; head-only training uses them."""
     shards, outs = _run_batch(lambda x: _features_forward(params, x, cfg, False, None, keep_cache=False)[0],
                               params, images, cfg, False)
     return outs[0] if shards is None else get_array_module(outs[0]).concatenate(outs)
@@ -360,9 +366,8 @@ def attention_maps(cache):
     if isinstance(cache, _ShardedCache):
         per_shard = [attention_maps(c) for c in cache.caches]
         return [get_array_module(m[0]).concatenate(m) for m in zip(*per_shard)]
-    (_, _, blocks, _, _), _ = cache
-    q, k = blocks[-1][1][:2] if blocks else (None, None)  # the last block's attention-heads cache
-    if q is not None and q.shape[2] < k.shape[2]:
+    blocks = cache.features.blocks
+    if blocks and blocks[-1].attn.q.shape[2] < blocks[-1].attn.k.shape[2]:  # fewer queries than tokens
         raise TinyViTError("this cache holds the last block's class-token attention only: "
                            "run vit_forward with all_tokens=True for attention maps")
-    return [attention_probs(c[1]) for c in blocks]  # c[1]: the block's attention-heads cache
+    return [attention_probs(c.attn) for c in blocks]

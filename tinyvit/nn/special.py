@@ -34,17 +34,17 @@ _COEFS = {np.dtype(np.float32): (_R32, _S32), np.dtype(np.float64): (_Q64, _P64)
 
 def _horner(coefs, t):
     """Evaluate sum(coefs[i] * t**i) in t's dtype on one fresh buffer."""
-    p = t * coefs[-1]
+    y = t * coefs[-1]
     for c in coefs[-2:0:-1]:
-        p += c
-        p *= t
-    p += coefs[0]
-    return p
+        y += c
+        y *= t
+    y += coefs[0]
+    return y
 
 
 # --- sums as BLAS products -------------------------------------------------------------------
-# NumPy's reduce over a short last axis (C = 64) is 4-6x slower than a matrix-vector product
-# with a ones vector, which BLAS also runs on every core.
+# NumPy's reduce over a short last axis (C = 64) is several times slower than a matrix-vector
+# product with a ones vector, which BLAS also runs on every core (docs/performance.md).
 
 
 def rowsum(x):
@@ -72,12 +72,12 @@ def _erf_block(x, out):
     """erf of one block of x, written into out."""
     if x.dtype == np.float32:
         return _erf32_block(x, out)
-    q, p = _COEFS[x.dtype]
+    q_coefs, p_coefs = _COEFS[x.dtype]  # Q and P of the fits above
     a = np.maximum(np.abs(x), 1.0)  # the tail fit is valid for |x| >= 1 only
     t = a * 0.5
     t += 1.0
     np.reciprocal(t, out=t)  # t = 1 / (1 + a/2)
-    e = _horner(p, t)
+    e = _horner(p_coefs, t)
     a *= a
     e -= a
     np.exp(e, out=e)
@@ -87,7 +87,7 @@ def _erf_block(x, out):
     xs = np.clip(x, -1.0, 1.0)  # the series branch is only kept for |x| < 1: avoid overflow
     s = xs * xs
     np.copyto(out, e)
-    np.copyto(out, xs * _horner(q, s), where=np.abs(x) < 1.0)
+    np.copyto(out, xs * _horner(q_coefs, s), where=np.abs(x) < 1.0)
 
 
 def erf(x):
