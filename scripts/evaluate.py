@@ -10,9 +10,9 @@ from tinyvit.backend import get_backend, to_device
 from tinyvit.cli.report import run
 from tinyvit.data.batches import ArrayDataset
 from tinyvit.data.cifar10 import CIFAR10_MEAN, CIFAR10_STD, load_cifar10
+from tinyvit.data.datasets import image_dataset, image_lists
 from tinyvit.data.download import data_root
-from tinyvit.data.folders import folder_splits, pets_splits, subset
-from tinyvit.data.loader import FolderDataset
+from tinyvit.data.folders import subset
 from tinyvit.data.mnist import MNIST_MEAN, MNIST_STD, load_mnist
 from tinyvit.data.transform import eval_transform
 from tinyvit.errors import TinyViTError
@@ -22,7 +22,7 @@ from tinyvit.train.evaluate import evaluate
 
 
 def test_set(name, root, cfg, meta, limit):
-    """The test split as a ArrayDataset, normalised as the checkpoint says (dataset defaults otherwise)."""
+    """The test split as an ArrayDataset, normalised as the checkpoint says (dataset defaults otherwise)."""
     if name == "mnist":
         x, y = load_mnist(root, "test")
         mean, std = MNIST_MEAN, MNIST_STD
@@ -41,20 +41,17 @@ def test_set(name, root, cfg, meta, limit):
 
 def folder_test_set(name, root, cfg, meta, args):
     """The validation/test split of a folder dataset or Oxford-IIIT Pet, as the checkpoint recorded it."""
-    if name == "pets":
-        _, images = pets_splits(root, workers=args.workers)
-    else:
-        folder = args.data or meta.get("data")
-        if not folder:
-            raise TinyViTError(f"{args.checkpoint}: no data folder recorded; pass --data DIR")
-        _, images = folder_splits(folder, meta.get("val_split", 0.1), meta.get("split_seed", 0), workers=args.workers)
+    folder = "pets" if name == "pets" else args.data or meta.get("data")
+    if not folder:
+        raise TinyViTError(f"{args.checkpoint}: no data folder recorded; pass --data DIR")
+    _, images = image_lists(folder, root, val_split=meta.get("val_split", 0.1), seed=meta.get("split_seed", 0),
+                            workers=args.workers)
     names = meta.get("class_names")
     if names is not None and list(images.classes) != list(names):
         raise TinyViTError(f"the folder's classes {images.classes[:5]}... differ from the checkpoint's {names[:5]}...")
     t = eval_transform(meta, cfg.in_chans, args.checkpoint)  # the one fine-tuning validated with
     images = subset(images, args.limit, meta.get("split_seed", 0))  # the same images finetune's --limit-test took
-    return FolderDataset(images, cfg.img_size, t.mean, t.std, cfg.in_chans, t.crop_pct, args.workers,
-                         resize=t.resize, interpolation=t.interpolation)
+    return image_dataset(images, cfg.img_size, cfg.in_chans, t, args.workers)
 
 
 def main():

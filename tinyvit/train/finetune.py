@@ -14,9 +14,9 @@ import numpy as np
 from ..backend import get_backend, to_device, to_numpy
 from ..data.batches import ArrayDataset
 from ..data.cifar10 import load_cifar10
+from ..data.datasets import image_dataset, image_lists
 from ..data.download import data_root
-from ..data.folders import Warnings, folder_splits, pets_splits, subset
-from ..data.loader import FolderDataset
+from ..data.folders import Warnings, subset
 from ..data.transform import eval_transform
 from ..errors import TinyViTError, describe_os_error
 from ..io.checkpoint import save_checkpoint
@@ -52,17 +52,14 @@ def load_data(args, cfg, t):
         test = ArrayDataset(te_x[:args.limit_test], te_y[:args.limit_test], t.mean, t.std, img_size=cfg.img_size)
         return train, test, list(names), {"dataset": "cifar10"}
     warn = Warnings(args.strict)  # one per run: header checks and decoding, counted once
-    if args.data == "pets":
-        tr, te = pets_splits(data_root(args.data_dir), strict=args.strict, workers=args.workers, warn=warn)
-        info = {"dataset": "pets", "split_seed": args.seed}  # seeds the --limit subsets
-    else:
-        tr, te = folder_splits(args.data, args.val_split, args.seed, args.strict, args.workers, warn=warn)
-        info = {"dataset": "folder", "data": str(Path(args.data).resolve()), "val_split": args.val_split,
-                "split_seed": args.seed}
+    tr, te = image_lists(args.data, data_root(args.data_dir), val_split=args.val_split, seed=args.seed,
+                         strict=args.strict, workers=args.workers, warn=warn)
+    info = ({"dataset": "pets", "split_seed": args.seed} if args.data == "pets" else  # seeds the --limit subsets
+            {"dataset": "folder", "data": str(Path(args.data).resolve()), "val_split": args.val_split,
+             "split_seed": args.seed})
     tr, te = subset(tr, args.limit_train, args.seed), subset(te, args.limit_test, args.seed)
-    make = lambda lst: FolderDataset(lst, cfg.img_size, t.mean, t.std, cfg.in_chans, t.crop_pct,  # noqa: E731
-                                     args.workers, warn, t.resize, t.interpolation)
-    return make(tr), make(te), tr.classes, dict(info, crop_pct=t.crop_pct)
+    train, test = (image_dataset(lst, cfg.img_size, cfg.in_chans, t, args.workers, warn) for lst in (tr, te))
+    return train, test, tr.classes, dict(info, crop_pct=t.crop_pct)
 
 
 def start_model(args):
