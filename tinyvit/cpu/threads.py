@@ -47,8 +47,8 @@ def _parallel(block, starts):
 
 # --- data-parallel shards ---------------------------------------------------------------------
 # NumPy runs most ops on one core and OpenBLAS is slow on many small matmuls (attention heads).
-# Cutting the batch into one shard per core, each with one BLAS thread, keeps every core busy:
-# a ViT-B/16 forward at batch 8 took 1.2 s instead of 1.6 s here (2 cores).
+# Cutting the batch into one shard per core, each with one BLAS thread, keeps every core busy
+# (the figure: docs/performance.md).
 
 
 def _shards_wanted():

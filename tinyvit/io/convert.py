@@ -279,7 +279,7 @@ def infer_config(params, heads=None, ln_eps=1e-6, source="weights"):
         raise TinyViTError(f"{source}: {e}") from None
 
 
-def to_timm(state, fmt="auto", heads=None, ln_eps=None, source="weights"):
+def from_foreign(state, fmt="auto", heads=None, ln_eps=None, source="weights"):
     """Map a flat state dict to checked timm-named params -> (params, cfg, info) without copying
     more than the layout change needs; a missing head becomes a zero-initialised 1000-class one."""
     fmt = detect_format(state, source) if fmt == "auto" else fmt
@@ -319,7 +319,7 @@ def convert(src, fmt="auto", heads=None):
     state, file_metadata = _load(src)
     fmt = detect_format(state, src) if fmt == "auto" else fmt
     side = stated(src, fmt, file_metadata)
-    params, cfg, info = to_timm(state, fmt, heads or side.get("heads"), side.get("ln_eps"), src)
+    params, cfg, info = from_foreign(state, fmt, heads or side.get("heads"), side.get("ln_eps"), src)
     if side.get("heads") and not heads:
         info["heads_from"] = side["where"]
     cfg = dataclasses.replace(cfg, gelu=side.get("gelu") or cfg.gelu)

@@ -30,9 +30,8 @@ from .dist import world
 from .loop import fit
 from .optim import make_schedule, warmup_steps
 
-# Full fine-tune defaults (Adam-type, small lr). Batch 32: on a 2-core CPU as fast per image as 64
-# (17.9 vs 17.3 img/s, ViT-Ti/16 at 224 px) with twice the steps; 3 epochs of CIFAR-10 at 224 px
-# then fit in 3 hours there (docs/performance.md)
+# Full fine-tune defaults (Adam-type, small lr). Batch 32: as fast per image as 64 on 2 cores, with
+# twice the steps, so 3 epochs of CIFAR-10 at 224 px fit in 3 hours there (docs/performance.md)
 DEFAULTS = TrainConfig(epochs=3, batch_size=32, lr=5e-5, optimizer="adamw", weight_decay=0.05,
                        schedule="cosine", warmup_epochs=0.2, min_lr=1e-6, clip=1.0, augment="crop_flip",
                        label_smoothing=0.1, seed=0)
