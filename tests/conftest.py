@@ -1,11 +1,22 @@
-"""Shared test fixtures: the array backends to run on, and an error measure."""
+"""Fixtures and hooks only: the array backends to run on, the real data and weights (skipped with a hint
+when absent), the feature cache. Shared functions and constants live in helpers.py; test files import
+them from there."""
 import os
-from pathlib import Path
 
-import numpy as np
 import pytest
+from helpers import (  # noqa: F401  (re-exported for the files that still import them from here)
+    DATA_HINT,
+    TI16_FILE,
+    WEIGHTS_HINT,
+    dataset_root,
+    needs_data,
+    needs_ti16,
+    rel_err,
+    shared_data_dir,
+    ti16_weights,
+)
 
-from tinyvit.backend import cupy_available, get_backend, to_numpy
+from tinyvit.backend import cupy_available, get_backend
 
 NO_GPU = "CuPy with a CUDA GPU is not available on this machine"
 BACKENDS = [
@@ -20,41 +31,31 @@ def xp(request):
     return get_backend(request.param)
 
 
-def rel_err(a, b, floor=1e-12):
-    """max |a - b| / max(max |b|, floor): relative to the reference b, absolute when b is ~0."""
-    a = to_numpy(a).astype(np.float64)
-    b = to_numpy(b).astype(np.float64)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    scale = np.max(np.abs(b)) if b.size else 0.0
-    diff = np.max(np.abs(a - b)) if a.size else 0.0
-    return diff / max(scale, floor)
+@pytest.fixture(scope="session")
+def mnist_root():
+    """The data root holding the real mnist/ (what --data-dir and load_mnist take); skips without it."""
+    root = dataset_root("mnist")
+    if root is None:
+        pytest.skip(DATA_HINT)
+    return root
 
 
-# what a skipped real-data test tells a user to set (a fresh clone has neither)
-DATA_HINT = ("real MNIST / CIFAR-10 not found: set TINYVIT_DATA to a folder holding mnist/ and cifar10/ "
-             "(python scripts/train_mnist.py and finetune_cifar.py download them to ~/.cache/tinyvit: "
-             "then TINYVIT_DATA=~/.cache/tinyvit)")
-TI16_FILE = "vit_tiny_patch16_224.augreg_in21k_ft_in1k.npz"
-WEIGHTS_HINT = (f"pretrained ViT-Ti/16 weights not found: set TINYVIT_WEIGHTS to a folder holding {TI16_FILE} "
-                "(README, 'Example files', says where it comes from)")
+@pytest.fixture(scope="session")
+def cifar_root():
+    """The data root holding the real cifar10/ (what --data-dir and load_cifar10 take); skips without it."""
+    root = dataset_root("cifar10")
+    if root is None:
+        pytest.skip(DATA_HINT)
+    return root
 
 
-def shared_data_dir():
-    """The data root of $TINYVIT_DATA (CI: the read-only data beside the checkout); None when absent."""
-    env = os.environ.get("TINYVIT_DATA")
-    p = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
-    return p if p.is_dir() else None
-
-
-def ti16_weights():
-    """The real ViT-Ti/16 file in $TINYVIT_WEIGHTS (CI: beside the checkout); None when absent."""
-    env = os.environ.get("TINYVIT_WEIGHTS")
-    f = (Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "weights") / TI16_FILE
-    return f if f.is_file() else None
-
-
-needs_data = pytest.mark.skipif(shared_data_dir() is None, reason=DATA_HINT)
-needs_ti16 = pytest.mark.skipif(ti16_weights() is None, reason=WEIGHTS_HINT)
+@pytest.fixture(scope="session")
+def ti16():
+    """The real ViT-Ti/16 weights file; skips without it."""
+    f = ti16_weights()
+    if f is None:
+        pytest.skip(WEIGHTS_HINT)
+    return f
 
 
 @pytest.fixture(autouse=True, scope="session")

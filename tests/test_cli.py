@@ -1,15 +1,12 @@
 """The scripts' shared command line (tinyvit.cli) on the path a new user takes: defaults resolved after
 parsing, --resume alone, runs never silently replaced, head mode's rerun and its feature cache."""
-import json
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import needs_data, shared_data_dir
+from helpers import DATA_HINT, WEIGHTS_HINT, last_json, run_script
 from PIL import Image
 
 from tinyvit.cli.finetune import parse, parser, train_settings
@@ -17,24 +14,12 @@ from tinyvit.io.checkpoint import load_checkpoint
 from tinyvit.train.finetune import HEAD
 from tinyvit.train.optim import run_schedule
 
-ROOT = Path(__file__).resolve().parents[1]
-needs_mnist = needs_data
 # a small, quick MNIST run: 512 images, 2 blocks of patch 7 (8 steps an epoch)
 TINY_MNIST = ["--limit-train", "512", "--limit-test", "128", "--depth", "1", "--patch-size", "7", "--quiet", "--json"]
 
 
-def _script(name, *args, cwd=None, timeout=300):
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, cwd=cwd)
-
-
-def _last_json(r):
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
-
-
-def _mnist(*args, cwd=None):
-    return _script("train_mnist.py", *TINY_MNIST, "--data-dir", shared_data_dir(), *args, cwd=cwd)
+def _mnist(data, *args, cwd=None):
+    return run_script("train_mnist.py", *TINY_MNIST, "--data-dir", data, *args, cwd=cwd)
 
 
 def _folder(root, n=12, classes=("a", "b")):
@@ -50,17 +35,17 @@ def _folder(root, n=12, classes=("a", "b")):
 
 
 def _head(data, out, *extra):
-    return _script("finetune.py", "--data", data, "--preset", "vit-ti16", "--img-size", "32", "--val-split", "0.25",
-                   "--epochs", "20", "--batch-size", "8", "--out", out, *extra)
+    return run_script("finetune.py", "--data", data, "--preset", "vit-ti16", "--img-size", "32", "--val-split", "0.25",
+                      "--epochs", "20", "--batch-size", "8", "--out", out, *extra)
 
 
 # --- defaults -----------------------------------------------------------------------------------
 
 
-@needs_mnist
-def test_one_epoch_with_default_settings_runs_and_says_the_warmup_was_shortened(tmp_path):
-    r = _mnist("--epochs", "1", "--batch-size", "16", "--out", tmp_path / "run")  # 32 steps
-    assert _last_json(r)["epochs"] == 1
+@pytest.mark.e2e
+def test_one_epoch_with_default_settings_runs_and_says_the_warmup_was_shortened(tmp_path, mnist_root):
+    r = _mnist(mnist_root, "--epochs", "1", "--batch-size", "16", "--out", tmp_path / "run")  # 32 steps
+    assert last_json(r)["epochs"] == 1
     notes = [line for line in r.stderr.splitlines() if "warmup shortened" in line]
     assert notes == ["note: warmup shortened from 1 to 0.09375 epochs (3 steps), a tenth of this 1-epoch run"]
 
@@ -77,8 +62,9 @@ def test_finetune_flags_typed_are_never_overwritten_by_a_modes_defaults(tmp_path
     assert {k: getattr(tc, k) for k in want} == want
 
 
+@pytest.mark.e2e
 def test_finetune_help_states_each_modes_defaults_and_examples_on_their_own_lines():
-    r = _script("finetune.py", "--help")
+    r = run_script("finetune.py", "--help")
     text = " ".join(r.stdout.split())
     assert r.returncode == 0
     for s in ("training epochs (default 30 in head mode, 3 in full/progressive mode)",
@@ -100,45 +86,46 @@ def test_progressive_head_epochs_train_at_head_modes_lr(tmp_path):
 # --- runs are never silently replaced; --resume alone --------------------------------------------
 
 
-@needs_mnist
-def test_a_second_run_moves_to_a_numbered_folder_and_an_explicit_out_needs_overwrite(tmp_path):
-    first = _last_json(_mnist("--epochs", "1", cwd=tmp_path))
+@pytest.mark.e2e
+def test_a_second_run_moves_to_a_numbered_folder_and_an_explicit_out_needs_overwrite(tmp_path, mnist_root):
+    first = last_json(_mnist(mnist_root, "--epochs", "1", cwd=tmp_path))
     model = Path(tmp_path / first["checkpoint"]).read_bytes()
-    r = _mnist("--epochs", "1", cwd=tmp_path)
-    second = _last_json(r)
+    r = _mnist(mnist_root, "--epochs", "1", cwd=tmp_path)
+    second = last_json(r)
     assert Path(second["checkpoint"]).parent == Path("runs/mnist-2")
     assert r.stderr.splitlines()[0] == "runs/mnist holds a run; this one goes to runs/mnist-2 (--out DIR to choose)"
     assert (tmp_path / "runs" / "mnist" / "model.npz").read_bytes() == model  # the first run is untouched
-    r = _mnist("--epochs", "1", "--out", "runs/mnist", cwd=tmp_path)
+    r = _mnist(mnist_root, "--epochs", "1", "--out", "runs/mnist", cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--overwrite" in r.stderr and "Traceback" not in r.stderr
     assert (tmp_path / "runs" / "mnist" / "model.npz").read_bytes() == model
-    assert _last_json(_mnist("--epochs", "1", "--out", "runs/mnist", "--overwrite", cwd=tmp_path))["epochs"] == 1
+    assert last_json(_mnist(mnist_root, "--epochs", "1", "--out", "runs/mnist", "--overwrite", cwd=tmp_path))["epochs"] == 1
 
 
-@needs_mnist
-def test_resume_alone_continues_with_the_saved_settings(tmp_path):
+@pytest.mark.e2e
+def test_resume_alone_continues_with_the_saved_settings(tmp_path, mnist_root):
     flags = ["--epochs", "2", "--lr", "2e-3", "--dim", "32", "--heads", "2", "--mlp-dim", "64", "--seed", "3"]
-    straight = _last_json(_mnist(*flags, "--out", tmp_path / "a"))
-    cut = _last_json(_mnist(*flags, "--out", tmp_path / "b", "--time-limit", "0"))  # stops after one step
+    straight = last_json(_mnist(mnist_root, *flags, "--out", tmp_path / "a"))
+    cut = last_json(_mnist(mnist_root, *flags, "--out", tmp_path / "b", "--time-limit", "0"))  # stops after one step
     assert cut["stopped_early"] and cut["steps"] == 1
-    resumed = _last_json(_mnist("--resume", tmp_path / "b" / "checkpoint.npz"))
+    resumed = last_json(_mnist(mnist_root, "--resume", tmp_path / "b" / "checkpoint.npz"))
     assert resumed["epochs"] == 2 and Path(resumed["checkpoint"]) == tmp_path / "b" / "model.npz"
     want, got = load_checkpoint(straight["checkpoint"])[0], load_checkpoint(resumed["checkpoint"])[0]
     assert all(np.array_equal(want[k], got[k]) for k in want)  # bit for bit, as the uninterrupted run
-    r = _mnist("--resume", tmp_path / "b" / "checkpoint.npz", "--lr", "0.1")
+    r = _mnist(mnist_root, "--resume", tmp_path / "b" / "checkpoint.npz", "--lr", "0.1")
     assert r.returncode == 2 and r.stderr.count("\n") == 1
     assert "--lr 0.1 differs from the saved run's 0.002" in r.stderr
-    r = _mnist("--resume", tmp_path / "b" / "checkpoint.npz", "--epochs", "3")
-    assert _last_json(r)["epochs"] == 3 and "extending the run" in r.stderr
+    r = _mnist(mnist_root, "--resume", tmp_path / "b" / "checkpoint.npz", "--epochs", "3")
+    assert last_json(r)["epochs"] == 3 and "extending the run" in r.stderr
     assert len(load_checkpoint(tmp_path / "b" / "model.npz")[2]["history"]) == 3
 
 
 # --- head mode: the rerun, the feature cache ---------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_head_mode_rerun_prints_its_summary_from_the_cache(tmp_path):
     data = _folder(tmp_path / "photos")
-    first = _last_json(_head(data, tmp_path / "run", "--json"))
+    first = last_json(_head(data, tmp_path / "run", "--json"))
     assert first["features_cached"] is False
     r = _head(data, tmp_path / "run", "--overwrite")
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
@@ -146,22 +133,24 @@ def test_head_mode_rerun_prints_its_summary_from_the_cache(tmp_path):
     assert "features from the cache" in r.stdout
 
 
+@pytest.mark.e2e
 def test_feature_cache_misses_when_the_folder_changes(tmp_path):
     """Two class folders swapped (same counts, same file names): the old features must not be used,
     so the reported accuracy is the one evaluate.py measures on the model."""
     data = _folder(tmp_path / "photos")
-    first = _last_json(_head(data, tmp_path / "r1", "--json"))
+    first = last_json(_head(data, tmp_path / "r1", "--json"))
     os.rename(data / "a", data / "tmp")
     os.rename(data / "b", data / "a")
     os.rename(data / "tmp", data / "b")
-    second = _last_json(_head(data, tmp_path / "r2", "--json"))
+    second = last_json(_head(data, tmp_path / "r2", "--json"))
     assert second["features_cached"] is False
-    ev = _last_json(_script("evaluate.py", second["checkpoint"], "--json"))
+    ev = last_json(run_script("evaluate.py", second["checkpoint"], "--json"))
     assert ev["test_accuracy"] == second["test_accuracy"] and first["test_accuracy"] >= 0.5
-    again = _last_json(_head(data, tmp_path / "r3", "--json"))  # unchanged now: a hit
+    again = last_json(_head(data, tmp_path / "r3", "--json"))  # unchanged now: a hit
     assert again["features_cached"] is True and again["test_accuracy"] == second["test_accuracy"]
 
 
+@pytest.mark.e2e
 def test_unreadable_files_counts_every_file_warned_about(tmp_path):
     data = _folder(tmp_path / "photos")
     (data / "a" / "notes.txt").write_text("not an image")  # by extension
@@ -171,16 +160,15 @@ def test_unreadable_files_counts_every_file_warned_about(tmp_path):
     r = _head(data, tmp_path / "run", "--json")
     warned = [line for line in r.stderr.splitlines() if line.startswith("warning:")]
     assert len(warned) == 3, r.stderr
-    assert _last_json(r)["unreadable_files"] == 3
+    assert last_json(r)["unreadable_files"] == 3
 
 
 # --- what a skipped test tells a new user ----------------------------------------------------------
 
 
 def test_real_data_skips_say_what_to_set_and_name_no_internal_path():
-    from conftest import DATA_HINT, WEIGHTS_HINT
-
     assert "TINYVIT_DATA" in DATA_HINT and "download" in DATA_HINT and "TINYVIT_WEIGHTS" in WEIGHTS_HINT
-    for f in sorted(Path(__file__).parent.glob("test_*.py")):
+    here = Path(__file__).parent
+    for f in sorted([*here.glob("test_*.py"), here / "helpers.py", here / "conftest.py"]):
         for reason in re.findall(r'(?:reason=|pytest\.skip\()(f?"[^"]*")', f.read_text()):
             assert "shared" not in reason and "{TI16}" not in reason and "{REAL}" not in reason, (f.name, reason)

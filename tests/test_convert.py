@@ -1,31 +1,24 @@
 """Weight conversion: every public layout and file type back to the same timm params, logits vs torch,
 the real ViT-Ti/16 file, pos-embed resizing, head adaptation, and every kind of bad file."""
 import json
-import os
-import pickle
 import re
 import struct
-import subprocess
-import sys
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import needs_data, needs_ti16, rel_err, shared_data_dir, ti16_weights
+from helpers import ROOT, evil_pickle, rel_err, run_script
 from torch_vit import torch_vit_from_params
 
 from tinyvit import TinyViTError, ViTConfig, preset, vit_forward
 from tinyvit.io.checkpoint import load_checkpoint, save_checkpoint
-from tinyvit.io.convert import adapt, convert, detect_format, load_model, load_state, resize_pos_embed, to_timm
+from tinyvit.io.convert import adapt, convert, detect_format, from_foreign, load_model, load_state, resize_pos_embed
 from tinyvit.io.safetensors import read_safetensors, write_safetensors
 from tinyvit.io.torchzip import load_torch_zip
 from tinyvit.nn.model import param_shapes
 
-ROOT = Path(__file__).resolve().parents[1]
-TI16 = ti16_weights()
 # ViT-B/16 widths, two blocks, 32 px (2x2 patches + CLS)
 CFG = ViTConfig(img_size=32, patch_size=16, in_chans=3, num_classes=10, dim=768, depth=2, heads=12, mlp_dim=3072)
 
@@ -225,16 +218,15 @@ def test_full_vit_b16_key_set(fmt):
     state = {"google": lambda: to_google(p, 12), "timm": lambda: p, "torchvision": lambda: to_torchvision(p),
              "hf": lambda: to_hf(p)}[fmt]()
     assert len(state) == 152 + 48 * (fmt in ("google", "hf"))  # those two keep q, k, v apart
-    params, cfg, info = to_timm(state)
+    params, cfg, info = from_foreign(state)
     assert info["format"] == fmt and list(params) == list(param_shapes(b16))
     assert cfg == (b16 if fmt != "hf" else preset("vit-b16", ln_eps=1e-12))
     assert all(params[k].shape == s for k, s in param_shapes(b16).items())
 
 
-@needs_ti16
-def test_real_vit_ti16_every_format(tmp_path):
-    ti = load_state(TI16)
-    base, cfg0, _ = convert(TI16)
+def test_real_vit_ti16_every_format(tmp_path, ti16):
+    ti = load_state(ti16)
+    base, cfg0, _ = convert(ti16)
     assert cfg0 == preset("vit-ti16")
     n = 0
     for name, layout, save, suffix, fmt in CASES:
@@ -364,7 +356,7 @@ def test_google_unexpected_and_bad_shape(tmp_path):
     with pytest.raises(TinyViTError, match="embedding/kernel has unusable shape"):
         convert(tmp_path / "g.npz")
     with pytest.raises(TinyViTError, match=r"google layout\): .*unexpected \['blocks.0.attn.proj.bias'"):
-        to_timm(p, fmt="google")
+        from_foreign(p, fmt="google")
 
 
 def _st(tmp_path):
@@ -404,22 +396,12 @@ def test_bad_safetensors_header(header, match, tmp_path):
         read_safetensors(_raw_safetensors(tmp_path / "h.safetensors", header, bytes(12)))
 
 
-class _Evil:
-    """Its unpickling would run a shell command creating the marker file."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
 @pytest.mark.parametrize("proto", [2, 4])
 def test_malicious_pickle_is_refused(proto, tmp_path):
     marker = tmp_path / "pwned"
     f = tmp_path / "evil.pth"
     with zipfile.ZipFile(f, "w") as z:
-        z.writestr("evil/data.pkl", pickle.dumps({"blocks.0.x": _Evil(marker)}, protocol=proto))
+        z.writestr("evil/data.pkl", evil_pickle("os.system", marker, proto, lambda e: {"blocks.0.x": e}))
         z.writestr("evil/byteorder", "little")
     for load in (load_torch_zip, convert):
         with pytest.raises(TinyViTError, match=r"refusing to load \w+\.system"):
@@ -458,10 +440,10 @@ def test_legacy_and_empty_and_unknown_files(tmp_path):
 
 
 def _script(*args):
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "convert_weights.py"), *map(str, args)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+    return run_script("convert_weights.py", *args, cwd=ROOT, timeout=60)
 
 
+@pytest.mark.e2e
 def test_cli_converts_and_adapts(tmp_path):
     p, cfg = _small()
     save_pth(tmp_path / "w.pth", to_torchvision(p))
@@ -475,6 +457,7 @@ def test_cli_converts_and_adapts(tmp_path):
     assert np.array_equal(params["blocks.1.mlp.fc2.weight"], p["blocks.1.mlp.fc2.weight"])
 
 
+@pytest.mark.e2e
 def test_cli_error_path(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"\x01" * 20)
     r = _script(tmp_path / "bad.safetensors", "--out", tmp_path / "m.npz")
@@ -554,27 +537,21 @@ def test_load_model_names_an_image_and_other_files(tmp_path):
         load_model(tmp_path / "missing.pth")
 
 
-def _tool(name, *args):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's tinyvit
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *map(str, args)],
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
-
-
-@needs_data
-def test_evaluate_script_takes_any_weights_file(tmp_path):
+@pytest.mark.e2e
+def test_evaluate_script_takes_any_weights_file(tmp_path, cifar_root):
     p = random_params(EVAL)
     results = []
     for name in ("google-npz", "timm-safetensors", "torchvision-pth"):
         fname, write = MODEL_FILES[name]
         write(tmp_path / fname, p)
-        r = _tool("evaluate.py", tmp_path / fname, "--dataset", "cifar10", "--data-dir", shared_data_dir(),
-                  "--limit", "16", "--json")
+        r = run_script("evaluate.py", tmp_path / fname, "--dataset", "cifar10", "--data-dir", cifar_root,
+                       "--limit", "16", "--json", cwd=ROOT, timeout=120)
         assert r.returncode == 0, r.stderr
         results.append(json.loads(r.stdout.strip().splitlines()[-1]))
     assert all(r["images"] == 16 and r["test_accuracy"] == results[0]["test_accuracy"] for r in results)
     from PIL import Image
 
     Image.new("RGB", (8, 8)).save(tmp_path / "cat.png")
-    r = _tool("evaluate.py", tmp_path / "cat.png", "--dataset", "cifar10")
+    r = run_script("evaluate.py", tmp_path / "cat.png", "--dataset", "cifar10", cwd=ROOT, timeout=120)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert r.stderr.startswith(f"error: {tmp_path / 'cat.png'}: is an image, not a model: evaluate.py takes"), r.stderr

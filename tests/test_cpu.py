@@ -1,12 +1,10 @@
 """tinyvit.cpu: the blockwise helpers on the thread pool and host-allocator tuning (speed only)."""
 import platform
-import subprocess
-import sys
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import ROOT, run_python
 
 from tinyvit.cpu import threads
 from tinyvit.nn import activations, special
@@ -41,13 +39,12 @@ def test_nested_blockwise_calls_do_not_deadlock(monkeypatch):
 
 def _print_in_fresh_process(expr, env, setup):
     """The printed value of expr in a new interpreter (after setup) with only the given environment."""
-    root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-c", f"{setup}; print({expr})"], capture_output=True, text=True,
-                         cwd=root, env={**env, "PYTHONPATH": str(root)})
+    out = run_python(f"{setup}; print({expr})", cwd=ROOT, env=env)
     assert out.returncode == 0, out.stderr
     return out.stdout.strip()
 
 
+@pytest.mark.e2e
 def test_host_malloc_tuning_can_be_opted_out():
     """TINYVIT_MALLOC=system keeps the C library's defaults; on glibc the thresholds are set."""
     setup = "from tinyvit.cpu.malloc import tune_host_malloc"
@@ -56,6 +53,7 @@ def test_host_malloc_tuning_can_be_opted_out():
     assert _print_in_fresh_process("tune_host_malloc()", {}, setup) == str(glibc)
 
 
+@pytest.mark.e2e
 def test_openblas_spin_time_is_short_unless_the_user_set_one():
     """tinyvit sets a short OpenBLAS spin before NumPy loads; a value in the environment wins."""
     timeout = "os.environ.get('OPENBLAS_THREAD_TIMEOUT')"

@@ -1,29 +1,19 @@
 """Every script with --backend cupy, end to end on tiny settings: on a GPU through real CuPy, elsewhere
 through the CuPy stand-in (TINYVIT_CUPY_STANDIN=1 is set for these runs)."""
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
-from conftest import needs_data, needs_ti16, shared_data_dir, ti16_weights
+from helpers import last_json, run_script
 
 from tinyvit.io.checkpoint import load_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
-needs_mnist = needs_data
+pytestmark = pytest.mark.e2e
 
 
 def _cupy_script(name, *args, timeout=600):
     """Run scripts/name with --backend cupy (the stand-in where no GPU is usable); the last JSON line."""
-    env = dict(os.environ, TINYVIT_CUPY_STANDIN="1")
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / name), "--backend", "cupy", *map(str, args)],
-                       capture_output=True, text=True, timeout=timeout, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "Traceback" not in r.stderr
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    r = run_script(name, "--backend", "cupy", *args, extra_env={"TINYVIT_CUPY_STANDIN": "1"}, timeout=timeout)
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    return last_json(r)
 
 
 MNIST_RUN = ["--limit-train", "1024", "--limit-test", "256", "--epochs", "2", "--warmup-epochs", "0.5",
@@ -31,10 +21,9 @@ MNIST_RUN = ["--limit-train", "1024", "--limit-test", "256", "--epochs", "2", "-
              "--json", "--quiet"]
 
 
-@needs_mnist
-def test_train_mnist_resume_evaluate_predict_on_cupy(tmp_path):
+def test_train_mnist_resume_evaluate_predict_on_cupy(tmp_path, mnist_root):
     """Training learns, a run cut after its first step resumes to the same model, evaluate agrees, predict draws."""
-    data = ["--data-dir", shared_data_dir()]
+    data = ["--data-dir", mnist_root]
     whole = _cupy_script("train_mnist.py", *MNIST_RUN, *data, "--out", tmp_path / "whole")
     assert whole["test_accuracy"] > 0.3, whole  # chance is 0.1; 64 steps of a fresh 2-block ViT
     cut = tmp_path / "cut"
@@ -58,16 +47,14 @@ def test_train_mnist_resume_evaluate_predict_on_cupy(tmp_path):
     assert Image.open(tmp_path / "attn.png").size[0] >= 28 and pred["predictions"][0]["attention_map"]
 
 
-@needs_data
-@needs_ti16
 @pytest.mark.parametrize("mode", ["head", "full", "progressive"])
-def test_finetune_cifar_on_cupy(tmp_path, mode):
+def test_finetune_cifar_on_cupy(tmp_path, mode, cifar_root, ti16):
     """Real ViT-Ti/16 weights at 32 px on a few hundred CIFAR-10 images, every mode."""
     extra = {"head": ["--epochs", "5"], "full": ["--epochs", "1", "--batch-size", "32"],
              "progressive": ["--epochs", "2", "--batch-size", "32", "--grad-accum", "2"]}[mode]
-    out = _cupy_script("finetune_cifar.py", "--weights", ti16_weights(), "--mode", mode, "--img-size", "32",
+    out = _cupy_script("finetune_cifar.py", "--weights", ti16, "--mode", mode, "--img-size", "32",
                        "--limit-train", "256", "--limit-test", "128", "--out", tmp_path, "--json", "--quiet",
-                       "--data-dir", shared_data_dir(), *extra)
+                       "--data-dir", cifar_root, *extra)
     assert 0.0 <= out["test_accuracy"] <= 1.0
     if mode == "head":
         assert out["test_accuracy"] > 0.15, out  # chance is 0.10

@@ -14,13 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import DATA_HINT, shared_data_dir
+from helpers import evil_pickle
 
 from tinyvit.backend import to_numpy
 from tinyvit.data import augment, batches, cifar10, download, mnist
 from tinyvit.errors import TinyViTError
 
-REAL = shared_data_dir() or Path("TINYVIT_DATA-not-set")
 MNIST_MD5 = {"train": ("6bbc9ace898e44ae57da46a324031adb", "a25bea736e30d166cdddb491f175f624"),
              "test": ("2646ac647ad5339dbf082846283269ea", "27ae3e4e09519cfbb04c329615203637")}
 
@@ -38,17 +37,13 @@ def _one_line_error(fn, *needles):
 
 # --- real data ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module", params=["train", "test"])
-def real_mnist(request):
-    if not (REAL / "mnist").is_dir():
-        pytest.skip(DATA_HINT)
-    return request.param, mnist.load_mnist(REAL, request.param, download=False)
+def real_mnist(request, mnist_root):
+    return request.param, mnist.load_mnist(mnist_root, request.param, download=False)
 
 
 @pytest.fixture(scope="module", params=["train", "test"])
-def real_cifar(request):
-    if not (REAL / "cifar10").is_dir():
-        pytest.skip(DATA_HINT)
-    return request.param, cifar10.load_cifar10(REAL, request.param, download=False)
+def real_cifar(request, cifar_root):
+    return request.param, cifar10.load_cifar10(cifar_root, request.param, download=False)
 
 
 def test_real_mnist(real_mnist):
@@ -357,33 +352,14 @@ def test_cifar_bad_pickle(tmp_path, small, case):
     _one_line_error(lambda: cifar10.load_cifar10(tmp_path, "test", download=False), path)
 
 
-class _System:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
-class _Open(_System):
-    def __reduce__(self):
-        return open, (str(self.marker), "w")
-
-
-class _Eval(_System):
-    def __reduce__(self):
-        return eval, (f"open({str(self.marker)!r}, 'w')",)
-
-
-@pytest.mark.parametrize("evil", [_System, _Open, _Eval])
+@pytest.mark.parametrize("how", ["os.system", "builtins.open", "builtins.eval"])
 @pytest.mark.parametrize("where", ["batch", "meta"])
-def test_cifar_malicious_pickle(tmp_path, small, evil, where):
+def test_cifar_malicious_pickle(tmp_path, small, how, where):
     x, y = _records(1)
     _write_cifar(tmp_path, "py2", x, y, ["test_batch"])
     marker = tmp_path / "pwned"
-    payload = {b"data": x.reshape(R, -1), b"labels": evil(marker)}
     path = tmp_path / "cifar10" / cifar10.PY_DIR / ("test_batch" if where == "batch" else "batches.meta")
-    path.write_bytes(pickle.dumps(payload, protocol=2))
+    path.write_bytes(evil_pickle(how, marker, 2, lambda e: {b"data": x.reshape(R, -1), b"labels": e}))
     _one_line_error(lambda: cifar10.load_cifar10(tmp_path, "test", download=False), path, "not allowed")
     assert not marker.exists()
 

@@ -4,22 +4,21 @@ training script runs under mpiexec. Skipped where mpi4py or an MPI launcher is m
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import needs_data, shared_data_dir
+from helpers import ROOT, run, script
 
-ROOT = Path(__file__).resolve().parents[1]
 MPIEXEC = shutil.which("mpiexec") or shutil.which("mpirun")
 try:
     import mpi4py  # noqa: F401
 except ImportError:
     MPIEXEC = None
-pytestmark = pytest.mark.skipif(MPIEXEC is None, reason="mpi4py and an MPI launcher (pip install -e '.[mpi]') needed")
+pytestmark = [pytest.mark.e2e,
+              pytest.mark.skipif(MPIEXEC is None, reason="mpi4py and an MPI launcher (pip install -e '.[mpi]') needed")]
 ENV = {k: v for k, v in os.environ.items() if not k.startswith(("PMI", "OMPI", "PMIX", "TINYVIT_TEST_"))}
 
 
@@ -27,8 +26,7 @@ def _fit(out, dtype, steps, ranks=1, resume=None, timeout=300, **env):
     cmd = [sys.executable, str(ROOT / "tests" / "mpi_fit.py"), str(out), dtype, str(steps)] + ([str(resume)] if resume else [])
     if ranks > 1:
         cmd = [MPIEXEC, "-n", str(ranks)] + cmd
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          env=dict(ENV, PYTHONPATH=str(ROOT), **env))
+    return run(cmd, env=ENV, extra_env=env, timeout=timeout)
 
 
 def _params(out):
@@ -83,14 +81,12 @@ def test_a_lost_rank_ends_the_job(tmp_path, fault):
         assert "error: rank 1: a test fault on this rank" in r.stderr and "Traceback" not in r.stderr
 
 
-@needs_data
-def test_train_mnist_under_mpiexec_matches_one_rank(tmp_path):
-    args = [str(ROOT / "scripts" / "train_mnist.py"), "--limit-train", "4096", "--limit-test", "512", "--epochs",
-            "1", "--warmup-epochs", "0.2", "--data-dir", str(shared_data_dir()), "--json", "--quiet"]
+def test_train_mnist_under_mpiexec_matches_one_rank(tmp_path, mnist_root):
+    cmd = script("train_mnist.py", "--limit-train", "4096", "--limit-test", "512", "--epochs", "1", "--warmup-epochs",
+                 "0.2", "--data-dir", mnist_root, "--json", "--quiet")
     runs = []
     for ranks in (1, 2):
-        cmd = ([MPIEXEC, "-n", "2"] if ranks == 2 else []) + [sys.executable] + args + ["--out", str(tmp_path / str(ranks))]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(ENV, PYTHONPATH=str(ROOT)))
+        r = run(([MPIEXEC, "-n", "2"] if ranks == 2 else []) + cmd + ["--out", tmp_path / str(ranks)], env=ENV, timeout=600)
         assert r.returncode == 0, r.stderr[-2000:]
         lines = [json.loads(x) for x in r.stdout.strip().splitlines() if x.startswith("{")]
         assert len(lines) == 1  # rank 0 alone reports
@@ -100,7 +96,6 @@ def test_train_mnist_under_mpiexec_matches_one_rank(tmp_path):
 
 
 def test_head_mode_refuses_several_ranks(tmp_path):
-    r = subprocess.run([MPIEXEC, "-n", "2", sys.executable, str(ROOT / "scripts" / "finetune.py"), "--data",
-                        str(tmp_path), "--preset", "vit-ti16", "--mode", "head", "--out", str(tmp_path / "o")],
-                       capture_output=True, text=True, timeout=120, env=dict(ENV, PYTHONPATH=str(ROOT)))
+    r = run([MPIEXEC, "-n", "2", *script("finetune.py", "--data", tmp_path, "--preset", "vit-ti16", "--mode", "head",
+                                         "--out", tmp_path / "o")], env=ENV, timeout=120)
     assert r.returncode != 0 and "--mode head is one process" in r.stderr and "Traceback" not in r.stderr

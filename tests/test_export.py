@@ -3,15 +3,12 @@ folder converting back bit for bit, transformers itself when installed, bad inpu
 import dataclasses
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import needs_ti16, rel_err, ti16_weights
+from helpers import ROOT, SCRIPTS, rel_err, run_script
 from PIL import Image
 from torch_vit import TorchViT
 
@@ -29,9 +26,7 @@ try:
 except ImportError:  # CI: pip install "transformers==5.24.0" (tested with torch 2.13; leaves torch alone)
     transformers = None
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "export_weights.py"
-TI16 = ti16_weights()
+SCRIPT = SCRIPTS / "export_weights.py"
 needs_hf = pytest.mark.skipif(transformers is None, reason="transformers is not installed (pip install transformers)")
 
 CFGS = {  # exact GELU at timm's eps; tanh GELU, HF's eps, one channel and an MLP ratio m/d misses by an ulp
@@ -119,9 +114,8 @@ def test_timm_export_without_metadata_defaults(tmp_path):
     assert tuple(json.loads(md["mean"])) == normalisation({}, cfg.in_chans)[0]  # tinyvit's own rule (MNIST's)
 
 
-@needs_ti16
-def test_real_vit_ti16_timm_export(tmp_path):
-    params, cfg, meta = convert(TI16)
+def test_real_vit_ti16_timm_export(tmp_path, ti16):
+    params, cfg, meta = convert(ti16)
     ckpt = save_checkpoint(tmp_path / "ti16.npz", params, cfg, meta)
     state, md = read_safetensors(export(ckpt, "timm", tmp_path / "ti16.safetensors")["out"])
     assert list(state) == sorted(param_shapes(cfg)) and _cfg_from_timm_metadata(md) == cfg
@@ -254,6 +248,7 @@ def test_transformers_image_processor_sees_what_load_image_sees(tmp_path, size, 
         assert got.shape == want.shape and np.abs(got - want).max() < 1e-5, (photo.name, np.abs(got - want).max())
 
 
+@pytest.mark.e2e
 @needs_hf
 def test_transformers_pipeline_on_the_hf_export_gives_predicts_probabilities(tmp_path):
     """pipeline('image-classification') on the exported folder vs predict.py on the checkpoint:
@@ -267,8 +262,7 @@ def test_transformers_pipeline_on_the_hf_export_gives_predicts_probabilities(tmp
     ckpt = save_checkpoint(tmp_path / "m.npz", params, cfg, meta)
     assert _run(ckpt, "--to", "hf", "--out", tmp_path / "hf").returncode == 0
     photos = _photos(tmp_path / "photos")
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "predict.py"), ckpt, *photos, "--top-k", "5", "--json"],
-                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    r = run_script("predict.py", ckpt, *photos, "--top-k", "5", "--json", cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr
     ours = {Path(p["image"]).name: {t["class"]: t["probability"] for t in p["top_k"]}
             for p in json.loads(r.stdout)["predictions"]}
@@ -282,9 +276,8 @@ def test_transformers_pipeline_on_the_hf_export_gives_predicts_probabilities(tmp
     assert spread > 0.05  # the probabilities differ between classes: the comparison can fail
 
 
-@needs_ti16
-def test_real_vit_ti16_hf_export(tmp_path):
-    params, cfg, meta = convert(TI16)
+def test_real_vit_ti16_hf_export(tmp_path, ti16):
+    params, cfg, meta = convert(ti16)
     ckpt = save_checkpoint(tmp_path / "ti16.npz", params, cfg, meta)
     folder = tmp_path / "hf"
     export(ckpt, "hf", folder)
@@ -300,9 +293,7 @@ def test_real_vit_ti16_hf_export(tmp_path):
 
 
 def _run(*args):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=120)
+    return run_script(SCRIPT.name, *args, cwd=ROOT, timeout=120)
 
 
 def _one_error_line(r, *needles):
@@ -312,6 +303,7 @@ def _one_error_line(r, *needles):
     assert all(str(n) in lines[0] for n in needles), lines[0]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("content", [b'{"not": "a checkpoint"}\n', b"PK\x03\x04 truncated zip", None])
 def test_script_refuses_a_non_checkpoint(tmp_path, content):
     bad = tmp_path / "notes.npz"
@@ -325,6 +317,7 @@ def test_script_refuses_a_non_checkpoint(tmp_path, content):
     _one_error_line(_run(tmp_path / "missing.npz", "--to", "timm", "--out", tmp_path / "o"), tmp_path / "missing.npz")
 
 
+@pytest.mark.e2e
 def test_script_refuses_an_unusable_out(tmp_path):
     ckpt, _, _ = _checkpoint(tmp_path, "erf")
     taken = tmp_path / "taken.safetensors"
@@ -356,6 +349,7 @@ def test_inconsistent_metadata_is_refused(tmp_path):
 # --- the script end to end ----------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_script_exports_both_targets(tmp_path):
     ckpt, params, cfg = _checkpoint(tmp_path, "erf", np.float32)
     r = _run(ckpt, "--to", "timm", "--out", tmp_path / "t" / "vit.safetensors", "--json")
@@ -376,6 +370,7 @@ def test_script_exports_both_targets(tmp_path):
     assert r.returncode == 0 and r.stdout.count("\n") == 1 and str(tmp_path / "h") in r.stdout, r.stderr
 
 
+@pytest.mark.e2e
 def test_script_help_covers_every_flag():
     r = _run("--help")
     assert r.returncode == 0 and "--to" in r.stdout and "--json" in r.stdout
@@ -417,14 +412,12 @@ def _stated_checkpoint(tmp_path, name, resize, dtype=np.float64):
 
 def _convert_back(src, out, *extra):
     """scripts/convert_weights.py src --out out -> the checkpoint it wrote."""
-    args = [str(a) for a in (src, "--out", out, *extra)]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "convert_weights.py"), *args],
-                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    r = run_script("convert_weights.py", src, "--out", out, *extra, cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr
     return load_checkpoint(out)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", list(CFGS))
 def test_timm_export_and_convert_back_keep_metadata(tmp_path, name):
     ckpt, params, meta = _stated_checkpoint(tmp_path, name, "shortest_edge")
@@ -440,6 +433,7 @@ def test_timm_export_and_convert_back_keep_metadata(tmp_path, name):
     assert cfg2.img_size == 2 * cfg.img_size and meta3["eval_transform"] == meta["eval_transform"]  # it is relative
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("resize", list(TRANSFORMS))
 def test_hf_export_and_convert_back_keep_metadata(tmp_path, resize):
     ckpt, params, meta = _stated_checkpoint(tmp_path, "erf", resize, np.float32)
@@ -462,6 +456,7 @@ def test_hf_export_and_convert_back_keep_metadata(tmp_path, resize):
         assert out.shape == (1, 3, cfg.img_size, cfg.img_size)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", ["vit.pt", "vit.pth", "vit"])
 def test_script_refuses_a_timm_out_that_is_not_safetensors(tmp_path, name):
     ckpt, _, _ = _checkpoint(tmp_path, "erf")

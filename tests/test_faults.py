@@ -6,47 +6,50 @@ an unreadable data file (root without its read-override capabilities). Each ends
 The mounts need root in a private mount namespace (unshare -m), the unreadable file setpriv; where
 those are missing the tests say so and skip.
 """
+import functools
 import os
 import resource
 import shlex
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import needs_data, shared_data_dir
+from helpers import run, script
 
 from tinyvit.io import checkpoint
 from tinyvit.io.checkpoint import load_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
 RUN = ["--limit-train", "256", "--limit-test", "64", "--epochs", "2", "--batch-size", "64", "--depth", "1",
        "--patch-size", "7", "--warmup-epochs", "0.5", "--augment", "none", "--json", "--quiet"]
-needs_mnist = needs_data
+DROP_DAC = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
 
 
-def _can(cmd):
+@functools.cache
+def _root_can(*cmd):
+    """Whether cmd, run as root, exits 0 here (asked once, when a test first needs it)."""
+    if os.geteuid() != 0:
+        return False
     try:
-        return subprocess.run(cmd, capture_output=True, timeout=30).returncode == 0
+        return run(cmd, timeout=30).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
 
 
-CAN_MOUNT = os.geteuid() == 0 and _can(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"])
-CAN_DROP_DAC = os.geteuid() == 0 and _can(["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "true"])
-needs_mount = pytest.mark.skipif(not CAN_MOUNT, reason="needs root and unshare -m (private mounts)")
+@pytest.fixture
+def private_mounts():
+    """Skips unless this process may mount in a private mount namespace (root and unshare -m)."""
+    if not _root_can("unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"):
+        pytest.skip("needs root and unshare -m (private mounts)")
 
 
-def _script(name, *args):
-    return [sys.executable, str(ROOT / "scripts" / name), *map(str, args)]
-
-
-def _run(cmd, preexec_fn=None, timeout=300):
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, preexec_fn=preexec_fn)
-    return r
+@pytest.fixture
+def no_read_override():
+    """Skips unless root may run a command without its read-override capabilities (setpriv)."""
+    if not _root_can(*DROP_DAC, "true"):
+        pytest.skip("needs root and setpriv to drop the read-override capabilities")
 
 
 def _one_error_line(r, *words):
@@ -65,7 +68,7 @@ def _in_mount(mount, target, cmd, keep=None):
     the target's files are copied to keep afterwards (the mount ends with the namespace)."""
     copy = f"; cp -a {shlex.quote(str(target))}/. {shlex.quote(str(keep))}/" if keep else ""
     sh = f"mount {mount} {shlex.quote(str(target))} && {shlex.join(cmd)}; rc=$?{copy}; exit $rc"
-    return _run(["unshare", "-m", "sh", "-c", sh])
+    return run(["unshare", "-m", "sh", "-c", sh])
 
 
 def _no_temp_files(folder):
@@ -76,23 +79,22 @@ def _ckpt_step(path):
     return load_checkpoint(path)[2]["train_state"]["step"]
 
 
-@needs_mnist
-@needs_mount
-def test_full_disk_mid_run_keeps_the_last_checkpoint(tmp_path):
+@pytest.mark.e2e
+def test_full_disk_mid_run_keeps_the_last_checkpoint(tmp_path, mnist_root, private_mounts):
     """A tmpfs with room for one checkpoint: epoch 1's is written, epoch 2's (beside it) is not."""
-    data = ["--data-dir", shared_data_dir()]
-    probe = _run(_script("train_mnist.py", *RUN, *data, "--epochs", "1", "--out", tmp_path / "probe"))
+    data = ["--data-dir", mnist_root]
+    probe = run(script("train_mnist.py", *RUN, *data, "--epochs", "1", "--out", tmp_path / "probe"))
     size = (tmp_path / "probe" / "checkpoint.npz").stat().st_size
     out, keep = tmp_path / "disk", tmp_path / "keep"
     out.mkdir()
     keep.mkdir()
     r = _in_mount(f"-t tmpfs -o size={int(size * 1.5)} tmpfs", out,
-                  _script("train_mnist.py", *RUN, *data, "--out", out), keep)
+                  script("train_mnist.py", *RUN, *data, "--out", out), keep)
     line = _one_error_line(r, "cannot write the checkpoint", "No space left on device",
                            "the last good checkpoint is", "--resume")
     assert probe.returncode == 0 and "(step 4)" in line  # 256 images / 64: 4 steps an epoch
     assert _no_temp_files(keep) == [] and _ckpt_step(keep / "checkpoint.npz") == 4
-    done = _run(_script("train_mnist.py", *RUN, *data, "--out", keep, "--resume", keep / "checkpoint.npz"))
+    done = run(script("train_mnist.py", *RUN, *data, "--out", keep, "--resume", keep / "checkpoint.npz"))
     assert done.returncode == 0, done.stderr[-2000:]
 
 
@@ -103,25 +105,26 @@ def _fsize_limit(limit):
     return set_limit
 
 
-@needs_mnist
-def test_file_size_limit_mid_run_keeps_the_resumed_checkpoint(tmp_path):
+@pytest.mark.e2e
+def test_file_size_limit_mid_run_keeps_the_resumed_checkpoint(tmp_path, mnist_root):
     """A run cut after its first step resumes under a file-size limit its next checkpoint exceeds."""
-    data, out = ["--data-dir", shared_data_dir()], tmp_path / "run"
-    cut = _run(_script("train_mnist.py", *RUN, *data, "--out", out, "--time-limit", "0"))
+    data, out = ["--data-dir", mnist_root], tmp_path / "run"
+    cut = run(script("train_mnist.py", *RUN, *data, "--out", out, "--time-limit", "0"))
     assert cut.returncode == 0, cut.stderr[-2000:]
     ckpt = out / "checkpoint.npz"
     before = ckpt.read_bytes()
-    resume = _script("train_mnist.py", *RUN, *data, "--out", out, "--resume", ckpt)
-    r = _run(resume, preexec_fn=_fsize_limit(len(before)))  # the epoch-end checkpoint has more history
+    resume = script("train_mnist.py", *RUN, *data, "--out", out, "--resume", ckpt)
+    r = run(resume, preexec_fn=_fsize_limit(len(before)))  # the epoch-end checkpoint has more history
     _one_error_line(r, "cannot write the checkpoint", "File too large", f"the last good checkpoint is {ckpt}",
                     "(step 1)")
     assert ckpt.read_bytes() == before and _no_temp_files(out) == []
-    done = _run(resume)
+    done = run(resume)
     assert done.returncode == 0, done.stderr[-2000:]
 
 
-@pytest.mark.parametrize("script", ["train_mnist.py", "finetune_cifar.py", "convert_weights.py", "predict.py"])
-def test_output_under_a_file_fails_at_start(tmp_path, script):
+@pytest.mark.e2e
+@pytest.mark.parametrize("name", ["train_mnist.py", "finetune_cifar.py", "convert_weights.py", "predict.py"])
+def test_output_under_a_file_fails_at_start(tmp_path, name):
     """Before any data, weights or image is read (all of them are missing here): seconds, not an epoch."""
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
@@ -129,39 +132,37 @@ def test_output_under_a_file_fails_at_start(tmp_path, script):
     args = {"train_mnist.py": ["--out", blocker / "run", "--data-dir", missing],
             "finetune_cifar.py": ["--out", blocker / "run", "--weights", missing / "w.npz", "--data-dir", missing],
             "convert_weights.py": [missing / "w.npz", "--out", blocker / "sub" / "w.npz"],
-            "predict.py": [missing / "m.npz", missing / "i.png", "--attention-map", blocker / "sub" / "map.png"]}[script]
-    r = _run(_script(script, *args), timeout=60)
+            "predict.py": [missing / "m.npz", missing / "i.png", "--attention-map", blocker / "sub" / "map.png"]}[name]
+    r = run(script(name, *args), timeout=60)
     _one_error_line(r, str(blocker), "Not a directory")
 
 
-@needs_mount
-@pytest.mark.parametrize("script", ["train_mnist.py", "convert_weights.py"])
-def test_read_only_output_folder_fails_at_start(tmp_path, script):
+@pytest.mark.e2e
+@pytest.mark.parametrize("name", ["train_mnist.py", "convert_weights.py"])
+def test_read_only_output_folder_fails_at_start(tmp_path, name, private_mounts):
     ro = tmp_path / "ro"
     ro.mkdir()
     args = {"train_mnist.py": ["--out", ro / "run", "--data-dir", tmp_path / "missing"],
-            "convert_weights.py": [tmp_path / "missing.npz", "--out", ro / "w.npz"]}[script]
-    r = _in_mount(f"--bind -o ro {shlex.quote(str(ro))}", ro, _script(script, *args))
+            "convert_weights.py": [tmp_path / "missing.npz", "--out", ro / "w.npz"]}[name]
+    r = _in_mount(f"--bind -o ro {shlex.quote(str(ro))}", ro, script(name, *args))
     if "mount" in r.stderr and r.returncode != 2:
         pytest.skip(f"read-only bind mount refused here: {r.stderr.strip()[:200]}")
     _one_error_line(r, str(ro), "Read-only file system")
 
 
-@pytest.mark.skipif(not CAN_DROP_DAC, reason="needs root and setpriv to drop the read-override capabilities")
-@needs_mnist
-def test_unreadable_data_and_checkpoint_are_one_line(tmp_path):
+@pytest.mark.e2e
+def test_unreadable_data_and_checkpoint_are_one_line(tmp_path, mnist_root, no_read_override):
     """Files root may not read once its override capabilities are dropped: Permission denied, named."""
     mnist = tmp_path / "data" / "mnist"
-    shutil.copytree(Path(shared_data_dir()) / "mnist", mnist)
+    shutil.copytree(mnist_root / "mnist", mnist)
     locked = mnist / "train-labels-idx1-ubyte.gz"
     locked.chmod(0)
-    drop = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
-    r = _run(drop + _script("train_mnist.py", *RUN, "--data-dir", tmp_path / "data", "--out", tmp_path / "run"))
+    r = run(DROP_DAC + script("train_mnist.py", *RUN, "--data-dir", tmp_path / "data", "--out", tmp_path / "run"))
     _one_error_line(r, str(locked), "Permission denied")
     ckpt = tmp_path / "m.npz"
     checkpoint.save_checkpoint(ckpt, {"w": np.zeros(2, np.float32)}, checkpoint.ViTConfig())
     ckpt.chmod(0)
-    r = _run(drop + _script("evaluate.py", ckpt))
+    r = run(DROP_DAC + script("evaluate.py", ckpt))
     line = _one_error_line(r, str(ckpt), "Permission denied")
     assert "corrupt" not in line
 

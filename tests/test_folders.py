@@ -1,13 +1,10 @@
 """Folder datasets and Oxford-IIIT Pet: layouts, splits, bad files, image modes, the decode transforms,
 and the fine-tune script on real CIFAR-10 images written out as PNG and JPEG files."""
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import needs_data, needs_ti16, shared_data_dir, ti16_weights
+from helpers import last_json, run_script
 from PIL import Image
 
 from tinyvit.data import loader
@@ -20,7 +17,6 @@ from tinyvit.io.convert import adapt, load_model
 from tinyvit.train.config import TrainConfig
 from tinyvit.train.finetune import extract_features, train_head
 
-ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["cat", "dog", "owl"]
 
 
@@ -186,9 +182,10 @@ def test_pets_layout(tmp_path):
 # --- real images: the folder loader against the binary CIFAR-10 loader ----------------------------
 
 
-def _cifar_tree(root, n, fmt):
-    """The first n CIFAR-10 test images as files: DIR/train/<class>/ (the first 3/4) and DIR/val/."""
-    x, y, names = load_cifar10(shared_data_dir(), "test", limit=n)
+def _cifar_tree(data, root, n, fmt):
+    """The first n CIFAR-10 test images (from the data root) as files: root/train/<class>/ (the first 3/4)
+    and root/val/."""
+    x, y, names = load_cifar10(data, "test", limit=n)
     x, y = x[:n], y[:n]
     cut = 3 * n // 4
     for i in range(n):
@@ -199,19 +196,17 @@ def _cifar_tree(root, n, fmt):
     return x, y, names, cut
 
 
-@needs_data
-@needs_ti16
-def test_folder_features_and_accuracy_match_the_binary_loader(tmp_path):
+def test_folder_features_and_accuracy_match_the_binary_loader(tmp_path, cifar_root, ti16):
     """Head mode at 32 px with crop_pct 1 (the whole image, as the binary loader takes it): the folder
     loader's features equal the binary loader's on the same pixels (PNG: CIFAR's own; JPEG: as decoded),
     so the accuracy is the same, and JPEG's loss moves it little."""
-    params, cfg, meta = load_model(ti16_weights())
+    params, cfg, meta = load_model(ti16)
     params, cfg = adapt(params, cfg, img_size=32, num_classes=10)
     mean, std = tuple(meta["mean"]), tuple(meta["std"])
     tc = TrainConfig(epochs=20, batch_size=64, lr=1e-3, augment="none", warmup_epochs=0.2)
     results = {}
     for fmt in ("png", "jpg"):
-        x, y, names, cut = _cifar_tree(tmp_path / fmt, 320, fmt)
+        x, y, names, cut = _cifar_tree(cifar_root, tmp_path / fmt, 320, fmt)
         lossless = x
         if fmt == "jpg":  # the same images as the JPEG files hold them
             files = sorted((tmp_path / fmt).rglob("*.jpg"), key=lambda p: p.name)
@@ -238,29 +233,22 @@ def test_folder_features_and_accuracy_match_the_binary_loader(tmp_path):
     assert results["png"][1][0] > 0.2  # 240 images at 32 px through a 224-px model: above chance (0.1)
 
 
-@needs_data
-@needs_ti16
-def test_finetune_script_on_a_folder_with_broken_files(tmp_path):
+@pytest.mark.e2e
+def test_finetune_script_on_a_folder_with_broken_files(tmp_path, cifar_root, ti16):
     """The script end to end on real images plus broken files; evaluate and predict read its checkpoint."""
-    _cifar_tree(tmp_path / "data", 200, "jpg")
+    _cifar_tree(cifar_root, tmp_path / "data", 200, "jpg")
     bad = _broken_files(tmp_path / "data" / "train" / "cat")
-    cmd = [sys.executable, str(ROOT / "scripts" / "finetune.py"), "--data", tmp_path / "data", "--weights", ti16_weights(),
-           "--mode", "head", "--img-size", "32", "--epochs", "10", "--out", tmp_path / "run", "--json", "--quiet"]
-    r = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=600)
+    r = run_script("finetune.py", "--data", tmp_path / "data", "--weights", ti16, "--mode", "head", "--img-size", "32",
+                   "--epochs", "10", "--out", tmp_path / "run", "--json", "--quiet", timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     warned = [line for line in r.stderr.splitlines() if line.startswith("warning:")]
     assert {n for n in bad if any(n in w for w in warned)} == bad and len(warned) == len(bad)
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["test_accuracy"] > 0.2 and out["unreadable_files"] >= 1, out
-    ev = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), out["checkpoint"], "--json"],
-                        capture_output=True, text=True, timeout=300)
-    assert ev.returncode == 0, ev.stderr[-2000:]
-    assert abs(json.loads(ev.stdout.strip().splitlines()[-1])["test_accuracy"] - out["test_accuracy"]) < 1e-9
+    ev = last_json(run_script("evaluate.py", out["checkpoint"], "--json"))
+    assert abs(ev["test_accuracy"] - out["test_accuracy"]) < 1e-9
     img = next((tmp_path / "data" / "val" / "ship").glob("*.jpg"))
-    pr = subprocess.run([sys.executable, str(ROOT / "scripts" / "predict.py"), out["checkpoint"], str(img), "--json"],
-                        capture_output=True, text=True, timeout=300)
-    assert pr.returncode == 0, pr.stderr[-2000:]
-    top = json.loads(pr.stdout.strip().splitlines()[-1])["predictions"][0]["top_k"]
+    top = last_json(run_script("predict.py", out["checkpoint"], img, "--json"))["predictions"][0]["top_k"]
     assert {t["class"] for t in top} <= {"airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                                          "ship", "truck"}
 

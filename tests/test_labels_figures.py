@@ -1,14 +1,10 @@
 """ImageNet class names (file, conversion, predict's output) and the figures: show_patches and attention maps."""
 import importlib.util
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import needs_ti16, ti16_weights
+from helpers import SCRIPTS, run_script
 from PIL import Image
 
 from tinyvit import init_params
@@ -20,8 +16,6 @@ from tinyvit.io.labels import class_names_for, imagenet_classes
 from tinyvit.nn.model import ViTConfig
 from tinyvit.viz import BICUBIC, attention_figure, attention_layout, colormap, input_view, model_view, normalise_heat, panel_size
 
-ROOT = Path(__file__).resolve().parents[1]
-TI16 = ti16_weights()
 TINY1K = ViTConfig(img_size=32, patch_size=8, in_chans=3, num_classes=1000, dim=32, depth=1, heads=2, mlp_dim=64)
 RGB = ViTConfig(img_size=32, patch_size=8, in_chans=3, num_classes=3, dim=32, depth=2, heads=2, mlp_dim=64)
 # indices confirmed against a second source: timm's imagenet_synsets.txt + imagenet_synset_to_lemma.txt
@@ -31,13 +25,11 @@ SPOT = {0: "tench", 1: "goldfish", 134: "crane bird", 207: "golden retriever", 2
 
 
 def _script(name, *args, timeout=120):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's tinyvit, not an installed copy
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, env=env)
+    return run_script(name, *args, timeout=timeout)
 
 
 def _show_patches_module():
-    spec = importlib.util.spec_from_file_location("show_patches", ROOT / "scripts" / "show_patches.py")
+    spec = importlib.util.spec_from_file_location("show_patches", SCRIPTS / "show_patches.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -91,10 +83,10 @@ def test_convert_1000_class_timm_file_gets_imagenet_names(tmp_path):
     assert cfg.num_classes == 1000 and meta["class_names"] == imagenet_classes()
 
 
-@needs_ti16
-def test_real_ti16_converted_and_predicted_with_names(tmp_path):
+@pytest.mark.e2e
+def test_real_ti16_converted_and_predicted_with_names(tmp_path, ti16):
     out = tmp_path / "ti16.npz"
-    r = _script("convert_weights.py", TI16, "--out", out)
+    r = _script("convert_weights.py", ti16, "--out", out)
     assert r.returncode == 0, r.stderr
     _, cfg, meta = load_checkpoint(out)
     assert cfg.num_classes == 1000 and meta["class_names"] == imagenet_classes()
@@ -121,6 +113,7 @@ def _expected_view(path, size):
         return np.asarray(im.resize((size, size), BICUBIC, box=crop_box(*im.size), reducing_gap=3.0))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("size,patch,scale,columns", [(32, 8, 1, 5), (48, 16, 3, None), (224, 16, None, None)])
 def test_show_patches_tiles_are_the_patches(tmp_path, size, patch, scale, columns):
     src = _photo(tmp_path / "photo.png", (70, 45))
@@ -151,11 +144,13 @@ def test_show_patches_tiles_are_the_patches(tmp_path, size, patch, scale, column
     assert np.abs(left[~inside].astype(int) - big[~inside]).mean() > 5  # lines drawn
 
 
+@pytest.mark.e2e
 def test_show_patches_help():
     r = _script("show_patches.py", "--help")
     assert r.returncode == 0 and "--patch" in r.stdout and "--size" in r.stdout and "--out" in r.stdout
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("case", ["missing", "empty", "text", "truncated", "size-not-multiple", "out-under-file"])
 def test_show_patches_errors_are_one_line(tmp_path, case):
     img, args = tmp_path / f"bad_{case}.png", []
@@ -227,6 +222,7 @@ def test_attention_figure_panels():
     np.testing.assert_array_equal(bar[-1, 2], colormap(0.0))
 
 
+@pytest.mark.e2e
 def test_predict_attention_figure(tmp_path):
     ckpt = save_checkpoint(tmp_path / "rgb.npz", init_params(RGB, seed=2), RGB,
                            meta={"class_names": ["cat", "dog", "bird"], "mean": [0.5] * 3, "std": [0.5] * 3,
@@ -247,6 +243,7 @@ def test_predict_attention_figure(tmp_path):
     assert np.abs(seen.astype(int) - model_view(Image.open(src), 32)).max() <= 1
 
 
+@pytest.mark.e2e
 def test_predict_attention_figure_shows_inverted_mnist_input(tmp_path):
     """An MNIST model inverts dark ink on white paper: the figure shows the white-on-black it saw."""
     cfg = ViTConfig(img_size=28, patch_size=7, in_chans=1, num_classes=10, dim=32, depth=1, heads=2, mlp_dim=64)

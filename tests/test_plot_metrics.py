@@ -2,19 +2,15 @@
 missing matplotlib give one line and exit 2."""
 import importlib.util
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from helpers import SCRIPTS, run_script
 from PIL import Image
 
 from tinyvit import init_params
 from tinyvit.io.checkpoint import save_checkpoint
 from tinyvit.nn.model import ViTConfig
 
-ROOT = Path(__file__).resolve().parents[1]
 try:
     import matplotlib  # noqa: F401
     HAVE_MPL = True
@@ -41,9 +37,7 @@ def _write_log(path, recs):
 
 
 def _script(*args, pythonpath=()):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*map(str, pythonpath), str(ROOT)])}
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_metrics.py"), *map(str, args)],
-                          capture_output=True, text=True, timeout=120, env=env)
+    return run_script("plot_metrics.py", *args, pythonpath=pythonpath, timeout=120)
 
 
 def _one_error_line(r):
@@ -64,6 +58,7 @@ def _check_png(path, size=(800, 300)):
         assert lo < 100 and hi > 200  # something drawn on a light background
 
 
+@pytest.mark.e2e
 @needs_mpl
 @pytest.mark.parametrize("kind", ["run_dir", "jsonl", "checkpoint", "train_checkpoint"])
 def test_writes_png(tmp_path, kind):
@@ -89,7 +84,7 @@ def test_writes_png(tmp_path, kind):
 
 @needs_mpl
 def test_title_and_edge_cases_in_process(tmp_path):
-    spec = importlib.util.spec_from_file_location("plot_metrics", ROOT / "scripts" / "plot_metrics.py")
+    spec = importlib.util.spec_from_file_location("plot_metrics", SCRIPTS / "plot_metrics.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     log = _write_log(tmp_path / "run7" / "metrics.jsonl", _history(3))
@@ -105,6 +100,7 @@ def test_title_and_edge_cases_in_process(tmp_path):
         assert im.format == "PNG" and im.size == (400, 150)
 
 
+@pytest.mark.e2e
 def test_help_names_every_flag():
     r = _script("--help")
     assert r.returncode == 0
@@ -136,6 +132,7 @@ BAD_FILES = [
 ]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("case, text, want", BAD_FILES, ids=[c[0] for c in BAD_FILES])
 def test_bad_metrics_file_one_line(tmp_path, case, text, want):
     if text is None:
@@ -148,6 +145,7 @@ def test_bad_metrics_file_one_line(tmp_path, case, text, want):
     assert not (tmp_path / "c.png").exists()
 
 
+@pytest.mark.e2e
 def test_missing_inputs_one_line(tmp_path):
     line = _one_error_line(_script(tmp_path / "nope.jsonl", "--out", tmp_path / "c.png"))
     assert line == f"error: {tmp_path / 'nope.jsonl'}: no such metrics file"
@@ -156,6 +154,7 @@ def test_missing_inputs_one_line(tmp_path):
     assert line == f"error: {tmp_path / 'empty_run' / 'metrics.jsonl'}: no such metrics file"
 
 
+@pytest.mark.e2e
 def test_bad_checkpoints_one_line(tmp_path):
     params = init_params(TINY, seed=0)
     plain = save_checkpoint(tmp_path / "plain.npz", params, TINY, {})
@@ -168,12 +167,14 @@ def test_bad_checkpoints_one_line(tmp_path):
     assert str(junk) in _one_error_line(_script(junk, "--out", tmp_path / "c.png"))
 
 
+@pytest.mark.e2e
 def test_bad_flags_one_line(tmp_path):
     log = _write_log(tmp_path / "metrics.jsonl", _history(2))
     assert "--dpi must be 20 to 600" in _one_error_line(_script(log, "--dpi", "0"))
     assert "--width and --height" in _one_error_line(_script(log, "--width", "100"))
 
 
+@pytest.mark.e2e
 def test_without_matplotlib_one_line_hint(tmp_path):
     blocker = tmp_path / "no_mpl"
     blocker.mkdir()

@@ -1,15 +1,12 @@
 """Image loading (every Pillow mode, sizes, limits, bad files), attention rollout, and scripts/predict.py."""
 import json
-import os
 import struct
-import subprocess
-import sys
 import time
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import ROOT, run_python, run_script
 from PIL import Image
 
 from tinyvit import TinyViTError, init_params, preset
@@ -20,7 +17,6 @@ from tinyvit.io.checkpoint import save_checkpoint
 from tinyvit.nn.model import ViTConfig, attention_maps, vit_forward
 from tinyvit.viz import attention_layout, attention_rollout, colormap, overlay_attention, rollout_matrix
 
-ROOT = Path(__file__).resolve().parents[1]
 MNIST = preset("mnist", depth=1, patch_size=7, dim=32, heads=2, mlp_dim=64)
 RGB = ViTConfig(img_size=32, patch_size=8, in_chans=3, num_classes=3, dim=32, depth=2, heads=2, mlp_dim=64)
 M_MEAN, M_STD = (0.1307,), (0.3081,)
@@ -354,9 +350,7 @@ def test_rollout_bad_input():
 
 
 def _predict(*args):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's tinyvit, not an installed copy
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "predict.py"), *map(str, args)],
-                          capture_output=True, text=True, timeout=60, env=env)
+    return run_script("predict.py", *args, timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -370,6 +364,7 @@ def pictures(tmp_path_factory):
     return d
 
 
+@pytest.mark.e2e
 def test_cli_text_output(ckpts, pictures):
     r = _predict(ckpts[0], pictures / "digit.png", pictures / "photo.jpg", "--top-k", "3")
     assert r.returncode == 0, r.stderr
@@ -378,6 +373,7 @@ def test_cli_text_output(ckpts, pictures):
     assert lines[0].count("%") == 3
 
 
+@pytest.mark.e2e
 def test_cli_json_and_attention_maps(ckpts, pictures, tmp_path):
     imgs = [pictures / "digit.png", pictures / "photo.jpg", pictures / "sticker.png"]
     out = tmp_path / "maps" / "out.png"
@@ -398,6 +394,7 @@ def test_cli_json_and_attention_maps(ckpts, pictures, tmp_path):
             assert a.size == attention_layout(RGB.img_size)["size"] and a.mode == "RGB"
 
 
+@pytest.mark.e2e
 def test_cli_single_attention_map_uses_out_name(ckpts, pictures, tmp_path):
     out = tmp_path / "att.png"
     r = _predict(ckpts[0], pictures / "digit.png", "--attention-map", out, "--invert", "yes")
@@ -406,6 +403,7 @@ def test_cli_single_attention_map_uses_out_name(ckpts, pictures, tmp_path):
         assert a.size == attention_layout(MNIST.img_size)["size"]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("case", ["missing-image", "bad-checkpoint", "bad-top-k"])
 def test_cli_errors_are_one_line(ckpts, pictures, tmp_path, case):
     if case == "missing-image":
@@ -424,6 +422,7 @@ def test_cli_errors_are_one_line(ckpts, pictures, tmp_path, case):
 # --- other weights files, and the attention map's format ---------------------------------------
 
 
+@pytest.mark.e2e
 def test_cli_takes_any_weights_file(pictures, tmp_path):
     """A timm .safetensors (the safetensors package's own writer) and a torch .pth, converted in memory."""
     save_file = pytest.importorskip("safetensors.numpy").save_file
@@ -441,6 +440,7 @@ def test_cli_takes_any_weights_file(pictures, tmp_path):
     assert outs[0] == outs[1] == outs[2]  # converted in memory = converted and saved by tinyvit
 
 
+@pytest.mark.e2e
 def test_cli_names_an_image_given_as_the_checkpoint(ckpts, pictures):
     r = _predict(pictures / "digit.png", ckpts[0])
     assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1, r.stderr
@@ -448,6 +448,7 @@ def test_cli_names_an_image_given_as_the_checkpoint(ckpts, pictures):
                         f"predict.py takes the checkpoint first, then images\n")
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("suffix,fmt", [(".png", "PNG"), (".jpg", "JPEG"), (".webp", "WEBP"), (".bmp", "BMP"),
                                         (".tiff", "TIFF")])
 def test_cli_attention_map_format_follows_suffix(ckpts, pictures, tmp_path, suffix, fmt):
@@ -463,6 +464,7 @@ def test_cli_attention_map_format_follows_suffix(ckpts, pictures, tmp_path, suff
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"att_digit{suffix}", f"att_photo{suffix}"]  # no temp files
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", ["att.txt", "att", "att.npz"])
 def test_cli_refuses_an_attention_map_suffix_pillow_cannot_write(ckpts, pictures, tmp_path, name):
     r = _predict(ckpts[1], pictures / "photo.jpg", "--attention-map", tmp_path / name)
@@ -474,15 +476,17 @@ def test_cli_refuses_an_attention_map_suffix_pillow_cannot_write(ckpts, pictures
 # --- the README's first steps -------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_readme_python_example_classifies_the_example_digit():
     text = (ROOT / "README.md").read_text()
     block = next(b.split("\n", 1)[1] for b in text.split("```python")[1:] if "load_model" in b).split("```")[0]
     assert len(block.strip().splitlines()) <= 6
-    r = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    r = run_python(block, cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("[('7', ")
 
 
+@pytest.mark.e2e
 def test_readme_first_prediction_and_a_colour_photo_for_a_digit_model_is_warned_about(tmp_path):
     mnist, digit = ROOT / "weights" / "mnist_vit.npz", ROOT / "docs" / "digit.png"
     r = _predict(mnist, digit, "--json")

@@ -1,23 +1,19 @@
 """Robustness: no code from a file ever runs, killed and interrupted runs resume bit-for-bit,
 non-finite numbers are caught with a clear message, and the fp32 layers stay finite at extremes."""
-import builtins
 import gzip
 import json
 import os
 import pickle
-import shlex
 import signal
 import struct
 import subprocess
-import sys
 import time
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import DATA_HINT, shared_data_dir
+from helpers import ROOT, Evil, checkout_env, evil_pickles, run, run_python, run_script, script
 
 from tinyvit import TinyViTError, ViTConfig, init_params, vit_forward
 from tinyvit.data import cifar10
@@ -30,35 +26,14 @@ from tinyvit.train.config import TrainConfig
 from tinyvit.train.evaluate import evaluate
 from tinyvit.train.loop import fit
 
-ROOT = Path(__file__).resolve().parents[1]
 CFG = ViTConfig(img_size=8, patch_size=4, in_chans=1, num_classes=3, dim=8, depth=1, heads=2, mlp_dim=16)
 R = 2  # CIFAR records per batch in the synthetic files
 QUIET_FP = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # overflow/NaN provoked on purpose
 
 
 # --- 1. no code from a file ever runs -----------------------------------------------------------
+# four routes of helpers.Evil (the payloads; evil_pickles gives each at top level and nested, protocols 0, 2, 4)
 HOWS = ["os.system", "builtins.exec", "builtins.eval", "subprocess.call"]
-
-
-class _Evil:
-    """Unpickling this (unrestricted) creates the marker file, by one of four routes."""
-
-    def __init__(self, how, marker):
-        self.how, self.marker = how, str(marker)
-
-    def __reduce__(self):
-        code = f"open({self.marker!r}, 'w').close()"
-        return {"os.system": (os.system, (f"touch {shlex.quote(self.marker)}",)),
-                "builtins.exec": (builtins.exec, (code,)),
-                "builtins.eval": (builtins.eval, (code,)),
-                "subprocess.call": (subprocess.call, (["touch", self.marker],))}[self.how]
-
-
-def evil_pickles(how, marker):
-    """The payload at top level and nested in a state dict, as protocols 0 (GLOBAL), 2 and 4 (STACK_GLOBAL)."""
-    evil = _Evil(how, marker)
-    return [pickle.dumps(obj, protocol=p) for p in (0, 2, 4)
-            for obj in (evil, {"state_dict": {"head.weight": evil, "epoch": 3}})]
 
 
 def fake_torch_zip(path, pkl):
@@ -76,7 +51,7 @@ def evil_npz(path, how, marker, key):
     save_checkpoint(path, params, CFG, opt_state={"step": np.array(1), "exp_avg/head.bias": params["head.bias"]})
     with np.load(path) as z:
         arrays = {k: z[k] for k in z.files}
-    arrays[key] = np.array([_Evil(how, marker), 1], dtype=object)
+    arrays[key] = np.array([Evil(how, marker), 1], dtype=object)
     np.savez(path, **arrays)
     return path
 
@@ -191,8 +166,9 @@ SCRIPTS = {  # the argument lists; {npz} {pth} {bin} {good} {mnist} {cifar} {out
 }
 
 
-@pytest.mark.parametrize("i, script", list(enumerate(SCRIPTS)), ids=list(SCRIPTS))
-def test_scripts_refuse_malicious_files(i, script, tmp_path):
+@pytest.mark.e2e
+@pytest.mark.parametrize("i, case", list(enumerate(SCRIPTS)), ids=list(SCRIPTS))
+def test_scripts_refuse_malicious_files(i, case, tmp_path):
     how = HOWS[i % len(HOWS)]  # every payload reaches some script
     marker = tmp_path / "MARKER"
     pkl = evil_pickles(how, marker)[3]  # protocol 2, nested in a state dict
@@ -201,15 +177,15 @@ def test_scripts_refuse_malicious_files(i, script, tmp_path):
     fill = {"npz": evil_npz(tmp_path / "evil.npz", how, marker, "param/cls_token"),
             "pth": fake_torch_zip(tmp_path / "evil.pth", pkl), "bin": fake_torch_zip(tmp_path / "pytorch_model.bin", pkl),
             "good": good, "mnist": _mnist_dir(tmp_path / "data"), "cifar": cifar_py(tmp_path / "cdata", batch=pkl),
-            "out": tmp_path / "out.npz" if script.startswith("convert") else tmp_path / "run"}
-    args = [a.format(**fill) for a in SCRIPTS[script]]
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / args[0]), *args[1:]], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=120)
+            "out": tmp_path / "out.npz" if case.startswith("convert") else tmp_path / "run"}
+    args = [a.format(**fill) for a in SCRIPTS[case]]
+    r = run_script(*args, cwd=tmp_path, timeout=120)
     assert r.returncode == 2, (r.returncode, r.stderr)
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
     assert not marker.exists()
 
 
+@pytest.mark.e2e
 def test_forged_memo_index_allocates_nothing(tmp_path):
     """A 5-byte LONG_BINPUT with index 2**27 makes the C unpickler allocate and zero a 1 GiB memo
     table; our unpicklers keep the memo in a dict. Measured as the peak RSS of a fresh process
@@ -231,30 +207,23 @@ assert load_torch_zip(tmp / "m.pth") == {{"epoch": 3}}
 hwm = [s for s in Path("/proc/self/status").read_text().splitlines() if s.startswith("VmHWM:")]
 print(int(hwm[0].split()[1]) // 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
 """
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = run_python(code, cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr
     assert int(r.stdout.split()[-1]) < 500, f"peak RSS {r.stdout.split()[-1]} MiB"
 
 
 # --- 2. killed and interrupted runs -----------------------------------------------------------
-def _mnist_data():
-    d = shared_data_dir()
-    if d is None or not (d / "mnist").is_dir():
-        pytest.skip(DATA_HINT)
-    return d
-
-
-def _cmd(out):
-    return [sys.executable, str(ROOT / "scripts" / "train_mnist.py"), "--limit-train", "512", "--limit-test", "128",
-            "--batch-size", "64", "--depth", "1", "--patch-size", "7", "--dim", "32", "--heads", "2",
-            "--mlp-dim", "64", "--epochs", "3", "--augment", "none",  # pinned: no drift with the preset
-            "--quiet", "--json", "--data-dir", str(_mnist_data()), "--out", str(out)]
+def _cmd(out, data):
+    return script("train_mnist.py", "--limit-train", "512", "--limit-test", "128",
+                  "--batch-size", "64", "--depth", "1", "--patch-size", "7", "--dim", "32", "--heads", "2",
+                  "--mlp-dim", "64", "--epochs", "3", "--augment", "none",  # pinned: no drift with the preset
+                  "--quiet", "--json", "--data-dir", data, "--out", out)
 
 
 def _env(**extra):
     """One BLAS thread: on a busy 2-core box OpenBLAS's spinning threads make these tiny GEMMs ~40x
     slower; the reference and every resumed run use the same setting, so bits still compare."""
-    return dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", **extra)
+    return checkout_env(extra_env=dict(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", **extra))
 
 
 def _final_params(out):
@@ -273,19 +242,18 @@ def _wait_for(cond, proc, timeout=120.0):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference(tmp_path_factory, mnist_root):
     """The uninterrupted run: final params and per-epoch history."""
     out = tmp_path_factory.mktemp("reference")
-    r = subprocess.run(_cmd(out), env=_env(), capture_output=True, text=True, timeout=300)
+    r = run(_cmd(out, mnist_root), env=_env(), timeout=300)
     assert r.returncode == 0, r.stderr
     return _final_params(out), [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def _resume_and_compare(out, reference, keys=("epoch", "step", "train_loss", "test_accuracy")):
+def _resume_and_compare(out, data, reference, keys=("epoch", "step", "train_loss", "test_accuracy")):
     """Resume from out/checkpoint.npz (in out, stale temp files and all) and match the reference:
     params bit-for-bit, and metrics.jsonl's records (one per epoch)."""
-    r = subprocess.run(_cmd(out) + ["--resume", str(out / "checkpoint.npz")], env=_env(), capture_output=True,
-                       text=True, timeout=300)
+    r = run(_cmd(out, data) + ["--resume", out / "checkpoint.npz"], env=_env(), timeout=300)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.strip().splitlines()[-1])["stopped_early"] is False
     ref_params, ref_hist = reference
@@ -296,12 +264,13 @@ def _resume_and_compare(out, reference, keys=("epoch", "step", "train_loss", "te
     assert [[h[k] for k in keys] for h in hist] == [[h[k] for k in keys] for h in ref_hist]
 
 
-def test_sigkill_mid_checkpoint_write(reference, tmp_path):
+@pytest.mark.e2e
+def test_sigkill_mid_checkpoint_write(reference, tmp_path, mnist_root):
     """SIGKILL between writing a checkpoint's temp file and renaming it: the previous checkpoint
     stays intact, the stale temp file does not disturb --resume, and the result is exact."""
     out = tmp_path / "run"
     env = _env(TINYVIT_TEST_SLOW_WRITE="1.0")
-    p = subprocess.Popen(_cmd(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    p = subprocess.Popen(_cmd(out, mnist_root), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ckpt = out / "checkpoint.npz"
     try:
         # a temp file while a good checkpoint exists: the next checkpoint is half-way in
@@ -318,15 +287,16 @@ def test_sigkill_mid_checkpoint_write(reference, tmp_path):
     done = meta["train_state"]["epoch"]
     assert meta["train_state"]["batch"] == 0 and 1 <= done < 3 and not (out / "model.npz").exists()
     assert load_checkpoint(stale)[2]["train_state"]["epoch"] == done + 1  # the killed write was the next one
-    _resume_and_compare(out, reference)
+    _resume_and_compare(out, mnist_root, reference)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_signal_mid_epoch_saves_and_resumes_exactly(reference, tmp_path, sig):
+def test_signal_mid_epoch_saves_and_resumes_exactly(reference, tmp_path, mnist_root, sig):
     """Ctrl-C (or SIGTERM) during epoch 2: a mid-epoch checkpoint, a clean exit, an exact resume."""
     out = tmp_path / "run"
     env = _env(TINYVIT_TEST_SLOW_WRITE="0.5")  # keeps epochs 2-3 from racing past the signal
-    p = subprocess.Popen(_cmd(out), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(_cmd(out, mnist_root), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         first = _wait_for((out / "checkpoint.npz").exists, p)  # epoch 1 is saved; epoch 2 is running
         p.send_signal(sig)
@@ -340,7 +310,7 @@ def test_signal_mid_epoch_saves_and_resumes_exactly(reference, tmp_path, sig):
     assert 0 < state["batch"] < 512 // 64 and 1 <= state["epoch"] < 3, state  # mid-epoch, resumable
     assert not (out / "model.npz").exists()
     # params are exact; the resumed epoch's train_loss covers only the batches after the stop
-    _resume_and_compare(out, reference, keys=("epoch", "step", "test_accuracy"))
+    _resume_and_compare(out, mnist_root, reference, keys=("epoch", "step", "test_accuracy"))
 
 
 @pytest.mark.parametrize("corrupt", [

@@ -1,13 +1,10 @@
 """What comes with public weights (tinyvit.io.sidecar): a timm hub config.json, HF's preprocessor_config.json,
 tinyvit's own export metadata, read through convert() and scripts/convert_weights.py; bad values ignored."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import run_script
 
 from tinyvit import TinyViTError, ViTConfig, init_params
 from tinyvit.io.checkpoint import load_checkpoint
@@ -15,7 +12,6 @@ from tinyvit.io.convert import convert
 from tinyvit.io.safetensors import write_safetensors
 
 save_file = pytest.importorskip("safetensors.numpy").save_file  # timm's and HF's writer (transformers needs it)
-ROOT = Path(__file__).resolve().parents[1]
 CFG = ViTConfig(img_size=32, patch_size=16, in_chans=3, num_classes=3, dim=64, depth=1, heads=1, mlp_dim=64)
 NAMES = ["tabby", "tiger", "lynx"]
 TIMM_CONFIG = {  # as timm's push_to_hf_hub writes it (timm/models/_hub.py save_config)
@@ -42,6 +38,7 @@ def _timm_folder(tmp_path, config=None, preprocessor=None, hf=False):
     return tmp_path / "model.safetensors"
 
 
+@pytest.mark.e2e
 def test_timm_config_sets_names_mean_std_and_transform(tmp_path):
     src = _timm_folder(tmp_path, TIMM_CONFIG)
     _, cfg, meta = convert(src)
@@ -49,10 +46,7 @@ def test_timm_config_sets_names_mean_std_and_transform(tmp_path):
     assert meta["class_names"] == NAMES and (meta["mean"], meta["std"]) == ([0.4, 0.45, 0.5], [0.2, 0.25, 0.3])
     assert meta["eval_transform"] == {"resize": "shortest_edge", "crop_pct": 0.95, "interpolation": "bilinear",
                                       "mean": [0.4, 0.45, 0.5], "std": [0.2, 0.25, 0.3]}
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "convert_weights.py"), str(src), "--out",
-                        str(tmp_path / "m.npz"), "--img-size", "64"], capture_output=True, text=True, env=env,
-                       timeout=120)
+    r = run_script("convert_weights.py", src, "--out", tmp_path / "m.npz", "--img-size", "64", timeout=120)
     assert r.returncode == 0, r.stderr
     _, cfg2, meta2 = load_checkpoint(tmp_path / "m.npz")
     assert cfg2.img_size == 64 and meta2["eval_transform"] == meta["eval_transform"] and meta2["class_names"] == NAMES

@@ -1,12 +1,9 @@
 """Training loop: learning happens, resume is exact, divergence stops cleanly, checkpoints are safe."""
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import needs_data, shared_data_dir
+from helpers import last_json, run_script
 from toy_data import TINY, synthetic
 
 from tinyvit import TinyViTError, init_params
@@ -15,7 +12,6 @@ from tinyvit.train.config import TrainConfig
 from tinyvit.train.loop import fit
 from tinyvit.train.optim import run_schedule, warmup_steps
 
-ROOT = Path(__file__).resolve().parents[1]
 _synthetic = synthetic
 
 
@@ -126,31 +122,26 @@ def test_checkpoint_roundtrip_and_bad_files(tmp_path):
         load_checkpoint(tmp_path / "miss.npz")
 
 
-@needs_data
-def test_train_mnist_script_smoke_learns(tmp_path):
+@pytest.mark.e2e
+def test_train_mnist_script_smoke_learns(tmp_path, mnist_root):
     """The real script on a 3000-image subset for 4 epochs: far above chance, JSON contract kept."""
-    cmd = [sys.executable, str(ROOT / "scripts" / "train_mnist.py"), "--limit-train", "3000",
-           "--limit-test", "500", "--epochs", "4", "--batch-size", "32", "--depth", "2", "--patch-size", "7", "--lr", "3e-3",
-           "--warmup-epochs", "0.5", "--augment", "none",
-           "--out", str(tmp_path), "--json", "--data-dir", str(shared_data_dir())]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout.strip().splitlines()[-1])
+    out = last_json(run_script("train_mnist.py", "--limit-train", "3000", "--limit-test", "500", "--epochs", "4",
+                               "--batch-size", "32", "--depth", "2", "--patch-size", "7", "--lr", "3e-3",
+                               "--warmup-epochs", "0.5", "--augment", "none",
+                               "--out", tmp_path, "--json", "--data-dir", mnist_root))
     for key in ("test_accuracy", "epochs", "train_seconds", "images_per_second", "checkpoint"):
         assert key in out
     assert out["epochs"] == 4 and out["test_accuracy"] > 0.5, out  # chance 0.1; this run: ~0.68
-    ev = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), out["checkpoint"],
-                         "--dataset", "mnist", "--limit", "500", "--json", "--data-dir", str(shared_data_dir())],
-                        capture_output=True, text=True, timeout=120)
-    assert ev.returncode == 0, ev.stderr
-    assert json.loads(ev.stdout.strip().splitlines()[-1])["test_accuracy"] == out["test_accuracy"]
+    ev = last_json(run_script("evaluate.py", out["checkpoint"], "--dataset", "mnist", "--limit", "500", "--json",
+                              "--data-dir", mnist_root, timeout=120))
+    assert ev["test_accuracy"] == out["test_accuracy"]
 
 
+@pytest.mark.e2e
 def test_scripts_report_bad_input_in_one_line(tmp_path):
     bad = tmp_path / "bad.npz"
     bad.write_bytes(b"not a zip")
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), str(bad), "--dataset", "mnist"],
-                       capture_output=True, text=True, timeout=60)
+    r = run_script("evaluate.py", bad, "--dataset", "mnist", timeout=60)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
     assert "bad.npz" in r.stderr and "Traceback" not in r.stderr
 
