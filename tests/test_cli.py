@@ -172,3 +172,26 @@ def test_real_data_skips_say_what_to_set_and_name_no_internal_path():
     for f in sorted([*here.glob("test_*.py"), here / "helpers.py", here / "conftest.py"]):
         for reason in re.findall(r'(?:reason=|pytest\.skip\()(f?"[^"]*")', f.read_text()):
             assert "shared" not in reason and "{TI16}" not in reason and "{REAL}" not in reason, (f.name, reason)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("to", ["timm", "hf"])
+def test_finetune_weights_take_a_safetensors_file_as_it_is(tmp_path, to):
+    """--weights with a timm .safetensors or an HF folder's model.safetensors (converted in memory):
+    the run starts from those weights, with the names and transform the file states."""
+    from tinyvit import init_params, preset, save_checkpoint
+    from tinyvit.io.export import export
+
+    cfg = preset("vit-ti16", img_size=32, num_classes=3, depth=2)
+    meta = {"class_names": ["x", "y", "z"], "mean": [0.4] * 3, "std": [0.3] * 3,
+            "eval_transform": {"resize": "shortest_edge", "crop_pct": 0.9, "interpolation": "bicubic",
+                               "mean": [0.4] * 3, "std": [0.3] * 3}}
+    ckpt = save_checkpoint(tmp_path / "m.npz", init_params(cfg, seed=1), cfg, meta)
+    out = tmp_path / ("vit.safetensors" if to == "timm" else "hf")
+    export(ckpt, to, out)
+    weights = out if to == "timm" else out / "model.safetensors"
+    run = last_json(_head(_folder(tmp_path / "photos"), tmp_path / "run", "--json", "--weights", weights,
+                          "--epochs", "3"))
+    got = load_checkpoint(run["checkpoint"])[2]
+    assert got["source_weights"] == str(weights) and got["eval_transform"]["crop_pct"] == 0.9
+    assert (got["mean"], got["std"]) == ([0.4] * 3, [0.3] * 3) and got["class_names"] == ["a", "b"]
