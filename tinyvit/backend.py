@@ -70,6 +70,16 @@ def get_backend(name: str = "numpy"):
     )
 
 
+def cupy_erf(x):
+    """erf of a CuPy array (cupyx.scipy.special; the stand-in's own on the host), for tinyvit.nn.special."""
+    xp = get_array_module(x)
+    if is_standin(xp):
+        return xp.special_erf(x)
+    from cupyx.scipy.special import erf
+
+    return erf(x)
+
+
 def get_array_module(*arrays):
     """numpy or cupy, whichever owns the arrays (cupy.get_array_module without importing CuPy)."""
     for a in arrays:

@@ -2,7 +2,7 @@
 sums as matmuls."""
 import numpy as np
 
-from ..backend import get_array_module, is_standin
+from ..backend import cupy_erf, get_array_module
 from ..cpu.threads import ew_chunks
 from ..errors import TinyViTError
 
@@ -94,10 +94,6 @@ def erf(x):
     """Error function, elementwise, in x's dtype (float32 or float64), NumPy or CuPy."""
     xp = get_array_module(x)
     if xp is not np:
-        if is_standin(xp):
-            return xp.special_erf(x)
-        from cupyx.scipy.special import erf as cupy_erf
-
         return cupy_erf(x)
     x = np.asarray(x)
     if x.dtype not in _COEFS:
