@@ -31,22 +31,24 @@ def xp(request):
     return get_backend(request.param)
 
 
-@pytest.fixture(scope="session")
-def mnist_root():
-    """The data root holding the real mnist/ (what --data-dir and load_mnist take); skips without it."""
-    root = dataset_root("mnist")
+def _data_root(name):
+    """The data root holding the real name/ folder (what --data-dir takes); skips without it."""
+    root = dataset_root(name)
     if root is None:
         pytest.skip(DATA_HINT)
     return root
+
+
+@pytest.fixture(scope="session")
+def mnist_root():
+    """The data root holding the real mnist/ (load_mnist's root); skips without it."""
+    return _data_root("mnist")
 
 
 @pytest.fixture(scope="session")
 def cifar_root():
-    """The data root holding the real cifar10/ (what --data-dir and load_cifar10 take); skips without it."""
-    root = dataset_root("cifar10")
-    if root is None:
-        pytest.skip(DATA_HINT)
-    return root
+    """The data root holding the real cifar10/ (load_cifar10's root); skips without it."""
+    return _data_root("cifar10")
 
 
 @pytest.fixture(scope="session")
