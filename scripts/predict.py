@@ -22,7 +22,7 @@ from PIL import Image
 import tinyvit  # noqa: F401  (before NumPy: sets OpenBLAS's spin time, see tinyvit/__init__.py)
 from tinyvit.backend import get_backend, to_device, to_numpy
 from tinyvit.cli.report import run
-from tinyvit.data.decode import MAX_PIXELS, is_colour, load_image
+from tinyvit.data.decode import MAX_PIXELS, has_colour, image_to_input, open_image
 from tinyvit.data.transform import eval_transform
 from tinyvit.errors import TinyViTError
 from tinyvit.io.convert import load_model
@@ -77,15 +77,20 @@ def save_png(img, path):
         raise TinyViTError(f"{path}: cannot write the attention map ({getattr(e, 'strerror', None) or e})") from None
 
 
-def warn_colour(paths, cfg):
-    """One warning when a 1-channel (digit) model is given colour images: it sees only their luminance."""
-    if cfg.in_chans != 1:
-        return
-    colour = [p for p in paths if is_colour(p)]
+def read_inputs(paths, cfg, t, max_pixels, invert, dataset):
+    """Each file decoded once -> the model inputs (1, C, S, S), and one warning when a 1-channel
+    (digit) model is given colour images: it sees only their luminance."""
+    xs, colour = [], []
+    for p in paths:
+        img = open_image(p, max_pixels)
+        xs.append(image_to_input(img, cfg, t, invert, dataset, p))
+        if cfg.in_chans == 1 and has_colour(img, p):
+            colour.append(p)
     if colour:
         more = f" and {len(colour) - 1} more" if len(colour) > 1 else ""
         print(f"warning: {colour[0]}{more}: colour image(s) given to a 1-channel model (trained on gray digits): "
               f"it sees their luminance only, so its answers may mean little", file=sys.stderr)
+    return xs
 
 
 def main():
@@ -124,8 +129,7 @@ def main():
     invert, dataset = INVERT[args.invert], meta.get("dataset")
     max_pixels = int(args.max_megapixels * 1e6)
     want_maps = args.attention_map is not None
-    xs = [load_image(p, cfg, t, max_pixels, invert, dataset) for p in args.images]  # (1, C, S, S) each
-    warn_colour(args.images, cfg)
+    xs = read_inputs(args.images, cfg, t, max_pixels, invert, dataset)  # (1, C, S, S) each
     xp = get_backend(args.backend)
     params = to_device(params, xp)
 

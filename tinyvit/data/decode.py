@@ -152,11 +152,12 @@ def image_to_input(img, cfg, t: EvalTransform, invert=None, dataset=None, path="
     return np.ascontiguousarray(x.transpose(2, 0, 1)[None], dtype=np.float32)  # (1, C, S, S)
 
 
-def is_colour(path, max_pixels=MAX_PIXELS) -> bool:
-    """True when an image file holds colour, not only gray levels (mean channel spread over 4/255)."""
-    img = standard_mode(open_image(path, max_pixels), path)
+def has_colour(img, path="image") -> bool:
+    """True when a decoded image holds colour, not only gray levels (mean channel spread over 4/255)."""
+    img = standard_mode(img, path)
     if img.mode not in ("RGB", "RGBA"):
         return False
+    img = img.copy()  # thumbnail works in place; the caller's image stays whole
     img.thumbnail((64, 64))
     x = np.asarray(img.convert("RGB"), np.float32)  # (h, w, 3)
     return float(np.abs(x - x.mean(axis=-1, keepdims=True)).mean()) > 4.0

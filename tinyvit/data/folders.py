@@ -46,9 +46,14 @@ class Warnings:
     count is the number of files named (each once)."""
 
     def __init__(self, strict=False, limit=50, stream=None):
-        self.strict, self.limit, self.count = strict, limit, 0
+        self.strict, self.limit = strict, limit
         self.stream = stream or sys.stderr
         self.named = set()
+
+    @property
+    def count(self) -> int:
+        """Files named so far (each once)."""
+        return len(self.named)
 
     def __call__(self, path, why):
         if self.strict:
@@ -56,7 +61,6 @@ class Warnings:
         if str(path) in self.named:
             return
         self.named.add(str(path))
-        self.count += 1
         if self.count <= self.limit:
             print(f"warning: {path}: {why}; skipped", file=self.stream)
         elif self.count == self.limit + 1:
