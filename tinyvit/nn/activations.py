@@ -13,6 +13,7 @@ from .special import erf, rowsum
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_QUICK = 1.702  # QuickGELU's slope
 
 
 # float32 Phi(x) by linear interpolation in a 16385-entry table on [-10, 10] (built once from our
@@ -91,34 +92,44 @@ def gelu_inplace(x, kind="erf"):
 
 
 def gelu_forward(x, kind="erf"):
-    """GELU: exact x * Phi(x) ('erf') or torch's tanh approximation ('tanh').
+    """GELU: exact x * Phi(x) ('erf'), torch's tanh approximation ('tanh') or QuickGELU ('quick').
 
     Both are x * c(x); the cache keeps x and c, from which backward gets GELU'(x) (as torch,
     the derivative is left to backward, so a forward pays only for what it returns). Plain form:
     reference.gelu_forward."""
     xp = get_array_module(x)
-    if xp is not np and kind in ("erf", "tanh"):  # one fused CUDA kernel
+    if xp is not np and kind in ("erf", "tanh", "quick"):  # one fused CUDA kernel
         out, c = kernels.gelu(x, kind)
         return out, GeluCache(x, c, kind)
     if kind == "erf":
         out, cdf = xp.empty_like(x, order="C"), xp.empty_like(x, order="C")
         ew_chunks(_gelu_erf_block, [x], [out, cdf])
         return out, GeluCache(x, cdf, kind)
-    if kind == "tanh":
-        u = x * x
-        u *= 0.044715
-        u += 1.0
-        u *= x
-        u *= _SQRT_2_OVER_PI  # u = sqrt(2/pi) * (x + 0.044715 x^3)
-        # 0.5 (1 + tanh u) = sigmoid(2u); with e = exp(-2|u|) it neither cancels nor overflows
-        e = xp.abs(u)
-        e *= -2.0
-        xp.exp(e, out=e)
-        s = xp.where(u >= 0, 1.0, e).astype(x.dtype, copy=False)
-        e += 1.0
-        s /= e
+    if kind in ("tanh", "quick"):
+        if kind == "tanh":
+            z = x * x
+            z *= 0.044715
+            z += 1.0
+            z *= x
+            z *= 2 * _SQRT_2_OVER_PI  # z = 2u, u = sqrt(2/pi) * (x + 0.044715 x^3): 0.5 (1 + tanh u) = sigmoid(2u)
+        else:
+            z = x * _QUICK  # CLIP's QuickGELU: x * sigmoid(1.702 x)
+        s = _sigmoid(z)
         return x * s, GeluCache(x, s, kind)
-    raise ValueError(f"unknown GELU kind {kind!r}: use 'erf' or 'tanh'")
+    raise ValueError(f"unknown GELU kind {kind!r}: use 'erf', 'tanh' or 'quick'")
+
+
+def _sigmoid(z):
+    """sigmoid(z) in z's dtype, overwriting z: with e = exp(-|z|) it neither cancels nor overflows."""
+    xp = get_array_module(z)
+    pos = z >= 0
+    e = xp.abs(z, out=z)
+    e *= -1.0
+    xp.exp(e, out=e)
+    s = xp.where(pos, 1.0, e).astype(e.dtype, copy=False)
+    e += 1.0
+    s /= e
+    return s
 
 
 def gelu_backward(dout, cache):
@@ -130,6 +141,13 @@ def gelu_backward(dout, cache):
     if kind == "erf":  # c = Phi(x)
         dx = np.empty_like(x, order="C")
         ew_chunks(_gelu_erf_grad_block, [x, c, dout], [dx])
+        return dx
+    if kind == "quick":  # c = sigmoid(1.702 x): d/dx [x c] = c + 1.702 x c (1 - c)
+        dx = x * _QUICK
+        dx *= c
+        dx *= 1.0 - c
+        dx += c
+        dx *= dout
         return dx
     # tanh kind, c = sigmoid(2u): d/dx [x c] = c + 2 x c (1 - c) u'(x)
     x = xp.clip(x, -1e4, 1e4)  # beyond, c (1 - c) is exactly 0: keep x^3 from inf * 0 = NaN

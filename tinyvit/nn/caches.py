@@ -85,12 +85,53 @@ class PatchEmbedCache(NamedTuple):
     w_shape: tuple  # (C, Cin, P, P)
 
 
+class LayerScaleCache(NamedTuple):
+    """layer_scale_forward (tinyvit.nn.branch): its input and gamma."""
+
+    x: Array  # (..., C)
+    gamma: Array  # (C,)
+
+
 class CrossEntropyCache(NamedTuple):
     """cross_entropy_forward: the log-probabilities, the labels and the label smoothing."""
 
     logp: Array  # (B, K)
     labels: Array  # (B,)
     label_smoothing: float
+
+
+class AttentionPoolCache(NamedTuple):
+    """attention_pool_forward (tinyvit.nn.pool): the latent's query, the tokens' keys and values."""
+
+    q: LinearCache  # the latent's query linear
+    kv: LinearCache
+    qh: Array  # (1, H, 1, D), already scaled
+    k: Array  # (B, H, N, D)
+    v: Array  # (B, H, N, D)
+    a: Array  # (B, H, 1, N) attention probabilities
+    proj: LinearCache
+    fc1: LayerNormLinearCache  # the MLP's norm and fc1
+    fc2: GeluLinearCache
+    scale: float
+
+
+class PoolCache(NamedTuple):
+    """pool_forward (tinyvit.nn.pool): the pooling, the prefix length, the tokens' shape, the norms."""
+
+    pool: str  # the config's global_pool
+    prefix: int  # tokens before the patches
+    tokens: Optional[int]  # how many leading tokens 'token' pooling read (config.head_tokens)
+    x_shape: tuple  # (B, n, C)
+    norm: Optional[LayerNormCache]  # the final norm before the pooling (None with fc_norm)
+    attn_pool: Optional[AttentionPoolCache]
+    fc_norm: Optional[LayerNormCache]  # the final norm after the pooling
+
+
+class DistilledHeadCache(NamedTuple):
+    """head_forward of a distilled ViT: the class token's head and the distillation token's."""
+
+    head: LinearCache
+    head_dist: LinearCache
 
 
 # --- the model (tinyvit.nn.model) ------------------------------------------------------------
@@ -105,20 +146,32 @@ class BlockCache(NamedTuple):
     norm2_fc1: LayerNormLinearCache
     fc2: Union[GeluLinearCache, LinearCache]
     fc2_drop: Optional[Array]
+    ls1: Optional[LayerScaleCache] = None  # LayerScale and drop path of the attention branch
+    drop_path1: Optional[Array] = None
+    ls2: Optional[LayerScaleCache] = None  # and of the MLP branch
+    drop_path2: Optional[Array] = None
+
+
+class EmbedCache(NamedTuple):
+    """model._embed_forward: the patch embedding, the prefix tokens' names and lengths, dropout, norm_pre."""
+
+    patch_embed: PatchEmbedCache
+    prefix: list  # of (name, length), in token order
+    no_embed_class: bool
+    pos_drop: Optional[Array]
+    norm_pre: Optional[LayerNormCache]
 
 
 class FeaturesCache(NamedTuple):
-    """model._features_forward: the patch embedding, each block's cache (popped by backward), the final norm."""
+    """model._features_forward: the embedding, each block's cache (popped by backward), the pooling."""
 
-    patch_embed: PatchEmbedCache
-    pos_drop: Optional[Array]
+    embed: EmbedCache
     blocks: list  # of BlockCache
-    norm: LayerNormCache  # of the class token alone
-    x_shape: tuple  # (B, n, C), the last block's output (n = 1 when it ran on the class token alone)
+    pool: PoolCache
 
 
 class ViTCache(NamedTuple):
     """model vit_forward's cache of one batch or shard: the features and the head."""
 
     features: FeaturesCache
-    head: LinearCache
+    head: Union[LinearCache, DistilledHeadCache]

@@ -47,6 +47,11 @@ SPECS = {
         "T xc = fmin(fmax(x, (T)-1e4), (T)1e4);"  # beyond, c (1 - c) is 0: keep x^3 from inf * 0
         f" T du = (T)2 * (T){_SQRT_2_OVER_PI} * ((T)1 + (T)3 * (T)0.044715 * xc * xc);"
         " dx = dout * (c + xc * c * ((T)1 - c) * du);"),
+    # QuickGELU (CLIP): c = sigmoid(1.702 x), with e = exp(-|1.702 x|)
+    "gelu_quick": Elementwise(
+        "T x", "T y, T c", "T e = exp((T)-1.702 * fabs(x)); c = (x >= (T)0 ? (T)1 : e) / ((T)1 + e); y = x * c;"),
+    "gelu_quick_grad": Elementwise(
+        "T x, T c, T dout", "T dx", "dx = dout * (c + (T)1.702 * x * c * ((T)1 - c));"),
     # layernorm: a row's max |x| picks a power-of-two scale (1 unless the squares could overflow:
     # exact, and decided on the device, no host check); then the row sum and the squares about
     # the mean of the scaled row (two passes, as the NumPy path), rstd in double (eps / s^2
@@ -107,7 +112,7 @@ def _rows(name, *args):
 
 
 def gelu(x, kind):
-    """(x c(x), c(x)) for GELU kind 'erf' or 'tanh', in one pass."""
+    """(x c(x), c(x)) for GELU kind 'erf', 'tanh' or 'quick', in one pass."""
     return kernel(f"gelu_{kind}", x)(x)
 
 

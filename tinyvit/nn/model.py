@@ -1,7 +1,5 @@
-"""The Vision Transformer: config, presets, init, and forward/backward over a timm-named params dict."""
-import dataclasses
-import math
-from dataclasses import dataclass
+"""The Vision Transformer's forward and backward over a timm-named params dict (config, presets and
+init: tinyvit.nn.config, re-exported here)."""
 from typing import NamedTuple
 
 import numpy as np
@@ -9,7 +7,17 @@ import numpy as np
 from ..backend import get_array_module
 from ..cpu.threads import batch_shards, in_place_blocks, run_shards
 from ..errors import TinyViTError
-from .caches import BlockCache, FeaturesCache, ViTCache
+from .branch import drop_path_backward, drop_path_forward, layer_scale_backward, layer_scale_forward
+from .caches import BlockCache, DistilledHeadCache, EmbedCache, FeaturesCache, ViTCache
+from .config import (  # noqa: F401  (re-exported: the model's names in one place)
+    PRESETS,
+    ViTConfig,
+    count_params,
+    init_params,
+    param_shapes,
+    preset,
+    trunc_normal,
+)
 from .layers import (
     attention_heads_backward,
     attention_heads_forward,
@@ -24,157 +32,49 @@ from .layers import (
     layernorm_forward,
     layernorm_linear_backward,
     layernorm_linear_forward,
-    linear_backward,
     linear_forward,
     patch_embed_backward,
     patch_embed_forward,
 )
-
-
-@dataclass(frozen=True)
-class ViTConfig:
-    """Shape and behaviour of a ViT (timm's VisionTransformer with class-token pooling)."""
-
-    img_size: int = 224
-    patch_size: int = 16
-    in_chans: int = 3
-    num_classes: int = 1000
-    dim: int = 768
-    depth: int = 12
-    heads: int = 12
-    mlp_dim: int = 3072
-    ln_eps: float = 1e-6
-    gelu: str = "erf"  # 'erf' (exact, as timm/torch default) or 'tanh'
-    dropout: float = 0.0  # after pos-embed, attention proj and in the MLP (timm's drop_rate)
-    attn_dropout: float = 0.0  # on the attention weights (timm's attn_drop_rate)
-
-    def __post_init__(self):
-        if self.img_size % self.patch_size:
-            raise TinyViTError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
-        if self.dim % self.heads:
-            raise TinyViTError(f"dim {self.dim} is not divisible by heads {self.heads}")
-        if self.gelu not in ("erf", "tanh"):
-            raise TinyViTError(f"gelu must be 'erf' or 'tanh', got {self.gelu!r}")
-
-    @property
-    def num_patches(self) -> int:
-        """Patches per image (tokens without the class token)."""
-        return (self.img_size // self.patch_size) ** 2
-
-    def to_dict(self) -> dict:
-        """Plain dict, for JSON metadata."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ViTConfig":
-        """Inverse of to_dict; unknown keys are an error."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        extra = sorted(set(d) - names)
-        if extra:
-            raise TinyViTError(f"unknown ViTConfig fields: {', '.join(extra)}")
-        return cls(**d)
-
-
-_VIT16 = dict(img_size=224, patch_size=16, in_chans=3, num_classes=1000, ln_eps=1e-6)
-PRESETS = {
-    # MNIST from scratch: 7x7 patches of 4 px (49 tokens + CLS), width 64, 6 blocks.
-    "mnist": dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, dim=64, depth=6,
-                  heads=4, mlp_dim=128, ln_eps=1e-6),
-    "vit-ti16": dict(_VIT16, dim=192, depth=12, heads=3, mlp_dim=768),
-    "vit-s16": dict(_VIT16, dim=384, depth=12, heads=6, mlp_dim=1536),
-    "vit-b16": dict(_VIT16, dim=768, depth=12, heads=12, mlp_dim=3072),
-    "vit-l16": dict(_VIT16, dim=1024, depth=24, heads=16, mlp_dim=4096),
-}
-
-
-def preset(name: str, **overrides) -> ViTConfig:
-    """A named config ('mnist', 'vit-ti16', 'vit-s16', 'vit-b16', 'vit-l16') with overrides."""
-    if name not in PRESETS:
-        raise TinyViTError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
-    return ViTConfig(**{**PRESETS[name], **overrides})
-
-
-def param_shapes(cfg: ViTConfig) -> dict:
-    """Every parameter's name (timm's) and shape (torch layout), in timm's order."""
-    C, P, Cin = cfg.dim, cfg.patch_size, cfg.in_chans
-    shapes = {
-        "cls_token": (1, 1, C),
-        "pos_embed": (1, cfg.num_patches + 1, C),
-        "patch_embed.proj.weight": (C, Cin, P, P),
-        "patch_embed.proj.bias": (C,),
-    }
-    for i in range(cfg.depth):
-        prefix = f"blocks.{i}."
-        shapes.update({prefix + name: shape for name, shape in {
-            "norm1.weight": (C,), "norm1.bias": (C,),
-            "attn.qkv.weight": (3 * C, C), "attn.qkv.bias": (3 * C,),
-            "attn.proj.weight": (C, C), "attn.proj.bias": (C,),
-            "norm2.weight": (C,), "norm2.bias": (C,),
-            "mlp.fc1.weight": (cfg.mlp_dim, C), "mlp.fc1.bias": (cfg.mlp_dim,),
-            "mlp.fc2.weight": (C, cfg.mlp_dim), "mlp.fc2.bias": (C,),
-        }.items()})
-    shapes.update({"norm.weight": (C,), "norm.bias": (C,),
-                   "head.weight": (cfg.num_classes, C), "head.bias": (cfg.num_classes,)})
-    return shapes
-
-
-def trunc_normal(rng, shape, std, a=-2.0, b=2.0):
-    """Normal(0, std) truncated to [a, b] (absolute bounds, as timm's trunc_normal_), by redrawing."""
-    x = rng.normal(0.0, std, size=shape)
-    bad = (x < a) | (x > b)
-    while bad.any():
-        x[bad] = rng.normal(0.0, std, size=int(bad.sum()))
-        bad = (x < a) | (x > b)
-    return x
-
-
-def init_params(cfg: ViTConfig, seed: int = 0, dtype=np.float32, std: float = 0.02) -> dict:
-    """Fresh params as timm inits them: trunc-normal(std) linears and pos_embed, zero biases.
-
-    std = 0.02 is timm's; small models trained from scratch learn faster with a larger one.
-    """
-    rng = np.random.default_rng(seed)
-    params = {}
-    for name, shape in param_shapes(cfg).items():
-        if name.endswith("bias"):
-            x = np.zeros(shape)
-        elif name.endswith(("norm1.weight", "norm2.weight")) or name == "norm.weight":
-            x = np.ones(shape)
-        elif name == "cls_token":
-            x = rng.normal(0.0, 1e-6, size=shape)
-        elif name == "patch_embed.proj.weight":  # timm leaves the conv at torch's default init
-            bound = 1.0 / math.sqrt(shape[1] * shape[2] * shape[3])  # U(+-1/sqrt(fan_in))
-            x = rng.uniform(-bound, bound, size=shape)
-        elif name == "pos_embed":
-            x = trunc_normal(rng, shape, 0.02)
-        else:
-            x = trunc_normal(rng, shape, std)
-        params[name] = x.astype(dtype)
-    return params
-
-
-def count_params(params: dict) -> int:
-    """Total number of scalars in a params dict."""
-    return int(sum(int(np.prod(v.shape)) for v in params.values()))
-
+from .pool import head_backward as _head_backward
+from .pool import head_forward, pool_backward, pool_forward
 
 # --- forward / backward -----------------------------------------------------------------------
 
 
-def _block_forward(params, prefix, x, cfg, train, rng, keep_cache=True, queries=None):
+def _branch_forward(params, name, h, rate, rng, train):
+    """LayerScale (when the block has `name`) then drop path on a residual branch's output h."""
+    c_ls = None
+    if name in params:
+        h, c_ls = layer_scale_forward(h, params[name])
+    h, c_dp = drop_path_forward(h, rate, rng, train)
+    return h, c_ls, c_dp
+
+
+def _branch_backward(dh, c_ls, c_dp, grads, name):
+    """Reverse of _branch_forward."""
+    dh = drop_path_backward(dh, c_dp)
+    if c_ls is not None:
+        dh, grads[name] = layer_scale_backward(dh, c_ls)
+    return dh
+
+
+def _block_forward(params, prefix, x, cfg, train, rng, keep_cache=True, queries=None, drop_path=0.0):
     """One pre-norm block: x + attn(norm1(x)), then + mlp(norm2(x)); prefix is 'blocks.{i}.'.
 
     Each norm's affine is folded into the linear after it (layernorm_linear_forward): same math.
+    Each branch ends in LayerScale (ls1, ls2) where the block has it, then drop path at this rate.
     queries=n returns the first n tokens alone (B, n, C): every token still feeds attention's keys
     and values, but nothing after the attention is computed for the other tokens.
     Plain form: reference.block_forward."""
     qkv, c_n1 = layernorm_linear_forward(x, params[prefix + "norm1.weight"], params[prefix + "norm1.bias"],
-                                         params[prefix + "attn.qkv.weight"], params[prefix + "attn.qkv.bias"],
+                                         params[prefix + "attn.qkv.weight"], params.get(prefix + "attn.qkv.bias"),
                                          cfg.ln_eps)
     h, c_at = attention_heads_forward(qkv, params[prefix + "attn.proj.weight"], params[prefix + "attn.proj.bias"],
                                       cfg.heads, cfg.attn_dropout, rng, train, queries)
     del qkv
     h, c_d1 = dropout_forward(h, cfg.dropout, rng, train)
+    h, c_ls1, c_dp1 = _branch_forward(params, prefix + "ls1.gamma", h, drop_path, rng, train)
     x = x[:, :h.shape[1]] + h  # (B, n, C)
     h, c_f1 = layernorm_linear_forward(x, params[prefix + "norm2.weight"], params[prefix + "norm2.bias"],
                                        params[prefix + "mlp.fc1.weight"], params[prefix + "mlp.fc1.bias"], cfg.ln_eps)
@@ -185,8 +85,15 @@ def _block_forward(params, prefix, x, cfg, train, rng, keep_cache=True, queries=
         h, _ = dropout_forward(gelu_inplace(h, cfg.gelu), cfg.dropout, rng, train)
         h, c_f2 = linear_forward(h, w2, b2)
     h, c_d3 = dropout_forward(h, cfg.dropout, rng, train)
+    h, c_ls2, c_dp2 = _branch_forward(params, prefix + "ls2.gamma", h, drop_path, rng, train)
     x += h  # x is our own buffer here (x + h above), so in place is safe
-    return x, BlockCache(c_n1, c_at, c_d1, c_f1, c_f2, c_d3)
+    return x, BlockCache(c_n1, c_at, c_d1, c_f1, c_f2, c_d3, c_ls1, c_dp1, c_ls2, c_dp2)
+
+
+def _put(grads, name, g):
+    """grads[name] = g, unless the layer has no such parameter (g is None: a bias it lacks)."""
+    if g is not None:
+        grads[name] = g
 
 
 def _block_backward(dx, cache, grads, prefix):
@@ -195,20 +102,23 @@ def _block_backward(dx, cache, grads, prefix):
     `cache` is the block's only remaining reference (popped by vit_backward), so each layer's
     saved arrays are freed as soon as its backward is done: a lower peak, as torch frees saved tensors.
     Plain form: reference.block_backward."""
-    c_n1, c_at, c_d1, c_f1, c_f2, c_d3 = cache  # the BlockCache, unpacked so that each part can be freed
+    c_n1, c_at, c_d1, c_f1, c_f2, c_d3, c_ls1, c_dp1, c_ls2, c_dp2 = cache  # unpacked so each part can be freed
     del cache
-    dh = dropout_backward(dx, c_d3)
+    dh = _branch_backward(dx, c_ls2, c_dp2, grads, prefix + "ls2.gamma")
+    dh = dropout_backward(dh, c_d3)
     dh, grads[prefix + "mlp.fc2.weight"], grads[prefix + "mlp.fc2.bias"] = gelu_linear_backward(dh, c_f2)
     del c_f2
     dh, grads[prefix + "norm2.weight"], grads[prefix + "norm2.bias"], grads[prefix + "mlp.fc1.weight"], \
         grads[prefix + "mlp.fc1.bias"] = layernorm_linear_backward(dh, c_f1)
     del c_f1
     dx = dx + dh  # residual: both paths carry the gradient
-    dh = dropout_backward(dx, c_d1)
+    dh = _branch_backward(dx, c_ls1, c_dp1, grads, prefix + "ls1.gamma")
+    dh = dropout_backward(dh, c_d1)
     dqkv, grads[prefix + "attn.proj.weight"], grads[prefix + "attn.proj.bias"] = attention_heads_backward(dh, c_at)
     del c_at
-    dh, grads[prefix + "norm1.weight"], grads[prefix + "norm1.bias"], grads[prefix + "attn.qkv.weight"], \
-        grads[prefix + "attn.qkv.bias"] = layernorm_linear_backward(dqkv, c_n1)  # (B, N, C)
+    dh, grads[prefix + "norm1.weight"], grads[prefix + "norm1.bias"], grads[prefix + "attn.qkv.weight"], qkv_b = \
+        layernorm_linear_backward(dqkv, c_n1)  # (B, N, C)
+    _put(grads, prefix + "attn.qkv.bias", qkv_b)
     dh[:, :dx.shape[1]] += dx  # the residual reaches the tokens the block returned (all, or the first n)
     return dh
 
@@ -227,38 +137,75 @@ def _prepare_images(params, images, cfg):
     return images
 
 
+def _prefix_names(cfg):
+    """The prefix tokens' params in token order: class, distillation, registers."""
+    return [n for n, on in (("cls_token", cfg.class_token), ("dist_token", cfg.distilled),
+                            ("reg_token", cfg.reg_tokens)) if on]
+
+
+def _embed_forward(params, images, cfg, train, rng):
+    """Patch embedding, the prefix tokens, the position embedding (over every token, or the patches
+    alone: no_embed_class), dropout and norm_pre: the blocks' input (B, P+N, C)."""
+    xp = get_array_module(params["pos_embed"])
+    x, c_pe = patch_embed_forward(images, params["patch_embed.proj.weight"], params.get("patch_embed.proj.bias"))
+    B, N, C = x.shape
+    names = _prefix_names(cfg)
+    prefix = [xp.broadcast_to(params[n], (B, params[n].shape[1], C)) for n in names]
+    if cfg.no_embed_class:
+        x += params["pos_embed"]  # x is the patch embedding's own buffer
+    if prefix:
+        x = xp.concatenate(prefix + [x], axis=1)  # (B, P+N, C)
+    if not cfg.no_embed_class:
+        x += params["pos_embed"]
+    x, c_pd = dropout_forward(x, cfg.dropout, rng, train)
+    c_pre = None
+    if cfg.pre_norm:
+        x, c_pre = layernorm_forward(x, params["norm_pre.weight"], params["norm_pre.bias"], cfg.ln_eps)
+    return x, EmbedCache(c_pe, [(n, params[n].shape[1]) for n in names], cfg.no_embed_class, c_pd, c_pre)
+
+
+def _embed_backward(dx, cache, grads):
+    """Reverse of _embed_forward: writes the embedding's grads into grads."""
+    if cache.norm_pre is not None:
+        dx, grads["norm_pre.weight"], grads["norm_pre.bias"] = layernorm_backward(dx, cache.norm_pre)
+    dx = dropout_backward(dx, cache.pos_drop)  # (B, P+N, C)
+    P = sum(n for _, n in cache.prefix)
+    dpos = dx[:, P:] if cache.no_embed_class else dx
+    grads["pos_embed"] = colsum(dpos.reshape(dpos.shape[0], -1)).reshape((1,) + dpos.shape[1:])  # (1, N[+P], C)
+    start = 0
+    for name, n in cache.prefix:
+        grads[name] = dx[:, start:start + n].sum(axis=0, keepdims=True)  # (1, n, C)
+        start += n
+    _, grads["patch_embed.proj.weight"], patch_b = patch_embed_backward(dx[:, P:], cache.patch_embed, need_dx=False)
+    _put(grads, "patch_embed.proj.bias", patch_b)
+
+
 def _features_forward(params, images, cfg, train, rng, keep_cache=True, all_tokens=False):
-    """Patch embed + CLS + pos, the blocks and the final norm; returns CLS features (B, C).
+    """The embedding, the blocks, the final norm and the pooling: what the head reads (B, feature_dim).
 
     keep_cache=False (inference) drops each block's intermediates as soon as the next block
     runs, so memory holds about one block's worth instead of the whole backward cache.
-    The head reads the class token alone, so the last block computes only its output (after an
-    attention over every token) unless all_tokens: the same features for about 1/depth less work.
-    Plain form: reference.vit_forward, up to its head."""
-    xp = get_array_module(params["pos_embed"])
-    x, c_pe = patch_embed_forward(images, params["patch_embed.proj.weight"], params["patch_embed.proj.bias"])
-    B, N, C = x.shape
-    cls = xp.broadcast_to(params["cls_token"], (B, 1, C))
-    x = xp.concatenate([cls, x], axis=1)  # (B, N+1, C)
-    x += params["pos_embed"]
-    x, c_pd = dropout_forward(x, cfg.dropout, rng, train)
+    A head reading the class token alone (token pooling) lets the last block compute only that
+    token's output (after an attention over every token) unless all_tokens: the same features for
+    about 1/depth less work. Plain form: reference.vit_forward, up to its head."""
+    x, c_em = _embed_forward(params, images, cfg, train, rng)
+    rates = cfg.drop_path_rates() if train else [0.0] * cfg.depth
     blocks = []
     for i in range(cfg.depth):
         last = i == cfg.depth - 1 and not all_tokens
-        x, c = _block_forward(params, f"blocks.{i}.", x, cfg, train, rng, keep_cache, 1 if last else None)
+        x, c = _block_forward(params, f"blocks.{i}.", x, cfg, train, rng, keep_cache,
+                              cfg.head_tokens if last else None, rates[i])
         if keep_cache:
             blocks.append(c)
         del c
-    # layernorm is per token: normalise just the class token, the one the head reads
-    feats, c_n = layernorm_forward(x[:, 0], params["norm.weight"], params["norm.bias"], cfg.ln_eps)  # (B, C)
-    cache = FeaturesCache(c_pe, c_pd, blocks, c_n, x.shape) if keep_cache else None
-    return feats, cache
+    feats, c_pool = pool_forward(params, x, cfg)
+    return feats, (FeaturesCache(c_em, blocks, c_pool) if keep_cache else None)
 
 
 def _forward(params, images, cfg, train, rng, keep_cache, all_tokens):
     """vit_forward on one (prepared) batch or shard."""
     feats, c_body = _features_forward(params, images, cfg, train, rng, keep_cache, all_tokens)
-    logits, c_h = linear_forward(feats, params["head.weight"], params["head.bias"])
+    logits, c_h = head_forward(params, feats, cfg)
     return logits, (ViTCache(c_body, c_h) if keep_cache else None)
 
 
@@ -274,7 +221,7 @@ def _run_batch(fn, params, images, cfg, train):
     data-parallel shard (tinyvit.cpu.threads.batch_shards), one per core."""
     images = _prepare_images(params, images, cfg)
     shards = None
-    if not (train and (cfg.dropout or cfg.attn_dropout)):  # dropout: one RNG stream, drawn in order
+    if not (train and (cfg.dropout or cfg.attn_dropout or cfg.drop_path)):  # one RNG stream, drawn in order
         shards = batch_shards(images.shape[0], get_array_module(params["pos_embed"]))
     if shards is None:
         return None, [fn(images)]
@@ -305,19 +252,11 @@ def _backward(dlogits, cache):
     if not blocks:
         raise TinyViTError("this cache was already used by vit_backward (it is consumed to free "
                            "memory) or holds no blocks: run vit_forward again")
-    xp = get_array_module(dlogits)
-    grads = {}
-    dfeats, grads["head.weight"], grads["head.bias"] = linear_backward(dlogits, cache.head)
-    dcls, grads["norm.weight"], grads["norm.bias"] = layernorm_backward(dfeats, features.norm)
-    dx = xp.zeros(features.x_shape, dtype=dlogits.dtype)  # (B, n, C): only the class token was read
-    dx[:, 0] = dcls
+    dfeats, grads = _head_backward(dlogits, cache.head)
+    dx = pool_backward(dfeats, features.pool, grads)  # (B, n, C): only the tokens the pooling read
     for i in reversed(range(len(blocks))):
         dx = _block_backward(dx, blocks.pop(), grads, f"blocks.{i}.")  # pop: the block's cache is freed
-    dx = dropout_backward(dx, features.pos_drop)  # (B, N+1, C)
-    grads["pos_embed"] = colsum(dx.reshape(dx.shape[0], -1)).reshape((1,) + dx.shape[1:])  # (1, N+1, C)
-    grads["cls_token"] = dx[:, :1].sum(axis=0, keepdims=True)  # (1, 1, C)
-    _, grads["patch_embed.proj.weight"], grads["patch_embed.proj.bias"] = patch_embed_backward(
-        dx[:, 1:], features.patch_embed, need_dx=False)
+    _embed_backward(dx, features.embed, grads)
     return grads
 
 
@@ -343,19 +282,22 @@ def vit_backward(dlogits, cache):
 
 
 def head_backward(dlogits, cache):
-    """Gradients of the head alone (backbone frozen) from a vit_forward cache; leaves the cache intact."""
-    if isinstance(cache, _ShardedCache):  # one GEMM over every shard's class-token features
-        heads = [c.head for c in cache.caches]
-        feats = get_array_module(dlogits).concatenate([h.x for h in heads])
-        c_h = heads[0]._replace(x=feats)
+    """Gradients of the head(s) alone (backbone frozen) from a vit_forward cache; leaves the cache intact."""
+    if not isinstance(cache, _ShardedCache):
+        return _head_backward(dlogits, cache.head, need_dx=False)[1]
+    heads = [c.head for c in cache.caches]  # one GEMM over every shard's features
+    if isinstance(heads[0], DistilledHeadCache):
+        cat = lambda part: heads[0]._asdict()[part]._replace(  # noqa: E731
+            x=get_array_module(dlogits).concatenate([h._asdict()[part].x for h in heads]))
+        joined = DistilledHeadCache(cat("head"), cat("head_dist"))
     else:
-        c_h = cache.head
-    _, gw, gb = linear_backward(dlogits, c_h, need_dx=False)
-    return {"head.weight": gw, "head.bias": gb}
+        joined = heads[0]._replace(x=get_array_module(dlogits).concatenate([h.x for h in heads]))
+    return _head_backward(dlogits, joined, need_dx=False)[1]
 
 
 def vit_features(params, images, cfg: ViTConfig):
-    """Class-token features after the final norm (B, C), eval mode; head-only training uses them."""
+    """What the head reads (B, feature_dim; 2 dim when distilled): the pooled, normed features, eval
+    mode; head-only training caches them."""
     shards, outs = _run_batch(lambda x: _features_forward(params, x, cfg, False, None, keep_cache=False)[0],
                               params, images, cfg, False)
     return outs[0] if shards is None else get_array_module(outs[0]).concatenate(outs)

@@ -84,7 +84,7 @@ def erf(x):
 
 
 class GeluCache(NamedTuple):
-    """What gelu_backward needs: x, and Phi(x) ('erf') or tanh(u) ('tanh')."""
+    """What gelu_backward needs: x, and Phi(x) ('erf'), tanh(u) ('tanh') or sigmoid(1.702 x) ('quick')."""
 
     x: Array
     c: Array
@@ -92,11 +92,15 @@ class GeluCache(NamedTuple):
 
 
 def gelu_forward(x, kind):
-    """GELU: x * Phi(x) with Phi(x) = (1 + erf(x / sqrt 2)) / 2 ('erf'), or torch's tanh form ('tanh')."""
+    """GELU: x * Phi(x) with Phi(x) = (1 + erf(x / sqrt 2)) / 2 ('erf'), torch's tanh form ('tanh'), or
+    CLIP's QuickGELU x * sigmoid(1.702 x) ('quick')."""
     xp = get_array_module(x)
     if kind == "erf":
         phi = 0.5 * (1.0 + erf(x / math.sqrt(2.0)))
         return x * phi, GeluCache(x, phi, kind)
+    if kind == "quick":
+        sig = 1.0 / (1.0 + xp.exp(-1.702 * x))
+        return x * sig, GeluCache(x, sig, kind)
     t = xp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3))
     return 0.5 * x * (1.0 + t), GeluCache(x, t, kind)
 
@@ -108,6 +112,8 @@ def gelu_backward(dout, cache):
     if kind == "erf":
         # dx = dout * (Phi(x) + x * exp(-x^2 / 2) / sqrt(2 pi))
         return dout * (c + x * xp.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi))
+    if kind == "quick":  # dx = dout * (s + 1.702 x s (1 - s)), s = sigmoid(1.702 x)
+        return dout * (c + 1.702 * x * c * (1.0 - c))
     # dx = dout * ((1 + t) / 2 + x (1 - t^2) / 2 * sqrt(2/pi) (1 + 3 * 0.044715 x^2)), t = tanh(u)
     du = math.sqrt(2.0 / math.pi) * (1.0 + 3 * 0.044715 * x * x)
     return dout * (0.5 * (1.0 + c) + 0.5 * x * (1.0 - c * c) * du)

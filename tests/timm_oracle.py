@@ -1,0 +1,64 @@
+"""timm itself as the oracle for the modern ViT family: a timm model built from a tinyvit config (its own
+mapping, written from timm's VisionTransformer arguments, not tinyvit's exporter), with every parameter
+perturbed. Importing this module skips the caller's tests when timm is not installed."""
+import functools
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+# timm imports torchvision's Python parts only; the registry's torchvision cannot load its C ops beside
+# the CPU torch wheel, and an empty _meta_registrations keeps it from trying (README, Tests)
+sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+timm = pytest.importorskip("timm", reason="timm is not installed (pip install --no-deps timm torchvision==0.28.0)")
+from timm.models.deit import VisionTransformerDistilled  # noqa: E402
+from timm.models.vision_transformer import VisionTransformer  # noqa: E402
+
+from tinyvit import ViTConfig  # noqa: E402
+
+ACT = {"erf": "gelu", "tanh": "gelu_tanh", "quick": "quick_gelu"}
+
+_SMALL = dict(img_size=28, patch_size=14, in_chans=3, num_classes=5, dim=32, depth=2, heads=4, mlp_dim=64)
+FAMILIES = {  # small configs of each family, in tinyvit's terms
+    "dinov2": ViTConfig(**_SMALL, init_values=1e-5),
+    "dinov2_reg": ViTConfig(**_SMALL, init_values=1e-5, reg_tokens=4),
+    "clip": ViTConfig(**dict(_SMALL, patch_size=7), ln_eps=1e-5, gelu="quick", pre_norm=True, patch_bias=False),
+    "siglip": ViTConfig(**_SMALL, gelu="tanh", class_token=False, no_embed_class=True, global_pool="map"),
+    "siglip_gap": ViTConfig(**_SMALL, gelu="tanh", class_token=False, no_embed_class=True, global_pool="avg",
+                            fc_norm=False),
+    "deit3": ViTConfig(**dict(_SMALL, patch_size=7), no_embed_class=True, init_values=1e-6),
+    "deit_distilled": ViTConfig(**_SMALL, distilled=True),
+    "mae_avg": ViTConfig(**_SMALL, global_pool="avg"),
+    "reg4_gap": ViTConfig(**_SMALL, class_token=False, reg_tokens=4, no_embed_class=True, global_pool="avg"),
+    "no_qkv_bias": ViTConfig(**dict(_SMALL, in_chans=1), qkv_bias=False, gelu="tanh"),
+}
+
+
+def timm_kwargs(cfg: ViTConfig) -> dict:
+    """timm VisionTransformer arguments for cfg."""
+    return dict(img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
+                num_classes=cfg.num_classes, global_pool=cfg.global_pool, embed_dim=cfg.dim, depth=cfg.depth,
+                num_heads=cfg.heads, mlp_ratio=cfg.mlp_dim / cfg.dim, qkv_bias=cfg.qkv_bias,
+                init_values=cfg.init_values, class_token=cfg.class_token, no_embed_class=cfg.no_embed_class,
+                reg_tokens=cfg.reg_tokens, pre_norm=cfg.pre_norm, fc_norm=cfg.fc_norm,
+                drop_path_rate=cfg.drop_path, act_layer=ACT[cfg.gelu],
+                norm_layer=functools.partial(torch.nn.LayerNorm, eps=cfg.ln_eps))
+
+
+def timm_model(cfg: ViTConfig, seed=0, dtype=torch.float64):
+    """The timm model of cfg, every parameter perturbed (LayerScale far from its init), in eval mode."""
+    kw = timm_kwargs(cfg)
+    model = VisionTransformerDistilled(**kw) if cfg.distilled else VisionTransformer(**kw)
+    assert model.patch_embed.proj.bias is not None or not cfg.patch_bias  # timm ties the bias to pre_norm
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return model.to(dtype).eval()
+
+
+def params_of(model, dtype=np.float64) -> dict:
+    """The timm model's state dict as a tinyvit params dict (the same names)."""
+    return {k: v.detach().numpy().astype(dtype) for k, v in model.state_dict().items()}
