@@ -10,6 +10,7 @@ from timm_oracle import FAMILIES, params_of, timm_model
 from tinyvit import init_params, vit_backward, vit_features, vit_forward
 from tinyvit.backend import to_device
 from tinyvit.nn.layers import cross_entropy_backward, cross_entropy_forward
+from tinyvit.nn import reference
 from tinyvit.nn.model import param_shapes
 
 
@@ -67,3 +68,21 @@ def test_last_block_runs_on_all_tokens_where_the_pooling_reads_them():
         queries = [_last_block_queries(vit_forward(params, x, cfg, all_tokens=a)[1]) for a in (False, True)]
         every = cfg.num_prefix_tokens + cfg.num_patches
         assert queries == [1 if family == "dinov2" else every, every], family
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_reference_matches_timm(xp, family):
+    cfg = FAMILIES[family]
+    model = timm_model(cfg, seed=5)
+    params = params_of(model)
+    images = np.random.default_rng(5).normal(size=(2, cfg.in_chans, cfg.img_size, cfg.img_size))
+    logits_t = model(torch.tensor(images))
+    dlogits = np.random.default_rng(6).normal(size=tuple(logits_t.shape))
+    logits_t.backward(torch.tensor(dlogits))
+    dev = {k: to_device(v, xp) for k, v in params.items()}
+    logits, cache = reference.vit_forward(dev, to_device(images, xp), cfg)
+    grads = reference.vit_backward(to_device(dlogits, xp), cache)
+    assert rel_err(logits, logits_t.detach().numpy()) < 1e-10
+    assert list(grads) == list(params)
+    for name, p in model.named_parameters():
+        assert rel_err(grads[name], p.grad.numpy()) < 1e-10, name

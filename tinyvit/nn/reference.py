@@ -21,23 +21,25 @@ Array = Any  # a NumPy or CuPy array
 
 
 class LinearCache(NamedTuple):
-    """What linear_backward needs: the input and the weight."""
+    """What linear_backward needs: the input, the weight and whether there was a bias."""
 
     x: Array  # (..., in)
     w: Array  # (out, in)
+    has_b: bool
 
 
 def linear_forward(x, w, b):
-    """y = x @ w^T + b, with w in torch's (out, in) layout."""
-    return x @ w.T + b, LinearCache(x, w)  # (..., out)
+    """y = x @ w^T + b, with w in torch's (out, in) layout; b None: no bias."""
+    y = x @ w.T  # (..., out)
+    return (y if b is None else y + b), LinearCache(x, w, b is not None)
 
 
 def linear_backward(dout, cache):
-    """(dx, dw, db) of linear_forward."""
+    """(dx, dw, db) of linear_forward; db is None without a bias."""
     x2 = cache.x.reshape(-1, cache.x.shape[-1])  # (M, in)
     d2 = dout.reshape(-1, dout.shape[-1])  # (M, out)
     # dx = dout @ w, dw = dout^T @ x, db = sum of dout over every row
-    return dout @ cache.w, d2.T @ x2, d2.sum(axis=0)  # (..., in), (out, in), (out,)
+    return dout @ cache.w, d2.T @ x2, (d2.sum(axis=0) if cache.has_b else None)  # (..., in), (out, in), (out,)
 
 
 # --- layernorm --------------------------------------------------------------------------------
@@ -202,40 +204,55 @@ def mlp_backward(dout, cache):
 
 
 class BlockCache(NamedTuple):
-    """What block_backward needs: each layer's cache, in forward order."""
+    """What block_backward needs: each layer's cache, in forward order, and the LayerScale branches."""
 
     norm1: LayerNormCache
     attn: AttentionCache
+    ls1: Any  # the attention branch before its LayerScale (None without one)
     norm2: LayerNormCache
     mlp: MLPCache
+    ls2: Any  # the MLP branch before its LayerScale
+    gammas: tuple  # (ls1.gamma, ls2.gamma), or (None, None)
 
 
 def block_forward(params, prefix, x, cfg):
-    """One pre-norm block: x + attn(norm1(x)), then that + mlp(norm2(that)); prefix is 'blocks.{i}.'."""
-    g = lambda name: params[prefix + name]  # noqa: E731
+    """One pre-norm block: x + ls1(attn(norm1(x))), then that + ls2(mlp(norm2(that))); prefix is
+    'blocks.{i}.'; LayerScale ls (x * gamma per channel) only where the block has it."""
+    g = lambda name: params.get(prefix + name)  # noqa: E731  (None: a parameter the block lacks)
     h, c_n1 = layernorm_forward(x, g("norm1.weight"), g("norm1.bias"), cfg.ln_eps)
-    h, c_at = attention_forward(h, g("attn.qkv.weight"), g("attn.qkv.bias"), g("attn.proj.weight"),
+    a, c_at = attention_forward(h, g("attn.qkv.weight"), g("attn.qkv.bias"), g("attn.proj.weight"),
                                 g("attn.proj.bias"), cfg.heads)
-    x = x + h  # (B, N, C)
+    x = x + (a if g("ls1.gamma") is None else a * g("ls1.gamma"))  # (B, N, C)
     h, c_n2 = layernorm_forward(x, g("norm2.weight"), g("norm2.bias"), cfg.ln_eps)
-    h, c_mlp = mlp_forward(h, g("mlp.fc1.weight"), g("mlp.fc1.bias"), g("mlp.fc2.weight"),
+    m, c_mlp = mlp_forward(h, g("mlp.fc1.weight"), g("mlp.fc1.bias"), g("mlp.fc2.weight"),
                            g("mlp.fc2.bias"), cfg.gelu)
-    return x + h, BlockCache(c_n1, c_at, c_n2, c_mlp)
+    y = x + (m if g("ls2.gamma") is None else m * g("ls2.gamma"))
+    return y, BlockCache(c_n1, c_at, a, c_n2, c_mlp, m, (g("ls1.gamma"), g("ls2.gamma")))
+
+
+def _layer_scale_backward(dout, h, gamma, gr, name):
+    """d(branch) of h * gamma, with gamma's grad sum(dout * h) over every row into gr[name]."""
+    if gamma is None:
+        return dout
+    gr[name] = (dout * h).reshape(-1, h.shape[-1]).sum(axis=0)  # (C,)
+    return dout * gamma
 
 
 def block_backward(dout, cache):
     """(dx, grads) of block_forward; grads are named within the block ('attn.qkv.weight', ...)."""
     gr = {}
-    # y = x1 + mlp(norm2(x1)): dx1 = dout + norm2'(mlp'(dout))
+    # y = x1 + ls2(mlp(norm2(x1))): dx1 = dout + norm2'(mlp'(ls2'(dout)))
+    dm = _layer_scale_backward(dout, cache.ls2, cache.gammas[1], gr, "ls2.gamma")
     dh, gr["mlp.fc1.weight"], gr["mlp.fc1.bias"], gr["mlp.fc2.weight"], gr["mlp.fc2.bias"] = \
-        mlp_backward(dout, cache.mlp)
+        mlp_backward(dm, cache.mlp)
     dh, gr["norm2.weight"], gr["norm2.bias"] = layernorm_backward(dh, cache.norm2)
     dx1 = dout + dh  # (B, N, C)
-    # x1 = x + attn(norm1(x)): dx = dx1 + norm1'(attn'(dx1))
+    # x1 = x + ls1(attn(norm1(x))): dx = dx1 + norm1'(attn'(ls1'(dx1)))
+    da = _layer_scale_backward(dx1, cache.ls1, cache.gammas[0], gr, "ls1.gamma")
     dh, gr["attn.qkv.weight"], gr["attn.qkv.bias"], gr["attn.proj.weight"], gr["attn.proj.bias"] = \
-        attention_backward(dx1, cache.attn)
+        attention_backward(da, cache.attn)
     dh, gr["norm1.weight"], gr["norm1.bias"] = layernorm_backward(dh, cache.norm1)
-    return dx1 + dh, gr
+    return dx1 + dh, {k: v for k, v in gr.items() if v is not None}  # no qkv bias: no such grad
 
 
 # --- patch embedding --------------------------------------------------------------------------
@@ -270,18 +287,138 @@ def patch_embed_backward(dout, cache):
     return dx, dw.reshape(cache.w_shape), db  # dw (C, Cin, P, P)
 
 
+# --- pooling and heads -----------------------------------------------------------------------
+
+
+class AttentionPoolCache(NamedTuple):
+    """What attention_pool_backward needs: its linears', norm's and MLP's caches, q, k, v and a."""
+
+    q_lin: LinearCache
+    kv: LinearCache
+    q: Array  # (1, H, 1, D)
+    k: Array  # (B, H, N, D)
+    v: Array  # (B, H, N, D)
+    a: Array  # (B, H, 1, N)
+    proj: LinearCache
+    norm: LayerNormCache
+    mlp: MLPCache
+
+
+def attention_pool_forward(x, params, cfg):
+    """timm's AttentionPoolLatent over x (B, N, C): a learned latent query attends over the tokens,
+    y = proj(attention), out = y + mlp(norm(y)) (B, C); params 'attn_pool.*'."""
+    g = lambda name: params["attn_pool." + name]  # noqa: E731
+    B, N, C = x.shape
+    H = cfg.heads
+    D = C // H
+    ql, c_ql = linear_forward(g("latent"), g("q.weight"), g("q.bias"))  # (1, 1, C)
+    kv, c_kv = linear_forward(x, g("kv.weight"), g("kv.bias"))  # (B, N, 2C)
+    q = ql.reshape(1, 1, H, D).transpose(0, 2, 1, 3)  # (1, H, 1, D)
+    k, v = kv.reshape(B, N, 2, H, D).transpose(2, 0, 3, 1, 4)  # each (B, H, N, D)
+    a = softmax((q @ k.swapaxes(-1, -2)) * D ** -0.5)  # (B, H, 1, N)
+    o = (a @ v).transpose(0, 2, 1, 3).reshape(B, 1, C)  # (B, 1, C)
+    y, c_proj = linear_forward(o, g("proj.weight"), g("proj.bias"))
+    h, c_n = layernorm_forward(y, g("norm.weight"), g("norm.bias"), cfg.ln_eps)
+    m, c_mlp = mlp_forward(h, g("mlp.fc1.weight"), g("mlp.fc1.bias"), g("mlp.fc2.weight"), g("mlp.fc2.bias"), cfg.gelu)
+    return (y + m)[:, 0], AttentionPoolCache(c_ql, c_kv, q, k, v, a, c_proj, c_n, c_mlp)
+
+
+def attention_pool_backward(dout, cache):
+    """(dx, grads named 'attn_pool.*') of attention_pool_forward."""
+    gr = {}
+    d = dout[:, None]  # (B, 1, C)
+    dh, gr["mlp.fc1.weight"], gr["mlp.fc1.bias"], gr["mlp.fc2.weight"], gr["mlp.fc2.bias"] = mlp_backward(d, cache.mlp)
+    dh, gr["norm.weight"], gr["norm.bias"] = layernorm_backward(dh, cache.norm)
+    do, gr["proj.weight"], gr["proj.bias"] = linear_backward(d + dh, cache.proj)  # (B, 1, C)
+    q, k, v, a = cache.q, cache.k, cache.v, cache.a
+    B, H, N, D = k.shape
+    do = do.reshape(B, 1, H, D).transpose(0, 2, 1, 3)  # (B, H, 1, D)
+    da = do @ v.swapaxes(-1, -2)  # (B, H, 1, N)
+    dv = a.swapaxes(-1, -2) @ do  # (B, H, N, D)
+    ds = a * (da - (da * a).sum(axis=-1, keepdims=True)) * D ** -0.5  # d(scores) / scale
+    dq = (ds @ k).sum(axis=0, keepdims=True)  # (1, H, 1, D): one latent for the batch
+    dk = ds.swapaxes(-1, -2) @ q  # (B, H, N, D)
+    xp = get_array_module(dout)
+    dkv = xp.stack([dk, dv]).transpose(1, 3, 0, 2, 4).reshape(B, N, 2 * H * D)  # (B, N, 2C)
+    dx, gr["kv.weight"], gr["kv.bias"] = linear_backward(dkv, cache.kv)
+    gr["latent"], gr["q.weight"], gr["q.bias"] = linear_backward(dq.transpose(0, 2, 1, 3).reshape(1, 1, H * D),
+                                                                 cache.q_lin)
+    return dx, {"attn_pool." + k_: g for k_, g in gr.items()}
+
+
+class PoolCache(NamedTuple):
+    """What pool_backward needs: the norms' caches (None where absent), the attention pool's, the shape."""
+
+    norm: Any
+    attn_pool: Any
+    fc_norm: Any
+    x_shape: tuple  # (B, P+N, C)
+
+
+def pool_forward(params, x, cfg):
+    """The final norm (on every token, or after the pooling as fc_norm) and the pooling of the blocks'
+    output x (B, P+N, C): the class token ('token'; beside the distillation token when distilled), the
+    patch mean ('avg'), the class token beside the patch mean ('token_avg') or the attention pool ('map')."""
+    xp = get_array_module(x)
+    P, pool = cfg.num_prefix_tokens, cfg.global_pool
+    c_n = c_map = c_fc = None
+    if not cfg.use_fc_norm:
+        x, c_n = layernorm_forward(x, params["norm.weight"], params["norm.bias"], cfg.ln_eps)
+    if pool == "token":
+        f = x[:, :2].reshape(x.shape[0], -1) if cfg.distilled else x[:, 0]  # (B, 2C) or (B, C)
+    elif pool == "avg":
+        f = x[:, P:].mean(axis=1)  # (B, C)
+    elif pool == "token_avg":
+        f = xp.concatenate([x[:, 0], x[:, P:].mean(axis=1)], axis=1)  # (B, 2C)
+    else:
+        f, c_map = attention_pool_forward(x[:, P:], params, cfg)
+    if cfg.use_fc_norm:
+        f, c_fc = layernorm_forward(f, params["fc_norm.weight"], params["fc_norm.bias"], cfg.ln_eps)
+    return f, PoolCache(c_n, c_map, c_fc, x.shape)
+
+
+def pool_backward(dfeats, cache, cfg):
+    """(dx, grads) of pool_forward."""
+    xp = get_array_module(dfeats)
+    gr = {}
+    B, n, C = cache.x_shape
+    P = cfg.num_prefix_tokens
+    if cache.fc_norm is not None:
+        dfeats, gr["fc_norm.weight"], gr["fc_norm.bias"] = layernorm_backward(dfeats, cache.fc_norm)
+    dx = xp.zeros(cache.x_shape, dtype=dfeats.dtype)  # (B, P+N, C)
+    if cfg.global_pool == "token":
+        dx[:, :2 if cfg.distilled else 1] = dfeats.reshape(B, -1, C)
+    elif cfg.global_pool == "map":
+        dx[:, P:], g = attention_pool_backward(dfeats, cache.attn_pool)
+        gr.update(g)
+    else:  # the mean spreads its gradient evenly over the patches
+        dx[:, P:] = dfeats[:, None, -C:] / (n - P)
+        if cfg.global_pool == "token_avg":
+            dx[:, 0] += dfeats[:, :C]
+    if cache.norm is not None:
+        dx, gr["norm.weight"], gr["norm.bias"] = layernorm_backward(dx, cache.norm)
+    return dx, gr
+
+
 # --- the whole model --------------------------------------------------------------------------
 
 
 class ViTCache(NamedTuple):
-    """What vit_backward needs: every layer's cache, the last block's output shape, the params' names."""
+    """What vit_backward needs: every layer's cache, the params' names and the config."""
 
     patch_embed: PatchEmbedCache
+    norm_pre: Any  # LayerNormCache, or None without norm_pre
     blocks: list  # of BlockCache
-    norm: LayerNormCache  # of the class token alone
-    head: LinearCache
-    x_shape: tuple  # (B, N+1, C)
+    pool: PoolCache
+    heads: list  # of LinearCache: the head, and head_dist when distilled
     names: list  # the params' names, in their order
+    cfg: Any
+
+
+def _prefix(cfg):
+    """The prefix tokens' params, in token order: class, distillation, registers."""
+    return [n for n, on in (("cls_token", cfg.class_token), ("dist_token", cfg.distilled),
+                            ("reg_token", cfg.reg_tokens)) if on]
 
 
 def vit_forward(params, images, cfg):
@@ -289,36 +426,58 @@ def vit_forward(params, images, cfg):
     xp = get_array_module(params["pos_embed"])
     images = images.astype(params["pos_embed"].dtype, copy=False)
     x, c_pe = patch_embed_forward(images, params["patch_embed.proj.weight"],
-                                  params["patch_embed.proj.bias"])  # (B, N, C)
+                                  params.get("patch_embed.proj.bias"))  # (B, N, C)
     B, N, C = x.shape
-    cls = xp.broadcast_to(params["cls_token"], (B, 1, C))  # (B, 1, C)
-    x = xp.concatenate([cls, x], axis=1) + params["pos_embed"]  # (B, N+1, C)
+    prefix = [xp.broadcast_to(params[n], (B,) + params[n].shape[1:]) for n in _prefix(cfg)]  # (B, n, C) each
+    if cfg.no_embed_class:  # the position embedding covers the patches alone
+        x = xp.concatenate(prefix + [x + params["pos_embed"]], axis=1)  # (B, P+N, C)
+    else:
+        x = xp.concatenate(prefix + [x], axis=1) + params["pos_embed"]  # (B, P+N, C)
+    c_pre = None
+    if cfg.pre_norm:
+        x, c_pre = layernorm_forward(x, params["norm_pre.weight"], params["norm_pre.bias"], cfg.ln_eps)
     blocks = []
     for i in range(cfg.depth):
-        x, c = block_forward(params, f"blocks.{i}.", x, cfg)  # (B, N+1, C)
+        x, c = block_forward(params, f"blocks.{i}.", x, cfg)  # (B, P+N, C)
         blocks.append(c)
-    # the final norm is per token and the head reads the class token alone: normalise just that one
-    feats, c_n = layernorm_forward(x[:, 0], params["norm.weight"], params["norm.bias"], cfg.ln_eps)  # (B, C)
-    logits, c_h = linear_forward(feats, params["head.weight"], params["head.bias"])  # (B, num_classes)
-    return logits, ViTCache(c_pe, blocks, c_n, c_h, x.shape, list(params))
+    f, c_pool = pool_forward(params, x, cfg)  # (B, feature_dim), or (B, 2C) when distilled
+    if cfg.distilled:  # the mean of the class token's head and the distillation token's
+        logits, c_h = linear_forward(f[:, :C], params["head.weight"], params["head.bias"])
+        dist, c_d = linear_forward(f[:, C:], params["head_dist.weight"], params["head_dist.bias"])
+        logits, heads = (logits + dist) / 2, [c_h, c_d]
+    else:
+        logits, c_h = linear_forward(f, params["head.weight"], params["head.bias"])  # (B, num_classes)
+        heads = [c_h]
+    return logits, ViTCache(c_pe, c_pre, blocks, c_pool, heads, list(params), cfg)
 
 
 def vit_backward(dlogits, cache):
     """Gradients of every parameter (same names, shapes and order as params) given dL/dlogits."""
     xp = get_array_module(dlogits)
-    grads = {}
-    dfeats, grads["head.weight"], grads["head.bias"] = linear_backward(dlogits, cache.head)  # (B, C)
-    dcls, grads["norm.weight"], grads["norm.bias"] = layernorm_backward(dfeats, cache.norm)  # (B, C)
-    dx = xp.zeros(cache.x_shape, dtype=dlogits.dtype)  # (B, N+1, C): the head read the class token only
-    dx[:, 0] = dcls
+    cfg, grads = cache.cfg, {}
+    if cfg.distilled:
+        df0, grads["head.weight"], grads["head.bias"] = linear_backward(dlogits / 2, cache.heads[0])
+        df1, grads["head_dist.weight"], grads["head_dist.bias"] = linear_backward(dlogits / 2, cache.heads[1])
+        dfeats = xp.concatenate([df0, df1], axis=1)  # (B, 2C)
+    else:
+        dfeats, grads["head.weight"], grads["head.bias"] = linear_backward(dlogits, cache.heads[0])
+    dx, g = pool_backward(dfeats, cache.pool, cfg)  # (B, P+N, C)
+    grads.update(g)
     for i in reversed(range(len(cache.blocks))):
-        dx, g = block_backward(dx, cache.blocks[i])  # (B, N+1, C)
+        dx, g = block_backward(dx, cache.blocks[i])  # (B, P+N, C)
         grads.update({f"blocks.{i}.{k}": v for k, v in g.items()})
-    # x = concat(cls, patches) + pos_embed: pos_embed and cls_token sum dx over the batch
-    grads["pos_embed"] = dx.sum(axis=0, keepdims=True)  # (1, N+1, C)
-    grads["cls_token"] = dx[:, :1].sum(axis=0, keepdims=True)  # (1, 1, C)
+    if cache.norm_pre is not None:
+        dx, grads["norm_pre.weight"], grads["norm_pre.bias"] = layernorm_backward(dx, cache.norm_pre)
+    # x = concat(prefix, patches) + pos_embed (or the patches' alone): both sum dx over the batch
+    P = cfg.num_prefix_tokens
+    grads["pos_embed"] = (dx[:, P:] if cfg.no_embed_class else dx).sum(axis=0, keepdims=True)  # (1, N[+P], C)
+    start = 0
+    for name in _prefix(cfg):
+        n = cfg.reg_tokens if name == "reg_token" else 1
+        grads[name] = dx[:, start:start + n].sum(axis=0, keepdims=True)  # (1, n, C)
+        start += n
     _, grads["patch_embed.proj.weight"], grads["patch_embed.proj.bias"] = patch_embed_backward(
-        dx[:, 1:], cache.patch_embed)  # the patch tokens' gradient, (B, N, C)
+        dx[:, P:], cache.patch_embed)  # the patch tokens' gradient, (B, N, C)
     return {k: grads[k] for k in cache.names}
 
 
