@@ -139,6 +139,14 @@ def evil_pickles(how, marker):
 # --- numbers --------------------------------------------------------------------------------------
 
 
+def torch_gelu(x, kind):
+    """torch's GELU of tinyvit's kind: exact ('erf'), tanh form ('tanh'), CLIP's x sigmoid(1.702 x) ('quick')."""
+    import torch  # only the torch-backed tests call this
+    if kind == "quick":
+        return x * torch.sigmoid(1.702 * x)
+    return torch.nn.functional.gelu(x, approximate="none" if kind == "erf" else "tanh")
+
+
 def rel_err(a, b, floor=1e-12):
     """max |a - b| / max(max |b|, floor): relative to the reference b, absolute when b is ~0."""
     a = to_numpy(a).astype(np.float64)

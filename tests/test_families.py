@@ -1,5 +1,7 @@
 """The modern ViT family (DINOv2, CLIP, SigLIP, DeiT-III, DeiT distilled, registers, average pooling)
 against timm's own models: logits in float32 and float64 and every gradient by name in float64."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -86,3 +88,33 @@ def test_reference_matches_timm(xp, family):
     assert list(grads) == list(params)
     for name, p in model.named_parameters():
         assert rel_err(grads[name], p.grad.numpy()) < 1e-10, name
+
+
+def test_drop_path_gradient_matches_central_differences():
+    """Train mode with stochastic depth and LayerScale: the same seeded masks every call, so the loss is
+    a smooth function of the params whose gradient vit_backward must give."""
+    cfg = dataclasses.replace(FAMILIES["deit3"], depth=3, drop_path=0.5)
+    params = params_of(timm_model(cfg))
+    rng = np.random.default_rng(0)
+    images, labels = rng.normal(size=(4, 3, 28, 28)), rng.integers(0, 5, size=4)
+
+    def loss(p, keep=False):
+        logits, cache = vit_forward(p, images, cfg, train=True, rng=np.random.default_rng(1))
+        value, ce = cross_entropy_forward(logits, labels)
+        return (value, ce, cache) if keep else float(value)
+
+    _, ce, cache = loss(params, keep=True)
+    kept = [c.drop_path1 for c in cache.features.blocks]
+    assert any(m is not None and (m == 0).any() for m in kept)  # some sample was dropped
+    grads = vit_backward(cross_entropy_backward(1.0, ce), cache)
+    h = 1e-6
+    for name in ("blocks.2.ls2.gamma", "blocks.1.attn.qkv.weight", "pos_embed", "cls_token", "head.bias"):
+        p = params[name]
+        for i in np.random.default_rng(2).choice(p.size, size=4, replace=False):
+            old = p.flat[i]
+            p.flat[i] = old + h
+            up = loss(params)
+            p.flat[i] = old - h
+            down = loss(params)
+            p.flat[i] = old
+            assert abs((up - down) / (2 * h) - grads[name].flat[i]) <= 1e-6 * max(1.0, abs(grads[name].flat[i])), name

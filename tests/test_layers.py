@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import rel_err
+from helpers import torch_gelu
 
 from tinyvit.backend import to_device, to_numpy
 from tinyvit.nn import layers as L
@@ -140,14 +141,14 @@ GELU_INPUTS = {
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("kind", ["erf", "tanh"])
+@pytest.mark.parametrize("kind", ["erf", "tanh", "quick"])
 @pytest.mark.parametrize("case", list(GELU_INPUTS))
 def test_gelu(xp, dtype, kind, case):
     rng = np.random.default_rng(2)
     x = GELU_INPUTS[case](rng)
     g = rng.normal(size=x.shape)
     xt = _t(x, dtype)
-    yt = F.gelu(xt, approximate="none" if kind == "erf" else "tanh")
+    yt = torch_gelu(xt, kind)
     yt.backward(_t(g, dtype, grad=False))
     y, cache = L.gelu_forward(to_device(x.astype(dtype), xp), kind)
     dx = _check_no_mutation(L.gelu_backward, to_device(g.astype(dtype), xp), cache)
@@ -164,15 +165,14 @@ def test_gelu(xp, dtype, kind, case):
     if dtype == np.float64:
         assert np.all(err[big] <= 1e-12 * np.abs(yr[big]))
     else:
-        approx = "none" if kind == "erf" else "tanh"
-        t32 = F.gelu(torch.tensor(x.astype(np.float32)), approximate=approx).double().numpy()
+        t32 = torch_gelu(torch.tensor(x.astype(np.float32)), kind).double().numpy()
         terr = np.abs(t32 - yr)
         assert err.max() <= 2 * terr.max() + 1e-7
         assert (err[big] / np.abs(yr[big])).max() <= 2 * (terr[big] / np.abs(yr[big])).max() + 1e-6
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("kind", ["erf", "tanh"])
+@pytest.mark.parametrize("kind", ["erf", "tanh", "quick"])
 @pytest.mark.parametrize("n", [7, 300_001])  # one block, and many blocks on the pool
 def test_gelu_inplace_equals_forward(xp, dtype, kind, n):
     """The inference GELU (in place, nothing cached) gives gelu_forward's values exactly."""
@@ -189,7 +189,7 @@ def test_gelu_inplace_equals_forward(xp, dtype, kind, n):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("kind", ["erf", "tanh"])
+@pytest.mark.parametrize("kind", ["erf", "tanh", "quick"])
 @pytest.mark.parametrize("shape,out_f,p", [((2, 5, 12), 7, 0.0), ((3, 220, 150), 20, 0.0), ((2, 9, 16), 6, 0.4)])
 def test_gelu_linear(xp, dtype, kind, shape, out_f, p):
     """linear(dropout(gelu(x))), whose backward remakes the linear's input: against torch, with
@@ -203,7 +203,7 @@ def test_gelu_linear(xp, dtype, kind, shape, out_f, p):
     mask = 1.0 if p == 0 else to_numpy(cache.mask).astype(np.float64)
     assert p == 0 or 0 < (mask == 0).mean() < 1
     xt, wt, bt = (_t(a, dtype) for a in (x, w, b))
-    yt = F.linear(F.gelu(xt, approximate="none" if kind == "erf" else "tanh") * torch.tensor(mask), wt, bt)
+    yt = F.linear(torch_gelu(xt, kind) * torch.tensor(mask), wt, bt)
     yt.backward(_t(g, dtype, grad=False))
     _assert_dtype(dtype, out, dx, dw, db)
     tol = 1e-10 if dtype == np.float64 else 2e-5
