@@ -23,16 +23,23 @@ from tinyvit.nn.model import count_params
 def parse_args(argv=None):
     """The command line."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("src", help="weights file: .npz (Google or timm layout), .safetensors, .pth/.pt/.bin/.ckpt")
+    ap.add_argument("src", help="weights file (.npz in Google or timm layout, .safetensors, .pth/.pt/.bin/.ckpt), "
+                                "or a timm or HF hub folder holding config.json and the weights")
     ap.add_argument("--out", required=True, help="tinyvit checkpoint to write, e.g. weights/vit-b16.npz")
     ap.add_argument("--format", default="auto", choices=("auto",) + FORMATS,
                     help="source layout; auto tells it from the key names (default auto)")
     ap.add_argument("--heads", type=int, default=None,
                     help="attention heads (default: from Google kernels or HF config.json, else width // 64)")
+    ap.add_argument("--arch", default=None,
+                    help="timm's architecture name (e.g. vit_base_patch16_clip_quickgelu_224), for what the weights "
+                         "cannot tell: activation, LayerNorm eps, pooling (default: a timm config.json's, else "
+                         "exact GELU and eps 1e-6)")
     ap.add_argument("--img-size", type=int, default=None,
-                    help="new input size: resizes pos_embed bilinearly (default: keep the source's)")
+                    help="new input size: resamples pos_embed as the source's library does (bicubic with "
+                         "antialiasing for timm and HF, bilinear for Google and torchvision) (default: keep it)")
     ap.add_argument("--num-classes", type=int, default=None,
-                    help="new class count: replaces the head by a zero-initialised one (default: keep it)")
+                    help="new class count: replaces the head by a zero-initialised one; a backbone without a head "
+                         "gets one of this size (default: keep it; 1000 for a backbone)")
     return ap.parse_args(argv)
 
 
@@ -41,14 +48,16 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         prepare_out_dir(Path(args.out).parent)  # a wrong --out fails before the conversion
-        params, cfg, meta = convert(args.src, fmt=args.format, heads=args.heads)
+        params, cfg, meta = convert(args.src, fmt=args.format, heads=args.heads, arch=args.arch,
+                                    num_classes=args.num_classes)
         old_classes, old_size = cfg.num_classes, cfg.img_size
-        params, cfg = adapt(params, cfg, img_size=args.img_size, num_classes=args.num_classes)
+        params, cfg = adapt(params, cfg, img_size=args.img_size, num_classes=args.num_classes,
+                            resample=meta["resample"])
         if cfg.num_classes != old_classes:
             meta["class_names"] = [f"class_{i}" for i in range(cfg.num_classes)]
             meta["notes"].append(f"head replaced by a zero-initialised {cfg.num_classes}-class one")
         if cfg.img_size != old_size:
-            meta["notes"].append(f"pos_embed resized bilinearly to {cfg.img_size // cfg.patch_size}^2 patches")
+            meta["notes"].append(f"pos_embed resampled ({meta['resample']}) to {cfg.img_size // cfg.patch_size}^2 patches")
         out = save_checkpoint(args.out, params, cfg, meta)
     except TinyViTError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -58,7 +67,7 @@ def main(argv=None):
         return 2
     print(f"{meta['format']} -> {out}: img {cfg.img_size} patch {cfg.patch_size} dim {cfg.dim} "
           f"depth {cfg.depth} heads {cfg.heads} mlp {cfg.mlp_dim} classes {cfg.num_classes} "
-          f"eps {cfg.ln_eps:g}, {count_params(params):,} params")
+          f"eps {cfg.ln_eps:g} gelu {cfg.gelu} pool {cfg.global_pool}, {count_params(params):,} params")
     return 0
 
 

@@ -2,6 +2,8 @@
 when absent), the feature cache. Shared functions and constants live in helpers.py; test files import
 them from there."""
 import os
+import sys
+import types
 
 import pytest
 from helpers import (  # noqa: F401  (re-exported for the files that still import them from here)
@@ -17,6 +19,14 @@ from helpers import (  # noqa: F401  (re-exported for the files that still impor
 )
 
 from tinyvit.backend import cupy_available, get_backend
+
+
+def pytest_configure(config):
+    """Before any test module is imported: timm and transformers import torchvision's Python parts, and
+    the registry's torchvision cannot load its C ops beside the CPU torch wheel; an empty
+    _meta_registrations keeps it from trying (README, Tests)."""
+    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+
 
 NO_GPU = "CuPy with a CUDA GPU is not available on this machine"
 BACKENDS = [

@@ -335,7 +335,9 @@ def _small(seed=0):
     (lambda p: p.pop("blocks.1.norm1.weight"), r"missing \['blocks.1.norm1.weight'\]"),
     (lambda p: p.update({"blocks.0.attn.proj.weight": np.zeros((128, 64), np.float32)}),
      r"blocks.0.attn.proj.weight has shape \(128, 64\), expected \(128, 128\)"),
-    (lambda p: p.update({"dist_token": np.zeros((1, 1, 128), np.float32)}), r"unexpected \['dist_token'\]"),
+    (lambda p: p.update({"extra_token": np.zeros((1, 1, 128), np.float32)}), r"unexpected \['extra_token'\]"),
+    # a distillation token the position embedding has no row for
+    (lambda p: p.update({"dist_token": np.zeros((1, 1, 128), np.float32)}), r"pos_embed has shape \(1, 5, 128\)"),
     (lambda p: p.update({"blocks.0.norm1.bias": np.full(128, np.nan, np.float32)}), "NaN"),
 ])
 def test_bad_keys_and_shapes(edit, match, tmp_path):

@@ -241,7 +241,9 @@ def test_transformers_image_processor_sees_what_load_image_sees(tmp_path, size, 
                                                           "interpolation": "bicubic"}, **t, mean=mean, std=std))
     ckpt = save_checkpoint(tmp_path / "m.npz", _params(cfg, np.float32), cfg, meta)
     export(ckpt, "hf", tmp_path / "hf")
-    proc = transformers.AutoImageProcessor.from_pretrained(str(tmp_path / "hf"), local_files_only=True)
+    # the PIL processor: with torchvision installed, transformers picks its "fast" one, which resizes
+    # with torch's kernels (pixels within a few percent, not 1e-5)
+    proc = transformers.AutoImageProcessor.from_pretrained(str(tmp_path / "hf"), local_files_only=True, use_fast=False)
     for photo in _photos(tmp_path / "photos"):
         got = np.asarray(proc(images=Image.open(photo), return_tensors="np")["pixel_values"])[0]  # (3, S, S)
         want = load_image(photo, cfg, meta)[0]

@@ -11,8 +11,8 @@ from timm_oracle import FAMILIES, params_of, timm_model
 
 from tinyvit import init_params, vit_backward, vit_features, vit_forward
 from tinyvit.backend import to_device
-from tinyvit.nn.layers import cross_entropy_backward, cross_entropy_forward
 from tinyvit.nn import reference
+from tinyvit.nn.layers import cross_entropy_backward, cross_entropy_forward
 from tinyvit.nn.model import param_shapes
 
 

@@ -8,8 +8,14 @@ from helpers import rel_err, torch_gelu
 
 from tinyvit import ViTConfig
 from tinyvit.backend import to_device
-from tinyvit.nn.pool import attention_pool_backward, attention_pool_forward, head_backward, head_forward, \
-    pool_backward, pool_forward
+from tinyvit.nn.pool import (
+    attention_pool_backward,
+    attention_pool_forward,
+    head_backward,
+    head_forward,
+    pool_backward,
+    pool_forward,
+)
 
 TOL = {np.float64: 1e-10, np.float32: 3e-5}
 _MAP_SHAPES = {"latent": (1, 1, "C"), "q.weight": ("C", "C"), "q.bias": ("C",), "kv.weight": ("2C", "C"),

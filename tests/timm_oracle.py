@@ -2,21 +2,17 @@
 mapping, written from timm's VisionTransformer arguments, not tinyvit's exporter), with every parameter
 perturbed. Importing this module skips the caller's tests when timm is not installed."""
 import functools
-import sys
-import types
 
 import numpy as np
 import pytest
 import torch
 
-# timm imports torchvision's Python parts only; the registry's torchvision cannot load its C ops beside
-# the CPU torch wheel, and an empty _meta_registrations keeps it from trying (README, Tests)
-sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+from tinyvit import ViTConfig
+
+# (conftest's pytest_configure has made torchvision importable beside the CPU torch wheel)
 timm = pytest.importorskip("timm", reason="timm is not installed (pip install --no-deps timm torchvision==0.28.0)")
 from timm.models.deit import VisionTransformerDistilled  # noqa: E402
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
-
-from tinyvit import ViTConfig  # noqa: E402
 
 ACT = {"erf": "gelu", "tanh": "gelu_tanh", "quick": "quick_gelu"}
 

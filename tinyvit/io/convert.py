@@ -5,24 +5,24 @@ the config is inferred from the shapes, and the full key set and every shape is 
 reads a tinyvit checkpoint as is and any of these converted, wherever a model is read.
 """
 import dataclasses
-import math
 import re
 from pathlib import Path
 
 import numpy as np
 
-from ..backend import get_array_module
-from ..data.augment import bilinear_resize
 from ..errors import TinyViTError, input_file
 from ..nn.model import ViTConfig, param_shapes
 from .checkpoint import check_params, load_checkpoint, read_npz
+from .families import check_agrees, from_arch, from_keys, refuse_lacking
 from .filekind import file_kind
 from .labels import class_names_for
+from .posembed import adapt, resize_pos_embed  # noqa: F401  (re-exported: where they used to live)
 from .safetensors import read_safetensors
 from .sidecar import stated
 from .torchzip import load_torch_zip
 
 FORMATS = ("google", "timm", "torchvision", "hf")
+RESAMPLE = {"google": "bilinear", "timm": "bicubic", "torchvision": "bilinear", "hf": "bicubic"}  # pos_embed
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 _NESTED = ("state_dict", "model", "module", "model_state_dict", "state_dict_ema", "model_ema")
 _PREFIXES = ("module.", "model.", "_orig_mod.")
@@ -183,8 +183,20 @@ def _from_google(state, source):
 
 
 def _from_timm(state, source):
-    """timm VisionTransformer state dict: already our names and layouts."""
+    """timm VisionTransformer state dict: already our names and layouts. The original DINOv2 files (the
+    torch-hub layout) differ in three ways, undone as timm's converter does: blocks in chunks
+    (blocks.0.5. for blocks.5.), a mask token, and register tokens beside a class token whose position
+    row is folded into it (the embedding then covers the patches alone)."""
+    state = {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k) if re.match(r"^blocks\.\d+\.\d+\.", k) else k: v
+             for k, v in state.items()}
     m = _Mapper(state, source)
+    m.drop("mask_token", "masked-image-modelling token, unused for classification")
+    if "register_tokens" in m.src and "cls_token" in m.src and m.src.get("pos_embed", np.zeros(0)).ndim == 3:
+        m.mv("register_tokens", "reg_token")
+        pos = m.src.pop("pos_embed")
+        m.src["cls_token"] = m.src["cls_token"] + pos[:, :1]  # the class token's position row, folded in
+        m.src["pos_embed"] = pos[:, 1:]
+        m.src.update({"reg_token": m.out.pop("reg_token")})
     for k in ("pre_logits.fc.weight", "pre_logits.fc.bias"):
         m.drop(k, "pre-logits layer; fine-tuning replaces the head without it")
     m.out, m.src = m.src, {}  # keep every name: check_params reports the unexpected ones
@@ -247,90 +259,133 @@ _MAPPERS = {"google": _from_google, "timm": _from_timm, "torchvision": _from_tor
 # --- config and conversion ----------------------------------------------------------------------
 
 
-def infer_config(params, heads=None, ln_eps=1e-6, source="weights"):
-    """ViTConfig from timm-named params' shapes; heads = given, else dim // 64 (Ti/S/B/L's rule)."""
+def infer_config(params, heads=None, ln_eps=1e-6, source="weights", stated=None, where="the architecture"):
+    """ViTConfig from timm-named params: the structure from their keys and shapes (tinyvit.io.families),
+    the rest from `stated` (an architecture's fields: gelu, ln_eps, heads, the pooling keys cannot tell),
+    heads = given, else stated, else dim // 64 (the rule of timm's ViTs); a contradiction is one line."""
     need = ["patch_embed.proj.weight", "pos_embed", "blocks.0.mlp.fc1.weight", "head.weight"]
     missing = [k for k in need if k not in params]
     if missing:
         raise TinyViTError(f"{source}: cannot infer the config: missing {missing}")
-    w, pos = params["patch_embed.proj.weight"], params["pos_embed"]
+    w = params["patch_embed.proj.weight"]
     if w.ndim != 4 or w.shape[2] != w.shape[3] or 0 in w.shape:
         raise TinyViTError(f"{source}: patch_embed.proj.weight has shape {w.shape}, expected (D, C, P, P)")
     for k in ("head.weight", "blocks.0.mlp.fc1.weight"):
         if params[k].ndim != 2:
             raise TinyViTError(f"{source}: {k} has shape {params[k].shape}, expected 2-d (out, in)")
+    stated = dict(stated or {})
+    keys = from_keys(params, source)
+    check_agrees(keys, stated, where, source)
+    if keys["layer_scale"] != (stated.get("init_values", keys["layer_scale"] or None) is not None):
+        raise TinyViTError(f"{source}: {where} says init_values={stated['init_values']!r} but the weights "
+                           f"{'hold' if keys['layer_scale'] else 'have no'} LayerScale gammas")
+    fields = {k: keys[k] for k in ("class_token", "reg_tokens", "distilled", "no_embed_class", "pre_norm",
+                                   "patch_bias", "qkv_bias", "global_pool", "fc_norm")}
+    if keys["global_pool"] == "token" and stated.get("global_pool") == "avg":  # the keys cannot tell these apart
+        fields.update(global_pool="avg", fc_norm=False)
     D, C, P = int(w.shape[0]), int(w.shape[1]), int(w.shape[2])
-    n = pos.shape[1] - 1 if pos.ndim == 3 else -1
-    g = math.isqrt(max(n, 0))
-    if n < 1 or g * g != n:
-        raise TinyViTError(f"{source}: pos_embed has shape {pos.shape}: expected (1, 1 + G*G, D) "
-                           f"for a square grid with a class token")
+    heads = heads or stated.get("heads")
     if heads is None:
         if D % 64:
             raise TinyViTError(f"{source}: width {D} is not a multiple of 64; give the head count explicitly")
         heads = D // 64
-    if int(heads) < 1:
-        raise TinyViTError(f"{source}: heads must be at least 1, got {heads}")
+    if type(heads) is not int or heads < 1:
+        raise TinyViTError(f"{source}: heads must be a whole number of at least 1, got {heads!r}")
     try:
-        return ViTConfig(img_size=g * P, patch_size=P, in_chans=C, num_classes=int(params["head.weight"].shape[0]),
-                         dim=D, depth=_depth(params, r"blocks\.(\d+)\."), heads=int(heads),
-                         mlp_dim=int(params["blocks.0.mlp.fc1.weight"].shape[0]), ln_eps=float(ln_eps))
+        return ViTConfig(img_size=keys["grid"] * P, patch_size=P, in_chans=C, num_classes=int(params["head.weight"].shape[0]),
+                         dim=D, depth=keys["depth"], heads=heads, mlp_dim=int(params["blocks.0.mlp.fc1.weight"].shape[0]),
+                         ln_eps=float(stated.get("ln_eps", ln_eps)), gelu=stated.get("gelu", "erf"),
+                         init_values=(stated.get("init_values") or 1e-5) if keys["layer_scale"] else None, **fields)
     except TinyViTError as e:
         raise TinyViTError(f"{source}: {e}") from None
 
 
-def from_foreign(state, fmt="auto", heads=None, ln_eps=None, source="weights"):
+def from_foreign(state, fmt="auto", heads=None, ln_eps=None, source="weights", stated=None, where="the architecture",
+                 num_classes=None):
     """Map a flat state dict to checked timm-named params -> (params, cfg, info) without copying
-    more than the layout change needs; a missing head becomes a zero-initialised 1000-class one."""
+    more than the layout change needs; `stated`: config fields an architecture states (from_arch). A
+    missing head becomes a zero-initialised one (num_classes, default 1000)."""
     fmt = detect_format(state, source) if fmt == "auto" else fmt
     if fmt not in _MAPPERS:
         raise TinyViTError(f"unknown format {fmt!r}: choose auto or one of {', '.join(FORMATS)}")
+    stated = dict(stated or {})
+    refuse_lacking(stated.get("arch"), state, source)
     params, leftover, dropped, file_heads = _MAPPERS[fmt](state, source)
     notes = []
-    if "head.weight" not in params and "head.bias" not in params and "norm.weight" in params:
-        D = params["norm.weight"].shape[0]
-        params["head.weight"] = np.zeros((1000, D), params["norm.weight"].dtype)
-        params["head.bias"] = np.zeros(1000, params["norm.weight"].dtype)
-        notes.append("the source has no classifier: head is zero-initialised with 1000 classes")
-    heads_from = "given" if heads else ("file" if file_heads else "dim // 64")
-    ln_eps = ln_eps if ln_eps is not None else (1e-12 if fmt == "hf" else 1e-6)
-    where = f"{source} ({fmt} layout)"
+    w = params.get("patch_embed.proj.weight")
+    if "head.weight" not in params and "head.bias" not in params and w is not None and w.ndim == 4:
+        K = int(num_classes or 1000)
+        params["head.weight"], params["head.bias"] = np.zeros((K, w.shape[0]), w.dtype), np.zeros(K, w.dtype)
+        notes.append(f"the source has no classifier: head is zero-initialised with {K} classes")
+    heads_from = "given" if heads else ("file" if file_heads else where if stated.get("heads") else "dim // 64")
+    if ln_eps is not None:  # what the file's own config states wins over the architecture's default
+        stated["ln_eps"] = ln_eps
+    ln_eps = 1e-12 if fmt == "hf" else 1e-6
+    where_fmt = f"{source} ({fmt} layout)"
     if leftover:  # names this layout does not have; list what is missing too when we can tell
         try:
-            cfg = infer_config(params, heads or file_heads, ln_eps, where)
+            cfg = infer_config(params, heads or file_heads, ln_eps, where_fmt, stated, where)
             missing = sorted(set(param_shapes(cfg)) - set(params))
         except TinyViTError:
             missing = ["(too many to infer the config)"]
-        raise TinyViTError(f"{where}: parameter names do not match the layout: "
+        raise TinyViTError(f"{where_fmt}: parameter names do not match the layout: "
                            f"missing {missing[:6]}{'...' if len(missing) > 6 else ''}, "
                            f"unexpected {leftover[:6]}{'...' if len(leftover) > 6 else ''}")
-    cfg = infer_config(params, heads or file_heads, ln_eps, where)
-    check_params(params, cfg, where)
+    cfg = infer_config(params, heads or file_heads, ln_eps, where_fmt, stated, where)
+    check_params(params, cfg, where_fmt)
     params = {k: params[k] for k in param_shapes(cfg)}
     return params, cfg, dict(format=fmt, dropped=dropped, notes=notes, heads_from=heads_from)
 
 
-def convert(src, fmt="auto", heads=None):
-    """Read public ViT weights -> (params, cfg, meta). Class names, mean/std and eval_transform: what the
-    file or the files beside it state (tinyvit.io.sidecar); unstated, mean/std are ImageNet's for torchvision,
-    0.5 for Google, timm and HF (Google's ViTs map pixels to [-1, 1]; DeiT-style timm files without a
-    config.json want ImageNet's: set it in meta yourself), and eval_transform is left out."""
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+def weights_in(folder):
+    """The weights file of a timm or HF hub folder (model.safetensors, else pytorch_model.bin, ...)."""
+    for name in WEIGHT_FILES:
+        if (Path(folder) / name).is_file():
+            return Path(folder) / name
+    raise TinyViTError(f"{folder}: is a folder without a weights file (looked for {', '.join(WEIGHT_FILES)})")
+
+
+def _architecture(arch, side, source):
+    """(config fields an architecture states, where it was named): --arch, else the timm config.json's."""
+    name = arch or side.get("arch")
+    where = "--arch" if arch else "config.json's architecture"
+    stated = from_arch(name, side.get("model_args") if not arch or arch == side.get("arch") else None, source)
+    return dict(stated, arch=name) if name else stated, where
+
+
+def convert(src, fmt="auto", heads=None, arch=None, num_classes=None):
+    """Read public ViT weights (a file, or a timm or HF hub folder) -> (params, cfg, meta). arch: timm's
+    architecture name, for what the weights cannot tell (activation, eps; a timm config.json names it).
+    Class names, mean/std and eval_transform: what the file or the files beside it state
+    (tinyvit.io.sidecar); unstated, mean/std are ImageNet's for torchvision, 0.5 for Google, timm and HF
+    (Google's ViTs map pixels to [-1, 1]; DeiT-style timm files without a config.json want ImageNet's:
+    set it in meta yourself), and eval_transform is left out."""
     src = Path(src)
+    if src.is_dir():
+        src = weights_in(src)
     state, file_metadata = _load(src)
     fmt = detect_format(state, src) if fmt == "auto" else fmt
     side = stated(src, fmt, file_metadata)
-    params, cfg, info = from_foreign(state, fmt, heads or side.get("heads"), side.get("ln_eps"), src)
+    arch_fields, where = _architecture(arch, side, src)
+    params, cfg, info = from_foreign(state, fmt, heads or side.get("heads"), side.get("ln_eps"), src, arch_fields,
+                                     where, num_classes)
     if side.get("heads") and not heads:
         info["heads_from"] = side["where"]
     cfg = dataclasses.replace(cfg, gelu=side.get("gelu") or cfg.gelu)
     params = {k: np.ascontiguousarray(v, dtype=np.float32 if v.dtype == np.float16 else v.dtype)
               for k, v in params.items()}
+    if arch_fields.get("img_size") and arch_fields["img_size"] != cfg.img_size:  # as timm builds it: resampled
+        params, cfg = adapt(params, cfg, img_size=int(arch_fields["img_size"]), resample=RESAMPLE[fmt])
     mean, std = side.get("mean"), side.get("std")
     if not (mean and std and len(mean) == len(std) == cfg.in_chans and min(std) > 0):
         mean, std = (IMAGENET_MEAN, IMAGENET_STD) if fmt == "torchvision" else ((0.5,) * cfg.in_chans,) * 2
     names = class_names_for(side.get("labels"), cfg.num_classes, trained_head=not info["notes"])
     meta = dict(source=str(src), format=info["format"], mean=list(mean), std=list(std), class_names=names,
-                dropped=info["dropped"], notes=info["notes"] + side.get("notes", []), heads_from=info["heads_from"])
+                dropped=info["dropped"], notes=info["notes"] + side.get("notes", []), heads_from=info["heads_from"],
+                resample=RESAMPLE[fmt])
     if side.get("transform"):
         meta["eval_transform"] = dict(side["transform"], mean=list(mean), std=list(std))
     return params, cfg, meta
@@ -345,52 +400,3 @@ def load_model(path, hint=None):
     if kind == "image":
         raise TinyViTError(f"{path}: is an image, not a model" + (f": {hint}" if hint else ""))
     return load_checkpoint(path) if kind == "tinyvit" else convert(path)
-
-
-# --- adapting to a new image size or class count ------------------------------------------------
-
-
-def _grid(g):
-    return (int(g), int(g)) if isinstance(g, (int, np.integer)) else tuple(int(v) for v in g)
-
-
-def resize_pos_embed(pos_embed, new_grid, old_grid=None):
-    """(1, 1 + h*w, D) position embeddings for a new patch grid: the CLS row kept, the grid resampled
-    bilinearly with align_corners=False (exactly F.interpolate's rule; timm defaults to bicubic)."""
-    xp = get_array_module(pos_embed)
-    if pos_embed.ndim != 3 or pos_embed.shape[0] != 1:
-        raise TinyViTError(f"pos_embed must be (1, 1 + N, D), got {tuple(pos_embed.shape)}")
-    n, D = pos_embed.shape[1] - 1, pos_embed.shape[2]
-    if old_grid is None:
-        g = math.isqrt(max(n, 0))
-        if g * g != n:
-            raise TinyViTError(f"pos_embed has {n} grid rows, not a square; give old_grid")
-        old_grid = g
-    (oh, ow), (nh, nw) = _grid(old_grid), _grid(new_grid)
-    if oh * ow != n or min(oh, ow, nh, nw) < 1:
-        raise TinyViTError(f"cannot resize a {n}-row pos_embed from grid {(oh, ow)} to {(nh, nw)}")
-    x = pos_embed[:, 1:].reshape(1, oh, ow, D).transpose(0, 3, 1, 2)  # (1, D, oh, ow)
-    x = bilinear_resize(xp.ascontiguousarray(x), (nh, nw))  # (1, D, nh, nw)
-    x = x.transpose(0, 2, 3, 1).reshape(1, nh * nw, D)
-    return xp.concatenate([pos_embed[:, :1], x.astype(pos_embed.dtype, copy=False)], axis=1)
-
-
-def adapt(params, cfg: ViTConfig, img_size=None, num_classes=None):
-    """(params, cfg) for a new image size (pos_embed resized) and/or class count (zero head);
-    the input dict is not modified, and an unchanged setting leaves its arrays as they are."""
-    params = dict(params)
-    if img_size is not None and img_size != cfg.img_size:
-        P = cfg.patch_size
-        if img_size < P or img_size % P:
-            raise TinyViTError(f"img_size {img_size} is not a positive multiple of the patch size {P}")
-        params["pos_embed"] = resize_pos_embed(params["pos_embed"], img_size // P, cfg.img_size // P)
-        cfg = dataclasses.replace(cfg, img_size=int(img_size))
-    if num_classes is not None and num_classes != cfg.num_classes:
-        if num_classes < 1:
-            raise TinyViTError(f"num_classes must be at least 1, got {num_classes}")
-        w = params["head.weight"]
-        xp = get_array_module(w)
-        params["head.weight"] = xp.zeros((num_classes, cfg.dim), w.dtype)
-        params["head.bias"] = xp.zeros((num_classes,), params["head.bias"].dtype)
-        cfg = dataclasses.replace(cfg, num_classes=int(num_classes))
-    return params, cfg

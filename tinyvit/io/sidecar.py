@@ -134,7 +134,9 @@ def from_timm_config(src):
     if "model_type" in c or not ("architecture" in c or "pretrained_cfg" in c):
         return {}
     p = c["pretrained_cfg"] if isinstance(c.get("pretrained_cfg"), dict) else {}
-    out = {"labels": _labels(c.get("label_names")), "mean": floats(p.get("mean")), "std": floats(p.get("std"))}
+    out = {"labels": _labels(c.get("label_names")), "mean": floats(p.get("mean")), "std": floats(p.get("std")),
+           "arch": c["architecture"] if isinstance(c.get("architecture"), str) else None,
+           "model_args": c["model_args"] if isinstance(c.get("model_args"), dict) else {}}
     if p:
         mode, crop = p.get("crop_mode", "center"), p.get("crop_pct", 0.875)
         resize = ("shortest_edge" if mode == "center" else "squash" if mode == "squash" and crop == 1

@@ -86,7 +86,8 @@ def run_finetune(args, tc: TrainConfig, saved_args: dict, clock: dict):
     xp = get_backend(args.backend)
     params, cfg, meta, t = start_model(args)
     train, test, names, info = load_data(args, dataclasses.replace(cfg, img_size=args.img_size), t)
-    params, cfg = adapt(params, cfg, img_size=args.img_size, num_classes=len(names))
+    params, cfg = adapt(params, cfg, img_size=args.img_size, num_classes=len(names),
+                        resample=meta.get("resample", "bilinear"))  # as the weights' own library resamples
     out_meta = dict(info, class_names=list(names), mean=list(t.mean), std=list(t.std), eval_transform=t.to_dict(),
                     mode=args.mode, run_args=saved_args,
                     source_weights=str(args.weights) if args.weights else f"random init ({args.preset})")
