@@ -38,16 +38,21 @@ def refuse_lacking(arch, keys, source):
 
 def from_arch(arch, model_args=None, source="weights"):
     """ViTConfig fields a timm architecture name and its model_args state (timm's defaults by name:
-    CLIP's LayerNorm eps 1e-5, QuickGELU for *_quickgelu, tanh GELU for SigLIP)."""
+    CLIP's LayerNorm eps 1e-5, QuickGELU for *_quickgelu; timm runs SigLIP with exact GELU, as its others)."""
     arch = arch or ""
     out = {}
+    if arch:  # what timm's ViT names say of the structure: registers, distillation
+        reg = re.search(r"reg(\d+)", arch)
+        out.update(reg_tokens=int(reg.group(1)) if reg else 0, distilled="distilled" in arch)
     if "clip" in arch:
         out["ln_eps"] = 1e-5
     if "quickgelu" in arch:
         out["gelu"] = "quick"
-    elif "siglip" in arch:
-        out["gelu"] = "tanh"
     for k, v in (model_args or {}).items():
+        if k in ("img_size", "patch_size") and isinstance(v, (list, tuple)):  # timm writes (h, w)
+            if len(v) != 2 or v[0] != v[1]:
+                raise TinyViTError(f"{source}: model_args {k}={v} is not square, which tinyvit needs")
+            v = v[0]
         if k in _ARGS:
             out[_ARGS[k]] = v
         elif k == "act_layer":

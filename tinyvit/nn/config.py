@@ -115,7 +115,8 @@ PRESETS = {
     "vit-b16": dict(_VIT16, **_BASE),
     "vit-l16": dict(_VIT16, dim=1024, depth=24, heads=16, mlp_dim=4096),
     # the modern family, as timm's vit_small_patch14_dinov2, vit_base_patch16_clip_quickgelu_224,
-    # vit_base_patch16_siglip_224 and deit3_small_patch16_224 (num_classes 0: a backbone; give a head)
+    # vit_base_patch16_siglip_224 (with the original's and HF's tanh GELU; timm runs exact GELU) and
+    # deit3_small_patch16_224 (num_classes 0: a backbone; give a head)
     "dinov2-s14": dict(_DINOV2, **_SMALL),
     "dinov2-b14": dict(_DINOV2, **_BASE),
     "clip-b16": dict(_VIT16, **_BASE, num_classes=512, ln_eps=1e-5, gelu="quick", pre_norm=True, patch_bias=False),
