@@ -1,10 +1,14 @@
 """Export a tinyvit checkpoint to timm (.safetensors state dict) or Hugging Face transformers (a folder).
 
 Examples:
+  python scripts/export_weights.py runs/finetune/model.npz --to timm --out vit-timm/
   python scripts/export_weights.py runs/cifar/model.npz --to timm --out vit.safetensors
   python scripts/export_weights.py runs/cifar/model.npz --to hf --out vit-hf/
 
-timm (--out must end in .safetensors): the file's __metadata__ holds VisionTransformer's arguments
+timm, a folder: timm's hub folder (config.json with architecture, model_args and pretrained_cfg, and
+model.safetensors), which timm.create_model('local-dir:vit-timm', pretrained=True) builds and loads, for
+every family tinyvit runs whose LayerNorm eps is timm's 1e-6 or CLIP's 1e-5.
+timm, a .safetensors file: the file's __metadata__ holds VisionTransformer's arguments
 (img_size, patch_size, in_chans, num_classes, embed_dim, depth, num_heads, mlp_ratio, act_layer,
 norm_eps) and, as JSON, the class names, mean, std, tinyvit config and eval transform. Build the model
 with those (class_token=True, global_pool='token', qkv_bias=True; norm_layer=partial(nn.LayerNorm,
@@ -26,9 +30,11 @@ def build_parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", help="tinyvit checkpoint .npz to export (e.g. model.npz from a training run)")
     ap.add_argument("--to", required=True, choices=TARGETS,
-                    help="timm: one .safetensors state dict; hf: a transformers ViTForImageClassification folder")
+                    help="timm: timm's hub folder (config.json, model.safetensors: timm.create_model("
+                         "'local-dir:DIR', pretrained=True)) or one .safetensors state dict; hf: a transformers folder")
     ap.add_argument("--out", required=True,
-                    help="output: the .safetensors file (--to timm) or the folder to write into (--to hf)")
+                    help="output: a folder (--to timm: timm's hub folder; --to hf) or, with --to timm, a "
+                         ".safetensors file")
     ap.add_argument("--json", action="store_true", help="print the summary as one JSON line instead of text")
     return ap
 

@@ -4,7 +4,7 @@ the families tinyvit lacks refused in one line."""
 import numpy as np
 import pytest
 import torch
-from helpers import rel_err, run_script, SCRIPTS
+from helpers import SCRIPTS, rel_err, run_script
 from timm_oracle import timm
 
 from tinyvit import TinyViTError, load_model, vit_forward

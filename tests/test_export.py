@@ -326,8 +326,10 @@ def test_script_refuses_an_unusable_out(tmp_path):
     taken.write_bytes(b"keep me")
     _one_error_line(_run(ckpt, "--to", "hf", "--out", taken), taken, "not a folder")
     assert taken.read_bytes() == b"keep me"
-    (tmp_path / "dir").mkdir()
-    _one_error_line(_run(ckpt, "--to", "timm", "--out", tmp_path / "dir"), tmp_path / "dir", "is a folder")
+    (tmp_path / "dir").mkdir()  # --to timm into a folder: timm's hub folder
+    assert _run(ckpt, "--to", "timm", "--out", tmp_path / "dir").returncode == 0
+    assert sorted(p.name for p in (tmp_path / "dir").iterdir()) == ["config.json", "model.safetensors"]
+    _one_error_line(_run(ckpt, "--to", "timm", "--out", tmp_path / "x.pth"), tmp_path / "x.pth", "writes safetensors")
     before = ckpt.read_bytes()
     _one_error_line(_run(ckpt, "--to", "timm", "--out", ckpt), ckpt)
     assert ckpt.read_bytes() == before

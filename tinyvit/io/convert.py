@@ -353,6 +353,7 @@ def _architecture(arch, side, source):
     name = arch or side.get("arch")
     where = "--arch" if arch else "config.json's architecture"
     stated = from_arch(name, side.get("model_args") if not arch or arch == side.get("arch") else None, source)
+    stated.update(side.get("config_fields", {}))  # tinyvit's own export states its config
     return dict(stated, arch=name) if name else stated, where
 
 

@@ -25,7 +25,10 @@ from .sidecar import CONVNEXT_SQUASH, PIL_RESAMPLE
 
 TARGETS = ("timm", "hf")
 HF_ACT = {"erf": "gelu", "tanh": "gelu_pytorch_tanh"}  # transformers' ACT2FN: F.gelu exact / approximate='tanh'
-TIMM_ACT = {"erf": "gelu", "tanh": "gelu_tanh"}  # timm's get_act_layer names for the same two
+TIMM_ACT = {"erf": "gelu", "tanh": "gelu_tanh", "quick": "quick_gelu"}  # timm's get_act_layer names
+# a registered timm architecture whose LayerNorm has this eps (model_args set everything else)
+TIMM_ARCH = {1e-6: "vit_base_patch16_224", 1e-5: "vit_base_patch16_clip_224"}
+TIMM_DISTILLED = "deit_base_distilled_patch16_224"  # VisionTransformerDistilled, eps 1e-6
 PIL_CODES = {v: k for k, v in PIL_RESAMPLE.items()}  # interpolation -> PIL.Image.Resampling code
 HF_FILES = ("model.safetensors", "config.json", "preprocessor_config.json")
 
@@ -57,26 +60,71 @@ def timm_state(params, cfg: ViTConfig, source="model"):
     return {k: params[k] for k in param_shapes(cfg)}
 
 
+def timm_model_args(cfg: ViTConfig, source="model"):
+    """timm VisionTransformer keyword arguments that build cfg's model (its LayerNorm eps: the architecture's)."""
+    if cfg.global_pool == "token_avg":
+        raise TinyViTError(f"{source}: timm's VisionTransformer has no head over the class token beside the patch "
+                           f"mean; --to hf writes it as Dinov2ForImageClassification")
+    if cfg.patch_bias == cfg.pre_norm:  # timm: bias=not pre_norm
+        raise TinyViTError(f"{source}: timm builds a patch-embedding bias exactly when there is no norm_pre; "
+                           f"this model has {'both' if cfg.pre_norm else 'neither'}")
+    return dict(img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, num_classes=cfg.num_classes,
+                embed_dim=cfg.dim, depth=cfg.depth, num_heads=cfg.heads, mlp_ratio=mlp_ratio(cfg, source),
+                qkv_bias=cfg.qkv_bias, init_values=cfg.init_values, class_token=cfg.class_token,
+                no_embed_class=cfg.no_embed_class, reg_tokens=cfg.reg_tokens, pre_norm=cfg.pre_norm,
+                global_pool=cfg.global_pool, fc_norm=cfg.fc_norm, act_layer=TIMM_ACT[cfg.gelu])
+
+
+def timm_architecture(cfg: ViTConfig, source="model"):
+    """The registered timm architecture to build cfg's model from, by class and LayerNorm eps."""
+    arch = TIMM_DISTILLED if cfg.distilled else TIMM_ARCH.get(float(cfg.ln_eps))
+    if arch is None or (cfg.distilled and cfg.ln_eps != 1e-6):
+        raise TinyViTError(f"{source}: timm's architectures build LayerNorm with eps 1e-6 (or 1e-5 as CLIP's), not "
+                           f"{cfg.ln_eps:g}: export this model as one .safetensors file (--out X.safetensors)")
+    return arch
+
+
 def timm_metadata(cfg: ViTConfig, names, mean, std, source="model", transform=None):
     """safetensors __metadata__ (str -> str): the VisionTransformer kwargs that rebuild the model, and
     tinyvit's class names, mean/std, config and eval transform (JSON)."""
     return {
-        "format": "pt", "architecture": "vit", "library": "timm", "model_class": "VisionTransformer",
+        "format": "pt", "architecture": "vit", "library": "timm",
+        "model_class": "VisionTransformerDistilled" if cfg.distilled else "VisionTransformer",
         "img_size": str(cfg.img_size), "patch_size": str(cfg.patch_size), "in_chans": str(cfg.in_chans),
         "num_classes": str(cfg.num_classes), "embed_dim": str(cfg.dim), "depth": str(cfg.depth),
         "num_heads": str(cfg.heads), "mlp_ratio": repr(mlp_ratio(cfg, source)), "mlp_hidden_dim": str(cfg.mlp_dim),
-        "qkv_bias": "true", "class_token": "true", "global_pool": "token", "fc_norm": "false",
+        "qkv_bias": json.dumps(cfg.qkv_bias), "class_token": json.dumps(cfg.class_token),
+        "global_pool": cfg.global_pool, "fc_norm": json.dumps(cfg.use_fc_norm), "reg_tokens": str(cfg.reg_tokens),
+        "no_embed_class": json.dumps(cfg.no_embed_class), "pre_norm": json.dumps(cfg.pre_norm),
+        "init_values": json.dumps(cfg.init_values),
         "act_layer": TIMM_ACT[cfg.gelu], "norm_eps": repr(float(cfg.ln_eps)),
         "class_names": json.dumps(names), "mean": json.dumps(list(mean)), "std": json.dumps(list(std)),
         "tinyvit_config": json.dumps(cfg.to_dict()), "eval_transform": json.dumps(transform),
     }
 
 
+def timm_hub_config(cfg: ViTConfig, names, t: EvalTransform, source="model"):
+    """The config.json of timm's hub folder (as timm.models._hub.save_for_hf writes it): the architecture
+    and model_args that timm.create_model('local-dir:DIR', pretrained=True) builds, the class names and
+    the eval transform as pretrained_cfg."""
+    arch = timm_architecture(cfg, source)
+    model_args = timm_model_args(cfg, source)
+    pretrained = {"input_size": [cfg.in_chans, cfg.img_size, cfg.img_size], "fixed_input_size": True,
+                  "interpolation": t.interpolation, "crop_pct": t.crop_pct,
+                  "crop_mode": "squash" if t.resize == "squash" else "center", "mean": list(t.mean),
+                  "std": list(t.std), "num_classes": cfg.num_classes, "first_conv": "patch_embed.proj",
+                  "classifier": ["head", "head_dist"] if cfg.distilled else "head"}
+    return {"architecture": arch, "num_classes": cfg.num_classes, "num_features": cfg.dim,
+            "global_pool": cfg.global_pool, "model_args": model_args, "pretrained_cfg": pretrained,
+            "label_names": names}
+
+
 def export_timm(out, params, cfg: ViTConfig, meta=None, source="model"):
-    """Write a timm VisionTransformer state dict as .safetensors (atomically) -> summary dict."""
+    """Write a timm state dict as one .safetensors (atomically), or timm's hub folder (config.json and
+    model.safetensors) when out is a folder or has no suffix -> summary dict."""
     out, meta = Path(out), meta or {}
-    if out.is_dir():
-        raise TinyViTError(f"{out}: is a folder; --to timm writes one .safetensors file")
+    if out.is_dir() or not out.suffix:
+        return export_timm_folder(out, params, cfg, meta, source)
     state = timm_state(params, cfg, source)
     t = eval_transform(meta, cfg.in_chans, source)  # the one predict.py and evaluate.py use
     md = timm_metadata(cfg, class_names(meta, cfg.num_classes, source), t.mean, t.std, source, t.to_dict())
@@ -86,6 +134,21 @@ def export_timm(out, params, cfg: ViTConfig, meta=None, source="model"):
     write_safetensors(out, state, md)
     return dict(target="timm", out=str(out), files=[str(out)], tensors=len(state),
                 params=count_params(state), dtype=_dtype_name(state), config=cfg.to_dict())
+
+
+def export_timm_folder(out, params, cfg: ViTConfig, meta, source="model"):
+    """timm's hub folder: config.json (architecture, model_args, pretrained_cfg) and model.safetensors."""
+    if out.exists() and not out.is_dir():
+        raise TinyViTError(f"{out}: exists and is not a folder")
+    state = timm_state(params, cfg, source)
+    t = eval_transform(meta, cfg.in_chans, source)
+    config = timm_hub_config(cfg, class_names(meta, cfg.num_classes, source), t, source)
+    md = timm_metadata(cfg, config["label_names"], t.mean, t.std, source, t.to_dict())
+    out.mkdir(parents=True, exist_ok=True)
+    write_safetensors(out / "model.safetensors", state, md)
+    _write_json(out / "config.json", config)
+    return dict(target="timm", out=str(out), files=[str(out / "config.json"), str(out / "model.safetensors")],
+                tensors=len(state), params=count_params(state), dtype=_dtype_name(state), config=cfg.to_dict())
 
 
 # --- Hugging Face transformers ------------------------------------------------------------------

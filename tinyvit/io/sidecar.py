@@ -154,7 +154,9 @@ def from_tinyvit(md):
     out = {"where": "the file's metadata", "labels": _labels(_json(md.get("class_names"))),
            "mean": floats(_json(md.get("mean"))), "std": floats(_json(md.get("std"))),
            "heads": c["heads"] if type(c.get("heads")) is int and c["heads"] > 0 else None,
-           "ln_eps": _number(c.get("ln_eps")), "gelu": c.get("gelu") if c.get("gelu") in ("erf", "tanh") else None}
+           "ln_eps": _number(c.get("ln_eps")), "gelu": c.get("gelu") if c.get("gelu") in ("erf", "tanh", "quick") else None,
+           "config_fields": {k: c[k] for k, ok in (("global_pool", str), ("fc_norm", (bool, type(None))),
+                                                   ("init_values", (float, type(None)))) if isinstance(c.get(k), ok)}}
     if isinstance(t, dict):
         out.update(_stated("the file's __metadata__", t.get("resize"), t.get("crop_pct"), t.get("interpolation")))
     return out

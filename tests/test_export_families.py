@@ -1,0 +1,57 @@
+"""Export of the modern family to timm's hub folder: timm.create_model('local-dir:DIR', pretrained=True)
+builds it with tinyvit's logits, and the folder converts back to the same params and config."""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from helpers import SCRIPTS, rel_err, run_script
+from timm_oracle import FAMILIES, params_of, timm, timm_model
+
+from tinyvit import TinyViTError, init_params, vit_forward
+from tinyvit.io.checkpoint import save_checkpoint
+from tinyvit.io.convert import convert
+from tinyvit.io.export import export
+
+NAMES = ["a", "b", "c", "d", "e"]
+
+
+def _checkpoint(tmp_path, family, dtype=np.float32):
+    cfg = FAMILIES[family]
+    params = params_of(timm_model(cfg, seed=3), dtype)
+    meta = dict(class_names=NAMES, mean=[0.5] * cfg.in_chans, std=[0.25] * cfg.in_chans)
+    return save_checkpoint(tmp_path / "m.npz", params, cfg, meta), params, cfg
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_timm_loads_the_hub_folder_with_our_logits(tmp_path, family):
+    ckpt, params, cfg = _checkpoint(tmp_path, family)
+    export(ckpt, "timm", tmp_path / "hub")
+    model = timm.create_model(f"local-dir:{tmp_path / 'hub'}", pretrained=True).eval()
+    x = np.random.default_rng(0).normal(size=(2, cfg.in_chans, cfg.img_size, cfg.img_size)).astype(np.float32)
+    with torch.no_grad():
+        got = model(torch.tensor(x)).numpy()
+    assert rel_err(got, vit_forward(params, x, cfg, keep_cache=False)[0]) < 1e-5
+    assert list(model.pretrained_cfg["mean"]) == [0.5] * cfg.in_chans
+    back, cfg_back, meta = convert(tmp_path / "hub")
+    assert dataclasses.replace(cfg_back, init_values=cfg.init_values) == cfg and meta["class_names"] == NAMES
+    assert all(np.array_equal(back[k], params[k]) for k in params)
+
+
+@pytest.mark.e2e
+def test_cli_exports_a_folder_and_refuses_what_timm_cannot_build(tmp_path):
+    ckpt, _, _ = _checkpoint(tmp_path, "dinov2_reg")
+    r = run_script(SCRIPTS / "export_weights.py", str(ckpt), "--to", "timm", "--out", str(tmp_path / "hub"))
+    assert r.returncode == 0 and (tmp_path / "hub" / "config.json").is_file(), r.stderr
+    cfg = dataclasses.replace(FAMILIES["dinov2"], ln_eps=1e-12)
+    save_checkpoint(tmp_path / "e.npz", params_of(timm_model(FAMILIES["dinov2"]), np.float32), cfg, {})
+    r = run_script(SCRIPTS / "export_weights.py", str(tmp_path / "e.npz"), "--to", "timm", "--out", str(tmp_path / "h2"))
+    assert r.returncode == 2 and "eps 1e-6" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "h2").exists()
+
+
+def test_class_and_mean_head_is_refused_for_timm(tmp_path):
+    cfg = dataclasses.replace(FAMILIES["dinov2"], global_pool="token_avg")
+    save_checkpoint(tmp_path / "m.npz", init_params(cfg), cfg, {})
+    with pytest.raises(TinyViTError, match="Dinov2ForImageClassification"):
+        export(tmp_path / "m.npz", "timm", tmp_path / "hub")
