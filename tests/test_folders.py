@@ -224,8 +224,9 @@ def test_folder_features_and_accuracy_match_the_binary_loader(tmp_path, cifar_ro
             ref[split] = extract_features(params, cfg, ds, np, 64, split, quiet=True)[:2]
         err = max(np.abs(feats[s][0] - ref[s][0]).max() / np.abs(ref[s][0]).max() for s in feats)
         assert all(np.array_equal(feats[s][1], ref[s][1]) for s in feats)  # same labels, same order
-        accs = [train_head(f["train"][0], f["train"][1], f["val"][0], f["val"][1], params["head.weight"],
-                           params["head.bias"], tc, np, True)[1] for f in (feats, ref)]
+        head = {"head.weight": params["head.weight"], "head.bias": params["head.bias"]}
+        accs = [train_head(f["train"][0], f["train"][1], f["val"][0], f["val"][1], head, cfg, tc, np, True)[1]
+                for f in (feats, ref)]
         results[fmt] = (err, accs, np.abs(x.astype(int) - lossless).mean())
     for fmt in results:  # the same features; the head's training may round apart by an image or two
         assert results[fmt][0] < 1e-6 and abs(results[fmt][1][0] - results[fmt][1][1]) <= 2 / 80, (fmt, results)

@@ -314,3 +314,32 @@ def test_cupy_matches_numpy(case):
                                rtol=1e-12)
     for k in SHAPES:
         np.testing.assert_allclose(backend.to_numpy(params[k]), ref[k], rtol=1e-10, atol=1e-13, err_msg=k)
+
+
+def test_no_weight_decay_on_tokens_gammas_and_the_latent():
+    for name, shape in (("reg_token", (1, 4, 8)), ("attn_pool.latent", (1, 1, 8)), ("blocks.3.ls1.gamma", (8,)),
+                        ("cls_token", (1, 1, 8)), ("pos_embed", (1, 5, 8)), ("fc_norm.weight", (8,))):
+        assert not optim.decays(name, np.zeros(shape)), name
+    assert optim.decays("attn_pool.kv.weight", np.zeros((16, 8)))
+
+
+def test_layer_decay_scales_follow_the_blocks():
+    names = ["cls_token", "pos_embed", "patch_embed.proj.weight", "norm_pre.weight", "blocks.0.norm1.weight",
+             "blocks.2.mlp.fc2.bias", "norm.weight", "attn_pool.latent", "head.weight", "head_dist.bias"]
+    s = optim.layer_decay_scales(names, depth=3, decay=0.5)
+    assert [s[n] for n in names] == [1 / 16] * 4 + [1 / 8, 1 / 2] + [1.0] * 4
+
+
+def test_layer_decay_scales_each_params_step():
+    """An AdamW step with layer decay moves each param as a plain step at its scaled lr would."""
+    rng = np.random.default_rng(0)
+    p = {"blocks.0.attn.qkv.weight": rng.normal(size=(6, 2)), "head.weight": rng.normal(size=(3, 2))}
+    g = {k: rng.normal(size=v.shape) for k, v in p.items()}
+    scaled = optim.AdamW(lr=0.1, weight_decay=0.05)
+    scaled.lr_scale = optim.layer_decay_scales(p, depth=1, decay=0.25)
+    a = {k: v.copy() for k, v in p.items()}
+    scaled.step(a, g)
+    for k, lr in (("blocks.0.attn.qkv.weight", 0.025), ("head.weight", 0.1)):
+        b = {k: p[k].copy()}
+        optim.AdamW(lr=lr, weight_decay=0.05).step(b, {k: g[k]})
+        assert np.array_equal(a[k], b[k]), k

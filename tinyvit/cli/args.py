@@ -28,7 +28,8 @@ TRAIN_FLAGS = {  # TrainConfig field -> (argparse keywords, help text)
     "batch_size": (dict(type=int), "images per step"),
     "lr": (dict(type=float), "peak learning rate"),
     "optimizer": (dict(choices=["adam", "adamw", "sgd"]), "optimizer"),
-    "weight_decay": (dict(type=float), "weight decay; AdamW skips biases, norms, cls_token, pos_embed"),
+    "weight_decay": (dict(type=float), "weight decay; AdamW skips biases, norms, LayerScale, tokens, pos_embed, "
+                                       "the attention pool's latent"),
     "momentum": (dict(type=float), "SGD momentum"),
     "schedule": (dict(choices=["constant", "cosine", "exponential"]), "learning-rate schedule after warmup"),
     "warmup_epochs": (dict(type=float), "linear warmup length in epochs (shortened to a tenth of a run "
@@ -40,6 +41,8 @@ TRAIN_FLAGS = {  # TrainConfig field -> (argparse keywords, help text)
     "augment": (dict(choices=["none", "shift", "crop_flip", "affine"]), "training augmentation"),
     "ema": (dict(type=float, metavar="DECAY"), "evaluate and save an exponential moving average of the "
                                                "weights with this decay, e.g. 0.999; 0 = off"),
+    "layer_decay": (dict(type=float), "layer-wise lr decay: the head at the base lr, each earlier block times "
+                                      "this, the embeddings last (e.g. 0.75, as BEiT, MAE and DINOv2 fine-tune); 0 = off"),
     "seed": (dict(type=int), "seed for init, data order, augmentation, dropout"),
 }
 

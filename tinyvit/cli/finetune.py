@@ -12,7 +12,7 @@ from .report import report
 
 # the other flags' defaults, applied after parsing (and after --resume restored the saved run's)
 FLAG_DEFAULTS = {"mode": "head", "img_size": 224, "head_epochs": 1, "head_lr": HEAD.lr, "grad_accum": 1,
-                 "feature_batch": 64, "val_split": 0.1, "workers": 2, "strict": False}
+                 "feature_batch": 64, "val_split": 0.1, "workers": 2, "strict": False, "drop_path": 0.0}
 
 
 def parser(description, data_default=None, out_default="runs/finetune"):
@@ -37,6 +37,9 @@ def parser(description, data_default=None, out_default="runs/finetune"):
                     help=f"progressive mode: head-only epochs first (default {d['head_epochs']})")
     ap.add_argument("--head-lr", type=float, default=None, help="progressive mode: lr of the head-only epochs, "
                     f"cosine to --min-lr (default {d['head_lr']}, head mode's)")
+    ap.add_argument("--drop-path", type=float, default=None, metavar="RATE",
+                    help="stochastic depth in full and progressive mode: block i drops its residual branches "
+                         f"per sample with probability RATE * i / (depth - 1), as timm (default {d['drop_path']})")
     ap.add_argument("--grad-accum", type=int, default=None, help=f"micro-batches per optimizer step (default {d['grad_accum']})")
     ap.add_argument("--feature-batch", type=int, default=None,
                     help=f"head mode: images per backbone pass (default {d['feature_batch']})")

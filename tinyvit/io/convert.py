@@ -393,9 +393,11 @@ def convert(src, fmt="auto", heads=None, arch=None, num_classes=None):
 
 
 def load_model(path, hint=None):
-    """A tinyvit checkpoint as is, or any weights file convert() reads, converted -> (params, cfg, meta).
-    The file's first bytes (else its suffix) decide; an image is refused by name, `hint` (how the
+    """A tinyvit checkpoint as is, or any weights file or hub folder convert() reads, converted -> (params,
+    cfg, meta). The file's first bytes (else its suffix) decide; an image is refused by name, `hint` (how the
     calling script takes its arguments) following."""
+    if Path(path).is_dir():
+        return convert(path)
     path = input_file(path, "model file")
     kind = file_kind(path)
     if kind == "image":

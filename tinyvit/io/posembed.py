@@ -95,7 +95,7 @@ def adapt(params, cfg: ViTConfig, img_size=None, num_classes=None, resample="bil
             raise TinyViTError(f"num_classes must be at least 1, got {num_classes}")
         xp = get_array_module(params["pos_embed"])
         dtype = params["pos_embed"].dtype
-        for head, width in (("head", cfg.feature_dim), ("head_dist", cfg.dim)):
+        for head, width in (("head", cfg.head_dim), ("head_dist", cfg.dim)):
             if head + ".weight" in params:
                 params[head + ".weight"] = xp.zeros((num_classes, width), dtype)
                 params[head + ".bias"] = xp.zeros((num_classes,), dtype)

@@ -81,9 +81,14 @@ class ViTConfig:
         return (2 if self.distilled else 1) if self.global_pool == "token" else None
 
     @property
-    def feature_dim(self) -> int:
-        """Width of what the head reads: dim, or 2 dim for the class token beside the patch mean."""
+    def head_dim(self) -> int:
+        """Width of what one head reads: dim, or 2 dim for the class token beside the patch mean."""
         return 2 * self.dim if self.global_pool == "token_avg" else self.dim
+
+    @property
+    def feature_dim(self) -> int:
+        """Width of the pooled features (vit_features): head_dim, or both tokens' 2 dim when distilled."""
+        return 2 * self.dim if self.distilled else self.head_dim
 
     def drop_path_rates(self) -> list:
         """Each block's stochastic-depth rate: 0 to drop_path linearly, as timm."""
@@ -175,7 +180,7 @@ def param_shapes(cfg: ViTConfig) -> dict:
                        "attn_pool.mlp.fc2.weight": (C, cfg.mlp_dim), "attn_pool.mlp.fc2.bias": (C,)})
     if cfg.use_fc_norm:
         shapes.update({f"{norm}.weight": (C,), f"{norm}.bias": (C,)})
-    shapes.update({"head.weight": (K, cfg.feature_dim), "head.bias": (K,)})
+    shapes.update({"head.weight": (K, cfg.head_dim), "head.bias": (K,)})
     if cfg.distilled:
         shapes.update({"head_dist.weight": (K, C), "head_dist.bias": (K,)})
     return shapes

@@ -296,8 +296,8 @@ def head_backward(dlogits, cache):
 
 
 def vit_features(params, images, cfg: ViTConfig):
-    """What the head reads (B, feature_dim; 2 dim when distilled): the pooled, normed features, eval
-    mode; head-only training caches them."""
+    """What the head(s) read (B, cfg.feature_dim): the pooled, normed features, eval mode; head-only
+    training caches them."""
     shards, outs = _run_batch(lambda x: _features_forward(params, x, cfg, False, None, keep_cache=False)[0],
                               params, images, cfg, False)
     return outs[0] if shards is None else get_array_module(outs[0]).concatenate(outs)

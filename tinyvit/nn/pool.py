@@ -68,7 +68,7 @@ def attention_pool_backward(dout, cache, grads):
 
 
 def pool_forward(params, x, cfg):
-    """Features (B, cfg.feature_dim, or 2 dim when distilled) from the last block's tokens x (B, n, C)."""
+    """Features (B, cfg.feature_dim) from the last block's tokens x (B, n, C)."""
     xp = get_array_module(x)
     B, n, C = x.shape
     P, pool, q = cfg.num_prefix_tokens, cfg.global_pool, cfg.head_tokens

@@ -1,7 +1,7 @@
 """The optimisation settings of a run (stored in every checkpoint so --resume continues the same run)."""
 from dataclasses import dataclass
 
-from .optim import make_optimizer
+from .optim import layer_decay_scales, make_optimizer
 
 
 @dataclass(frozen=True)
@@ -26,10 +26,15 @@ class TrainConfig:
     head_epochs: int = 0  # train only the head for the first N epochs (progressive fine-tuning)
     head_lr: float = 0.0  # lr of those head epochs (cosine to min_lr, then the run's warmup); 0 = one schedule
     ema: float = 0.0  # decay of an exponential moving average of the weights (timm's model EMA); 0 = off
+    layer_decay: float = 0.0  # layer-wise lr decay (optim.layer_decay_scales); 0 = off
 
-    def make_optimizer(self):
-        """The optimizer these settings describe."""
+    def make_optimizer(self, names=(), depth=0):
+        """The optimizer these settings describe; with layer_decay, each of `names` (the params of a
+        depth-block model) gets its layer's lr factor."""
         kw = dict(lr=self.lr, weight_decay=self.weight_decay)
         if self.optimizer == "sgd":
             kw["momentum"] = self.momentum
-        return make_optimizer(self.optimizer, **kw)
+        opt = make_optimizer(self.optimizer, **kw)
+        if self.layer_decay:
+            opt.lr_scale = layer_decay_scales(names, depth, self.layer_decay)
+        return opt

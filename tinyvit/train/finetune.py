@@ -22,8 +22,9 @@ from ..errors import TinyViTError, describe_os_error
 from ..io.checkpoint import save_checkpoint
 from ..io.convert import adapt, load_model
 from ..io.files import atomic_write, prepare_out_dir
-from ..nn.layers import cross_entropy_backward, cross_entropy_forward, linear_backward, linear_forward
+from ..nn.layers import cross_entropy_backward, cross_entropy_forward
 from ..nn.model import init_params, preset, vit_features
+from ..nn.pool import head_backward, head_forward
 from ..progress import Progress
 from .config import TrainConfig
 from .dist import world
@@ -85,6 +86,7 @@ def run_finetune(args, tc: TrainConfig, saved_args: dict, clock: dict):
     prepare_out_dir(args.out)  # a wrong --out fails now, not after the feature pass or an epoch
     xp = get_backend(args.backend)
     params, cfg, meta, t = start_model(args)
+    cfg = dataclasses.replace(cfg, drop_path=getattr(args, "drop_path", 0.0) or 0.0)  # training only
     train, test, names, info = load_data(args, dataclasses.replace(cfg, img_size=args.img_size), t)
     params, cfg = adapt(params, cfg, img_size=args.img_size, num_classes=len(names),
                         resample=meta.get("resample", "bilinear"))  # as the weights' own library resamples
@@ -151,7 +153,7 @@ def cached_features(folder, name, params, cfg, data, *args, **kw):
         try:
             with np.load(path, allow_pickle=False) as z:
                 feats, labels = z["feats"], z["labels"]
-            if len(labels) == len(data.labels) and feats.shape == (len(labels), cfg.dim):
+            if len(labels) == len(data.labels) and feats.shape == (len(labels), cfg.feature_dim):
                 return feats, labels, 0.0
         except Exception:  # noqa: BLE001 (a damaged cache file is recomputed and replaced)
             pass
@@ -163,9 +165,15 @@ def cached_features(folder, name, params, cfg, data, *args, **kw):
     return feats, labels, secs
 
 
-def train_head(tr_f, tr_y, te_f, te_y, w, b, tc, xp, quiet):
-    """Softmax regression on fixed features (the new head) with the run's optimizer and schedule."""
-    head = {"head.weight": xp.asarray(w), "head.bias": xp.asarray(b)}
+def _head_of(params):
+    """The head's parameters: head.*, and head_dist.* when distilled."""
+    return {k: v for k, v in params.items() if k.startswith(("head.", "head_dist."))}
+
+
+def train_head(tr_f, tr_y, te_f, te_y, head, cfg, tc, xp, quiet):
+    """Softmax regression on fixed features (the new head, or both heads of a distilled ViT) with the
+    run's optimizer and schedule."""
+    head = {k: xp.asarray(v) for k, v in head.items()}
     opt = tc.make_optimizer()
     n = len(tr_y)
     steps_per_epoch = max(1, n // tc.batch_size)
@@ -178,17 +186,16 @@ def train_head(tr_f, tr_y, te_f, te_y, w, b, tc, xp, quiet):
         total = 0.0
         for s in range(steps_per_epoch):
             idx = order[s * tc.batch_size:(s + 1) * tc.batch_size]
-            logits, c = linear_forward(tr_f[idx], head["head.weight"], head["head.bias"])
+            logits, c = head_forward(head, tr_f[idx], cfg)
             loss, ce = cross_entropy_forward(logits, tr_y[idx], tc.label_smoothing)
-            _, gw, gb = linear_backward(cross_entropy_backward(1.0, ce), c, need_dx=False)
-            opt.step(head, {"head.weight": gw, "head.bias": gb}, lr=sched(step))
+            opt.step(head, head_backward(cross_entropy_backward(1.0, ce), c, need_dx=False)[1], lr=sched(step))
             total = total + loss  # summed on the device: one read per report below
             step += 1
         if not quiet and (epoch + 1) % max(1, tc.epochs // 10) == 0:
-            acc = float((linear_forward(te_f, head["head.weight"], head["head.bias"])[0].argmax(1) == xp.asarray(te_y)).mean())
+            acc = float((head_forward(head, te_f, cfg)[0].argmax(1) == xp.asarray(te_y)).mean())
             print(f"head epoch {epoch + 1}/{tc.epochs}: loss {float(total) / steps_per_epoch:.4f}  test acc {acc:.4f}",
                   file=sys.stderr)
-    logits, _ = linear_forward(te_f, head["head.weight"], head["head.bias"])
+    logits, _ = head_forward(head, te_f, cfg)
     return head, float((to_numpy(logits).argmax(1) == te_y).mean())
 
 
@@ -201,7 +208,7 @@ def run_head(params, cfg, tc, xp, train, test, meta, args):
                                      "features (train)", quiet=args.quiet)
     te_f, te_y, s2 = cached_features(folder, "test", dev, cfg, test, xp, args.feature_batch,
                                      "features (test)", quiet=args.quiet)
-    head, acc = train_head(tr_f, tr_y, te_f, te_y, params["head.weight"], params["head.bias"], tc, xp, args.quiet)
+    head, acc = train_head(tr_f, tr_y, te_f, te_y, _head_of(params), cfg, tc, xp, args.quiet)
     seconds = time.perf_counter() - t0
     params = dict(params, **{k: to_numpy(v) for k, v in head.items()})
     ckpt = save_checkpoint(Path(args.out) / "model.npz", params, cfg,

@@ -83,7 +83,7 @@ class _Run:
         self.cfg, self.tc, self.xp = cfg, tc, xp
         self.quiet = quiet or not w.lead  # only rank 0 prints, logs and writes files
         self.files = _RunFiles(out_dir, active=w.lead)
-        self.opt = tc.make_optimizer()
+        self.opt = tc.make_optimizer(list(params), cfg.depth)
         self.rng = np.random.default_rng(tc.seed)  # dropout; its state travels in the checkpoint
         self.epoch, self.batch, self.step, self.history, ema = 0, 0, 0, [], None
         if resume:

@@ -15,14 +15,29 @@ from ..cpu.threads import in_place_blocks
 from ..errors import TinyViTError
 
 # timm's VisionTransformer.no_weight_decay(); plus every 1-D param and every `.bias` (timm's rule).
-NO_DECAY_NAMES = frozenset({"cls_token", "pos_embed", "dist_token"})
+NO_DECAY_NAMES = frozenset({"cls_token", "pos_embed", "dist_token", "reg_token", "latent"})
+EMBEDDINGS = ("cls_token", "dist_token", "reg_token", "pos_embed", "patch_embed.", "norm_pre.")
 
 
 def decays(name: str, x) -> bool:
-    """True when weight decay applies: not a bias, not 1-D (norms), not cls_token/pos_embed."""
+    """True when weight decay applies: not a bias, not 1-D (norms, LayerScale gammas), not a token, the
+    position embedding or the attention pool's latent."""
     if x.ndim <= 1 or name.endswith(".bias"):
         return False
     return name.rsplit(".", 1)[-1] not in NO_DECAY_NAMES
+
+
+def layer_decay_scales(names, depth: int, decay: float) -> dict:
+    """Layer-wise lr decay (BEiT, MAE, DINOv2 fine-tuning; timm's param_groups_layer_decay): the head,
+    final norm and attention pool at the base lr, block i times decay ** (depth - i), the embeddings
+    (tokens, position and patch embedding, norm_pre) times decay ** (depth + 1)."""
+    def layer(name):
+        if name.startswith(EMBEDDINGS):
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return depth + 1
+    return {n: float(decay) ** (depth + 1 - layer(n)) for n in names}
 
 
 class _Optimizer:
@@ -39,6 +54,7 @@ class _Optimizer:
         self.weight_decay = float(weight_decay)
         self.decay_filter = bool(decay_filter)
         self.step_count = 0
+        self.lr_scale = {}  # name -> factor on the lr (layer-wise decay); 1 for names not in it
         self.state = {kind: {} for kind in self.STATE}
         self._scratch = {}  # (module, dtype) -> (2, n) buffer reused by every parameter
 
@@ -79,7 +95,7 @@ class _Optimizer:
             g = grads[name]
             if g.shape != p.shape:
                 raise TinyViTError(f"grad {name} has shape {g.shape}, param has {p.shape}")
-            self._update(name, p, g, lr, get_array_module(p))
+            self._update(name, p, g, lr * self.lr_scale.get(name, 1.0), get_array_module(p))
 
     def _update(self, name, p, g, lr, xp):
         raise NotImplementedError
