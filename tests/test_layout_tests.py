@@ -42,8 +42,11 @@ COLLECTED = ["conftest.py", "helpers.py", "toy_data.py", "torch_vit.py"]
 
 # test files not named after one tinyvit module or script, and what they cover instead
 CROSS_CUTTING = {
+    "test_convert_families": "io.convert and io.families on the files timm writes for each family",
     "test_cupy_scripts": "every script with --backend cupy, end to end",
+    "test_export_families": "io.export's timm hub folder, loaded back by timm, for each family",
     "test_faults": "faults from the operating system, through the scripts",
+    "test_finetune_families": "scripts/finetune.py and evaluate.py on each family's timm hub folder",
     "test_fuzz": "every file loader, fuzzed",
     "test_gradcheck": "the whole model's backward by finite differences",
     "test_labels_figures": "io.labels, viz and scripts/show_patches.py",
