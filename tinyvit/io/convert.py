@@ -15,6 +15,9 @@ from ..nn.model import ViTConfig, param_shapes
 from .checkpoint import check_params, load_checkpoint, read_npz
 from .families import check_agrees, from_arch, from_keys, refuse_lacking
 from .filekind import file_kind
+from .hf_layouts import DEFAULTS as HF_DEFAULTS
+from .hf_layouts import family as hf_family
+from .hf_layouts import from_hf
 from .labels import class_names_for
 from .posembed import adapt, resize_pos_embed  # noqa: F401  (re-exported: where they used to live)
 from .safetensors import read_safetensors
@@ -97,7 +100,8 @@ def detect_format(state, source="weights"):
         return "google"
     if any(k.startswith(("conv_proj.", "encoder.layers.encoder_layer_")) or k == "class_token" for k in keys):
         return "torchvision"
-    if any("embeddings.patch_embeddings." in k or k.startswith(("encoder.layer.", "vit.")) for k in keys):
+    if any("embeddings.patch_embeddings." in k or "embeddings.patch_embedding." in k
+           or k.startswith(("encoder.layer.", "vit.", "deit.", "dinov2.")) for k in keys):
         return "hf"
     if any(k.startswith(("blocks.", "patch_embed.")) or k in ("cls_token", "pos_embed") for k in keys):
         return "timm"
@@ -227,30 +231,9 @@ def _from_torchvision(state, source):
     return (*m.result(), None)
 
 
-_HF_BLOCK = {"layernorm_before": "norm1", "layernorm_after": "norm2", "attention.output.dense": "attn.proj",
-             "intermediate.dense": "mlp.fc1", "output.dense": "mlp.fc2"}
-
-
 def _from_hf(state, source):
-    """HF ViTForImageClassification (or bare ViTModel) -> timm, fusing query/key/value into qkv."""
-    m = _Mapper({(k[4:] if k.startswith("vit.") else k): v for k, v in state.items()}, source)
-    e = "embeddings."
-    for wb in ("weight", "bias"):
-        m.mv(f"{e}patch_embeddings.projection.{wb}", f"patch_embed.proj.{wb}")
-        m.mv(f"layernorm.{wb}", f"norm.{wb}")
-        m.mv(f"classifier.{wb}", f"head.{wb}")
-        m.drop(f"pooler.dense.{wb}", "ViTModel pooler (dense + tanh); fine-tuning replaces the head without it")
-    m.mv(e + "cls_token", "cls_token")
-    m.mv(e + "position_embeddings", "pos_embed")
-    m.drop(e + "mask_token", "masked-image-modelling token, unused for classification")
-    for i in range(_depth(m.src, r"encoder\.layer\.(\d+)\.")):
-        b, p = f"encoder.layer.{i}.", f"blocks.{i}."
-        for wb in ("weight", "bias"):
-            qkv = [f"{b}attention.attention.{t}.{wb}" for t in ("query", "key", "value")]
-            m.fuse(qkv, f"{p}attn.qkv.{wb}", lambda x: x)
-            for theirs, ours in _HF_BLOCK.items():
-                m.mv(f"{b}{theirs}.{wb}", f"{p}{ours}.{wb}")
-    return (*m.result(), None)
+    """HF transformers' ViT, DeiT, Dinov2, CLIP and SigLIP vision layouts -> timm (tinyvit.io.hf_layouts)."""
+    return from_hf(state, source, _Mapper)
 
 
 _MAPPERS = {"google": _from_google, "timm": _from_timm, "torchvision": _from_torchvision, "hf": _from_hf}
@@ -308,7 +291,7 @@ def from_foreign(state, fmt="auto", heads=None, ln_eps=None, source="weights", s
     fmt = detect_format(state, source) if fmt == "auto" else fmt
     if fmt not in _MAPPERS:
         raise TinyViTError(f"unknown format {fmt!r}: choose auto or one of {', '.join(FORMATS)}")
-    stated = dict(stated or {})
+    stated = dict(HF_DEFAULTS[hf_family(state)] if fmt == "hf" else {}, **(stated or {}))
     refuse_lacking(stated.get("arch"), state, source)
     params, leftover, dropped, file_heads = _MAPPERS[fmt](state, source)
     notes = []

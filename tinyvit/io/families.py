@@ -92,6 +92,8 @@ def from_keys(params, source="weights"):
     prefix = s["class_token"] + s["distilled"] + s["reg_tokens"]
     rows = int(params["pos_embed"].shape[1]) if params["pos_embed"].ndim == 3 else -1
     grid_all, grid_patches = _square(rows - prefix), _square(rows)
+    if grid_all and grid_patches and s["reg_tokens"]:  # both fit (tiny grids): registers carry no position
+        grid_all = 0  # in every timm and HF model that has them
     if prefix and grid_all:
         s["no_embed_class"], g = False, grid_all
     elif grid_patches:

@@ -99,30 +99,42 @@ def _hf_transform(side):
     kind = side.get("image_processor_type") or side.get("feature_extractor_type")
     kind = kind.removesuffix("Fast").removesuffix("Pil") if isinstance(kind, str) else None
     if side.get("do_resize") is False or kind not in ("ViTImageProcessor", "ViTFeatureExtractor", "BitImageProcessor",
-                                                      "ConvNextImageProcessor", "ConvNextFeatureExtractor"):
+                                                      "ConvNextImageProcessor", "ConvNextFeatureExtractor",
+                                                      "CLIPImageProcessor", "SiglipImageProcessor"):
         return {}
     resample = side.get("resample", 2 if kind.startswith("ViT") else 3)
     interpolation = PIL_RESAMPLE.get(resample) if type(resample) is int else None
     edge = side.get("size", {}).get("shortest_edge") if isinstance(side.get("size"), dict) else None
-    if kind == "BitImageProcessor":
+    if kind == "SiglipImageProcessor":  # resized to size x size, no crop
+        return _stated("preprocessor_config.json", "squash", 1.0, interpolation)
+    if kind in ("BitImageProcessor", "CLIPImageProcessor"):  # the shorter side, then a centre crop
         return _stated("preprocessor_config.json", "shortest_edge", _bit_crop_pct(side), interpolation)
     if kind.startswith("ViT") or (type(edge) is int and edge >= CONVNEXT_SQUASH):
         return _stated("preprocessor_config.json", "squash", 1.0, interpolation)
     return _stated("preprocessor_config.json", "shortest_edge", side.get("crop_pct", 224 / 256), interpolation)
 
 
+HF_TYPES = {"vit", "deit", "dinov2", "dinov2_with_registers", "clip", "clip_vision_model", "siglip",
+            "siglip_vision_model"}  # the model types whose vision tower tinyvit reads
+HF_ACTS = {"gelu": "erf", "gelu_python": "erf", "quick_gelu": "quick", **{a: "tanh" for a in HF_TANH}}
+
+
 def from_hf(src):
-    """What HF's config.json and preprocessor_config.json beside src state (for another model_type: nothing)."""
+    """What HF's config.json and preprocessor_config.json beside src state (a whole CLIP or SigLIP model:
+    its vision_config; for another model_type: nothing)."""
     side = hf_sidecar(src)
-    if side.get("model_type", "vit") != "vit":
+    if side.get("model_type", "vit") not in HF_TYPES:
         return {}
-    act = side.get("hidden_act", "gelu")
-    if act not in HF_TANH + ("gelu", "gelu_python"):  # anything else would run as GELU with wrong logits
-        raise TinyViTError(f"{src}: config.json's hidden_act {str(act)[:40]!r} is not GELU, "
-                           f"the only activation tinyvit has")
-    heads = side.get("num_attention_heads")
+    c = side["vision_config"] if isinstance(side.get("vision_config"), dict) else side
+    act = c.get("hidden_act", "gelu")
+    if act not in HF_ACTS:  # anything else would run as GELU with wrong logits
+        raise TinyViTError(f"{src}: config.json's hidden_act {str(act)[:40]!r} is not an activation tinyvit has "
+                           f"({', '.join(sorted(HF_ACTS))})")
+    if c.get("use_swiglu_ffn"):
+        raise TinyViTError(f"{src}: config.json's use_swiglu_ffn: this model needs SwiGLU, which tinyvit does not have")
+    heads = c.get("num_attention_heads")
     return {"where": "config.json", "heads": heads if type(heads) is int and heads > 0 else None,
-            "ln_eps": _number(side.get("layer_norm_eps")), "gelu": "tanh" if act in HF_TANH else "erf",
+            "ln_eps": _number(c.get("layer_norm_eps")), "gelu": HF_ACTS[act],
             "labels": _labels(side.get("id2label")), "mean": floats(side.get("image_mean")),
             "std": floats(side.get("image_std")), **_hf_transform(side)}
 
