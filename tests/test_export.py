@@ -385,7 +385,7 @@ def test_script_help_covers_every_flag():
 
 
 @pytest.mark.parametrize("act,gelu", [("gelu_fast", "tanh"), ("gelu_python_tanh", "tanh"), ("relu", None),
-                                      ("quick_gelu", None)])
+                                      ("quick_gelu", "quick"), ("silu", None)])
 def test_hf_reader_maps_or_refuses_each_activation(tmp_path, act, gelu):
     """HF's other tanh-GELU names read as tanh; an activation tinyvit lacks is refused, not run as GELU."""
     folder = tmp_path / "hf"
@@ -393,7 +393,7 @@ def test_hf_reader_maps_or_refuses_each_activation(tmp_path, act, gelu):
     conf = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps(dict(conf, hidden_act=act)))
     if gelu is None:
-        with pytest.raises(TinyViTError, match=f"hidden_act '{act}' is not GELU"):
+        with pytest.raises(TinyViTError, match=f"hidden_act '{act}' is not an activation tinyvit has"):
             convert(folder / "model.safetensors", fmt="hf")
     else:
         assert convert(folder / "model.safetensors", fmt="hf")[1].gelu == gelu

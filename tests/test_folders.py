@@ -239,7 +239,7 @@ def test_finetune_script_on_a_folder_with_broken_files(tmp_path, cifar_root, ti1
     """The script end to end on real images plus broken files; evaluate and predict read its checkpoint."""
     _cifar_tree(cifar_root, tmp_path / "data", 200, "jpg")
     bad = _broken_files(tmp_path / "data" / "train" / "cat")
-    r = run_script("finetune.py", "--data", tmp_path / "data", "--weights", ti16, "--mode", "head", "--img-size", "32",
+    r = run_script("finetune.py", "--data", tmp_path / "data", "--weights", ti16, "--mode", "head", "--img-size", "48",
                    "--epochs", "10", "--out", tmp_path / "run", "--json", "--quiet", timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     warned = [line for line in r.stderr.splitlines() if line.startswith("warning:")]

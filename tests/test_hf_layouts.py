@@ -2,12 +2,16 @@
 its distillation head, Dinov2 with and without registers and with its classification head, CLIP's and
 SigLIP's vision towers (alone, with CLIP's projection, or inside a whole CLIPModel / SiglipModel); the
 converted model's logits or pooled features against transformers' own forward."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from helpers import SCRIPTS, rel_err, run_script
 
-from tinyvit import TinyViTError, load_model, vit_features, vit_forward
+from tinyvit import TinyViTError, ViTConfig, init_params, load_model, vit_features, vit_forward
+from tinyvit.io.checkpoint import save_checkpoint
+from tinyvit.io.export import export
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=28,
@@ -97,3 +101,38 @@ def test_deit_with_one_head_and_swiglu_are_refused(tmp_path):
     t.Dinov2Model(t.Dinov2Config(**SMALL, use_swiglu_ffn=True)).save_pretrained(tmp_path / "g")
     with pytest.raises(TinyViTError, match="SwiGLU"):
         load_model(tmp_path / "g")
+
+
+HF_EXPORTS = {  # a tinyvit config -> the HF class that computes it exactly
+    "deit_distilled": (dict(distilled=True), "DeiTForImageClassificationWithTeacher"),
+    "dinov2_cls": (dict(init_values=1e-5, global_pool="token_avg"), "Dinov2ForImageClassification"),
+    "dinov2_reg_cls": (dict(init_values=1e-5, global_pool="token_avg", reg_tokens=4, no_embed_class=True),
+                       "Dinov2WithRegistersForImageClassification"),
+}
+
+
+@pytest.mark.parametrize("name", list(HF_EXPORTS))
+def test_hf_export_loads_in_transformers_with_our_logits(tmp_path, name):
+    fields, cls = HF_EXPORTS[name]
+    cfg = ViTConfig(img_size=28, patch_size=14, num_classes=3, dim=32, depth=2, heads=4, mlp_dim=64, **fields)
+    rng = np.random.default_rng(0)
+    params = {k: (v + 0.1 * rng.normal(size=v.shape)).astype(np.float32) for k, v in init_params(cfg).items()}
+    ckpt = save_checkpoint(tmp_path / "m.npz", params, cfg, dict(class_names=["x", "y", "z"]))
+    export(ckpt, "hf", tmp_path / "hf")
+    model = transformers.AutoModelForImageClassification.from_pretrained(str(tmp_path / "hf")).eval()
+    assert type(model).__name__ == cls
+    x = rng.normal(size=(2, 3, 28, 28)).astype(np.float32)
+    with torch.no_grad():
+        got = model(pixel_values=torch.tensor(x)).logits.numpy()
+    assert rel_err(got, vit_forward(params, x, cfg, keep_cache=False)[0]) < 1e-5
+    back, cfg_back, _ = load_model(tmp_path / "hf")  # and back, bit for bit
+    assert dataclasses.replace(cfg_back, init_values=cfg.init_values) == cfg
+    assert all(np.array_equal(back[k], params[k]) for k in params)
+
+
+def test_hf_export_refuses_what_no_hf_class_computes(tmp_path):
+    cfg = ViTConfig(img_size=28, patch_size=14, num_classes=3, dim=32, depth=1, heads=4, mlp_dim=64, init_values=1e-5)
+    save_checkpoint(tmp_path / "m.npz", init_params(cfg), cfg, {})
+    with pytest.raises(TinyViTError, match="--to timm writes it"):
+        export(tmp_path / "m.npz", "hf", tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()

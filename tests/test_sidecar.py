@@ -29,7 +29,7 @@ def _timm_folder(tmp_path, config=None, preprocessor=None, hf=False):
     if hf:  # HF names: the converter's inverse lives in tinyvit.io.export
         from tinyvit.io.export import hf_state
 
-        params = hf_state(params, CFG)
+        params = hf_state(params, CFG)  # timm-named params in, HF names out
     save_file({k: np.ascontiguousarray(v) for k, v in params.items()}, str(tmp_path / "model.safetensors"),
               {"format": "pt"})
     for name, d in (("config.json", config), ("preprocessor_config.json", preprocessor)):

@@ -7,7 +7,6 @@ ViTForImageClassification, the exact inverse of tinyvit.io.convert's HF reader (
 into query, key, value). Tensors keep the checkpoint's dtype and bits.
 """
 import json
-import math
 import os
 from pathlib import Path
 
@@ -19,12 +18,12 @@ from ..errors import TinyViTError
 from ..nn.model import ViTConfig, count_params, param_shapes
 from .checkpoint import check_params, load_checkpoint
 from .files import atomic_write
+from .hf_export import HF_ACT, hf_config, hf_state, mlp_ratio  # noqa: F401  (re-exported)
 from .labels import class_names
 from .safetensors import write_safetensors
 from .sidecar import CONVNEXT_SQUASH, PIL_RESAMPLE
 
 TARGETS = ("timm", "hf")
-HF_ACT = {"erf": "gelu", "tanh": "gelu_pytorch_tanh"}  # transformers' ACT2FN: F.gelu exact / approximate='tanh'
 TIMM_ACT = {"erf": "gelu", "tanh": "gelu_tanh", "quick": "quick_gelu"}  # timm's get_act_layer names
 # a registered timm architecture whose LayerNorm has this eps (model_args set everything else)
 TIMM_ARCH = {1e-6: "vit_base_patch16_224", 1e-5: "vit_base_patch16_clip_224"}
@@ -34,15 +33,6 @@ HF_FILES = ("model.safetensors", "config.json", "preprocessor_config.json")
 
 
 # --- what the checkpoint's metadata says --------------------------------------------------------
-
-
-def mlp_ratio(cfg: ViTConfig, source="model"):
-    """A float r with int(dim * r) == mlp_dim, as timm sizes its MLP (m / d itself can fall an ulp short)."""
-    r = cfg.mlp_dim / cfg.dim
-    for c in (r, math.nextafter(r, math.inf), math.nextafter(math.nextafter(r, math.inf), math.inf)):
-        if int(cfg.dim * c) == cfg.mlp_dim:
-            return c
-    raise TinyViTError(f"{source}: no float mlp_ratio gives timm an MLP of {cfg.mlp_dim} for width {cfg.dim}")
 
 
 def _dtype_name(params):
@@ -154,47 +144,6 @@ def export_timm_folder(out, params, cfg: ViTConfig, meta, source="model"):
 # --- Hugging Face transformers ------------------------------------------------------------------
 
 
-def hf_state(params, cfg: ViTConfig, source="model"):
-    """{HF ViTForImageClassification name: array}: the inverse of convert._from_hf (q, k, v = qkv's thirds)."""
-    p, D = timm_state(params, cfg, source), cfg.dim
-    e = "vit.embeddings."
-    out = {e + "cls_token": p["cls_token"], e + "position_embeddings": p["pos_embed"],
-           e + "patch_embeddings.projection.weight": p["patch_embed.proj.weight"],
-           e + "patch_embeddings.projection.bias": p["patch_embed.proj.bias"]}
-    for i in range(cfg.depth):
-        b, t = f"vit.encoder.layer.{i}.", f"blocks.{i}."
-        for wb in ("weight", "bias"):
-            qkv = p[f"{t}attn.qkv.{wb}"]  # (3D, D) / (3D,): rows [q; k; v], heads contiguous in each
-            for j, name in enumerate(("query", "key", "value")):
-                out[f"{b}attention.attention.{name}.{wb}"] = qkv[j * D:(j + 1) * D]
-        for theirs, ours in (("attention.output.dense", "attn.proj"), ("intermediate.dense", "mlp.fc1"),
-                             ("output.dense", "mlp.fc2"), ("layernorm_before", "norm1"),
-                             ("layernorm_after", "norm2")):
-            for wb in ("weight", "bias"):
-                out[f"{b}{theirs}.{wb}"] = p[f"{t}{ours}.{wb}"]
-    for wb in ("weight", "bias"):
-        out[f"vit.layernorm.{wb}"] = p[f"norm.{wb}"]
-        out[f"classifier.{wb}"] = p[f"head.{wb}"]
-    return out
-
-
-def hf_config(cfg: ViTConfig, names, dtype="float32"):
-    """config.json of a transformers ViTForImageClassification (ViTConfig's field names)."""
-    id2label = {str(i): n for i, n in enumerate(names or [f"LABEL_{i}" for i in range(cfg.num_classes)])}
-    label2id = {}
-    for i, n in id2label.items():
-        label2id.setdefault(n, int(i))  # a repeated name keeps its first index
-    return {
-        "architectures": ["ViTForImageClassification"], "model_type": "vit",
-        "hidden_size": cfg.dim, "num_hidden_layers": cfg.depth, "num_attention_heads": cfg.heads,
-        "intermediate_size": cfg.mlp_dim, "hidden_act": HF_ACT[cfg.gelu],
-        "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "initializer_range": 0.02,
-        "layer_norm_eps": float(cfg.ln_eps), "image_size": cfg.img_size, "patch_size": cfg.patch_size,
-        "num_channels": cfg.in_chans, "qkv_bias": True, "encoder_stride": cfg.patch_size,
-        "id2label": id2label, "label2id": label2id, "torch_dtype": dtype,
-    }
-
-
 def hf_preprocessor(cfg: ViTConfig, t: EvalTransform):
     """preprocessor_config.json for the checkpoint's eval transform t: resize, x / 255, (x - mean) / std.
     shortest_edge: a ConvNextImageProcessor (crop_pct itself) below 384 px, where it warps instead, a
@@ -227,9 +176,9 @@ def export_hf(out, params, cfg: ViTConfig, meta=None, source="model"):
         raise TinyViTError(f"{out}: exists and is not a folder; --to hf writes a folder (model.safetensors, "
                            f"config.json, preprocessor_config.json)")
     names = class_names(meta, cfg.num_classes, source)
-    state = hf_state(params, cfg, source)
+    state = hf_state(timm_state(params, cfg, source), cfg, source)
     prep = hf_preprocessor(cfg, eval_transform(meta, cfg.in_chans, source))
-    config = hf_config(cfg, names, _dtype_name(state))
+    config = hf_config(cfg, names, _dtype_name(state), source)
     out.mkdir(parents=True, exist_ok=True)
     write_safetensors(out / "model.safetensors", state, {"format": "pt"})  # transformers wants format=pt
     _write_json(out / "config.json", config)
