@@ -85,3 +85,19 @@ def test_families_tinyvit_lacks_are_refused_in_one_line(tmp_path, arch, lack):
     r = run_script(SCRIPTS / "convert_weights.py", str(tmp_path / "hub"), "--out", str(tmp_path / "x.npz"))
     assert r.returncode == 2 and lack in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "x.npz").exists()
+
+
+def test_original_dinov2_pth_converts_as_timms_converter_does(tmp_path):
+    """The torch-hub layout (facebookresearch/dinov2): blocks in chunks, a mask token, registers beside a
+    class token whose position row timm folds into it."""
+    model = _timm("vit_small_patch14_reg4_dinov2", ARCHS["vit_small_patch14_reg4_dinov2"][0], seed=2)
+    sd = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("head.")}
+    row = torch.randn(1, 1, 32, generator=torch.Generator().manual_seed(3))
+    hub = {"cls_token": sd.pop("cls_token") - row, "pos_embed": torch.cat([row, sd.pop("pos_embed")], 1),
+           "register_tokens": sd.pop("reg_token"), "mask_token": torch.zeros(1, 32)}
+    hub.update({k.replace("blocks.", "blocks.0.", 1) if k.startswith("blocks.") else k: v for k, v in sd.items()})
+    torch.save(hub, tmp_path / "dinov2_vits14_reg4_pretrain.pth")
+    params, cfg, meta = convert(tmp_path / "dinov2_vits14_reg4_pretrain.pth", heads=4, num_classes=7)
+    assert cfg.reg_tokens == 4 and cfg.no_embed_class and cfg.init_values is not None
+    params = dict(params, **{k: v.detach().numpy() for k, v in model.state_dict().items() if k.startswith("head.")})
+    _check_logits(model, params, cfg)
