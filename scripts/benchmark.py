@@ -22,9 +22,11 @@ from tinyvit import init_params, preset, vit_backward, vit_forward  # noqa: E402
 from tinyvit.backend import get_backend, synchronize, to_device  # noqa: E402
 from tinyvit.cli.report import run  # noqa: E402
 from tinyvit.cpu.threads import batch_shards
+from tinyvit.errors import TinyViTError  # noqa: E402
 from tinyvit.nn.layers import cross_entropy_backward, cross_entropy_forward  # noqa: E402
 from tinyvit.train.optim import AdamW  # noqa: E402
 
+ONNX_CASES = [("vit-ti16", 64), ("vit-b16", 8)]  # the inference cases raced against onnxruntime
 DEFAULT_CASES = {"numpy": [("mnist", 128), ("vit-b16", 8)], "cupy": [("vit-b16", 64), ("mnist", 128)]}
 
 
@@ -33,7 +35,7 @@ def forward_flops(cfg, batch):
 
     These are the full model's FLOPs, every token through every block as torch computes it; tinyvit's
     last block runs the class token alone, so its GFLOP/s are model-FLOP rates, not BLAS rates."""
-    n, d, m = cfg.num_patches + 1, cfg.dim, cfg.mlp_dim
+    n, d, m = cfg.num_patches + cfg.num_prefix_tokens, cfg.dim, cfg.mlp_dim
     per_block = 2 * n * (3 * d * d + d * d + 2 * d * m) + 2 * 2 * n * n * d
     embed = 2 * cfg.num_patches * cfg.in_chans * cfg.patch_size ** 2 * d
     return batch * (cfg.depth * per_block + embed + 2 * d * cfg.num_classes)
@@ -90,13 +92,40 @@ def tinyvit_fns(cfg, params, x, y):
     return {"forward": fwd, "forward_backward": fwd_bwd, "train_step": step}
 
 
-def torch_fns(cfg, params, x, y, device):
-    """The same closures for the reference torch ViT (timm's names and math), same params."""
+def torch_model(cfg, params, dtype):
+    """The torch model to race: the tests' reference ViT for the 2020 ViT, timm's own model for the rest
+    of the family (LayerScale, registers, pooling, ...), loaded strictly with the same params."""
     import torch
     from torch_vit import torch_vit_from_params
 
+    plain = preset("vit-b16", **{k: getattr(cfg, k) for k in ("img_size", "patch_size", "in_chans", "num_classes",
+                                                             "dim", "depth", "heads", "mlp_dim", "ln_eps", "gelu")})
+    if cfg == plain and cfg.gelu != "quick":
+        return torch_vit_from_params(cfg, params, dtype)
+    import functools
+    import types
+
+    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+    try:
+        from timm.models.deit import VisionTransformerDistilled
+        from timm.models.vision_transformer import VisionTransformer
+    except ImportError:
+        raise TinyViTError("this preset races timm's own model: pip install --no-deps timm torchvision "
+                           "(README, Tests)") from None
+    from tinyvit.io.export import timm_model_args
+
+    cls = VisionTransformerDistilled if cfg.distilled else VisionTransformer
+    model = cls(**timm_model_args(cfg), norm_layer=functools.partial(torch.nn.LayerNorm, eps=cfg.ln_eps))
+    model.load_state_dict({k: torch.tensor(v) for k, v in params.items()}, strict=True)
+    return model.to(dtype)
+
+
+def torch_fns(cfg, params, x, y, device):
+    """The same closures for the torch model (timm's names and math), same params."""
+    import torch
+
     dtype = torch.float32 if x.dtype == np.float32 else torch.float64
-    model = torch_vit_from_params(cfg, {k: np.asarray(v) for k, v in params.items()}, dtype).to(device)
+    model = torch_model(cfg, {k: np.asarray(v) for k, v in params.items()}, dtype).to(device)
     xt, yt = torch.tensor(np.asarray(x), device=device), torch.tensor(np.asarray(y), device=device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
@@ -111,10 +140,48 @@ def torch_fns(cfg, params, x, y, device):
     return {"forward": lambda: model(xt), "forward_backward": fwd_bwd, "train_step": step}
 
 
+def blas_info():
+    """Which BLAS library, version and kernel NumPy runs, with its threads (threadpoolctl), or why unknown."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return {"error": "pip install threadpoolctl to see which BLAS kernel ran"}
+    libs = [i for i in threadpool_info() if i.get("user_api") == "blas"]
+    return [{k: i.get(k) for k in ("internal_api", "version", "architecture", "num_threads", "prefix")} for i in libs]
+
+
+def onnxruntime_fn(cfg, params, x, threads):
+    """onnxruntime on tinyvit's own ONNX export of the same params: all graph optimisations, `threads` threads."""
+    import onnxruntime as ort
+
+    from tinyvit.io.onnx_export import onnx_model
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = threads
+    model = onnx_model({k: np.asarray(v) for k, v in params.items()}, cfg, {})
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    feed = {"pixel_values": np.asarray(x, np.float32)}
+    return lambda: sess.run(["logits"], feed)
+
+
+def bench_onnxruntime(cfg, host, x_host, args, xp):
+    """Inference (eval mode, no cache) of tinyvit against onnxruntime, interleaved rounds: a dict."""
+    params, x = to_device(host, xp), xp.asarray(x_host)
+    ours = lambda: vit_forward(params, x, cfg, keep_cache=False)  # noqa: E731
+    theirs = onnxruntime_fn(cfg, host, x_host, args.threads)
+    ts, tt = [], []
+    for _ in range(args.rounds):
+        ts.append(median_time(ours, xp, args.reps))
+        tt.append(median_time(theirs, np, args.reps))
+    a, b = 1e3 * float(np.median(ts)), 1e3 * float(np.median(tt))
+    return {"tinyvit_ms": a, "onnxruntime_ms": b, "ratio": a / b, "images_per_second": x_host.shape[0] / a * 1e3}
+
+
 def bench_case(name, batch, args, xp):
     """All timings for one (preset, batch) case: a dict ready for JSON."""
     dtype = np.float32 if args.dtype == "float32" else np.float64
-    cfg = preset(name)
+    cfg = preset(name, **({"img_size": args.img_size} if args.img_size else {}))
     host = init_params(cfg, seed=0, dtype=dtype)
     rng = np.random.default_rng(0)
     x_host = rng.standard_normal((batch, cfg.in_chans, cfg.img_size, cfg.img_size)).astype(dtype)
@@ -132,11 +199,15 @@ def bench_case(name, batch, args, xp):
         theirs = torch_fns(cfg, host, x_host, y_host, device)
     flops = forward_flops(cfg, batch)
     peak = matmul_peak(xp, dtype)
-    out = {"preset": name, "batch": batch, "dtype": args.dtype, "backend": args.backend,
+    out = {"preset": name, "batch": batch, "dtype": args.dtype, "backend": args.backend, "blas": blas_info(),
            "threads": args.threads, "matmul_peak_gflops": peak, "forward_gflop": flops / 1e9,
            "tinyvit_shards": len(batch_shards(batch, xp) or [None])}  # data-parallel shards per batch
     if theirs:
         out["torch_matmul_peak_gflops"] = torch_matmul_peak(dtype, device)
+    if args.vs_onnxruntime:
+        out["inference"] = bench_onnxruntime(cfg, host, x_host, args, xp)
+        if not args.vs_torch:
+            return out
     for what, mult in (("forward", 1), ("forward_backward", 3), ("train_step", 3)):
         ts, tt = [], []
         for _ in range(args.rounds):  # interleave: each round times ours, then torch's
@@ -160,6 +231,7 @@ def bench_case(name, batch, args, xp):
 def memory_probe(name, batch, args, framework):
     """Peak memory of train steps in a fresh process: host RSS growth (CPU) or device peak (GPU)."""
     cmd = [sys.executable, __file__, "--_probe", framework, "--preset", name, "--batch", str(batch),
+           *(["--img-size", str(args.img_size)] if args.img_size else []),
            "--backend", args.backend, "--dtype", args.dtype, "--threads", str(args.threads)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
     if r.returncode:
@@ -183,7 +255,7 @@ def probe(args):
     """(Subprocess) run 3 train steps of one framework; print its memory use as JSON."""
     xp = get_backend(args.backend)
     dtype = np.float32 if args.dtype == "float32" else np.float64
-    cfg = preset(args.preset)
+    cfg = preset(args.preset, **({"img_size": args.img_size} if args.img_size else {}))
     host = init_params(cfg, seed=0, dtype=dtype)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.batch, cfg.in_chans, cfg.img_size, cfg.img_size)).astype(dtype)
@@ -220,9 +292,15 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default=None, help="one preset to time (default: the backend's default cases)")
     ap.add_argument("--batch", type=int, default=None, help="batch size for --preset (default 8)")
+    ap.add_argument("--img-size", type=int, default=None, help="input size for --preset (default: the preset's; "
+                    "e.g. 224 for dinov2-s14, whose preset is timm's 518)")
     ap.add_argument("--backend", choices=["numpy", "cupy"], default="numpy", help="array backend (default numpy)")
     ap.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="compute dtype (default float32)")
     ap.add_argument("--vs-torch", action="store_true", help="also time the same model in PyTorch, interleaved")
+    ap.add_argument("--vs-onnxruntime", action="store_true",
+                    help="time inference against onnxruntime on tinyvit's own ONNX export (all graph "
+                         "optimisations, --threads threads), interleaved; without --vs-torch, inference alone, "
+                         "for vit-ti16 batch 64 and vit-b16 batch 8 unless --preset is given")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads (default: all cores)")
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions per measurement (default 5)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported (default 3)")
@@ -233,7 +311,8 @@ def main():
     if args._probe:
         return probe(args)
     xp = get_backend(args.backend)
-    cases = [(args.preset, args.batch or 8)] if args.preset else DEFAULT_CASES[args.backend]
+    default = ONNX_CASES if args.vs_onnxruntime and not args.vs_torch else DEFAULT_CASES[args.backend]
+    cases = [(args.preset, args.batch or 8)] if args.preset else default
     results = [bench_case(name, batch, args, xp) for name, batch in cases]
     if args.json:
         print(json.dumps({"cases": results}))
@@ -242,7 +321,15 @@ def main():
         print(f"{r['preset']} batch {r['batch']} {r['dtype']} on {r['backend']} ({r['threads']} threads), "
               f"tinyvit in {r['tinyvit_shards']} shard(s), matmul peak {r['matmul_peak_gflops']:.0f} GFLOP/s"
               + (f" (torch's: {r['torch_matmul_peak_gflops']:.0f})" if "torch_matmul_peak_gflops" in r else ""))
+        blas = r["blas"][0] if isinstance(r["blas"], list) and r["blas"] else r["blas"]
+        print(f"  BLAS: {json.dumps(blas)}")
+        if "inference" in r:
+            m = r["inference"]
+            print(f"  inference         tinyvit {m['tinyvit_ms']:9.1f} ms  {m['images_per_second']:8.1f} img/s  "
+                  f"onnxruntime {m['onnxruntime_ms']:9.1f} ms  ratio {m['ratio']:.2f}")
         for what in ("forward", "forward_backward", "train_step"):
+            if what not in r:
+                continue
             m = r[what]
             line = f"  {what:17s} tinyvit {m['tinyvit_ms']:9.1f} ms  {m['images_per_second']:8.1f} img/s  " \
                    f"{m['gflops']:6.1f} GFLOP/s ({100 * m['fraction_of_matmul_peak']:4.1f}% of peak)"

@@ -1,8 +1,19 @@
-"""Classify image files with a tinyvit checkpoint (or any weights file scripts/convert_weights.py reads,
-converted in memory): top-k classes per image, optional attention maps.
+"""Classify images with a tinyvit checkpoint (or any weights file or hub folder scripts/convert_weights.py
+reads, converted in memory): top-k classes per image, to the terminal or a CSV / JSONL file, and optional
+attention maps.
 
-Every image is read (see tinyvit/images.py for the mode, alpha, resize and inversion rules) before
-anything is printed: one unreadable file stops the run with a one-line error (exit 2).
+Examples:
+  python scripts/predict.py runs/finetune/model.npz my_cat.jpg
+  python scripts/predict.py runs/finetune/model.npz photos/ --output preds.csv --top-k 3
+  python scripts/predict.py runs/finetune/model.npz list.txt --output preds.jsonl
+
+Each PATH is an image, a folder (every image below it, recursively: the extensions fine-tuning reads)
+or a text file (.txt, .lst) listing images one per line (relative to the list's folder; # comments).
+Images are decoded on --workers threads a batch ahead of the model (see tinyvit/data/decode.py for the
+mode, alpha, resize and inversion rules). An unreadable file is named once on stderr and skipped
+(exit 0); --strict makes it an error (exit 2). --output preds.csv has the columns image, class_1,
+probability_1, ..., class_K, probability_K (K = --top-k); preds.jsonl one line per image with the keys
+--json prints (image, top_k).
 --attention-map OUT.png writes a figure per image, side by side: the input as the model sees it
 (centre square, resized; inverted or gray where the model's input is), the attention-rollout heat map
 (the CLS token's row over the patches, 10th to 99th percentile, bilinear) in the inferno colour map,
@@ -12,6 +23,8 @@ repeated image stem gets _2, _3, ... appended. The file format follows OUT's suf
 .webp, .bmp, .tiff: any Pillow writes); another suffix, or none, is refused.
 """
 import argparse
+import csv
+import io
 import json
 import sys
 from pathlib import Path
@@ -23,12 +36,15 @@ import tinyvit  # noqa: F401  (before NumPy: sets OpenBLAS's spin time, see tiny
 from tinyvit.backend import get_backend, to_device, to_numpy
 from tinyvit.cli.report import run
 from tinyvit.data.decode import MAX_PIXELS, has_colour, image_to_input, open_image
+from tinyvit.data.folders import Warnings
+from tinyvit.data.listing import decoded_batches, expand
 from tinyvit.data.transform import eval_transform
 from tinyvit.errors import TinyViTError
 from tinyvit.io.convert import load_model
 from tinyvit.io.files import atomic_write, prepare_out_dir
 from tinyvit.io.labels import class_names
 from tinyvit.nn.model import attention_maps, vit_forward
+from tinyvit.progress import Progress
 from tinyvit.viz import attention_figure, attention_rollout, input_view
 
 INVERT = {"auto": None, "yes": True, "no": False}
@@ -77,32 +93,88 @@ def save_png(img, path):
         raise TinyViTError(f"{path}: cannot write the attention map ({getattr(e, 'strerror', None) or e})") from None
 
 
-def read_inputs(paths, cfg, t, max_pixels, invert, dataset):
-    """Each file decoded once -> the model inputs (1, C, S, S), and one warning when a 1-channel
-    (digit) model is given colour images: it sees only their luminance."""
-    xs, colour = [], []
-    for p in paths:
+def decoder(cfg, t, max_pixels, invert, dataset):
+    """path -> (model input (1, C, S, S), whether a 1-channel model was given a colour image)."""
+    def decode(p):
         img = open_image(p, max_pixels)
-        xs.append(image_to_input(img, cfg, t, invert, dataset, p))
-        if cfg.in_chans == 1 and has_colour(img, p):
-            colour.append(p)
+        return image_to_input(img, cfg, t, invert, dataset, p), cfg.in_chans == 1 and has_colour(img, p)
+    return decode
+
+
+def _why(err, path):
+    """An error's message without the path it starts with (Warnings names the path)."""
+    msg = str(err)
+    return msg[len(str(path)) + 2:] if msg.startswith(f"{path}: ") else msg
+
+
+def write_predictions(out, results, k):
+    """preds.csv (image, class_1, probability_1, ...) or preds.jsonl (one --json record per line), atomically."""
+    if Path(out).suffix.lower() == ".jsonl":
+        text = "".join(json.dumps({"image": r["image"], "top_k": r["top_k"]}) + "\n" for r in results)
+    else:
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["image"] + [f"{c}_{i}" for i in range(1, k + 1) for c in ("class", "probability")])
+        for r in results:
+            w.writerow([r["image"]] + [v for t in r["top_k"] for v in (t["class"], repr(t["probability"]))])
+        text = buf.getvalue()
+    atomic_write(out, lambda f: f.write(text.encode()))
+
+
+def predict_all(paths, params, cfg, t, names, args, xp):
+    """Top-k per readable image, in order (with attention heat maps when asked) -> (results, inputs, heats)."""
+    want_maps, k = args.attention_map is not None, min(args.top_k, cfg.num_classes)
+    warn = Warnings(args.strict)
+    decode = decoder(cfg, t, int(args.max_megapixels * 1e6), INVERT[args.invert], args.dataset)
+    bar = Progress(len(paths), "predict", unit="img", disable=args.json or len(paths) <= args.batch_size)
+    results, inputs, heats, colour = [], [], [], []
+    for chunk, decoded in decoded_batches(paths, decode, args.batch_size, args.workers):
+        good = []
+        for p, r in zip(chunk, decoded):
+            if isinstance(r, TinyViTError):
+                warn(p, _why(r, p))  # --strict: raises, one line, exit 2
+            else:
+                good.append((p, r[0]))
+                if r[1]:
+                    colour.append(p)
+        if good:
+            x = xp.asarray(np.concatenate([g[1] for g in good]))  # (B, C, S, S)
+            logits, cache = vit_forward(params, x, cfg, keep_cache=want_maps, all_tokens=want_maps)
+            for (p, inp), prob in zip(good, softmax(logits)):
+                top = np.argsort(-prob, kind="stable")[:k]
+                results.append({"image": p, "top_k": [{"class": names[j], "index": int(j),
+                                                       "probability": float(prob[j])} for j in top]})
+            if want_maps:  # maps need every token; kept for the figures
+                heats.append(attention_rollout(attention_maps(cache), cfg.num_prefix_tokens))
+                inputs.extend(inp for _, inp in good)
+        bar.update(len(chunk))
+    bar.close()
     if colour:
         more = f" and {len(colour) - 1} more" if len(colour) > 1 else ""
         print(f"warning: {colour[0]}{more}: colour image(s) given to a 1-channel model (trained on gray digits): "
               f"it sees their luminance only, so its answers may mean little", file=sys.stderr)
-    return xs
+    return results, inputs, (np.concatenate(heats) if heats else None), warn.count
 
 
-def main():
+def parse_args(argv=None):
+    """The command line."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("checkpoint", help="a tinyvit checkpoint (.npz, e.g. weights/mnist_vit.npz) or any weights file "
-                    "convert_weights.py reads (converted in memory)")
-    ap.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, anything Pillow reads)")
+    ap.add_argument("checkpoint", help="a tinyvit checkpoint (.npz, e.g. weights/mnist_vit.npz), or any weights file "
+                    "or hub folder convert_weights.py reads (converted in memory)")
+    ap.add_argument("images", nargs="+", metavar="PATH",
+                    help="image files (PNG, JPEG, anything Pillow reads), folders of them (recursive), or text "
+                         "files (.txt, .lst) listing images one per line")
     ap.add_argument("--top-k", type=int, default=5, metavar="K",
                     help="classes to show per image (default 5, at most the model's class count)")
+    ap.add_argument("--output", default=None, metavar="PREDS.csv",
+                    help="write the predictions to a .csv (image, class_1, probability_1, ...) or .jsonl file "
+                         "instead of the terminal (default: print them)")
+    ap.add_argument("--strict", action="store_true", help="an unreadable image is an error (exit 2) "
+                    "(default: named once on stderr and skipped)")
     ap.add_argument("--backend", choices=["numpy", "cupy", "auto"], default="numpy",
                     help="array backend: numpy (CPU), cupy (CUDA GPU) or auto (default numpy)")
     ap.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    ap.add_argument("--workers", type=int, default=2, help="decoding threads, a batch ahead of the model (default 2)")
     ap.add_argument("--attention-map", default=None, metavar="OUT.png",
                     help="write a figure of the image, its attention-rollout heat map, the overlay and a "
                          "colour bar to this file (PNG, JPEG, WebP, ... by its suffix) (several images: OUT_<image stem>.png each)")
@@ -112,56 +184,52 @@ def main():
     ap.add_argument("--max-megapixels", type=float, default=MAX_PIXELS / 1e6, metavar="MP",
                     help=f"refuse images larger than this (default {MAX_PIXELS / 1e6:g})")
     ap.add_argument("--json", action="store_true", help="print one JSON line instead of text")
-    args = ap.parse_args()
-    if args.top_k < 1:
-        raise TinyViTError(f"--top-k must be at least 1, got {args.top_k}")
-    if args.batch_size < 1:
-        raise TinyViTError(f"--batch-size must be at least 1, got {args.batch_size}")
+    args = ap.parse_args(argv)
+    for name, low in (("top_k", 1), ("batch_size", 1), ("workers", 1)):
+        if getattr(args, name) < low:
+            raise TinyViTError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
     if not args.max_megapixels > 0:
         raise TinyViTError(f"--max-megapixels must be positive, got {args.max_megapixels}")
+    if args.output is not None and Path(args.output).suffix.lower() not in (".csv", ".jsonl"):
+        raise TinyViTError(f"{args.output}: --output writes .csv or .jsonl: give it one of those suffixes")
+    return args
 
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.attention_map is not None:  # a wrong output folder fails before any work
         image_format(args.attention_map)  # a suffix Pillow cannot write fails before any work too
         prepare_out_dir(Path(args.attention_map).parent, "the --attention-map folder")
+    if args.output is not None:
+        prepare_out_dir(Path(args.output).parent, "the --output folder")
+    paths = expand(args.images)
     params, cfg, meta = load_model(args.checkpoint, hint="predict.py takes the checkpoint first, then images")
+    if args.attention_map is not None and not cfg.class_token:
+        raise TinyViTError(f"{args.checkpoint}: --attention-map follows the class token's attention; this model "
+                           f"has no class token ({cfg.global_pool} pooling)")
     t = eval_transform(meta, cfg.in_chans, args.checkpoint)  # the one fine-tuning and evaluate.py use
     names = class_names(meta, cfg.num_classes, args.checkpoint) or [str(i) for i in range(cfg.num_classes)]
-    invert, dataset = INVERT[args.invert], meta.get("dataset")
-    max_pixels = int(args.max_megapixels * 1e6)
-    want_maps = args.attention_map is not None
-    xs = read_inputs(args.images, cfg, t, max_pixels, invert, dataset)  # (1, C, S, S) each
+    args.dataset = meta.get("dataset")
     xp = get_backend(args.backend)
-    params = to_device(params, xp)
-
-    probs, heats = [], []
-    for i in range(0, len(xs), args.batch_size):
-        x = xp.asarray(np.concatenate(xs[i:i + args.batch_size]))  # (B, C, S, S)
-        logits, cache = vit_forward(params, x, cfg, keep_cache=want_maps, all_tokens=want_maps)  # maps need every token
-        probs.append(softmax(logits))
-        if want_maps:
-            heats.append(attention_rollout(attention_maps(cache)))  # (B, g, g)
-    probs = np.concatenate(probs)  # (n, classes)
-
-    k = min(args.top_k, cfg.num_classes)
-    results = []
-    for path, p in zip(args.images, probs):
-        top = np.argsort(-p, kind="stable")[:k]
-        results.append({"image": path, "top_k": [{"class": names[j], "index": int(j), "probability": float(p[j])}
-                                                 for j in top]})
-    if want_maps:
-        heats = np.concatenate(heats)
-        for res, inp, heat, out in zip(results, xs, heats, map_paths(args.attention_map, args.images)):
+    results, inputs, heats, skipped = predict_all(paths, to_device(params, xp), cfg, t, names, args, xp)
+    if heats is not None:
+        for res, inp, heat, out in zip(results, inputs, heats, map_paths(args.attention_map, [r["image"] for r in results])):
             top = res["top_k"][0]
             title = f"{Path(res['image']).name}: {top['class']} {top['probability'] * 100:.1f}%"
             save_png(attention_figure(input_view(inp[0], t.mean, t.std), heat, title), out)
             res["attention_map"] = str(out)
-
+    if args.output is not None:
+        write_predictions(args.output, results, min(args.top_k, cfg.num_classes))
+        summary = {"output": str(args.output), "images": len(results), "unreadable_files": skipped}
+        print(json.dumps(summary) if args.json else
+              f"{len(results)} predictions -> {args.output}" + (f" ({skipped} unreadable skipped)" if skipped else ""))
+        return
     if args.json:
-        print(json.dumps({"predictions": results}))
+        print(json.dumps({"predictions": results, "unreadable_files": skipped}))
         return
     for res in results:
         tops = ", ".join(f"{t['class']} ({t['probability'] * 100:.1f}%)" for t in res["top_k"])
-        extra = f"  [attention: {res['attention_map']}]" if want_maps else ""
+        extra = f"  [attention: {res['attention_map']}]" if "attention_map" in res else ""
         print(f"{res['image']}: {tops}{extra}")
 
 

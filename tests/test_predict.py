@@ -13,7 +13,7 @@ from tinyvit import TinyViTError, init_params, preset
 from tinyvit.backend import to_numpy
 from tinyvit.data.decode import auto_invert, load_image, open_image
 from tinyvit.data.transform import EvalTransform, normalisation
-from tinyvit.io.checkpoint import save_checkpoint
+from tinyvit.io.checkpoint import load_checkpoint, save_checkpoint
 from tinyvit.nn.model import ViTConfig, attention_maps, vit_forward
 from tinyvit.viz import attention_layout, attention_rollout, colormap, overlay_attention, rollout_matrix
 
@@ -500,3 +500,59 @@ def test_readme_first_prediction_and_a_colour_photo_for_a_digit_model_is_warned_
     assert r.returncode == 0, r.stderr
     warned = [line for line in r.stderr.splitlines() if line.startswith("warning:")]
     assert len(warned) == 1 and "photo.jpg" in warned[0] and "1-channel model" in warned[0], r.stderr
+
+
+# --- folders, lists, CSV and JSONL --------------------------------------------------------------
+
+
+def _tree(root):
+    """A folder of photos two levels deep, a broken JPEG among them, and a text file listing two."""
+    (root / "a" / "b").mkdir(parents=True)
+    for i, (sub, size) in enumerate([("a", (40, 30)), ("a/b", (20, 50)), ("", (33, 33)), ("a/b", (64, 48))]):
+        _make("RGB", size).save(root / sub / f"p{i}.png")
+    (root / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    (root / "notes.md").write_text("not an image: not read")
+    (root / "list.txt").write_text("# two of them\na/p0.png\n\na/b/p1.png\n")
+    return root
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_cli_predicts_a_folder_into_a_file(ckpts, tmp_path, suffix):
+    root = _tree(tmp_path / "photos")
+    out = tmp_path / "out" / f"preds{suffix}"
+    r = _predict(ckpts[1], root / "a", root / "p2.png", "--output", out, "--top-k", "2", "--batch-size", "2")
+    assert r.returncode == 0, r.stderr
+    warned = [line for line in r.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warned) == 1 and "broken.jpg" in warned[0]  # named once, skipped
+    assert "4 predictions" in r.stdout and "1 unreadable" in r.stdout
+    want = [root / "a" / "b" / "p1.png", root / "a" / "b" / "p3.png", root / "a" / "p0.png", root / "p2.png"]
+    if suffix == ".csv":
+        rows = out.read_text().splitlines()
+        assert rows[0] == "image,class_1,probability_1,class_2,probability_2"
+        images = [row.split(",")[0] for row in rows[1:]]
+        probs = [[float(v) for v in row.split(",")[2::2]] for row in rows[1:]]
+    else:
+        recs = [json.loads(line) for line in out.read_text().splitlines()]
+        assert all(set(r) == {"image", "top_k"} for r in recs)
+        images = [r["image"] for r in recs]
+        probs = [[t["probability"] for t in r["top_k"]] for r in recs]
+    assert images == [str(p) for p in want]
+    params, cfg, meta = load_checkpoint(ckpts[1])
+    for img, pr in zip(want, probs):  # the same numbers as one vit_forward on the checkpoint's transform
+        logits = vit_forward(params, load_image(img, cfg, meta), cfg, keep_cache=False)[0][0].astype(np.float64)
+        p = np.exp(logits - logits.max())
+        assert np.allclose(sorted(p / p.sum(), reverse=True)[:2], pr, rtol=1e-5)
+
+
+@pytest.mark.e2e
+def test_cli_reads_a_list_file_and_strict_stops_at_a_broken_file(ckpts, tmp_path):
+    root = _tree(tmp_path / "photos")
+    r = _predict(ckpts[1], root / "list.txt", "--json")
+    assert r.returncode == 0, r.stderr
+    assert [p["image"] for p in json.loads(r.stdout)["predictions"]] == [str(root / "a/p0.png"), str(root / "a/b/p1.png")]
+    r = _predict(ckpts[1], root, "--strict", "--output", tmp_path / "p.csv")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "broken.jpg" in r.stderr and "--strict" in r.stderr
+    assert not (tmp_path / "p.csv").exists()
+    r = _predict(ckpts[1], root / "a", "--output", tmp_path / "p.txt")
+    assert r.returncode == 2 and ".csv or .jsonl" in r.stderr

@@ -24,14 +24,15 @@ def rollout_matrix(maps):
     return r
 
 
-def attention_rollout(maps):
-    """The rollout's CLS row over the patch tokens, on the patch grid: (B, g, g), float64."""
+def attention_rollout(maps, prefix=1):
+    """The rollout's CLS row over the patch tokens (after `prefix` class, distillation and register
+    tokens), on the patch grid: (B, g, g), float64."""
     r = rollout_matrix(maps)
     B, T, _ = r.shape
-    g = int(round((T - 1) ** 0.5))
-    if g * g != T - 1:
-        raise TinyViTError(f"{T - 1} patch tokens do not form a square grid")
-    return r[:, 0, 1:].reshape(B, g, g)  # (B, g, g)
+    g = int(round((T - prefix) ** 0.5))
+    if g * g != T - prefix:
+        raise TinyViTError(f"{T - prefix} patch tokens do not form a square grid")
+    return r[:, 0, prefix:].reshape(B, g, g)  # (B, g, g)
 
 
 # matplotlib's "inferno" (CC0, Smith & van der Walt) sampled at 17 points: dark purple -> pale yellow

@@ -20,10 +20,11 @@ from .checkpoint import check_params, load_checkpoint
 from .files import atomic_write
 from .hf_export import HF_ACT, hf_config, hf_state, mlp_ratio  # noqa: F401  (re-exported)
 from .labels import class_names
+from .onnx_export import onnx_model, write_onnx
 from .safetensors import write_safetensors
 from .sidecar import CONVNEXT_SQUASH, PIL_RESAMPLE
 
-TARGETS = ("timm", "hf")
+TARGETS = ("timm", "hf", "onnx")
 TIMM_ACT = {"erf": "gelu", "tanh": "gelu_tanh", "quick": "quick_gelu"}  # timm's get_act_layer names
 # a registered timm architecture whose LayerNorm has this eps (model_args set everything else)
 TIMM_ARCH = {1e-6: "vit_base_patch16_224", 1e-5: "vit_base_patch16_clip_224"}
@@ -187,18 +188,38 @@ def export_hf(out, params, cfg: ViTConfig, meta=None, source="model"):
                 params=count_params(state), dtype=config["torch_dtype"], config=cfg.to_dict())
 
 
+# --- ONNX -------------------------------------------------------------------------------------
+
+
+def export_onnx(out, params, cfg: ViTConfig, meta=None, source="model"):
+    """Write the model as one ONNX file (tinyvit.io.onnx_export) -> summary dict."""
+    out, meta = Path(out), meta or {}
+    if out.is_dir() or out.suffix.lower() != ".onnx":
+        raise TinyViTError(f"{out}: --to onnx writes one .onnx file: give --out a name ending in .onnx")
+    state = timm_state(params, cfg, source)
+    t = eval_transform(meta, cfg.in_chans, source)
+    names = class_names(meta, cfg.num_classes, source) or [str(i) for i in range(cfg.num_classes)]
+    md = {"class_names": names, "eval_transform": t.to_dict(), "mean": list(t.mean), "std": list(t.std),
+          "tinyvit_config": cfg.to_dict(), "input": "pixel_values (batch, C, S, S): the eval transform's pixels"}
+    model = onnx_model(state, cfg, md)
+    files = write_onnx(out, model, sum(v.size for v in state.values()) * 4)
+    return dict(target="onnx", out=str(out), files=files, tensors=len(state), params=count_params(state),
+                dtype="float32", config=cfg.to_dict())
+
+
 # --- a checkpoint file --------------------------------------------------------------------------
 
 
 def export(checkpoint, to, out):
-    """Export a tinyvit checkpoint .npz to `to` ('timm' | 'hf') at out -> summary dict."""
+    """Export a tinyvit checkpoint (or any model file load_model reads) to `to` ('timm' | 'hf' | 'onnx') at
+    out -> summary dict."""
     if to not in TARGETS:
         raise TinyViTError(f"unknown export target {to!r}: choose one of {', '.join(TARGETS)}")
     checkpoint, out = Path(checkpoint), Path(out)
     if out.is_file() and checkpoint.is_file() and os.path.samefile(out, checkpoint):
         raise TinyViTError(f"{out}: is the checkpoint being exported; choose another --out")
     params, cfg, meta = load_checkpoint(checkpoint)
-    write = export_timm if to == "timm" else export_hf
+    write = {"timm": export_timm, "hf": export_hf, "onnx": export_onnx}[to]
     summary = write(out, params, cfg, meta, source=checkpoint)
     summary["checkpoint"] = str(checkpoint)
     return summary

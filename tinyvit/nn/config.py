@@ -110,7 +110,7 @@ class ViTConfig:
 
 _VIT16 = dict(img_size=224, patch_size=16, in_chans=3, num_classes=1000, ln_eps=1e-6)
 _SMALL, _BASE = dict(dim=384, depth=12, heads=6, mlp_dim=1536), dict(dim=768, depth=12, heads=12, mlp_dim=3072)
-_DINOV2 = dict(img_size=518, patch_size=14, in_chans=3, num_classes=0, ln_eps=1e-6, init_values=1e-5)
+_DINOV2 = dict(img_size=518, patch_size=14, in_chans=3, num_classes=1000, ln_eps=1e-6, init_values=1e-5)
 PRESETS = {
     # MNIST from scratch: 7x7 patches of 4 px (49 tokens + CLS), width 64, 6 blocks.
     "mnist": dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, dim=64, depth=6,
@@ -121,11 +121,11 @@ PRESETS = {
     "vit-l16": dict(_VIT16, dim=1024, depth=24, heads=16, mlp_dim=4096),
     # the modern family, as timm's vit_small_patch14_dinov2, vit_base_patch16_clip_quickgelu_224,
     # vit_base_patch16_siglip_224 (with the original's and HF's tanh GELU; timm runs exact GELU) and
-    # deit3_small_patch16_224 (num_classes 0: a backbone; give a head)
+    # deit3_small_patch16_224 (with a 1000-class head where timm's backbone has none)
     "dinov2-s14": dict(_DINOV2, **_SMALL),
     "dinov2-b14": dict(_DINOV2, **_BASE),
     "clip-b16": dict(_VIT16, **_BASE, num_classes=512, ln_eps=1e-5, gelu="quick", pre_norm=True, patch_bias=False),
-    "siglip-b16": dict(_VIT16, **_BASE, num_classes=0, gelu="tanh", class_token=False, no_embed_class=True,
+    "siglip-b16": dict(_VIT16, **_BASE, gelu="tanh", class_token=False, no_embed_class=True,
                        global_pool="map"),
     "deit3-s16": dict(_VIT16, **_SMALL, no_embed_class=True, init_values=1e-6),
 }
