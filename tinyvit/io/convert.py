@@ -257,7 +257,7 @@ def infer_config(params, heads=None, ln_eps=1e-6, source="weights", stated=None,
         if params[k].ndim != 2:
             raise TinyViTError(f"{source}: {k} has shape {params[k].shape}, expected 2-d (out, in)")
     stated = dict(stated or {})
-    keys = from_keys(params, source)
+    keys = from_keys(params, source, stated.get("no_embed_class"))
     check_agrees(keys, stated, where, source)
     if keys["layer_scale"] != (stated.get("init_values", keys["layer_scale"] or None) is not None):
         raise TinyViTError(f"{source}: {where} says init_values={stated['init_values']!r} but the weights "

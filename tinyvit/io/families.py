@@ -67,8 +67,9 @@ def from_arch(arch, model_args=None, source="weights"):
     return out
 
 
-def from_keys(params, source="weights"):
-    """The structure of a timm-named params dict: which tokens, norms, biases and pooling it has."""
+def from_keys(params, source="weights", no_embed_class=None):
+    """The structure of a timm-named params dict: which tokens, norms, biases and pooling it has.
+    no_embed_class (what an architecture states) settles tiny grids where both readings fit."""
     def has(k):
         return k in params
 
@@ -92,8 +93,11 @@ def from_keys(params, source="weights"):
     prefix = s["class_token"] + s["distilled"] + s["reg_tokens"]
     rows = int(params["pos_embed"].shape[1]) if params["pos_embed"].ndim == 3 else -1
     grid_all, grid_patches = _square(rows - prefix), _square(rows)
-    if grid_all and grid_patches and s["reg_tokens"]:  # both fit (tiny grids): registers carry no position
-        grid_all = 0  # in every timm and HF model that has them
+    if prefix and grid_all and grid_patches:  # both fit (tiny grids): as stated, else registers carry no position,
+        if no_embed_class if no_embed_class is not None else s["reg_tokens"]:  # as in timm's and HF's models
+            grid_all = 0
+        else:
+            grid_patches = 0
     if prefix and grid_all:
         s["no_embed_class"], g = False, grid_all
     elif grid_patches:

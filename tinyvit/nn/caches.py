@@ -137,6 +137,15 @@ class DistilledHeadCache(NamedTuple):
 # --- the model (tinyvit.nn.model) ------------------------------------------------------------
 
 
+class LayerScaleFold(NamedTuple):
+    """model._folded: a branch's LayerScale gamma folded into the linear before it, and that linear's own
+    weight and bias (the cache of that linear holds the folded weight)."""
+
+    gamma: Array  # (C,)
+    w: Array  # (C, in)
+    b: Array  # (C,)
+
+
 class BlockCache(NamedTuple):
     """model._block_forward, in forward order (fc2 is a LinearCache at inference, keep_cache=False)."""
 
@@ -146,9 +155,9 @@ class BlockCache(NamedTuple):
     norm2_fc1: LayerNormLinearCache
     fc2: Union[GeluLinearCache, LinearCache]
     fc2_drop: Optional[Array]
-    ls1: Optional[LayerScaleCache] = None  # LayerScale and drop path of the attention branch
+    ls1: Optional["LayerScaleFold"] = None  # LayerScale (folded into attn.proj) and drop path of the attention branch
     drop_path1: Optional[Array] = None
-    ls2: Optional[LayerScaleCache] = None  # and of the MLP branch
+    ls2: Optional["LayerScaleFold"] = None  # and of the MLP branch (folded into mlp.fc2)
     drop_path2: Optional[Array] = None
 
 

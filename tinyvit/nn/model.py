@@ -7,8 +7,8 @@ import numpy as np
 from ..backend import get_array_module
 from ..cpu.threads import batch_shards, in_place_blocks, run_shards
 from ..errors import TinyViTError
-from .branch import drop_path_backward, drop_path_forward, layer_scale_backward, layer_scale_forward
-from .caches import BlockCache, DistilledHeadCache, EmbedCache, FeaturesCache, ViTCache
+from .branch import drop_path_backward, drop_path_forward
+from .caches import BlockCache, DistilledHeadCache, EmbedCache, FeaturesCache, LayerScaleFold, ViTCache
 from .config import (  # noqa: F401  (re-exported: the model's names in one place)
     PRESETS,
     ViTConfig,
@@ -35,6 +35,7 @@ from .layers import (
     linear_forward,
     patch_embed_backward,
     patch_embed_forward,
+    rowsum,
 )
 from .pool import head_backward as _head_backward
 from .pool import head_forward, pool_backward, pool_forward
@@ -42,52 +43,54 @@ from .pool import head_forward, pool_backward, pool_forward
 # --- forward / backward -----------------------------------------------------------------------
 
 
-def _branch_forward(params, name, h, rate, rng, train):
-    """LayerScale (when the block has `name`) then drop path on a residual branch's output h."""
-    c_ls = None
-    if name in params:
-        h, c_ls = layer_scale_forward(h, params[name])
-    h, c_dp = drop_path_forward(h, rate, rng, train)
-    return h, c_ls, c_dp
+def _folded(params, prefix, linear, gamma):
+    """(w, b, fold) of a branch's last linear with the branch's LayerScale folded in when the block has
+    one: gamma * (x @ w.T + b) = x @ (gamma w).T + gamma b, no pass over the activations and nothing
+    cached for it (dropout and drop path, per element and per sample, commute with it)."""
+    w, b, g = params[prefix + linear + ".weight"], params[prefix + linear + ".bias"], params.get(prefix + gamma)
+    if g is None:
+        return w, b, None
+    return w * g[:, None], b * g, LayerScaleFold(g, w, b)
 
 
-def _branch_backward(dh, c_ls, c_dp, grads, name):
-    """Reverse of _branch_forward."""
-    dh = drop_path_backward(dh, c_dp)
-    if c_ls is not None:
-        dh, grads[name] = layer_scale_backward(dh, c_ls)
-    return dh
+def _unfold(grads, prefix, linear, gamma, dw, db, fold):
+    """Write the linear's (and gamma's) grads from those of its folded weight and bias."""
+    if fold is None:
+        grads[prefix + linear + ".weight"], grads[prefix + linear + ".bias"] = dw, db
+        return
+    grads[prefix + gamma] = rowsum(dw * fold.w)[:, 0] + db * fold.b  # d/d gamma_i of (gamma_i w_i., gamma_i b_i)
+    grads[prefix + linear + ".weight"], grads[prefix + linear + ".bias"] = dw * fold.gamma[:, None], db * fold.gamma
 
 
 def _block_forward(params, prefix, x, cfg, train, rng, keep_cache=True, queries=None, drop_path=0.0):
     """One pre-norm block: x + attn(norm1(x)), then + mlp(norm2(x)); prefix is 'blocks.{i}.'.
 
-    Each norm's affine is folded into the linear after it (layernorm_linear_forward): same math.
-    Each branch ends in LayerScale (ls1, ls2) where the block has it, then drop path at this rate.
-    queries=n returns the first n tokens alone (B, n, C): every token still feeds attention's keys
-    and values, but nothing after the attention is computed for the other tokens.
-    Plain form: reference.block_forward."""
+    Each norm's affine is folded into the linear after it (layernorm_linear_forward), and each branch's
+    LayerScale (ls1, ls2, where the block has it) into the linear before it (_folded): same math. Each
+    branch ends in drop path at this rate. queries=n returns the first n tokens alone (B, n, C): every
+    token still feeds attention's keys and values, but nothing after the attention is computed for the
+    other tokens. Plain form: reference.block_forward."""
     qkv, c_n1 = layernorm_linear_forward(x, params[prefix + "norm1.weight"], params[prefix + "norm1.bias"],
                                          params[prefix + "attn.qkv.weight"], params.get(prefix + "attn.qkv.bias"),
                                          cfg.ln_eps)
-    h, c_at = attention_heads_forward(qkv, params[prefix + "attn.proj.weight"], params[prefix + "attn.proj.bias"],
-                                      cfg.heads, cfg.attn_dropout, rng, train, queries)
+    w, b, f1 = _folded(params, prefix, "attn.proj", "ls1.gamma")
+    h, c_at = attention_heads_forward(qkv, w, b, cfg.heads, cfg.attn_dropout, rng, train, queries)
     del qkv
     h, c_d1 = dropout_forward(h, cfg.dropout, rng, train)
-    h, c_ls1, c_dp1 = _branch_forward(params, prefix + "ls1.gamma", h, drop_path, rng, train)
+    h, c_dp1 = drop_path_forward(h, drop_path, rng, train)
     x = x[:, :h.shape[1]] + h  # (B, n, C)
     h, c_f1 = layernorm_linear_forward(x, params[prefix + "norm2.weight"], params[prefix + "norm2.bias"],
                                        params[prefix + "mlp.fc1.weight"], params[prefix + "mlp.fc1.bias"], cfg.ln_eps)
-    w2, b2 = params[prefix + "mlp.fc2.weight"], params[prefix + "mlp.fc2.bias"]
+    w2, b2, f2 = _folded(params, prefix, "mlp.fc2", "ls2.gamma")
     if keep_cache:  # fc2(dropout(gelu(h))), caching fc1's output and GELU's factor
         h, c_f2 = gelu_linear_forward(h, w2, b2, cfg.gelu, cfg.dropout, rng, train)
     else:  # inference: GELU in place on fc1's output, nothing kept
         h, _ = dropout_forward(gelu_inplace(h, cfg.gelu), cfg.dropout, rng, train)
         h, c_f2 = linear_forward(h, w2, b2)
     h, c_d3 = dropout_forward(h, cfg.dropout, rng, train)
-    h, c_ls2, c_dp2 = _branch_forward(params, prefix + "ls2.gamma", h, drop_path, rng, train)
+    h, c_dp2 = drop_path_forward(h, drop_path, rng, train)
     x += h  # x is our own buffer here (x + h above), so in place is safe
-    return x, BlockCache(c_n1, c_at, c_d1, c_f1, c_f2, c_d3, c_ls1, c_dp1, c_ls2, c_dp2)
+    return x, BlockCache(c_n1, c_at, c_d1, c_f1, c_f2, c_d3, f1, c_dp1, f2, c_dp2)
 
 
 def _put(grads, name, g):
@@ -102,19 +105,19 @@ def _block_backward(dx, cache, grads, prefix):
     `cache` is the block's only remaining reference (popped by vit_backward), so each layer's
     saved arrays are freed as soon as its backward is done: a lower peak, as torch frees saved tensors.
     Plain form: reference.block_backward."""
-    c_n1, c_at, c_d1, c_f1, c_f2, c_d3, c_ls1, c_dp1, c_ls2, c_dp2 = cache  # unpacked so each part can be freed
+    c_n1, c_at, c_d1, c_f1, c_f2, c_d3, f1, c_dp1, f2, c_dp2 = cache  # unpacked so each part can be freed
     del cache
-    dh = _branch_backward(dx, c_ls2, c_dp2, grads, prefix + "ls2.gamma")
-    dh = dropout_backward(dh, c_d3)
-    dh, grads[prefix + "mlp.fc2.weight"], grads[prefix + "mlp.fc2.bias"] = gelu_linear_backward(dh, c_f2)
+    dh = dropout_backward(drop_path_backward(dx, c_dp2), c_d3)
+    dh, dw, db = gelu_linear_backward(dh, c_f2)
+    _unfold(grads, prefix, "mlp.fc2", "ls2.gamma", dw, db, f2)
     del c_f2
     dh, grads[prefix + "norm2.weight"], grads[prefix + "norm2.bias"], grads[prefix + "mlp.fc1.weight"], \
         grads[prefix + "mlp.fc1.bias"] = layernorm_linear_backward(dh, c_f1)
     del c_f1
     dx = dx + dh  # residual: both paths carry the gradient
-    dh = _branch_backward(dx, c_ls1, c_dp1, grads, prefix + "ls1.gamma")
-    dh = dropout_backward(dh, c_d1)
-    dqkv, grads[prefix + "attn.proj.weight"], grads[prefix + "attn.proj.bias"] = attention_heads_backward(dh, c_at)
+    dh = dropout_backward(drop_path_backward(dx, c_dp1), c_d1)
+    dqkv, dw, db = attention_heads_backward(dh, c_at)
+    _unfold(grads, prefix, "attn.proj", "ls1.gamma", dw, db, f1)
     del c_at
     dh, grads[prefix + "norm1.weight"], grads[prefix + "norm1.bias"], grads[prefix + "attn.qkv.weight"], qkv_b = \
         layernorm_linear_backward(dqkv, c_n1)  # (B, N, C)
