@@ -178,10 +178,15 @@ def bench_onnxruntime(cfg, host, x_host, args, xp):
     return {"tinyvit_ms": a, "onnxruntime_ms": b, "ratio": a / b, "images_per_second": x_host.shape[0] / a * 1e3}
 
 
+def _overrides(args):
+    """The preset overrides the flags give (--img-size, --patch-size)."""
+    return {k: v for k, v in (("img_size", args.img_size), ("patch_size", args.patch_size)) if v}
+
+
 def bench_case(name, batch, args, xp):
     """All timings for one (preset, batch) case: a dict ready for JSON."""
     dtype = np.float32 if args.dtype == "float32" else np.float64
-    cfg = preset(name, **({"img_size": args.img_size} if args.img_size else {}))
+    cfg = preset(name, **_overrides(args))
     host = init_params(cfg, seed=0, dtype=dtype)
     rng = np.random.default_rng(0)
     x_host = rng.standard_normal((batch, cfg.in_chans, cfg.img_size, cfg.img_size)).astype(dtype)
@@ -232,6 +237,7 @@ def memory_probe(name, batch, args, framework):
     """Peak memory of train steps in a fresh process: host RSS growth (CPU) or device peak (GPU)."""
     cmd = [sys.executable, __file__, "--_probe", framework, "--preset", name, "--batch", str(batch),
            *(["--img-size", str(args.img_size)] if args.img_size else []),
+           *(["--patch-size", str(args.patch_size)] if args.patch_size else []),
            "--backend", args.backend, "--dtype", args.dtype, "--threads", str(args.threads)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
     if r.returncode:
@@ -255,7 +261,7 @@ def probe(args):
     """(Subprocess) run 3 train steps of one framework; print its memory use as JSON."""
     xp = get_backend(args.backend)
     dtype = np.float32 if args.dtype == "float32" else np.float64
-    cfg = preset(args.preset, **({"img_size": args.img_size} if args.img_size else {}))
+    cfg = preset(args.preset, **_overrides(args))
     host = init_params(cfg, seed=0, dtype=dtype)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.batch, cfg.in_chans, cfg.img_size, cfg.img_size)).astype(dtype)
@@ -294,6 +300,8 @@ def main():
     ap.add_argument("--batch", type=int, default=None, help="batch size for --preset (default 8)")
     ap.add_argument("--img-size", type=int, default=None, help="input size for --preset (default: the preset's; "
                     "e.g. 224 for dinov2-s14, whose preset is timm's 518)")
+    ap.add_argument("--patch-size", type=int, default=None, help="patch size for --preset (default: the preset's; "
+                    "e.g. 14 to race vit-s16 at dinov2-s14's token count)")
     ap.add_argument("--backend", choices=["numpy", "cupy"], default="numpy", help="array backend (default numpy)")
     ap.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="compute dtype (default float32)")
     ap.add_argument("--vs-torch", action="store_true", help="also time the same model in PyTorch, interleaved")
