@@ -92,15 +92,16 @@ def tinyvit_fns(cfg, params, x, y):
     return {"forward": fwd, "forward_backward": fwd_bwd, "train_step": step}
 
 
-def torch_model(cfg, params, dtype):
-    """The torch model to race: the tests' reference ViT for the 2020 ViT, timm's own model for the rest
-    of the family (LayerScale, registers, pooling, ...), loaded strictly with the same params."""
+def torch_model(cfg, params, dtype, rival="auto"):
+    """The torch model to race: the tests' reference ViT for the 2020 ViT (rival 'auto'), timm's own model
+    for the rest of the family (LayerScale, registers, pooling, ...) or for all (rival 'timm'), loaded
+    strictly with the same params."""
     import torch
     from torch_vit import torch_vit_from_params
 
     plain = preset("vit-b16", **{k: getattr(cfg, k) for k in ("img_size", "patch_size", "in_chans", "num_classes",
                                                              "dim", "depth", "heads", "mlp_dim", "ln_eps", "gelu")})
-    if cfg == plain and cfg.gelu != "quick":
+    if rival == "auto" and cfg == plain and cfg.gelu != "quick":
         return torch_vit_from_params(cfg, params, dtype)
     import functools
     import types
@@ -120,12 +121,12 @@ def torch_model(cfg, params, dtype):
     return model.to(dtype)
 
 
-def torch_fns(cfg, params, x, y, device):
+def torch_fns(cfg, params, x, y, device, rival="auto"):
     """The same closures for the torch model (timm's names and math), same params."""
     import torch
 
     dtype = torch.float32 if x.dtype == np.float32 else torch.float64
-    model = torch_model(cfg, {k: np.asarray(v) for k, v in params.items()}, dtype).to(device)
+    model = torch_model(cfg, {k: np.asarray(v) for k, v in params.items()}, dtype, rival).to(device)
     xt, yt = torch.tensor(np.asarray(x), device=device), torch.tensor(np.asarray(y), device=device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
@@ -201,10 +202,11 @@ def bench_case(name, batch, args, xp):
         if device == "cuda":  # TF32 off on both sides: CuPy's default cuBLAS math is full float32
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cudnn.allow_tf32 = False
-        theirs = torch_fns(cfg, host, x_host, y_host, device)
+        theirs = torch_fns(cfg, host, x_host, y_host, device, args.rival)
     flops = forward_flops(cfg, batch)
     peak = matmul_peak(xp, dtype)
     out = {"preset": name, "batch": batch, "dtype": args.dtype, "backend": args.backend, "blas": blas_info(),
+           "rival": args.rival,
            "threads": args.threads, "matmul_peak_gflops": peak, "forward_gflop": flops / 1e9,
            "tinyvit_shards": len(batch_shards(batch, xp) or [None])}  # data-parallel shards per batch
     if theirs:
@@ -237,7 +239,7 @@ def memory_probe(name, batch, args, framework):
     """Peak memory of train steps in a fresh process: host RSS growth (CPU) or device peak (GPU)."""
     cmd = [sys.executable, __file__, "--_probe", framework, "--preset", name, "--batch", str(batch),
            *(["--img-size", str(args.img_size)] if args.img_size else []),
-           *(["--patch-size", str(args.patch_size)] if args.patch_size else []),
+           *(["--patch-size", str(args.patch_size)] if args.patch_size else []), "--rival", args.rival,
            "--backend", args.backend, "--dtype", args.dtype, "--threads", str(args.threads)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
     if r.returncode:
@@ -270,7 +272,7 @@ def probe(args):
         import torch
 
         torch.set_num_threads(args.threads)
-        fns = torch_fns(cfg, host, x, y, "cuda" if xp is not np else "cpu")
+        fns = torch_fns(cfg, host, x, y, "cuda" if xp is not np else "cpu", args.rival)
     else:
         fns = tinyvit_fns(cfg, to_device(host, xp), xp.asarray(x), xp.asarray(y))
     try:  # start the peak (VmHWM) afresh here, so setup's transients do not count
@@ -309,6 +311,9 @@ def main():
                     help="time inference against onnxruntime on tinyvit's own ONNX export (all graph "
                          "optimisations, --threads threads), interleaved; without --vs-torch, inference alone, "
                          "for vit-ti16 batch 64 and vit-b16 batch 8 unless --preset is given")
+    ap.add_argument("--rival", choices=["auto", "timm"], default="auto",
+                    help="--vs-torch's model: auto (the tests' torch ViT for the 2020 ViT, timm's own model for the "
+                         "rest of the family) or timm (timm's model for every preset) (default auto)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads (default: all cores)")
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions per measurement (default 5)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported (default 3)")

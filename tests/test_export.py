@@ -341,13 +341,13 @@ def test_inconsistent_metadata_is_refused(tmp_path):
                        (dict(class_names=[1, 2, 3, 4, 5]), "not a list of strings"),
                        (dict(mean=[0.5, 0.5], std=[0.5, 0.5]), "2/2 values")):
         ckpt = save_checkpoint(tmp_path / "m.npz", _params(cfg), cfg, meta)
-        for to in ("timm", "hf"):
+        for to, name in (("timm", "o-timm"), ("hf", "o-hf"), ("onnx", "o.onnx")):
             with pytest.raises(TinyViTError, match=what) as e:
-                export(ckpt, to, tmp_path / f"o-{to}")
+                export(ckpt, to, tmp_path / name)
             assert str(ckpt) in str(e.value) and "\n" not in str(e.value)
-            assert not (tmp_path / f"o-{to}").exists()
+            assert not (tmp_path / name).exists()
     with pytest.raises(TinyViTError, match="unknown export target"):
-        export(ckpt, "onnx", tmp_path / "o")
+        export(ckpt, "tflite", tmp_path / "o")
 
 
 # --- the script end to end ----------------------------------------------------------------------
