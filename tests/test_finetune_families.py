@@ -41,7 +41,8 @@ def _hub(tmp_path, family):
 
 @pytest.mark.parametrize("family", list(MODELS))
 @pytest.mark.parametrize("mode,extra", [("head", ["--epochs", "3"]),
-                                        ("full", ["--epochs", "1", "--drop-path", "0.1", "--layer-decay", "0.75"])])
+                                        ("full", ["--epochs", "1", "--drop-path", "0.1", "--layer-decay", "0.75"]),
+                                        ("progressive", ["--epochs", "2", "--head-epochs", "1"])])
 def test_finetune_runs_end_to_end(tmp_path, family, mode, extra):
     hub, size = _hub(tmp_path, family)
     data = _folder(tmp_path / "photos")

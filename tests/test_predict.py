@@ -556,3 +556,19 @@ def test_cli_reads_a_list_file_and_strict_stops_at_a_broken_file(ckpts, tmp_path
     assert not (tmp_path / "p.csv").exists()
     r = _predict(ckpts[1], root / "a", "--output", tmp_path / "p.txt")
     assert r.returncode == 2 and ".csv or .jsonl" in r.stderr
+
+
+def test_rollout_skips_every_prefix_token():
+    """With registers (or a distillation token) the patches start after the prefix: the map is the class
+    token's row over those alone."""
+    from family_configs import FAMILIES
+
+    cfg = FAMILIES["dinov2_reg"]  # class token and 4 registers before 2x2 patches
+    params = init_params(cfg, seed=1)
+    x = np.random.default_rng(0).standard_normal((2, 3, 28, 28)).astype(np.float32)
+    maps = attention_maps(vit_forward(params, x, cfg, all_tokens=True)[1])
+    heat = attention_rollout(maps, cfg.num_prefix_tokens)
+    r = rollout_matrix(maps)
+    assert heat.shape == (2, 2, 2) and np.allclose(heat.reshape(2, 4), r[:, 0, 5:])
+    with pytest.raises(TinyViTError, match="square grid"):
+        attention_rollout(maps)  # one prefix token assumed: 8 'patches' are no square
