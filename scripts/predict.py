@@ -23,39 +23,23 @@ repeated image stem gets _2, _3, ... appended. The file format follows OUT's suf
 .webp, .bmp, .tiff: any Pillow writes); another suffix, or none, is refused.
 """
 import argparse
-import csv
-import io
 import json
-import sys
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 import tinyvit  # noqa: F401  (before NumPy: sets OpenBLAS's spin time, see tinyvit/__init__.py)
-from tinyvit.backend import get_backend, to_device, to_numpy
+from tinyvit.backend import get_backend, to_device
+from tinyvit.cli.predict import INVERT, predict_all, write_predictions
 from tinyvit.cli.report import run
-from tinyvit.data.decode import MAX_PIXELS, has_colour, image_to_input, open_image
-from tinyvit.data.folders import Warnings
-from tinyvit.data.listing import decoded_batches, expand
+from tinyvit.data.decode import MAX_PIXELS
+from tinyvit.data.listing import expand
 from tinyvit.data.transform import eval_transform
 from tinyvit.errors import TinyViTError
 from tinyvit.io.convert import load_model
 from tinyvit.io.files import atomic_write, prepare_out_dir
 from tinyvit.io.labels import class_names
-from tinyvit.nn.model import attention_maps, vit_forward
-from tinyvit.progress import Progress
 from tinyvit.viz import attention_figure, attention_rollout, input_view
-
-INVERT = {"auto": None, "yes": True, "no": False}
-
-
-def softmax(logits):
-    """Row-wise softmax in float64 on the host."""
-    z = to_numpy(logits).astype(np.float64)
-    z -= z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def image_format(path):
@@ -91,69 +75,6 @@ def save_png(img, path):
         atomic_write(path, lambda f: img.save(f, format=fmt))
     except (OSError, ValueError) as e:  # e.g. a mode the format cannot hold
         raise TinyViTError(f"{path}: cannot write the attention map ({getattr(e, 'strerror', None) or e})") from None
-
-
-def decoder(cfg, t, max_pixels, invert, dataset):
-    """path -> (model input (1, C, S, S), whether a 1-channel model was given a colour image)."""
-    def decode(p):
-        img = open_image(p, max_pixels)
-        return image_to_input(img, cfg, t, invert, dataset, p), cfg.in_chans == 1 and has_colour(img, p)
-    return decode
-
-
-def _why(err, path):
-    """An error's message without the path it starts with (Warnings names the path)."""
-    msg = str(err)
-    return msg[len(str(path)) + 2:] if msg.startswith(f"{path}: ") else msg
-
-
-def write_predictions(out, results, k):
-    """preds.csv (image, class_1, probability_1, ...) or preds.jsonl (one --json record per line), atomically."""
-    if Path(out).suffix.lower() == ".jsonl":
-        text = "".join(json.dumps({"image": r["image"], "top_k": r["top_k"]}) + "\n" for r in results)
-    else:
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["image"] + [f"{c}_{i}" for i in range(1, k + 1) for c in ("class", "probability")])
-        for r in results:
-            w.writerow([r["image"]] + [v for t in r["top_k"] for v in (t["class"], repr(t["probability"]))])
-        text = buf.getvalue()
-    atomic_write(out, lambda f: f.write(text.encode()))
-
-
-def predict_all(paths, params, cfg, t, names, args, xp):
-    """Top-k per readable image, in order (with attention heat maps when asked) -> (results, inputs, heats)."""
-    want_maps, k = args.attention_map is not None, min(args.top_k, cfg.num_classes)
-    warn = Warnings(args.strict)
-    decode = decoder(cfg, t, int(args.max_megapixels * 1e6), INVERT[args.invert], args.dataset)
-    bar = Progress(len(paths), "predict", unit="img", disable=args.json or len(paths) <= args.batch_size)
-    results, inputs, heats, colour = [], [], [], []
-    for chunk, decoded in decoded_batches(paths, decode, args.batch_size, args.workers):
-        good = []
-        for p, r in zip(chunk, decoded):
-            if isinstance(r, TinyViTError):
-                warn(p, _why(r, p))  # --strict: raises, one line, exit 2
-            else:
-                good.append((p, r[0]))
-                if r[1]:
-                    colour.append(p)
-        if good:
-            x = xp.asarray(np.concatenate([g[1] for g in good]))  # (B, C, S, S)
-            logits, cache = vit_forward(params, x, cfg, keep_cache=want_maps, all_tokens=want_maps)
-            for (p, inp), prob in zip(good, softmax(logits)):
-                top = np.argsort(-prob, kind="stable")[:k]
-                results.append({"image": p, "top_k": [{"class": names[j], "index": int(j),
-                                                       "probability": float(prob[j])} for j in top]})
-            if want_maps:  # maps need every token; kept for the figures
-                heats.append(attention_rollout(attention_maps(cache), cfg.num_prefix_tokens))
-                inputs.extend(inp for _, inp in good)
-        bar.update(len(chunk))
-    bar.close()
-    if colour:
-        more = f" and {len(colour) - 1} more" if len(colour) > 1 else ""
-        print(f"warning: {colour[0]}{more}: colour image(s) given to a 1-channel model (trained on gray digits): "
-              f"it sees their luminance only, so its answers may mean little", file=sys.stderr)
-    return results, inputs, (np.concatenate(heats) if heats else None), warn.count
 
 
 def parse_args(argv=None):
@@ -211,7 +132,8 @@ def main(argv=None):
     names = class_names(meta, cfg.num_classes, args.checkpoint) or [str(i) for i in range(cfg.num_classes)]
     args.dataset = meta.get("dataset")
     xp = get_backend(args.backend)
-    results, inputs, heats, skipped = predict_all(paths, to_device(params, xp), cfg, t, names, args, xp)
+    results, inputs, heats, skipped = predict_all(paths, to_device(params, xp), cfg, t, names, args, xp,
+                                                  lambda maps: attention_rollout(maps, cfg.num_prefix_tokens))
     if heats is not None:
         for res, inp, heat, out in zip(results, inputs, heats, map_paths(args.attention_map, [r["image"] for r in results])):
             top = res["top_k"][0]
