@@ -196,11 +196,10 @@ def _from_timm(state, source):
     m = _Mapper(state, source)
     m.drop("mask_token", "masked-image-modelling token, unused for classification")
     if "register_tokens" in m.src and "cls_token" in m.src and m.src.get("pos_embed", np.zeros(0)).ndim == 3:
-        m.mv("register_tokens", "reg_token")
         pos = m.src.pop("pos_embed")
         m.src["cls_token"] = m.src["cls_token"] + pos[:, :1]  # the class token's position row, folded in
         m.src["pos_embed"] = pos[:, 1:]
-        m.src.update({"reg_token": m.out.pop("reg_token")})
+        m.src["reg_token"] = m.src.pop("register_tokens")
     for k in ("pre_logits.fc.weight", "pre_logits.fc.bias"):
         m.drop(k, "pre-logits layer; fine-tuning replaces the head without it")
     m.out, m.src = m.src, {}  # keep every name: check_params reports the unexpected ones
@@ -259,7 +258,7 @@ def infer_config(params, heads=None, ln_eps=1e-6, source="weights", stated=None,
     stated = dict(stated or {})
     keys = from_keys(params, source, stated.get("no_embed_class"))
     check_agrees(keys, stated, where, source)
-    if keys["layer_scale"] != (stated.get("init_values", keys["layer_scale"] or None) is not None):
+    if "init_values" in stated and (stated["init_values"] is not None) != keys["layer_scale"]:
         raise TinyViTError(f"{source}: {where} says init_values={stated['init_values']!r} but the weights "
                            f"{'hold' if keys['layer_scale'] else 'have no'} LayerScale gammas")
     fields = {k: keys[k] for k in ("class_token", "reg_tokens", "distilled", "no_embed_class", "pre_norm",

@@ -7,6 +7,7 @@ ViTForImageClassification, the exact inverse of tinyvit.io.convert's HF reader (
 into query, key, value). Tensors keep the checkpoint's dtype and bits.
 """
 import json
+import math
 import os
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from ..errors import TinyViTError
 from ..nn.model import ViTConfig, count_params, param_shapes
 from .checkpoint import check_params, load_checkpoint
 from .files import atomic_write
-from .hf_export import HF_ACT, hf_config, hf_state, mlp_ratio  # noqa: F401  (re-exported)
+from .hf_export import HF_ACT, hf_config, hf_state  # noqa: F401  (re-exported)
 from .labels import class_names
 from .onnx_export import onnx_model, write_onnx
 from .safetensors import write_safetensors
@@ -34,6 +35,15 @@ HF_FILES = ("model.safetensors", "config.json", "preprocessor_config.json")
 
 
 # --- what the checkpoint's metadata says --------------------------------------------------------
+
+
+def mlp_ratio(cfg: ViTConfig, source="model"):
+    """A float r with int(dim * r) == mlp_dim, as timm sizes its MLP (m / d itself can fall an ulp short)."""
+    r = cfg.mlp_dim / cfg.dim
+    for c in (r, math.nextafter(r, math.inf), math.nextafter(math.nextafter(r, math.inf), math.inf)):
+        if int(cfg.dim * c) == cfg.mlp_dim:
+            return c
+    raise TinyViTError(f"{source}: no float mlp_ratio gives timm an MLP of {cfg.mlp_dim} for width {cfg.dim}")
 
 
 def _dtype_name(params):

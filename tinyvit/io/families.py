@@ -62,8 +62,6 @@ def from_arch(arch, model_args=None, source="weights"):
             out["gelu"] = ACT[v]
         elif k not in _IGNORED:
             raise TinyViTError(f"{source}: model_args {k}={str(v)[:30]} is not a setting tinyvit has")
-    if "mlp_ratio" in (model_args or {}):
-        out["mlp_ratio"] = model_args["mlp_ratio"]
     return out
 
 

@@ -2,7 +2,6 @@
 (ViTForImageClassification), DeiT with its distillation head (DeiTForImageClassificationWithTeacher) and
 DINOv2 with its classification head over the class token beside the patch mean, with or without registers
 (Dinov2ForImageClassification, Dinov2WithRegistersForImageClassification); the inverse of hf_layouts."""
-import math
 
 import numpy as np
 
@@ -33,15 +32,6 @@ def hf_kind(cfg: ViTConfig, source="model"):
     raise TinyViTError(f"{source}: --to hf writes ViT, DeiT with its distillation head and DINOv2 with its "
                        f"classification head (class token beside the patch mean), the families an HF class "
                        f"computes exactly; this model is none of them: --to timm writes it")
-
-
-def mlp_ratio(cfg: ViTConfig, source="model"):
-    """A float r with int(dim * r) == mlp_dim, as timm sizes its MLP (m / d itself can fall an ulp short)."""
-    r = cfg.mlp_dim / cfg.dim
-    for c in (r, math.nextafter(r, math.inf), math.nextafter(math.nextafter(r, math.inf), math.inf)):
-        if int(cfg.dim * c) == cfg.mlp_dim:
-            return c
-    raise TinyViTError(f"{source}: no float mlp_ratio gives an MLP of {cfg.mlp_dim} for width {cfg.dim}")
 
 
 def hf_state(p, cfg: ViTConfig, source="model"):

@@ -64,7 +64,7 @@ def _blocks(m, state):
         m.mv(b + "layer_scale2.lambda1", p + "ls2.gamma")
 
 
-def _embeddings(m, fam):
+def _embeddings(m):
     """The patch embedding, prefix tokens and position embedding of each family."""
     e = "embeddings."
     for wb in ("weight", "bias"):
@@ -85,7 +85,7 @@ def _embeddings(m, fam):
         m.out["pos_embed"] = pos[:, 1:]
 
 
-def _heads(m, fam, source):
+def _heads(m, source):
     """The final norm(s) and heads: classifier, DeiT's two, CLIP's projection, SigLIP's attention pool."""
     for wb in ("weight", "bias"):
         m.mv(f"layernorm.{wb}", f"norm.{wb}")  # ViT, DeiT, Dinov2
@@ -118,12 +118,11 @@ def _heads(m, fam, source):
 
 def from_hf(state, source, mapper):
     """An HF state dict -> (params, leftover keys, dropped notes, heads None) through a convert._Mapper."""
-    fam = family(state)
     dropped = []
     state = _strip(state, dropped)
     m = mapper(state, source)
     m.dropped.extend(dropped)
-    _embeddings(m, fam)
+    _embeddings(m)
     _blocks(m, state)
-    _heads(m, fam, source)
+    _heads(m, source)
     return (*m.result(), None)

@@ -288,13 +288,13 @@ def head_backward(dlogits, cache):
     """Gradients of the head(s) alone (backbone frozen) from a vit_forward cache; leaves the cache intact."""
     if not isinstance(cache, _ShardedCache):
         return _head_backward(dlogits, cache.head, need_dx=False)[1]
-    heads = [c.head for c in cache.caches]  # one GEMM over every shard's features
-    if isinstance(heads[0], DistilledHeadCache):
-        cat = lambda part: heads[0]._asdict()[part]._replace(  # noqa: E731
-            x=get_array_module(dlogits).concatenate([h._asdict()[part].x for h in heads]))
-        joined = DistilledHeadCache(cat("head"), cat("head_dist"))
-    else:
-        joined = heads[0]._replace(x=get_array_module(dlogits).concatenate([h.x for h in heads]))
+    xp = get_array_module(dlogits)
+
+    def join(parts):  # the shards' LinearCaches as one over the whole batch: one GEMM
+        return parts[0]._replace(x=xp.concatenate([p.x for p in parts]))
+
+    heads = [c.head for c in cache.caches]
+    joined = DistilledHeadCache(*map(join, zip(*heads))) if isinstance(heads[0], DistilledHeadCache) else join(heads)
     return _head_backward(dlogits, joined, need_dx=False)[1]
 
 
