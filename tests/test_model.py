@@ -170,8 +170,8 @@ def test_inference_without_cache_matches_and_keeps_nothing():
     params = init_params(cfg)
     x = np.random.default_rng(0).normal(size=(3, 1, 28, 28)).astype(np.float32)
     a, cache = vit_forward(params, x, cfg)
-    b, none = vit_forward(params, x, cfg, keep_cache=False)
-    assert none is None and cache is not None and np.array_equal(a, b)
+    b, none = vit_forward(params, x, cfg, keep_cache=False)  # its own blockwise path (test_infer.py)
+    assert none is None and cache is not None and rel_err(b, a) < 1e-5
 
 
 def test_inference_memory_stays_about_one_block():

@@ -45,6 +45,11 @@ def _parallel(block, starts):
     list(_pool().map(share, range(n)))
 
 
+def parallel_blocks(block, starts):
+    """block(i) for every start i, spread over the pool's threads; inline inside a shard (one core)."""
+    _parallel(block, starts)
+
+
 # --- data-parallel shards ---------------------------------------------------------------------
 # NumPy runs most ops on one core and OpenBLAS is slow on many small matmuls (attention heads).
 # Cutting the batch into one shard per core, each with one BLAS thread, keeps every core busy

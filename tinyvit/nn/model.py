@@ -18,6 +18,7 @@ from .config import (  # noqa: F401  (re-exported: the model's names in one plac
     preset,
     trunc_normal,
 )
+from .infer import attention_infer, ln_linear_infer, mlp_residual_infer
 from .layers import (
     attention_heads_backward,
     attention_heads_forward,
@@ -91,6 +92,22 @@ def _block_forward(params, prefix, x, cfg, train, rng, keep_cache=True, queries=
     h, c_dp2 = drop_path_forward(h, drop_path, rng, train)
     x += h  # x is our own buffer here (x + h above), so in place is safe
     return x, BlockCache(c_n1, c_at, c_d1, c_f1, c_f2, c_d3, f1, c_dp1, f2, c_dp2)
+
+
+def _block_infer(params, prefix, x, cfg, queries=None):
+    """_block_forward at inference on NumPy, nothing cached: attention and the MLP run a cache-sized
+    block at a time (tinyvit.nn.infer). Same math; plain form: reference.block_forward."""
+    qkv = ln_linear_infer(x, params[prefix + "norm1.weight"], params[prefix + "norm1.bias"],
+                          params[prefix + "attn.qkv.weight"], params.get(prefix + "attn.qkv.bias"), cfg.ln_eps,
+                          q_scale=(cfg.dim // cfg.heads) ** -0.5)
+    w, b, _ = _folded(params, prefix, "attn.proj", "ls1.gamma")
+    h = attention_infer(qkv, w, b, cfg.heads, queries)
+    del qkv
+    x = x[:, :h.shape[1]] + h  # (B, n, C), our own buffer: the MLP adds into it in place
+    w2, b2, _ = _folded(params, prefix, "mlp.fc2", "ls2.gamma")
+    return mlp_residual_infer(x, params[prefix + "norm2.weight"], params[prefix + "norm2.bias"],
+                              params[prefix + "mlp.fc1.weight"], params[prefix + "mlp.fc1.bias"], w2, b2,
+                              cfg.gelu, cfg.ln_eps)
 
 
 def _put(grads, name, g):
@@ -194,8 +211,12 @@ def _features_forward(params, images, cfg, train, rng, keep_cache=True, all_toke
     x, c_em = _embed_forward(params, images, cfg, train, rng)
     rates = cfg.drop_path_rates() if train else [0.0] * cfg.depth
     blocks = []
+    infer = not keep_cache and not train and get_array_module(x) is np
     for i in range(cfg.depth):
         last = i == cfg.depth - 1 and not all_tokens
+        if infer:
+            x = _block_infer(params, f"blocks.{i}.", x, cfg, cfg.head_tokens if last else None)
+            continue
         x, c = _block_forward(params, f"blocks.{i}.", x, cfg, train, rng, keep_cache,
                               cfg.head_tokens if last else None, rates[i])
         if keep_cache:

@@ -1,0 +1,77 @@
+"""Inference-only forms of a block's two halves on NumPy (vit_forward with keep_cache=False): the same
+math as the layers, run on blocks of tokens or images small enough to stay in cache, so each
+intermediate (a block's scores, its MLP hidden rows) is made and used before it reaches memory.
+Nothing is cached; training keeps the layers' whole-batch forms, whose caches backward needs."""
+import numpy as np
+
+from ..cpu.threads import parallel_blocks
+from .activations import gelu_inplace, softmax_parts
+from .layers import _finite_total, layernorm_forward, linear_forward
+
+SCORES = 1 << 17  # scores per attention block (~512 KB of float32): one image's at ViT-Ti/16's size
+ROWS = 1024  # tokens per MLP block: its hidden rows (1024 x 4C) stay in L3 (smaller blocks cost GEMM speed)
+
+
+def ln_linear_infer(x, ln_w, ln_b, w, b, eps, q_scale=None):
+    """linear(layernorm(x)) with nothing cached, the norm's affine folded into the linear when that is
+    cheaper (the rule of layernorm_linear_forward) and the first w.shape[1] outputs (attention's q)
+    times q_scale, folded into w and b too: q k^T / sqrt(D) then needs no pass of its own."""
+    if q_scale is not None:  # rows [0, C) of the fused qkv weight make q
+        c = w.shape[1]
+        w = w.copy()
+        w[:c] *= q_scale
+        if b is not None:
+            b = b.copy()
+            b[:c] *= q_scale
+    if w.shape[0] >= x.size // x.shape[-1]:  # fewer rows than outputs: the affine pass is cheaper
+        return linear_forward(layernorm_forward(x, ln_w, ln_b, eps)[0], w, b)[0]
+    b_fold = w @ ln_b if b is None else w @ ln_b + b  # (xhat g + beta) w^T + b = xhat (w g)^T + (w beta + b)
+    return linear_forward(layernorm_forward(x, None, None, eps)[0], w * ln_w, b_fold)[0]
+
+
+def _attend(q, k, v, ov, o):
+    """o = softmax(q k^T) v for one block of images, q already scaled (q (b, H, n, D); ov is o viewed
+    (b, H, n, D))."""
+    s = q @ k.transpose(0, 1, 3, 2)  # (b, H, n, N)
+    e, r = softmax_parts(s)  # softmax = e * r
+    with np.errstate(over="ignore"):  # an overflow here is caught just below
+        np.matmul(e, v, out=ov)
+    if not _finite_total(o):  # an unshifted e times a huge |v| can overflow: redo with the row max
+        e, r = softmax_parts(s, shift=True)
+        np.matmul(e, v, out=ov)
+    o *= r.transpose(0, 2, 1, 3)  # normalise n x D rows, not n x N ones; in o's memory order
+
+
+def attention_infer(qkv, w_proj, b_proj, heads, queries=None):
+    """attention_heads_forward's output alone (B, n, C) from a qkv whose q is already scaled by
+    1/sqrt(D) (ln_linear_infer's q_scale), its scores made and used a block of images at a time
+    (SCORES); plain form: reference.attention_forward after its qkv linear."""
+    B, N, C3 = qkv.shape
+    D = C3 // (3 * heads)
+    n = N if queries is None else queries
+    q, k, v = qkv.reshape(B, N, 3, heads, D).transpose(2, 0, 3, 1, 4)  # each (B, H, N, D), views
+    o = np.empty((B, n, heads, D), dtype=qkv.dtype)  # heads written straight into (B, n, C) order
+    ov = o.transpose(0, 2, 1, 3)  # (B, H, n, D) view of it
+    step = max(1, SCORES // (heads * n * N))
+
+    def block(i):
+        j = i + step
+        _attend(q[i:j, :, :n], k[i:j], v[i:j], ov[i:j], o[i:j])
+
+    parallel_blocks(block, range(0, B, step))
+    return linear_forward(o.reshape(B, n, heads * D), w_proj, b_proj)[0]  # (B, n, C)
+
+
+def mlp_residual_infer(x, ln_w, ln_b, w1, b1, w2, b2, kind, eps):
+    """x += fc2(gelu(fc1(layernorm(x)))) in place on x (B, n, C), ROWS tokens at a time: the block's
+    second half at inference (plain form: reference.block_forward after its attention)."""
+    x2 = x.reshape(-1, x.shape[-1])  # (B*n, C), a view: x is the block's own contiguous buffer
+    w1, b1 = w1 * ln_w, w1 @ ln_b + b1  # the norm's affine folded into fc1 once, not per block of rows
+
+    def block(i):
+        xb = x2[i:i + ROWS]
+        h = linear_forward(layernorm_forward(xb, None, None, eps)[0], w1, b1)[0]  # (rows, hidden)
+        xb += linear_forward(gelu_inplace(h, kind), w2, b2)[0]
+
+    parallel_blocks(block, range(0, x2.shape[0], ROWS))
+    return x
