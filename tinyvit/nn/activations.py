@@ -208,6 +208,17 @@ def softmax_parts(x, shift=False):
     return e, r
 
 
+def softmax_parts_inplace(x):
+    """softmax_parts(x) with e written over x (NumPy; inference: nothing keeps x): returns r, or None
+    when a row sum leaves the safe range, x then being spoilt: the caller remakes x and calls
+    softmax_parts(x, shift=True)."""
+    r = np.empty(x.shape[:-1] + (1,), dtype=x.dtype)
+    row_chunks(_exp_rows, [x], [x, r])  # each block's exp overwrites that block, read just before
+    if not bool((r.min() >= _SUM_LO) & (r.max() <= _SUM_HI)):  # NaN fails too
+        return None
+    return np.reciprocal(r, out=r)
+
+
 def _scale_rows(r, y):
     """y *= r, row by row."""
     y *= r

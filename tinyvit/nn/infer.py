@@ -5,10 +5,10 @@ Nothing is cached; training keeps the layers' whole-batch forms, whose caches ba
 import numpy as np
 
 from ..cpu.threads import parallel_blocks
-from .activations import gelu_inplace, softmax_parts
+from .activations import gelu_inplace, softmax_parts, softmax_parts_inplace
 from .layers import _finite_total, layernorm_forward, linear_forward
 
-SCORES = 1 << 17  # scores per attention block (~512 KB of float32): one image's at ViT-Ti/16's size
+SCORES = 1 << 17  # scores per attention block (512 KB of float32, this CPU's L2): ViT-Ti/16's 3 heads of one image
 ROWS = 1024  # tokens per MLP block: its hidden rows (1024 x 4C) stay in L3 (smaller blocks cost GEMM speed)
 
 
@@ -30,35 +30,38 @@ def ln_linear_infer(x, ln_w, ln_b, w, b, eps, q_scale=None):
 
 
 def _attend(q, k, v, ov, o):
-    """o = softmax(q k^T) v for one block of images, q already scaled (q (b, H, n, D); ov is o viewed
-    (b, H, n, D))."""
-    s = q @ k.transpose(0, 1, 3, 2)  # (b, H, n, N)
-    e, r = softmax_parts(s)  # softmax = e * r
-    with np.errstate(over="ignore"):  # an overflow here is caught just below
-        np.matmul(e, v, out=ov)
-    if not _finite_total(o):  # an unshifted e times a huge |v| can overflow: redo with the row max
-        e, r = softmax_parts(s, shift=True)
-        np.matmul(e, v, out=ov)
+    """o = softmax(q k^T) v for one block of images and heads, q already scaled (q (b, h, n, D); ov is
+    o viewed (b, h, n, D)). The scores are exponentiated in place: one block-sized buffer in cache."""
+    s = q @ k.transpose(0, 1, 3, 2)  # (b, h, n, N)
+    r = softmax_parts_inplace(s)  # s = e now, softmax = e * r
+    if r is not None:
+        with np.errstate(over="ignore"):  # an overflow here is caught just below
+            np.matmul(s, v, out=ov)
+    if r is None or not _finite_total(ov):  # a row sum out of range, or an unshifted e times a huge
+        s, r = softmax_parts(q @ k.transpose(0, 1, 3, 2), shift=True)  # |v| overflowed: the row max
+        np.matmul(s, v, out=ov)
     o *= r.transpose(0, 2, 1, 3)  # normalise n x D rows, not n x N ones; in o's memory order
 
 
 def attention_infer(qkv, w_proj, b_proj, heads, queries=None):
     """attention_heads_forward's output alone (B, n, C) from a qkv whose q is already scaled by
-    1/sqrt(D) (ln_linear_infer's q_scale), its scores made and used a block of images at a time
-    (SCORES); plain form: reference.attention_forward after its qkv linear."""
+    1/sqrt(D) (ln_linear_infer's q_scale), its scores made and used about SCORES at a time (a group
+    of heads of one image, or whole images); plain form: reference.attention_forward after its qkv linear."""
     B, N, C3 = qkv.shape
     D = C3 // (3 * heads)
     n = N if queries is None else queries
     q, k, v = qkv.reshape(B, N, 3, heads, D).transpose(2, 0, 3, 1, 4)  # each (B, H, N, D), views
     o = np.empty((B, n, heads, D), dtype=qkv.dtype)  # heads written straight into (B, n, C) order
     ov = o.transpose(0, 2, 1, 3)  # (B, H, n, D) view of it
-    step = max(1, SCORES // (heads * n * N))
+    hs = max(1, min(heads, SCORES // (n * N)))  # heads per block
+    bs = max(1, SCORES // (heads * n * N)) if hs == heads else 1  # images per block
 
-    def block(i):
-        j = i + step
-        _attend(q[i:j, :, :n], k[i:j], v[i:j], ov[i:j], o[i:j])
+    def block(start):
+        i, h = start
+        a, g = slice(i, i + bs), slice(h, h + hs)
+        _attend(q[a, g, :n], k[a, g], v[a, g], ov[a, g], o[a, :, g])
 
-    parallel_blocks(block, range(0, B, step))
+    parallel_blocks(block, [(i, h) for i in range(0, B, bs) for h in range(0, heads, hs)])
     return linear_forward(o.reshape(B, n, heads * D), w_proj, b_proj)[0]  # (B, n, C)
 
 
