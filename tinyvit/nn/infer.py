@@ -69,11 +69,12 @@ def mlp_residual_infer(x, ln_w, ln_b, w1, b1, w2, b2, kind, eps):
     """x += fc2(gelu(fc1(layernorm(x)))) in place on x (B, n, C), ROWS tokens at a time: the block's
     second half at inference (plain form: reference.block_forward after its attention)."""
     x2 = x.reshape(-1, x.shape[-1])  # (B*n, C), a view: x is the block's own contiguous buffer
-    w1, b1 = w1 * ln_w, w1 @ ln_b + b1  # the norm's affine folded into fc1 once, not per block of rows
+    if w1.shape[0] < x2.shape[0]:  # more tokens than hidden units: fold the norm's affine into fc1 once
+        w1, b1, ln_w, ln_b = w1 * ln_w, w1 @ ln_b + b1, None, None
 
     def block(i):
         xb = x2[i:i + ROWS]
-        h = linear_forward(layernorm_forward(xb, None, None, eps)[0], w1, b1)[0]  # (rows, hidden)
+        h = linear_forward(layernorm_forward(xb, ln_w, ln_b, eps)[0], w1, b1)[0]  # (rows, hidden)
         xb += linear_forward(gelu_inplace(h, kind), w2, b2)[0]
 
     parallel_blocks(block, range(0, x2.shape[0], ROWS))
