@@ -187,6 +187,11 @@ def _exp_shifted_rows(x, e, r):
     r[...] = rowsum(e)
 
 
+def _sums_safe(r):
+    """True when every row sum lies in [2^-60, 2^60], where the unshifted exp is exact (NaN fails too)."""
+    return bool((r.min() >= _SUM_LO) & (r.max() <= _SUM_HI))
+
+
 def softmax_parts(x, shift=False):
     """(e, r) with softmax(x) = e * r over the last axis: e (..., N), r (..., 1) = 1 / rowsum(e).
 
@@ -201,7 +206,7 @@ def softmax_parts(x, shift=False):
     r = xp.empty(x.shape[:-1] + (1,), dtype=x.dtype)
     if not shift:
         row_chunks(_exp_rows, [x], [e, r])
-        shift = not bool((r.min() >= _SUM_LO) & (r.max() <= _SUM_HI))  # NaN fails too
+        shift = not _sums_safe(r)
     if shift:
         row_chunks(_exp_shifted_rows, [x], [e, r])
     xp.reciprocal(r, out=r)
@@ -214,7 +219,7 @@ def softmax_parts_inplace(x):
     softmax_parts(x, shift=True)."""
     r = np.empty(x.shape[:-1] + (1,), dtype=x.dtype)
     row_chunks(_exp_rows, [x], [x, r])  # each block's exp overwrites that block, read just before
-    if not bool((r.min() >= _SUM_LO) & (r.max() <= _SUM_HI)):  # NaN fails too
+    if not _sums_safe(r):
         return None
     return np.reciprocal(r, out=r)
 

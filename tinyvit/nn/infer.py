@@ -6,16 +6,15 @@ import numpy as np
 
 from ..cpu.threads import parallel_blocks
 from .activations import gelu_inplace, softmax_parts, softmax_parts_inplace
-from .layers import _finite_total, layernorm_forward, linear_forward
+from .layers import _finite_total, layernorm_forward, layernorm_linear_forward, linear_forward
 
 SCORES = 1 << 17  # scores per attention block (512 KB of float32, this CPU's L2): ViT-Ti/16's 3 heads of one image
 ROWS = 1024  # tokens per MLP block: its hidden rows (1024 x 4C) stay in L3 (smaller blocks cost GEMM speed)
 
 
 def ln_linear_infer(x, ln_w, ln_b, w, b, eps, q_scale=None):
-    """linear(layernorm(x)) with nothing cached, the norm's affine folded into the linear when that is
-    cheaper (the rule of layernorm_linear_forward) and the first w.shape[1] outputs (attention's q)
-    times q_scale, folded into w and b too: q k^T / sqrt(D) then needs no pass of its own."""
+    """layernorm_linear_forward's output alone, the first w.shape[1] outputs (attention's q) times
+    q_scale, folded into w and b: q k^T / sqrt(D) then needs no pass of its own."""
     if q_scale is not None:  # rows [0, C) of the fused qkv weight make q
         c = w.shape[1]
         w = w.copy()
@@ -23,10 +22,7 @@ def ln_linear_infer(x, ln_w, ln_b, w, b, eps, q_scale=None):
         if b is not None:
             b = b.copy()
             b[:c] *= q_scale
-    if w.shape[0] >= x.size // x.shape[-1]:  # fewer rows than outputs: the affine pass is cheaper
-        return linear_forward(layernorm_forward(x, ln_w, ln_b, eps)[0], w, b)[0]
-    b_fold = w @ ln_b if b is None else w @ ln_b + b  # (xhat g + beta) w^T + b = xhat (w g)^T + (w beta + b)
-    return linear_forward(layernorm_forward(x, None, None, eps)[0], w * ln_w, b_fold)[0]
+    return layernorm_linear_forward(x, ln_w, ln_b, w, b, eps)[0]  # its cache is dropped here
 
 
 def _attend(q, k, v, ov, o):
