@@ -50,6 +50,24 @@ def test_one_epoch_with_default_settings_runs_and_says_the_warmup_was_shortened(
     assert notes == ["note: warmup shortened from 1 to 0.09375 epochs (3 steps), a tenth of this 1-epoch run"]
 
 
+def test_the_shipped_mnist_model_is_what_the_default_command_trains_and_readme_says_so():
+    """weights/mnist_vit.npz was trained with exactly train_mnist.py's defaults (seed included), and
+    README's results row gives its final test accuracy."""
+    import importlib.util
+
+    from helpers import ROOT, SCRIPTS
+    from tinyvit.cli.args import run_args
+    spec = importlib.util.spec_from_file_location("train_mnist", SCRIPTS / "train_mnist.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    defaults = run_args(mod.parse_args(["--out", "unused"]))
+    meta = load_checkpoint(ROOT / "weights" / "mnist_vit.npz")[2]
+    assert meta["run_args"] == defaults
+    assert meta["history"][-1]["test_accuracy"] == meta["test_accuracy"]
+    row = next(line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| MNIST from scratch"))
+    assert f"**{100 * meta['test_accuracy']:.2f}%**" in row and "`python scripts/train_mnist.py`" in row
+
+
 @pytest.mark.parametrize("argv,want", [
     (["--epoch", "5"], {"epochs": 5, "lr": HEAD.lr}),  # argparse takes the abbreviation
     (["--batch", "16", "--label", "0.2", "--aug", "crop_flip"], {"batch_size": 16, "label_smoothing": 0.2,
