@@ -82,8 +82,8 @@ def test_a_lost_rank_ends_the_job(tmp_path, fault):
 
 
 def test_train_mnist_under_mpiexec_matches_one_rank(tmp_path, mnist_root):
-    cmd = script("train_mnist.py", "--limit-train", "4096", "--limit-test", "512", "--epochs", "1", "--warmup-epochs",
-                 "0.2", "--data-dir", mnist_root, "--json", "--quiet")
+    cmd = script("train_mnist.py", "--limit-train", "4096", "--limit-test", "512", "--epochs", "1", "--batch-size", "64",
+                 "--warmup-epochs", "0.2", "--data-dir", mnist_root, "--json", "--quiet")
     runs = []
     for ranks in (1, 2):
         r = run(([MPIEXEC, "-n", "2"] if ranks == 2 else []) + cmd + ["--out", tmp_path / str(ranks)], env=ENV, timeout=600)
