@@ -5,6 +5,7 @@ the malicious pickles, and an error measure.
 A test that starts a process (run, run_script, run_python, subprocess, mpiexec) carries the `e2e` marker:
 `pytest -m "not e2e"` is the fast tier. tests/test_layout_tests.py checks both."""
 import builtins
+import importlib.util
 import json
 import os
 import pickle
@@ -84,6 +85,14 @@ def run(cmd, *, cwd=None, env=None, extra_env=None, pythonpath=(), timeout=300, 
 def script(name, *args):
     """The command line of scripts/name with args, run by this Python."""
     return [sys.executable, str(SCRIPTS / name), *map(str, args)]
+
+
+def load_script(name):
+    """scripts/name imported as a module (its main() not run), to call its functions in-process."""
+    spec = importlib.util.spec_from_file_location(Path(name).stem, SCRIPTS / name)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def run_script(name, *args, **kw):

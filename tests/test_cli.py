@@ -1,13 +1,12 @@
 """The scripts' shared command line (tinyvit.cli) on the path a new user takes: defaults resolved after
 parsing, --resume alone, runs never silently replaced, head mode's rerun and its feature cache."""
-import importlib.util
 import os
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import DATA_HINT, ROOT, SCRIPTS, WEIGHTS_HINT, last_json, run_script
+from helpers import DATA_HINT, ROOT, WEIGHTS_HINT, last_json, load_script, run_script
 from PIL import Image
 
 from tinyvit.cli.args import run_args
@@ -55,10 +54,7 @@ def test_one_epoch_with_default_settings_runs_and_says_the_warmup_was_shortened(
 def test_the_shipped_mnist_model_is_what_the_default_command_trains_and_readme_says_so():
     """weights/mnist_vit.npz was trained with exactly train_mnist.py's defaults (seed included), and
     README's results row gives its final test accuracy."""
-    spec = importlib.util.spec_from_file_location("train_mnist", SCRIPTS / "train_mnist.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    defaults = run_args(mod.parse_args(["--out", "unused"]))
+    defaults = run_args(load_script("train_mnist.py").parse_args(["--out", "unused"]))
     meta = load_checkpoint(ROOT / "weights" / "mnist_vit.npz")[2]
     assert meta["run_args"] == defaults
     assert meta["history"][-1]["test_accuracy"] == meta["test_accuracy"]

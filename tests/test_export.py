@@ -1,14 +1,13 @@
 """Export to timm and HF transformers: strict loads into the torch ViT and logits vs vit_forward, the HF
 folder converting back bit for bit, transformers itself when installed, bad input, and the script."""
 import dataclasses
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, SCRIPTS, rel_err, run_script
+from helpers import ROOT, SCRIPTS, load_script, rel_err, run_script
 from PIL import Image
 from torch_vit import TorchViT
 
@@ -378,10 +377,7 @@ def test_script_exports_both_targets(tmp_path):
 def test_script_help_covers_every_flag():
     r = _run("--help")
     assert r.returncode == 0 and "--to" in r.stdout and "--json" in r.stdout
-    spec = importlib.util.spec_from_file_location("export_weights", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    assert all(a.help for a in mod.build_parser()._actions)
+    assert all(a.help for a in load_script(SCRIPT.name).build_parser()._actions)
 
 
 @pytest.mark.parametrize("act,gelu", [("gelu_fast", "tanh"), ("gelu_python_tanh", "tanh"), ("relu", None),

@@ -1,10 +1,9 @@
 """ImageNet class names (file, conversion, predict's output) and the figures: show_patches and attention maps."""
-import importlib.util
 import json
 
 import numpy as np
 import pytest
-from helpers import SCRIPTS, run_script
+from helpers import load_script, run_script
 from PIL import Image
 
 from tinyvit import init_params
@@ -29,10 +28,7 @@ def _script(name, *args, timeout=120):
 
 
 def _show_patches_module():
-    spec = importlib.util.spec_from_file_location("show_patches", SCRIPTS / "show_patches.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("show_patches.py")
 
 
 def _photo(path, size=(50, 40), seed=0, mode="RGB"):

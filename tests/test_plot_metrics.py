@@ -1,10 +1,9 @@
 """scripts/plot_metrics.py: curves from a run folder, a metrics.jsonl or a checkpoint; bad inputs and a
 missing matplotlib give one line and exit 2."""
-import importlib.util
 import json
 
 import pytest
-from helpers import SCRIPTS, run_script
+from helpers import load_script, run_script
 from PIL import Image
 
 from tinyvit import init_params
@@ -84,9 +83,7 @@ def test_writes_png(tmp_path, kind):
 
 @needs_mpl
 def test_title_and_edge_cases_in_process(tmp_path):
-    spec = importlib.util.spec_from_file_location("plot_metrics", SCRIPTS / "plot_metrics.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("plot_metrics.py")
     log = _write_log(tmp_path / "run7" / "metrics.jsonl", _history(3))
     other = _write_log(tmp_path / "run7" / "mnist_metrics.jsonl", _history(3))
     assert mod.read_run(tmp_path / "run7")[1] == "run7"
