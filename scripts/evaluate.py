@@ -1,10 +1,15 @@
 """Test-set accuracy of a tinyvit checkpoint on MNIST, CIFAR-10, Oxford-IIIT Pet or an image folder.
 
 For a model fine-tuned on a folder (scripts/finetune.py --data DIR), the validation split is rebuilt
-exactly as training made it (the seed and --val-split recorded in the checkpoint)."""
+exactly as training made it (the seed and --val-split recorded in the checkpoint). --data may hold
+some of the model's classes (class folders matched by name): their images are evaluated, each scored
+over all the model's classes, and one line says so; a class folder the model does not know is refused."""
 import argparse
 import json
+import sys
 import time
+
+import numpy as np
 
 from tinyvit.backend import get_backend, to_device
 from tinyvit.cli.report import run
@@ -12,11 +17,12 @@ from tinyvit.data.batches import ArrayDataset
 from tinyvit.data.cifar10 import CIFAR10_MEAN, CIFAR10_STD, load_cifar10
 from tinyvit.data.datasets import image_dataset, image_lists
 from tinyvit.data.download import data_root
-from tinyvit.data.folders import subset
+from tinyvit.data.folders import relabel, subset
 from tinyvit.data.mnist import MNIST_MEAN, MNIST_STD, load_mnist
 from tinyvit.data.transform import eval_transform
 from tinyvit.errors import TinyViTError
 from tinyvit.io.convert import load_model
+from tinyvit.io.labels import class_names
 from tinyvit.progress import Progress
 from tinyvit.train.evaluate import evaluate
 
@@ -40,17 +46,29 @@ def test_set(name, root, cfg, meta, limit):
 
 
 def folder_test_set(name, root, cfg, meta, args):
-    """The validation/test split of a folder dataset or Oxford-IIIT Pet, as the checkpoint recorded it."""
+    """The validation/test split of a folder dataset or Oxford-IIIT Pet, as the checkpoint recorded it;
+    a folder of some of the model's classes is evaluated on those (said in one line)."""
     folder = "pets" if name == "pets" else args.data or meta.get("data")
     if not folder:
         raise TinyViTError(f"{args.checkpoint}: no data folder recorded; pass --data DIR")
     _, images = image_lists(folder, root, val_split=meta.get("val_split", 0.1), seed=meta.get("split_seed", 0),
-                            workers=args.workers)
-    names = meta.get("class_names")
-    if names is not None and list(images.classes) != list(names):
-        raise TinyViTError(f"the folder's classes {images.classes[:5]}... differ from the checkpoint's {names[:5]}...")
+                            workers=args.workers, min_classes=1)
+    names = class_names(meta, cfg.num_classes, args.checkpoint)
+    if names is not None:
+        images = relabel(images, names, folder)
+    elif len(images.classes) != cfg.num_classes:
+        raise TinyViTError(f"{args.checkpoint}: records no class names, so class folders are matched to its "
+                           f"{cfg.num_classes} outputs by sorted position; {folder} has {len(images.classes)}")
+    else:
+        print(f"note: {args.checkpoint} records no class names: {folder}'s class folders are matched to its outputs "
+              f"by sorted position", file=sys.stderr)
     t = eval_transform(meta, cfg.in_chans, args.checkpoint)  # the one fine-tuning validated with
     images = subset(images, args.limit, meta.get("split_seed", 0))  # the same images finetune's --limit-test took
+    seen = np.unique(images.labels)
+    if len(seen) < cfg.num_classes:
+        shown = ", ".join(images.classes[k] for k in seen[:5]) + (", ..." if len(seen) > 5 else "")
+        print(f"note: {folder}: {len(seen)} of the model's {cfg.num_classes} classes ({shown}): evaluated on "
+              f"their {len(images)} images, each scored over all {cfg.num_classes} classes", file=sys.stderr)
     return image_dataset(images, cfg.img_size, cfg.in_chans, t, args.workers)
 
 

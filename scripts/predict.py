@@ -7,13 +7,15 @@ Examples:
   python scripts/predict.py runs/finetune/model.npz photos/ --output preds.csv --top-k 3
   python scripts/predict.py runs/finetune/model.npz list.txt --output preds.jsonl
 
-Each PATH is an image, a folder (every image below it, recursively: the extensions fine-tuning reads)
-or a text file (.txt, .lst) listing images one per line (relative to the list's folder; # comments).
-Images are decoded on --workers threads a batch ahead of the model (see tinyvit/data/decode.py for the
-mode, alpha, resize and inversion rules). An unreadable file is named once on stderr and skipped
-(exit 0); --strict makes it an error (exit 2). --output preds.csv has the columns image, class_1,
-probability_1, ..., class_K, probability_K (K = --top-k); preds.jsonl one line per image with the keys
---json prints (image, top_k).
+Each PATH is an image, a folder (every image below it, recursively: the extensions fine-tuning reads;
+hidden files and folders skipped) or a text file (.txt, .lst) listing images one per line (relative to
+the list's folder; # comments). Images are decoded on --workers threads a batch ahead of the model (see
+tinyvit/data/decode.py for the mode, alpha, resize and inversion rules: alpha is dropped, as timm and
+transformers drop it). An unreadable file is named once on stderr and skipped (exit 0); --strict makes
+it an error (exit 2), as is a lone image that cannot be read, or none readable among several. --output
+preds.csv has the columns image, class_1, probability_1, ..., class_K, probability_K (K = --top-k;
+probabilities to 6 significant digits); preds.jsonl one line per image with the keys --json prints
+(image, top_k).
 --attention-map OUT.png writes a figure per image, side by side: the input as the model sees it
 (centre square, resized; inverted or gray where the model's input is), the attention-rollout heat map
 (the CLS token's row over the patches, 10th to 99th percentile, bilinear) in the inferno colour map,
@@ -134,6 +136,8 @@ def main(argv=None):
     xp = get_backend(args.backend)
     results, inputs, heats, skipped = predict_all(paths, to_device(params, xp), cfg, t, names, args, xp,
                                                   lambda maps: attention_rollout(maps, cfg.num_prefix_tokens))
+    if not results:
+        raise TinyViTError(f"nothing predicted: none of the {len(paths)} images could be read (each named above)")
     if heats is not None:
         for res, inp, heat, out in zip(results, inputs, heats, map_paths(args.attention_map, [r["image"] for r in results])):
             top = res["top_k"][0]

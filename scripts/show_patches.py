@@ -117,7 +117,7 @@ def main(argv=None):
         raise TinyViTError(f"--max-megapixels must be positive, got {args.max_megapixels}")
     out = Path(args.out)
     prepare_out_dir(out.parent, "the --out folder")
-    img = open_image(args.image, int(args.max_megapixels * 1e6), draft_size=2 * args.size)
+    img = open_image(args.image, int(args.max_megapixels * 1e6), draft_size=2 * args.size, flag="--max-megapixels")
     view = model_view(img, args.size)  # (S, S, 3) uint8, as predict.py prepares it
     P = args.patch
     title = f"{Path(args.image).name}: {args.size}x{args.size} px -> {g}x{g} = {g * g} patches of {P}x{P} px"

@@ -13,11 +13,13 @@ from ..data.decode import has_colour, image_to_input, open_image
 from ..data.folders import Warnings
 from ..data.listing import decoded_batches
 from ..errors import TinyViTError
+from ..io.filekind import NAMES, file_kind
 from ..io.files import atomic_write
 from ..nn.model import attention_maps, vit_forward
 from ..progress import Progress
 
 INVERT = {"auto": None, "yes": True, "no": False}
+MODEL_KINDS = ("tinyvit", "npz", "safetensors", "torch")
 
 
 def softmax(logits):
@@ -31,19 +33,27 @@ def softmax(logits):
 def decoder(cfg, t, max_pixels, invert, dataset):
     """path -> (model input (1, C, S, S), whether a 1-channel model was given a colour image)."""
     def decode(p):
-        img = open_image(p, max_pixels)
+        img = open_image(p, max_pixels, flag="--max-megapixels")
         return image_to_input(img, cfg, t, invert, dataset, p), cfg.in_chans == 1 and has_colour(img, p)
     return decode
 
 
 def _why(err, path):
-    """An error's message without the path it starts with (Warnings names the path)."""
+    """An error's message without the path it starts with (Warnings names the path); a model file
+    is named as one."""
+    try:
+        kind = file_kind(path)
+    except TinyViTError:
+        kind = None
+    if kind in MODEL_KINDS:
+        return f"{NAMES[kind]}, not an image (predict.py takes the checkpoint first, then images)"
     msg = str(err)
     return msg[len(str(path)) + 2:] if msg.startswith(f"{path}: ") else msg
 
 
 def write_predictions(out, results, k):
-    """preds.csv (image, class_1, probability_1, ...) or preds.jsonl (one --json record per line), atomically."""
+    """preds.csv (image, class_1, probability_1, ...; probabilities to 6 significant digits) or
+    preds.jsonl (one --json record per line), atomically."""
     if Path(out).suffix.lower() == ".jsonl":
         text = "".join(json.dumps({"image": r["image"], "top_k": r["top_k"]}) + "\n" for r in results)
     else:
@@ -51,14 +61,15 @@ def write_predictions(out, results, k):
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(["image"] + [f"{c}_{i}" for i in range(1, k + 1) for c in ("class", "probability")])
         for r in results:
-            w.writerow([r["image"]] + [v for t in r["top_k"] for v in (t["class"], repr(t["probability"]))])
+            w.writerow([r["image"]] + [v for t in r["top_k"] for v in (t["class"], f"{t['probability']:.6g}")])
         text = buf.getvalue()
     atomic_write(out, lambda f: f.write(text.encode()))
 
 
 def predict_all(paths, params, cfg, t, names, args, xp, rollout=None):
     """Top-k per readable image, in order -> (results, inputs, heats, unreadable count); with
-    --attention-map, rollout(each batch's attention maps) gives the heat maps (the script's viz.attention_rollout)."""
+    --attention-map, rollout(each batch's attention maps) gives the heat maps (the script's
+    viz.attention_rollout). One image given that cannot be read is the error."""
     want_maps, k = args.attention_map is not None, min(args.top_k, cfg.num_classes)
     warn = Warnings(args.strict)
     decode = decoder(cfg, t, int(args.max_megapixels * 1e6), INVERT[args.invert], args.dataset)
@@ -68,6 +79,8 @@ def predict_all(paths, params, cfg, t, names, args, xp, rollout=None):
         good = []
         for p, r in zip(chunk, decoded):
             if isinstance(r, TinyViTError):
+                if len(paths) == 1:
+                    raise TinyViTError(f"{p}: {_why(r, p)}")
                 warn(p, _why(r, p))  # --strict: raises, one line, exit 2
             else:
                 good.append((p, r[0]))

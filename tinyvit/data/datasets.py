@@ -5,13 +5,14 @@ from .loader import FolderDataset
 from .transform import EvalTransform
 
 
-def image_lists(data, root, *, val_split=0.1, seed=0, strict=False, workers=2, warn=None):
+def image_lists(data, root, *, val_split=0.1, seed=0, strict=False, workers=2, warn=None, min_classes=2):
     """(train, test) ImageLists of `data`: 'pets' (Oxford-IIIT Pet under the data root) or a folder
-    (train/ and val/, or class folders split by val_split and seed); warn counts what it names."""
+    (train/ and val/, or class folders split by val_split and seed, at least min_classes of them);
+    warn counts what it names."""
     warn = warn or Warnings(strict)
     if data == "pets":
         return pets_splits(root, strict=strict, workers=workers, warn=warn)
-    return folder_splits(data, val_split, seed, strict, workers, warn=warn)
+    return folder_splits(data, val_split, seed, strict, workers, warn=warn, min_classes=min_classes)
 
 
 def image_dataset(images, img_size, channels, t: EvalTransform, workers=2, warn=None):

@@ -1,4 +1,31 @@
-""""""
+"""Image files -> the model's pixels: one pipeline for prediction, evaluation, training and the exports.
+
+Rules (the same for every caller; the scripts' --help points here):
+- Only the first frame of a multi-frame file (GIF, TIFF) is read; EXIF orientation is applied.
+- Modes: 1/L/P/CMYK/YCbCr/LAB/HSV/RGB go through Pillow's own conversions (8 bits, /255).
+  I;16* is scaled by 1/65535. I (32-bit int) is clipped to 0..65535 and scaled by 1/65535 when
+  any value exceeds 255, else by 1/255. F is taken as 0..1 when its maximum is <= 1, else as
+  0..255; NaN becomes 0, then everything is clipped to [0, 1].
+- Alpha (RGBA, LA, PA, P with transparency) is dropped, as Pillow's convert("RGB") drops it: the
+  model sees the colour stored under each pixel, transparent or not. timm's file loader
+  (ImageDataset: Image.open(f).convert("RGB")) and transformers' (load_image, so pipeline() given a
+  file) do the same; transformers' CLIP and SigLIP image processors, handed an RGBA Pillow image
+  rather than a file, composite it onto white instead. An image whose colour channels hold one flat
+  colour while its alpha varies (a drawing on a transparent canvas) is refused: without its alpha
+  it is blank. Flatten such an image onto a background first.
+- Channels: 1-channel models get luminance (ITU-R 601-2, Pillow's "L"); grayscale images given to
+  3-channel models are replicated to R=G=B (Pillow's convert("RGB") of an L image).
+- Size: the checkpoint's eval transform (data.transform.EvalTransform, recorded in its metadata):
+  the shorter side resized to int(img_size / crop_pct) and the centre img_size x img_size cropped
+  (timm's eval), or the whole image squashed to img_size x img_size, with its interpolation; the
+  integer rounding is transformers' image processors', so an HF export sees the same pixels.
+- Inversion (after resizing, on [0, 1] values, before normalising): invert=True -> 1 - x,
+  False -> never; None (auto) -> only when dataset == "mnist": invert when the border ring is
+  brighter than the central square (dark ink on light paper -> MNIST's white on black).
+- Limits: a file over max_pixels (width x height from its header, checked before decoding; 64
+  megapixels by default, --max-megapixels in predict.py and show_patches.py) is refused, as are
+  Pillow's own decompression-bomb warnings and errors.
+"""
 import struct
 import warnings
 import zlib
@@ -30,9 +57,11 @@ def eval_resize(img, size, resize="shortest_edge", crop_pct=0.875, interpolation
     return img.resize((nw, nh), f).crop((left, top, left + size, top + size))
 
 
-def open_image(path, max_pixels=MAX_PIXELS, draft_size=None):
-    """Open, size-check, decode and EXIF-orient an image file (max_pixels None: no limit); problems are TinyViTError."""
+def open_image(path, max_pixels=MAX_PIXELS, draft_size=None, flag=None):
+    """Open, size-check, decode and EXIF-orient an image file (max_pixels None: no limit); problems are
+    TinyViTError. flag: the caller's option that sets the limit, named when a file is over it."""
     path = input_file(path, "image file")
+    raise_it = f"; {flag} raises the limit" if flag else ""
     old = Image.MAX_IMAGE_PIXELS
     try:
         with warnings.catch_warnings():
@@ -42,7 +71,7 @@ def open_image(path, max_pixels=MAX_PIXELS, draft_size=None):
                 w, h = img.size
                 if max_pixels is not None and w * h > max_pixels:
                     raise TinyViTError(f"{path}: {w}x{h} image has {w * h} pixels, over the limit of "
-                                       f"{max_pixels} (possible decompression bomb)")
+                                       f"{max_pixels} (possible decompression bomb{raise_it})")
                 if w < 1 or h < 1:
                     raise TinyViTError(f"{path}: image has no pixels ({w}x{h})")
                 if draft_size and img.format == "JPEG":
@@ -55,22 +84,37 @@ def open_image(path, max_pixels=MAX_PIXELS, draft_size=None):
         raise TinyViTError(f"{path}: not an image Pillow can read") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise TinyViTError(f"{path}: image is over the limit of {max_pixels} pixels "
-                           f"(possible decompression bomb)") from None
+                           f"(possible decompression bomb{raise_it})") from None
     except _DECODE_ERRORS as e:
         raise TinyViTError(f"{path}: cannot decode image (truncated or corrupt: {e})") from None
     finally:
         Image.MAX_IMAGE_PIXELS = old
 
 
+def _without_alpha(img, path):
+    """An image with alpha (RGBA, LA, PA, P with transparency) as Pillow's convert to RGB or L leaves
+    it: alpha dropped; one whose colour is flat under a varying alpha is a TinyViTError."""
+    full = img if img.mode in ("LA", "RGBA") else img.convert("RGBA")  # P: no warning about byte tRNS
+    a = np.asarray(full)  # (H, W, 2 or 4)
+    colour, alpha = a[..., :-1], a[..., -1]
+    if alpha.min() != alpha.max() and (colour == colour[:1, :1]).all():
+        raise TinyViTError(f"{path}: the picture is only in the alpha channel (the colour channels are one flat "
+                           f"colour); alpha is dropped, as timm's and transformers' loaders drop it, so the model "
+                           f"would see a blank image: flatten it onto a background first")
+    return full.convert("L" if full.mode == "LA" else "RGB")
+
+
 def standard_mode(img, path):
-    """The image as L, LA, RGB, RGBA (8-bit) or F (float, already scaled to [0, 1])."""
+    """The image as L or RGB (8-bit, alpha dropped: the module's rules) or F (float, already scaled to [0, 1])."""
     m = img.mode
-    if m in ("L", "LA", "RGB", "RGBA"):
+    if m in ("L", "RGB"):
         return img
     if m == "1":
         return img.convert("L")
-    if m in ("P", "PA"):
-        return img.convert("RGBA" if m == "PA" or "transparency" in img.info else "RGB")
+    if m in ("LA", "PA", "RGBA") or (m == "P" and "transparency" in img.info):
+        return _without_alpha(img, path)
+    if m == "P":
+        return img.convert("RGB")
     if m.startswith("I;16"):
         x = np.asarray(img).astype(np.float32) / 65535.0  # (H, W), any byte order
     elif m == "I":
@@ -81,8 +125,8 @@ def standard_mode(img, path):
         if x.size and x.max() > 1.0:
             x = x / 255.0
     else:
-        try:  # CMYK, YCbCr, LAB, HSV, RGBX, La, RGBa, ...
-            return img.convert("RGBA" if m.endswith(("A", "a")) else "RGB")
+        try:  # CMYK, YCbCr, LAB, HSV, RGBX, RGBa, ...
+            return img.convert("RGB")
         except ValueError as e:
             raise TinyViTError(f"{path}: unsupported image mode {m} ({e})") from None
     return Image.fromarray(np.clip(x, 0.0, 1.0), mode="F")
@@ -94,26 +138,13 @@ def crop_box(w, h):
     return ((w - m) / 2, (h - m) / 2, (w + m) / 2, (h + m) / 2)
 
 
-def _composite(x, alpha):
-    """Blend (H, W, C) values in [0, 1] onto white, or onto black when the opaque content is light."""
-    lum = x[..., 0] if x.shape[-1] == 1 else x @ np.array([0.299, 0.587, 0.114], np.float32)
-    total = float(alpha.sum())
-    bg = 0.0 if total > 0 and float((lum * alpha).sum()) / total > 0.5 else 1.0
-    a = alpha[..., None]
-    return x * a + bg * (1.0 - a)
-
-
 def to_array(img):
-    """A standard-mode Pillow image -> (H, W, C) float32 in [0, 1], alpha composited away."""
+    """A standard-mode Pillow image -> (H, W, C) float32 in [0, 1]."""
     x = np.asarray(img, dtype=np.float32)
     if img.mode == "F":
         return np.clip(x, 0.0, 1.0)[..., None]  # bicubic overshoot clipped
     x = x / 255.0
-    if x.ndim == 2:
-        x = x[..., None]  # (H, W, 1)
-    if img.mode in ("LA", "RGBA"):
-        x = _composite(x[..., :-1], x[..., -1])
-    return x
+    return x[..., None] if x.ndim == 2 else x  # (H, W, 1 or 3)
 
 
 def auto_invert(x):
@@ -129,10 +160,10 @@ def auto_invert(x):
 def model_pixels(img, size, channels, path="image", box=None, **geometry):
     """The one decode pipeline (prediction, evaluation and training): a Pillow image in any mode ->
     (size, size, channels) float32 in [0, 1]: standard mode, luminance for 1 channel, then the eval
-    geometry (eval_resize's keywords), or a bicubic resize of the crop box (training's), alpha composited."""
+    geometry (eval_resize's keywords), or a bicubic resize of the crop box (training's); alpha dropped."""
     img = standard_mode(img, path)
-    if channels == 1 and img.mode in ("RGB", "RGBA"):
-        img = img.convert("LA" if img.mode == "RGBA" else "L")  # luminance, alpha kept
+    if channels == 1 and img.mode == "RGB":
+        img = img.convert("L")  # luminance
     img = eval_resize(img, size, **geometry) if box is None else img.resize((size, size), BICUBIC, box=box)
     x = to_array(img)  # (S, S, 1 or 3)
     return x if x.shape[-1] == channels else np.repeat(x, channels, axis=-1)  # grayscale into an RGB model
@@ -155,11 +186,11 @@ def image_to_input(img, cfg, t: EvalTransform, invert=None, dataset=None, path="
 def has_colour(img, path="image") -> bool:
     """True when a decoded image holds colour, not only gray levels (mean channel spread over 4/255)."""
     img = standard_mode(img, path)
-    if img.mode not in ("RGB", "RGBA"):
+    if img.mode != "RGB":
         return False
     img = img.copy()  # thumbnail works in place; the caller's image stays whole
     img.thumbnail((64, 64))
-    x = np.asarray(img.convert("RGB"), np.float32)  # (h, w, 3)
+    x = np.asarray(img, np.float32)  # (h, w, 3)
     return float(np.abs(x - x.mean(axis=-1, keepdims=True)).mean()) > 4.0
 
 

@@ -88,14 +88,21 @@ def _header_problem(path, max_pixels=MAX_PIXELS):
     return None
 
 
+def visible_files(folder):
+    """Every file below folder (recursive, sorted) except hidden ones and those inside a hidden folder
+    (.DS_Store, ._x, .ipynb_checkpoints/): they are not meant as data."""
+    folder = Path(folder)
+    return sorted(f for f in folder.rglob("*") if not f.is_dir() and not any(
+        part.startswith(".") for part in f.relative_to(folder).parts))
+
+
 def _class_files(folder, warn):
-    """{class name: [image paths]} from the class folders of one split (names sorted, files sorted)."""
+    """{class name: [image paths]} from the class folders of one split (names sorted, files sorted;
+    hidden folders and files skipped without a word)."""
     out = {}
     for d in sorted(p for p in Path(folder).iterdir() if p.is_dir() and not p.name.startswith(".")):
         files = []
-        for f in sorted(d.rglob("*")):
-            if f.is_dir() or f.name.startswith("."):
-                continue  # hidden files (.DS_Store, ._x) are not meant as data
+        for f in visible_files(d):
             if f.suffix.lower() not in EXTENSIONS:
                 warn(f, "not an image file (by its extension)")
                 continue
@@ -129,9 +136,10 @@ def _image_list(by_class, classes, warn, workers, where):
     return ImageList(paths, np.asarray(labels, np.int64), list(classes))
 
 
-def folder_splits(root, val_split=0.1, seed=0, strict=False, workers=4, warn=None):
+def folder_splits(root, val_split=0.1, seed=0, strict=False, workers=4, warn=None, min_classes=2):
     """(train, val) ImageLists of a folder dataset (layouts: the module docstring); warn: a Warnings
-    that also counts what it named (a new one by default)."""
+    that also counts what it named (a new one by default); fewer than min_classes classes with images
+    is a TinyViTError (training needs 2; evaluating a model on one of its classes needs 1)."""
     root = Path(root)
     if not root.is_dir():
         raise TinyViTError(f"{root}: no such folder (expected train/<class>/ and val/<class>/, or <class>/ folders)")
@@ -139,26 +147,30 @@ def folder_splits(root, val_split=0.1, seed=0, strict=False, workers=4, warn=Non
     val_dir = next((root / n for n in ("val", "valid", "validation", "test") if (root / n).is_dir()), None)
     if (root / "train").is_dir() and val_dir is not None:
         train_files, val_files = _class_files(root / "train", warn), _class_files(val_dir, warn)
-        classes = _nonempty(train_files, warn, root / "train")
+        classes = _nonempty(train_files, root / "train", min_classes)
         extra = sorted(set(n for n, fs in val_files.items() if fs) - set(classes))
         if extra:
             raise TinyViTError(f"{val_dir}: class folder {extra[0]!r} has no counterpart with images in {root / 'train'}")
         return (_image_list(train_files, classes, warn, workers, root / "train"),
                 _image_list(val_files, classes, warn, workers, val_dir))
     by_class = _class_files(root, warn)
-    classes = _nonempty(by_class, warn, root)
+    classes = _nonempty(by_class, root, min_classes)
     checked = {c: _checked(by_class[c], warn, workers) for c in classes}
     return _stratified(checked, classes, val_split, seed, root)
 
 
-def _nonempty(by_class, warn, where):
-    """Class names with at least one file; empty class folders are warned about and left out."""
+def _nonempty(by_class, where, min_classes):
+    """Class names with at least one file (at least min_classes of them); empty class folders are
+    warned about and left out."""
     classes = [c for c, fs in by_class.items() if fs]
     for c, fs in by_class.items():
         if not fs:
             print(f"warning: {Path(where) / c}: empty class folder; left out", file=sys.stderr)
     if not classes:
         raise TinyViTError(f"{where}: no class folders with images (expected <class>/<image> files)")
+    if len(classes) < min_classes:
+        raise TinyViTError(f"{where}: {len(classes)} class folder(s) with images ({', '.join(classes)}): a "
+                           f"classifier needs at least {min_classes} classes, one folder of images each")
     return classes
 
 
@@ -188,6 +200,19 @@ def subset(images: ImageList, n, seed):
         return images
     keep = np.sort(np.random.default_rng([seed, 7]).permutation(len(images))[:n])
     return ImageList([images.paths[i] for i in keep], images.labels[keep], images.classes, images.bad)
+
+
+def relabel(images: ImageList, names, where):
+    """images with labels that index `names` (a model's classes, matched by name); a class with
+    images that is not among names is a TinyViTError."""
+    index = {n: i for i, n in enumerate(names)}
+    foreign = [images.classes[k] for k in np.unique(images.labels) if images.classes[k] not in index]
+    if foreign:
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        raise TinyViTError(f"{where}: class folder {foreign[0]!r} is not one of the model's {len(names)} classes "
+                           f"({shown}); a folder of some of its classes is evaluated on those")
+    to_model = np.array([index.get(c, -1) for c in images.classes], np.int64)
+    return ImageList(images.paths, to_model[images.labels], list(names), images.bad)
 
 
 # --- Oxford-IIIT Pet ---------------------------------------------------------------------------
