@@ -10,7 +10,7 @@ from PIL import Image
 from tinyvit.data import loader
 from tinyvit.data.batches import ArrayDataset
 from tinyvit.data.cifar10 import load_cifar10
-from tinyvit.data.folders import Warnings, folder_splits, pets_splits
+from tinyvit.data.folders import Warnings, folder_splits, pets_splits, relabel
 from tinyvit.data.loader import FolderDataset
 from tinyvit.errors import TinyViTError
 from tinyvit.io.convert import adapt, load_model
@@ -69,6 +69,67 @@ def test_layout_errors_are_one_line(tmp_path):
     _tree(tmp_path / "one", n=1)
     with pytest.raises(TinyViTError, match="needs 2 to be split"):
         folder_splits(tmp_path / "one")
+
+
+@pytest.mark.parametrize("layout", ["flat", "train-val"])
+def test_one_class_is_refused_for_training(tmp_path, layout):
+    """One class folder would train to '100%': refused; evaluating a model on one class is fine."""
+    if layout == "flat":
+        _tree(tmp_path, n=6, classes=["cat"])
+        where = tmp_path
+    else:
+        _tree(tmp_path / "train", n=3, classes=["cat"])
+        _tree(tmp_path / "val", n=2, classes=["cat"])
+        where = tmp_path / "train"
+    (where / "dog").mkdir()  # an empty class folder is no class
+    with pytest.raises(TinyViTError) as e:
+        folder_splits(tmp_path)
+    assert str(e.value) == (f"{where}: 1 class folder(s) with images (cat): a classifier needs at least 2 classes, "
+                            f"one folder of images each")
+    assert folder_splits(tmp_path, 0.5, min_classes=1)[1].classes == ["cat"]
+
+
+def test_hidden_folders_inside_a_class_folder_are_skipped(tmp_path, capsys):
+    """.ipynb_checkpoints/ (Jupyter's copies), or any hidden folder below a class, holds no data: skipped
+    without a word, as hidden files and hidden class folders are."""
+    _tree(tmp_path, n=4)
+    _png(tmp_path / "cat" / ".ipynb_checkpoints" / "0-checkpoint.png")
+    _png(tmp_path / "dog" / "sub" / ".cache" / "x.png")
+    _png(tmp_path / "dog" / "sub" / "kept.png")
+    (tmp_path / "owl" / ".git").mkdir()
+    (tmp_path / "owl" / ".git" / "HEAD").write_text("ref: refs/heads/main")
+    tr, va = folder_splits(tmp_path, 0.25, seed=0)
+    paths = tr.paths + va.paths
+    assert len(paths) == 13 and str(tmp_path / "dog" / "sub" / "kept.png") in paths
+    assert not any(".ipynb" in f or ".cache" in f or ".git" in f for f in paths)
+    assert capsys.readouterr().err == ""
+
+
+def test_a_subset_of_the_classes_is_relabelled_onto_the_model(tmp_path):
+    _tree(tmp_path, n=4, classes=["cat", "owl"])
+    _, va = folder_splits(tmp_path, 0.5, min_classes=1)
+    m = relabel(va, CLASSES, tmp_path)
+    assert m.classes == CLASSES and m.paths == va.paths and m.labels.tolist() == [0, 0, 2, 2]
+    with pytest.raises(TinyViTError) as e:
+        relabel(va, ["cat", "dog"], tmp_path)
+    assert str(e.value) == (f"{tmp_path}: class folder 'owl' is not one of the model's 2 classes (cat, dog); "
+                            f"a folder of some of its classes is evaluated on those")
+
+
+@pytest.mark.e2e
+def test_finetune_script_refuses_one_class(tmp_path):
+    from tinyvit import init_params
+    from tinyvit.io.checkpoint import save_checkpoint
+    from tinyvit.nn.model import ViTConfig
+
+    cfg = ViTConfig(img_size=32, patch_size=8, in_chans=3, num_classes=3, dim=32, depth=1, heads=2, mlp_dim=64)
+    weights = save_checkpoint(tmp_path / "w.npz", init_params(cfg, seed=0), cfg, meta={})
+    _tree(tmp_path / "data", n=6, classes=["cat"])
+    r = run_script("finetune.py", "--data", tmp_path / "data", "--weights", weights, "--img-size", "32",
+                   "--out", tmp_path / "run", timeout=120)
+    assert r.returncode == 2 and r.stdout == "", r.stderr
+    assert r.stderr == (f"error: {tmp_path / 'data'}: 1 class folder(s) with images (cat): a classifier needs at "
+                        f"least 2 classes, one folder of images each\n")
 
 
 def _jpeg_bytes(a):
