@@ -1,7 +1,8 @@
 """Image-folder datasets (one folder per class) and Oxford-IIIT Pet: find, check, split and decode.
 
 A folder dataset is DIR/train/<class>/* with DIR/val/<class>/* (or test/), or only DIR/<class>/*,
-split by a seeded, stratified val_split. Classes are the sorted folder names that hold images.
+split by a seeded, stratified val_split. Classes are the sorted folder names that hold images (at
+least 2 to train on); hidden files and folders (.DS_Store, .ipynb_checkpoints/) are not data, skipped.
 Files are checked from their headers when the dataset is built: a non-image, an empty file, a tiny
 image or a decompression bomb is named in one warning and skipped (strict: an error). Corrupt or
 truncated pixel data shows only when decoded: the batch loader then warns and drops that image.
