@@ -1,9 +1,10 @@
 """Test-set accuracy of a tinyvit checkpoint on MNIST, CIFAR-10, Oxford-IIIT Pet or an image folder.
 
-For a model fine-tuned on a folder (scripts/finetune.py --data DIR), the validation split is rebuilt
-exactly as training made it (the seed and --val-split recorded in the checkpoint). --data may hold
-some of the model's classes (class folders matched by name): their images are evaluated, each scored
-over all the model's classes, and one line says so; a class folder the model does not know is refused."""
+For a model fine-tuned on a folder (scripts/finetune.py --data DIR), the images are DIR/val/ (or test/)
+when DIR has train/ beside it, else the validation split rebuilt exactly as training made it (the seed
+and --val-split recorded in the checkpoint). --data may hold some of the model's classes (class
+folders matched by name): their images are evaluated, each scored over all the model's classes, and
+one line says so; a class folder the model does not know is refused."""
 import argparse
 import json
 import sys
@@ -17,7 +18,7 @@ from tinyvit.data.batches import ArrayDataset
 from tinyvit.data.cifar10 import CIFAR10_MEAN, CIFAR10_STD, load_cifar10
 from tinyvit.data.datasets import image_dataset, image_lists
 from tinyvit.data.download import data_root
-from tinyvit.data.folders import relabel, subset
+from tinyvit.data.folders import evaluation_images, relabel, subset
 from tinyvit.data.mnist import MNIST_MEAN, MNIST_STD, load_mnist
 from tinyvit.data.transform import eval_transform
 from tinyvit.errors import TinyViTError
@@ -51,8 +52,10 @@ def folder_test_set(name, root, cfg, meta, args):
     folder = "pets" if name == "pets" else args.data or meta.get("data")
     if not folder:
         raise TinyViTError(f"{args.checkpoint}: no data folder recorded; pass --data DIR")
-    _, images = image_lists(folder, root, val_split=meta.get("val_split", 0.1), seed=meta.get("split_seed", 0),
-                            workers=args.workers, min_classes=1)
+    if name == "pets":
+        images = image_lists("pets", root, workers=args.workers)[1]
+    else:
+        images = evaluation_images(folder, meta.get("val_split", 0.1), meta.get("split_seed", 0), args.workers)
     names = class_names(meta, cfg.num_classes, args.checkpoint)
     if names is not None:
         images = relabel(images, names, folder)

@@ -10,7 +10,7 @@ from PIL import Image
 from tinyvit.data import loader
 from tinyvit.data.batches import ArrayDataset
 from tinyvit.data.cifar10 import load_cifar10
-from tinyvit.data.folders import Warnings, folder_splits, pets_splits, relabel
+from tinyvit.data.folders import Warnings, evaluation_images, folder_splits, pets_splits, relabel
 from tinyvit.data.loader import FolderDataset
 from tinyvit.errors import TinyViTError
 from tinyvit.io.convert import adapt, load_model
@@ -114,6 +114,17 @@ def test_a_subset_of_the_classes_is_relabelled_onto_the_model(tmp_path):
         relabel(va, ["cat", "dog"], tmp_path)
     assert str(e.value) == (f"{tmp_path}: class folder 'owl' is not one of the model's 2 classes (cat, dog); "
                             f"a folder of some of its classes is evaluated on those")
+
+
+def test_evaluation_images_are_val_by_its_own_classes_or_the_training_split(tmp_path):
+    _tree(tmp_path / "tv" / "train", n=3, classes=["dog"])
+    _tree(tmp_path / "tv" / "val", n=2, classes=["cat", "owl"])  # not training's layout: still evaluated
+    ev = evaluation_images(tmp_path / "tv")
+    assert ev.classes == ["cat", "owl"] and ev.labels.tolist() == [0, 0, 1, 1]
+    _tree(tmp_path / "flat", n=4)
+    assert evaluation_images(tmp_path / "flat", 0.5, 3).paths == folder_splits(tmp_path / "flat", 0.5, 3)[1].paths
+    _tree(tmp_path / "one", n=4, classes=["owl"])
+    assert evaluation_images(tmp_path / "one", 0.5).classes == ["owl"]
 
 
 @pytest.mark.e2e

@@ -145,8 +145,8 @@ def folder_splits(root, val_split=0.1, seed=0, strict=False, workers=4, warn=Non
     if not root.is_dir():
         raise TinyViTError(f"{root}: no such folder (expected train/<class>/ and val/<class>/, or <class>/ folders)")
     warn = warn or Warnings(strict)
-    val_dir = next((root / n for n in ("val", "valid", "validation", "test") if (root / n).is_dir()), None)
-    if (root / "train").is_dir() and val_dir is not None:
+    val_dir = _val_dir(root)
+    if val_dir is not None:
         train_files, val_files = _class_files(root / "train", warn), _class_files(val_dir, warn)
         classes = _nonempty(train_files, root / "train", min_classes)
         extra = sorted(set(n for n, fs in val_files.items() if fs) - set(classes))
@@ -158,6 +158,24 @@ def folder_splits(root, val_split=0.1, seed=0, strict=False, workers=4, warn=Non
     classes = _nonempty(by_class, root, min_classes)
     checked = {c: _checked(by_class[c], warn, workers) for c in classes}
     return _stratified(checked, classes, val_split, seed, root)
+
+
+def _val_dir(root):
+    """val/ (valid/, validation/, test/) of a train/val layout; None for class folders only."""
+    found = next((root / n for n in ("val", "valid", "validation", "test") if (root / n).is_dir()), None)
+    return found if (root / "train").is_dir() else None
+
+
+def evaluation_images(root, val_split=0.1, seed=0, workers=4, warn=None):
+    """The images a folder dataset's model is evaluated on: val/ of a train/val layout (by its own
+    class folders: train/ plays no part), else the val part of the split training made; at least one class."""
+    root = Path(root)
+    val_dir = _val_dir(root) if root.is_dir() else None
+    if val_dir is None:
+        return folder_splits(root, val_split, seed, workers=workers, warn=warn, min_classes=1)[1]
+    warn = warn or Warnings()
+    by_class = _class_files(val_dir, warn)
+    return _image_list(by_class, _nonempty(by_class, val_dir, 1), warn, workers, val_dir)
 
 
 def _nonempty(by_class, where, min_classes):
