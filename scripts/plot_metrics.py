@@ -1,6 +1,6 @@
 """Plot a training run's curves: train loss per epoch, and train and test accuracy per epoch.
 
-Reads the per-epoch records that tinyvit/train.py's fit writes (epoch, step, lr, train_loss,
+Reads the per-epoch records that fit in tinyvit/train/loop.py writes (epoch, step, lr, train_loss,
 train_accuracy, epoch_seconds, test_accuracy) from any of:
   RUN_DIR            a run's output folder (its metrics.jsonl)
   metrics.jsonl      the log itself (one JSON object per finished epoch)
