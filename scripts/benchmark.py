@@ -107,7 +107,7 @@ def torch_model(cfg, params, dtype, rival="auto"):
         from timm.models.deit import VisionTransformerDistilled
         from timm.models.vision_transformer import VisionTransformer
     except ImportError:
-        raise TinyViTError("this preset races timm's own model: pip install --no-deps timm torchvision "
+        raise TinyViTError("this preset races timm's own model: pip install --no-deps torchvision==0.28.0 timm "
                            "(README, Tests)") from None
     from tinyvit.io.export import timm_model_args
 

@@ -46,6 +46,7 @@ COLLECTED_SCRIPTS = ["torch_vit.py"]
 CROSS_CUTTING = {
     "test_convert_families": "io.convert and io.families on the files timm writes for each family",
     "test_cupy_scripts": "every script with --backend cupy, end to end",
+    "test_docs": "README, docs/ and the scripts' --help against the checkout: paths, modules, links, --json",
     "test_export_families": "io.export's timm hub folder, loaded back by timm, for each family",
     "test_faults": "faults from the operating system, through the scripts",
     "test_finetune_families": "scripts/finetune.py and evaluate.py on each family's timm hub folder",
