@@ -10,21 +10,17 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
 import tinyvit  # noqa: F401  (before NumPy: sets OpenBLAS's spin time, see tinyvit/__init__.py)
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # torch_vit, the reference model
-
-from tinyvit import init_params, preset, vit_backward, vit_forward  # noqa: E402
-from tinyvit.backend import get_backend, synchronize, to_device  # noqa: E402
-from tinyvit.cli.report import run  # noqa: E402
+from tinyvit import init_params, preset, vit_backward, vit_forward
+from tinyvit.backend import get_backend, synchronize, to_device
+from tinyvit.cli.report import run
 from tinyvit.cpu.threads import batch_shards
-from tinyvit.errors import TinyViTError  # noqa: E402
-from tinyvit.nn.layers import cross_entropy_backward, cross_entropy_forward  # noqa: E402
-from tinyvit.train.optim import AdamW  # noqa: E402
+from tinyvit.errors import TinyViTError
+from tinyvit.nn.layers import cross_entropy_backward, cross_entropy_forward
+from tinyvit.train.optim import AdamW
 
 ONNX_CASES = [("vit-ti16", 64), ("vit-b16", 8)]  # the inference cases raced against onnxruntime
 DEFAULT_CASES = {"numpy": [("mnist", 128), ("vit-b16", 8)], "cupy": [("vit-b16", 64), ("mnist", 128)]}
@@ -111,7 +107,7 @@ def torch_model(cfg, params, dtype, rival="auto"):
         from timm.models.deit import VisionTransformerDistilled
         from timm.models.vision_transformer import VisionTransformer
     except ImportError:
-        raise TinyViTError("this preset races timm's own model: pip install --no-deps timm torchvision "
+        raise TinyViTError("this preset races timm's own model: pip install --no-deps torchvision==0.28.0 timm "
                            "(README, Tests)") from None
     from tinyvit.io.export import timm_model_args
 

@@ -10,6 +10,7 @@ timm export (its __metadata__), a timm hub config.json (label_names, pretrained_
 config.json / preprocessor_config.json beside the file. --img-size keeps the transform (it is relative).
 """
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -40,6 +41,7 @@ def parse_args(argv=None):
     ap.add_argument("--num-classes", type=int, default=None,
                     help="new class count: replaces the head by a zero-initialised one; a backbone without a head "
                          "gets one of this size (default: keep it; 1000 for a backbone)")
+    ap.add_argument("--json", action="store_true", help="print the summary as one JSON line instead of text")
     return ap.parse_args(argv)
 
 
@@ -65,6 +67,10 @@ def main(argv=None):
     except OSError as e:  # a full disk, no permission, ...: one line, as the other scripts
         print(f"error: {describe_os_error(e)}", file=sys.stderr)
         return 2
+    if args.json:
+        print(json.dumps({"source": str(args.src), "format": meta["format"], "checkpoint": str(out),
+                          "params": count_params(params), "config": cfg.to_dict(), "notes": meta["notes"]}))
+        return 0
     print(f"{meta['format']} -> {out}: img {cfg.img_size} patch {cfg.patch_size} dim {cfg.dim} "
           f"depth {cfg.depth} heads {cfg.heads} mlp {cfg.mlp_dim} classes {cfg.num_classes} "
           f"eps {cfg.ln_eps:g} gelu {cfg.gelu} pool {cfg.global_pool}, {count_params(params):,} params")

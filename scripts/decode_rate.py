@@ -3,7 +3,9 @@
   python scripts/decode_rate.py DIR [--weights W] [--img-size 224] [--batch-size 32]
 
 Decoding (tinyvit.data.loader, the train and eval transforms, 1 and --workers threads) should be well
-above the model's images/s, or the model waits on JPEG decoding.
+above the model's images/s, or the model waits on JPEG decoding. The last line is the verdict: for
+training (train transform against a train step) and for inference (eval transform against a forward),
+whether decoding on --workers threads keeps up, and how long it takes beside the model's own time.
 """
 import argparse
 import json
@@ -48,6 +50,19 @@ def model_rates(params, cfg, batch, reps=3):
     return rates
 
 
+def verdict(decode, model, workers):
+    """One clause: whether decode img/s on `workers` threads keeps up with the model's img/s, and its share."""
+    share = model / decode  # decoding's time beside the model's, were the two not to overlap
+    if share <= 0.5:
+        word = "keeps up"
+    elif share <= 1:
+        word = "barely keeps up (more --workers, or images saved nearer the model's size, would help)"
+    else:
+        word = "is slower: the model waits on it (more --workers, or images saved nearer the model's size)"
+    return (f"decoding {word}: {decode:.0f} img/s on {workers} thread{'s' if workers != 1 else ''} against "
+            f"the model's {model:.1f} img/s ({100 * share:.0f}% of its time)")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("data", help="an image folder (DIR/<class>/* or DIR/train/<class>/*)")
@@ -69,8 +84,13 @@ def main():
         params = init_params(cfg)
     params, cfg = adapt(params, cfg, img_size=args.img_size, num_classes=len(images.classes))
     out["model_train_step"], out["model_inference"] = model_rates(params, cfg, args.batch_size)
-    print(json.dumps(out) if args.json else "\n".join(f"{k:28s} {v:8.1f} img/s" if k != "images" else
-                                                       f"{k:28s} {v:8d}" for k, v in out.items()))
+    w = args.workers
+    out["verdict"] = (f"training: {verdict(out[f'decode_train_workers{w}'], out['model_train_step'], w)}; "
+                      f"inference: {verdict(out[f'decode_eval_workers{w}'], out['model_inference'], w)}")
+    rates = {k: v for k, v in out.items() if k not in ("images", "verdict")}
+    print(json.dumps(out) if args.json else "\n".join([f"{'images':28s} {out['images']:8d}",
+                                                        *(f"{k:28s} {v:8.1f} img/s" for k, v in rates.items()),
+                                                        f"verdict: {out['verdict']}"]))
 
 
 if __name__ == "__main__":

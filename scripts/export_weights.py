@@ -1,21 +1,29 @@
-"""Export a tinyvit checkpoint to timm (.safetensors state dict) or Hugging Face transformers (a folder).
+"""Export a tinyvit checkpoint to timm (its hub folder, or one .safetensors state dict), Hugging Face
+transformers (a folder) or ONNX (one .onnx file).
 
 Examples:
   python scripts/export_weights.py runs/finetune/model.npz --to timm --out vit-timm/
   python scripts/export_weights.py runs/cifar/model.npz --to timm --out vit.safetensors
   python scripts/export_weights.py runs/cifar/model.npz --to hf --out vit-hf/
+  python scripts/export_weights.py runs/cifar/model.npz --to onnx --out model.onnx
 
 timm, a folder: timm's hub folder (config.json with architecture, model_args and pretrained_cfg, and
 model.safetensors), which timm.create_model('local-dir:vit-timm', pretrained=True) builds and loads, for
 every family tinyvit runs whose LayerNorm eps is timm's 1e-6 or CLIP's 1e-5.
-timm, a .safetensors file: the file's __metadata__ holds VisionTransformer's arguments
-(img_size, patch_size, in_chans, num_classes, embed_dim, depth, num_heads, mlp_ratio, act_layer,
-norm_eps) and, as JSON, the class names, mean, std, tinyvit config and eval transform. Build the model
-with those (class_token=True, global_pool='token', qkv_bias=True; norm_layer=partial(nn.LayerNorm,
-eps=norm_eps) when norm_eps is not timm's 1e-6) and load the file with safetensors.torch.load_file +
-load_state_dict(strict=True); scripts/convert_weights.py reads it back with all of that metadata.
-hf: ViTForImageClassification.from_pretrained(folder) and AutoImageProcessor.from_pretrained(folder)
-(a ViTImageProcessor, or a ConvNextImageProcessor for a shortest-edge eval transform below 384 px).
+timm, a .safetensors file: its __metadata__ (strings) names the class, model_class (VisionTransformer, or
+VisionTransformerDistilled in timm.models.deit), and holds its arguments as JSON: img_size, patch_size,
+in_chans, num_classes, embed_dim, depth, num_heads, mlp_ratio, qkv_bias, class_token, fc_norm, reg_tokens,
+no_embed_class, pre_norm, init_values; as names: global_pool, act_layer; and norm_eps. Build the model
+with kw = {k: json.loads(md[k]) for those}, global_pool=md['global_pool'], act_layer=md['act_layer'],
+norm_layer=partial(nn.LayerNorm, eps=float(md['norm_eps'])), then load the file with
+safetensors.torch.load_file + load_state_dict(strict=True). It also holds, as JSON, the class names, mean,
+std, tinyvit config and eval transform; scripts/convert_weights.py reads it back with all of that.
+hf: AutoModelForImageClassification.from_pretrained(folder) (ViTForImageClassification,
+DeiTForImageClassificationWithTeacher, Dinov2ForImageClassification or
+Dinov2WithRegistersForImageClassification, by family) and AutoImageProcessor.from_pretrained(folder) (a
+ViTImageProcessor, or a ConvNextImageProcessor for a shortest-edge eval transform below 384 px).
+onnx: a graph built with the onnx package (pip install onnx; opset 17): input pixel_values (batch, C, S,
+S) float32, output logits; the class names and the eval transform in its metadata.
 """
 import argparse
 import json
@@ -31,10 +39,11 @@ def build_parser():
     ap.add_argument("checkpoint", help="tinyvit checkpoint .npz to export (e.g. model.npz from a training run)")
     ap.add_argument("--to", required=True, choices=TARGETS,
                     help="timm: timm's hub folder (config.json, model.safetensors: timm.create_model("
-                         "'local-dir:DIR', pretrained=True)) or one .safetensors state dict; hf: a transformers folder")
+                         "'local-dir:DIR', pretrained=True)) or one .safetensors state dict; hf: a transformers "
+                         "folder; onnx: one .onnx file")
     ap.add_argument("--out", required=True,
-                    help="output: a folder (--to timm: timm's hub folder; --to hf) or, with --to timm, a "
-                         ".safetensors file")
+                    help="output: a folder (--to timm: timm's hub folder; --to hf), with --to timm a "
+                         ".safetensors file, with --to onnx an .onnx file")
     ap.add_argument("--json", action="store_true", help="print the summary as one JSON line instead of text")
     return ap
 

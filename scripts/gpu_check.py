@@ -8,6 +8,8 @@ report says so: that checks the script itself (CI does).
 
     python scripts/gpu_check.py --out gpu_report
 
+tinyvit must be importable: installed (pip install -e ".[cuda,test]"), or PYTHONPATH=. from the checkout.
+
 Data: mnist/ (11 MB) and, for the fine-tune, cifar10/cifar-10-batches-bin/ with data_batch_1 and
 test_batch (it reads only those: 10,000 training and 2,000 test images) under --data-dir, and the
 ViT-Ti/16 .npz (--weights). A step whose files are missing fails with its reason in the report.
@@ -22,12 +24,11 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from tinyvit.backend import _real_cupy
+from tinyvit.cli.report import run
+from tinyvit.io.files import prepare_out_dir
 
-from tinyvit.backend import _real_cupy  # noqa: E402
-from tinyvit.cli.report import run  # noqa: E402
-from tinyvit.io.files import prepare_out_dir  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 TIMM_TI16 = "vit_tiny_patch16_224.augreg_in21k_ft_in1k.npz"
 # MNIST on a GPU: the mnist preset at its full depth (6 blocks), 30 epochs with shift augmentation

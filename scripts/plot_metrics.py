@@ -1,6 +1,6 @@
 """Plot a training run's curves: train loss per epoch, and train and test accuracy per epoch.
 
-Reads the per-epoch records that tinyvit/train.py's fit writes (epoch, step, lr, train_loss,
+Reads the per-epoch records that fit in tinyvit/train/loop.py writes (epoch, step, lr, train_loss,
 train_accuracy, epoch_seconds, test_accuracy) from any of:
   RUN_DIR            a run's output folder (its metrics.jsonl)
   metrics.jsonl      the log itself (one JSON object per finished epoch)
@@ -157,6 +157,7 @@ def parse_args(argv=None):
     ap.add_argument("--width", type=float, default=8.0, help="figure width in inches (default 8)")
     ap.add_argument("--height", type=float, default=3.0, help="figure height in inches (default 3)")
     ap.add_argument("--dpi", type=int, default=100, help="pixels per inch (default 100: 800x300 px)")
+    ap.add_argument("--json", action="store_true", help="print the summary as one JSON line instead of text")
     return ap.parse_args(argv)
 
 
@@ -179,6 +180,11 @@ def main(argv=None):
                                      (args.width, args.height), args.dpi)
     atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=args.dpi))
     w, h = round(args.width * args.dpi), round(args.height * args.dpi)
+    if args.json:
+        best_test = next(r[3] for r in rows if r[0] == best_epoch)
+        print(json.dumps({"out": str(out), "width": w, "height": h, "epochs": len(rows), "best_epoch": best_epoch,
+                          "best_test_accuracy": best_test}))
+        return
     print(f"{out}: {w}x{h} px, {len(rows)} epochs, best test accuracy {best_acc:.2f}% at epoch {best_epoch:g}")
 
 

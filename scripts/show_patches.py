@@ -1,7 +1,7 @@
 """Draw how a ViT reads an image: the image cut into its patch grid, beside the sequence of patches.
 
-The image is prepared as scripts/predict.py prepares it (centre square, bicubic resize to --size;
-see tinyvit/images.py), then drawn twice: on the left with thin gridlines between the patches, on
+The image's centre square is resized to --size (bicubic: model_view in tinyvit/viz.py, decoding in
+tinyvit/data/decode.py; predict.py's eval transform may crop tighter, e.g. timm's crop_pct), then drawn twice: on the left with thin gridlines between the patches, on
 the right as the flattened patch sequence in raster order (row by row, left to right; the order the
 patch embedding feeds the transformer), wrapped into rows, each tile numbered. Tiles hold the
 image's own pixels (magnified by --scale, nearest neighbour). Pillow only; the PNG is written atomically.
@@ -10,6 +10,7 @@ Example:
   python scripts/show_patches.py photo.jpg --patch 16 --out patches.png
 """
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +91,7 @@ def parse_args(argv=None):
                     help="tiles per row of the sequence (default: twice the patches per image row)")
     ap.add_argument("--max-megapixels", type=float, default=MAX_PIXELS / 1e6, metavar="MP",
                     help=f"refuse images larger than this (default {MAX_PIXELS / 1e6:g})")
+    ap.add_argument("--json", action="store_true", help="print the summary as one JSON line instead of text")
     return ap.parse_args(argv)
 
 
@@ -123,6 +125,10 @@ def main(argv=None):
     title = f"{Path(args.image).name}: {args.size}x{args.size} px -> {g}x{g} = {g * g} patches of {P}x{P} px"
     fig = patch_figure(view, args.patch, scale, columns, title)
     atomic_write(out, lambda f: fig.save(f, format="PNG", optimize=True))
+    if args.json:
+        print(json.dumps({"out": str(out), "width": fig.width, "height": fig.height, "size": args.size,
+                          "patch": args.patch, "patches": g * g, "columns": columns}))
+        return
     print(f"{out}: {fig.width}x{fig.height} px, {g * g} patches of {args.patch}x{args.patch} px in {columns} columns")
 
 

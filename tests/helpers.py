@@ -31,7 +31,7 @@ DATA_HINT = ("real MNIST / CIFAR-10 not found: set TINYVIT_DATA to a folder hold
              "then TINYVIT_DATA=~/.cache/tinyvit)")
 TI16_FILE = "vit_tiny_patch16_224.augreg_in21k_ft_in1k.npz"
 WEIGHTS_HINT = (f"pretrained ViT-Ti/16 weights not found: set TINYVIT_WEIGHTS to a folder holding {TI16_FILE} "
-                "(README, 'Example files', says where it comes from)")
+                "(docs/usage.md, 'Example files', says where it comes from)")
 
 
 def _beside_the_checkout(env, name):

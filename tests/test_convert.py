@@ -460,6 +460,21 @@ def test_cli_converts_and_adapts(tmp_path):
 
 
 @pytest.mark.e2e
+def test_cli_json_is_one_line_describing_the_checkpoint_written(tmp_path):
+    p, cfg = _small()
+    save_st_lib(tmp_path / "model.safetensors", p)
+    r = _script(tmp_path / "model.safetensors", "--out", tmp_path / "m.npz", "--heads", "2", "--num-classes", "5",
+                "--json")
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.splitlines()) == 1
+    out = json.loads(r.stdout)
+    params, c, _ = load_checkpoint(out["checkpoint"])
+    assert out["config"] == c.to_dict() and c.num_classes == 5 and out["params"] == sum(v.size for v in params.values())
+    assert out["format"] == "timm" and out["source"] == str(tmp_path / "model.safetensors")
+    assert any("head replaced" in n for n in out["notes"])
+
+
+@pytest.mark.e2e
 def test_cli_error_path(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"\x01" * 20)
     r = _script(tmp_path / "bad.safetensors", "--out", tmp_path / "m.npz")

@@ -1,6 +1,9 @@
 """Export of the modern family to timm's hub folder: timm.create_model('local-dir:DIR', pretrained=True)
 builds it with tinyvit's logits, and the folder converts back to the same params and config."""
 import dataclasses
+import functools
+import json
+import re
 
 import numpy as np
 import pytest
@@ -12,6 +15,7 @@ from tinyvit import TinyViTError, init_params, vit_forward
 from tinyvit.io.checkpoint import save_checkpoint
 from tinyvit.io.convert import convert
 from tinyvit.io.export import export
+from tinyvit.io.safetensors import read_safetensors
 
 NAMES = ["a", "b", "c", "d", "e"]
 
@@ -55,3 +59,32 @@ def test_class_and_mean_head_is_refused_for_timm(tmp_path):
     save_checkpoint(tmp_path / "m.npz", init_params(cfg), cfg, {})
     with pytest.raises(TinyViTError, match="Dinov2ForImageClassification"):
         export(tmp_path / "m.npz", "timm", tmp_path / "hub")
+
+
+@functools.cache
+def _safetensors_recipe():
+    """(keys read with json.loads, keys read as names) as export_weights.py --help lists them."""
+    text = " ".join(run_script(SCRIPTS / "export_weights.py", "--help").stdout.split())
+    m = re.search(r"holds its arguments as JSON: (.*?); as names: (.*?); and norm_eps\.", text)
+    assert m, text
+    return [k.strip() for k in m.group(1).split(",")], [k.strip() for k in m.group(2).split(",")]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_the_safetensors_recipe_in_the_help_builds_timms_model(tmp_path, family):
+    """export_weights.py --help's recipe for one .safetensors file, followed as written, gives our logits."""
+    as_json, as_names = _safetensors_recipe()
+    ckpt, params, cfg = _checkpoint(tmp_path, family)
+    out = export(ckpt, "timm", tmp_path / "vit.safetensors")["out"]
+    load_file = pytest.importorskip("safetensors.torch").load_file
+    md = read_safetensors(out)[1]
+    kw = {k: json.loads(md[k]) for k in as_json} | {k: md[k] for k in as_names}
+    cls = getattr(timm.models.deit if md["model_class"] == "VisionTransformerDistilled" else
+                  timm.models.vision_transformer, md["model_class"])
+    model = cls(**kw, norm_layer=functools.partial(torch.nn.LayerNorm, eps=float(md["norm_eps"])))
+    model.load_state_dict(load_file(out), strict=True)
+    x = np.random.default_rng(0).normal(size=(2, cfg.in_chans, cfg.img_size, cfg.img_size)).astype(np.float32)
+    with torch.no_grad():
+        got = model.eval()(torch.tensor(x)).numpy()
+    assert rel_err(got, vit_forward(params, x, cfg, keep_cache=False)[0]) < 1e-5

@@ -141,6 +141,19 @@ def test_show_patches_tiles_are_the_patches(tmp_path, size, patch, scale, column
 
 
 @pytest.mark.e2e
+def test_show_patches_json_is_one_line_describing_the_figure(tmp_path):
+    out = tmp_path / "p.png"
+    r = _script("show_patches.py", _photo(tmp_path / "photo.png", (40, 30)), "--patch", 8, "--size", 32, "--out", out,
+                "--json")
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.splitlines()) == 1
+    got = json.loads(r.stdout)
+    with Image.open(out) as im:
+        assert (got["width"], got["height"]) == im.size
+    assert got == {**got, "out": str(out), "size": 32, "patch": 8, "patches": 16, "columns": 8}
+
+
+@pytest.mark.e2e
 def test_show_patches_help():
     r = _script("show_patches.py", "--help")
     assert r.returncode == 0 and "--patch" in r.stdout and "--size" in r.stdout and "--out" in r.stdout

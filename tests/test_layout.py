@@ -90,3 +90,35 @@ def test_only_the_backend_imports_cupy():
         mods += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0]
         if any(m.split(".")[0] in ("cupy", "cupyx") for m in mods):
             assert f.relative_to(PKG).as_posix() in ("backend.py",), f
+
+
+# --- scripts import what a plain import reaches ------------------------------------------------------
+
+SCRIPTS = PKG.parent / "scripts"
+
+
+def path_edits(source):
+    """(line, code) for each use of sys.path or site.addsitedir: a script that edits its import path."""
+    tree = ast.parse(source)
+    hits = [n for n in ast.walk(tree) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)
+            and (n.value.id, n.attr) in {("sys", "path"), ("site", "addsitedir")}]
+    hits += [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module in ("sys", "site")
+             and any(a.name in ("path", "addsitedir") for a in n.names)]
+    return [(n.lineno, ast.unparse(n)) for n in hits]
+
+
+def test_no_script_edits_sys_path():
+    """A script imports tinyvit as installed and its neighbours in scripts/ (python puts a script's folder
+    on the path); the torch rival benchmark.py races (scripts/torch_vit.py) is one of those."""
+    bad = [(f.name, *hit) for f in sorted(SCRIPTS.glob("*.py")) for hit in path_edits(f.read_text())]
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("planted", [
+    "sys.path.insert(0, str(ROOT))",
+    "sys.path[:0] = ['tests']",
+    "from sys import path\npath.append('tests')",
+    "import site\nsite.addsitedir('tests')",
+])
+def test_a_planted_sys_path_edit_is_caught(planted):
+    assert path_edits("import sys\nfrom pathlib import Path\nROOT = Path('.')\n" + planted + "\n")

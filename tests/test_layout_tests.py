@@ -37,13 +37,16 @@ PURE_METHODS = {"resolve", "items", "keys", "values", "get", "format", "join", "
                 "with_suffix", "with_name", "joinpath", "copy", "append", "extend", "update", "index", "count"}
 CONDITIONS = {"pytest.mark.skipif", "pytest.mark.xfail"}  # their arguments may ask the machine anything
 
-# modules imported while tests are collected (mpi_fit.py is a script run by test_dist.py)
-COLLECTED = ["conftest.py", "helpers.py", "toy_data.py", "torch_vit.py"]
+# modules imported while tests are collected (mpi_fit.py is a script run by test_dist.py), and the one of
+# scripts/ they import (through pyproject.toml's pythonpath)
+COLLECTED = ["conftest.py", "helpers.py", "toy_data.py"]
+COLLECTED_SCRIPTS = ["torch_vit.py"]
 
 # test files not named after one tinyvit module or script, and what they cover instead
 CROSS_CUTTING = {
     "test_convert_families": "io.convert and io.families on the files timm writes for each family",
     "test_cupy_scripts": "every script with --backend cupy, end to end",
+    "test_docs": "README, docs/ and the scripts' --help against the checkout: paths, modules, links, --json",
     "test_export_families": "io.export's timm hub folder, loaded back by timm, for each family",
     "test_faults": "faults from the operating system, through the scripts",
     "test_finetune_families": "scripts/finetune.py and evaluate.py on each family's timm hub folder",
@@ -309,6 +312,8 @@ def test_no_module_does_work_when_collected():
     skip conditions): no model built, no file read, no process started while pytest collects."""
     work = [line for name in _test_files() + [c.removesuffix(".py") for c in COLLECTED]
             for line in module(name).collection_work()]
+    work += [line for c in COLLECTED_SCRIPTS
+             for line in Module(c.removesuffix(".py"), (SCRIPTS / c).read_text()).collection_work()]
     assert not work, "\n".join(work)
 
 

@@ -81,6 +81,18 @@ def test_writes_png(tmp_path, kind):
     assert not [p for p in out.parent.iterdir() if p.name != "curves.png"]  # no temp file left
 
 
+@pytest.mark.e2e
+@needs_mpl
+def test_json_is_one_line_with_the_png_and_the_best_epoch(tmp_path):
+    log = _write_log(tmp_path / "run" / "metrics.jsonl", _history())
+    r = _script(log, "--out", tmp_path / "c.png", "--dpi", "50", "--json")
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.splitlines()) == 1
+    assert json.loads(r.stdout) == {"out": str(tmp_path / "c.png"), "width": 400, "height": 150, "epochs": 10,
+                                    "best_epoch": 8, "best_test_accuracy": _history()[7]["test_accuracy"]}
+    _check_png(tmp_path / "c.png", (400, 150))
+
+
 @needs_mpl
 def test_title_and_edge_cases_in_process(tmp_path):
     mod = load_script("plot_metrics.py")
@@ -101,7 +113,7 @@ def test_title_and_edge_cases_in_process(tmp_path):
 def test_help_names_every_flag():
     r = _script("--help")
     assert r.returncode == 0
-    for flag in ("--out", "--title", "--width", "--height", "--dpi", "RUN"):
+    for flag in ("--out", "--title", "--width", "--height", "--dpi", "--json", "RUN"):
         assert flag in r.stdout
 
 
