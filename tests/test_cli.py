@@ -315,8 +315,11 @@ def test_head_mode_ctrl_c_exits_130_and_says_so(tmp_path, monkeypatch, capsys):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(ft, "extract_features", interrupted)
-    code = cli.main("x", argv=["--data", str(_folder(tmp_path / "photos")), "--preset", "vit-ti16", "--img-size", "32",
-                               "--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "cache")])
+    try:
+        code = cli.main("x", argv=["--data", str(_folder(tmp_path / "photos")), "--preset", "vit-ti16", "--img-size",
+                                   "32", "--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "cache")])
+    except KeyboardInterrupt:
+        pytest.fail("the KeyboardInterrupt escaped main: report.run's bare 'interrupted', no word on what to do")
     assert code == 130 and "interrupted: head mode writes its model only at the end" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
