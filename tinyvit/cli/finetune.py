@@ -83,11 +83,12 @@ def parser(description, data_default=None, out_default="runs/finetune"):
 
 def parse(ap, argv=None, data_default=None, out_default="runs/finetune"):
     """Parse; restore a resumed run's flags; then each mode's defaults for the flags not given."""
-    args = resume_args(ap.parse_args(argv), "finetune.py")
+    args = ap.parse_args(argv)
+    typed = {k for k in MODE_ONLY if getattr(args, k) is not None}  # by the user, not restored by --resume
+    args = resume_args(args, "finetune.py")
     args.data = args.data or data_default
     if args.data is None:
         raise TinyViTError("give --data: cifar10, pets, or a folder of class folders (see --help)")
-    typed = {k for k in MODE_ONLY if getattr(args, k, None) is not None}
     fill_defaults(args, FLAG_DEFAULTS)
     fill_defaults(args, {}, MODE_DEFAULTS[args.mode])
     if args.weights is None and args.preset is None:
