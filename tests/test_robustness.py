@@ -319,6 +319,33 @@ def test_signal_mid_epoch_saves_and_resumes_exactly(reference, tmp_path, mnist_r
                         keys=("epoch", "step", "lr", "train_loss", "train_accuracy", "test_accuracy"))
 
 
+@pytest.mark.e2e
+def test_ctrl_c_in_head_mode_exits_130_and_says_what_to_do(tmp_path):
+    """Head mode has no checkpoint: Ctrl-C (here during its feature pass or head epochs, after the
+    note on --img-size) exits 130 as a training run does, with one line saying so, and no result line."""
+    from PIL import Image
+
+    from tinyvit import preset
+    for c in "ab":
+        (tmp_path / "photos" / c).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(np.full((20, 20, 3), 40 * i, np.uint8)).save(tmp_path / "photos" / c / f"{i}.png")
+    cfg = preset("vit-ti16", img_size=48, num_classes=3, depth=1)
+    w = save_checkpoint(tmp_path / "w.npz", init_params(cfg), cfg)
+    cmd = script("finetune.py", "--data", tmp_path / "photos", "--weights", w, "--img-size", "32", "--epochs", "1000000",
+                 "--batch-size", "2", "--cache-dir", tmp_path / "cache", "--out", tmp_path / "run")
+    p = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = p.stderr.readline()  # the note, before any image is read; a million head epochs follow
+        p.send_signal(signal.SIGINT)
+        stdout, stderr = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    assert first.startswith("note: --img-size 32") and p.returncode == 130, first + stderr
+    assert stderr.splitlines()[-1].startswith("interrupted: head mode writes its model only at the end")
+    assert stdout == "" and "Traceback" not in stderr and not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("corrupt", [
     lambda st: "not a dict",
     lambda st: {k: v for k, v in st.items() if k != "epoch"},
