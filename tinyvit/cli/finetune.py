@@ -100,11 +100,15 @@ def parse(ap, argv=None, data_default=None, out_default="runs/finetune"):
 
 def _check_data(args):
     """A --data that names a file, and a --val-split outside (0, 1), in one line before any work."""
-    if args.data not in ("cifar10", "pets") and Path(args.data).is_file():
+    if args.data in ("cifar10", "pets"):
+        return
+    d = Path(args.data)
+    if d.is_file():
         raise TinyViTError(f"--data {args.data}: a file, not a folder; --data takes cifar10, pets, or a folder "
                            "of class folders (DIR/<class>/<image>, or DIR/train/ and DIR/val/); to classify one "
                            "image, use predict.py")
-    if not 0.0 < args.val_split < 1.0:
+    split = (d / "train").is_dir() and any((d / n).is_dir() for n in ("val", "valid", "validation", "test"))
+    if not split and not 0.0 < args.val_split < 1.0:
         raise TinyViTError(f"--val-split {args.val_split}: the fraction of each class held out for validation in a "
                            "folder without train/ and val/ must be between 0 and 1 (e.g. 0.1); to train on every "
                            "image, split the folder into DIR/train/<class>/ and DIR/val/<class>/ yourself")
