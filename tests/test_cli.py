@@ -261,7 +261,7 @@ def test_resume_of_a_finished_run_says_so_and_changes_nothing(tmp_path, mnist_ro
     files = {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in sorted(out.iterdir())}
     r = run_script("train_mnist.py", "--resume", out / "checkpoint.npz", "--data-dir", mnist_root)
     assert r.returncode == 0, r.stderr
-    assert f"the run in {out} is finished (1 epochs): nothing was changed" in r.stderr
+    assert f"the run in {out} is finished (1 epoch): nothing was changed" in r.stderr
     assert "warmup" not in r.stderr and "cache" not in r.stdout
     assert r.stdout.startswith(f"test accuracy {first['test_accuracy'] * 100:.2f}% after 1 epochs")
     assert {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in sorted(out.iterdir())} == files

@@ -311,7 +311,7 @@ def test_signal_mid_epoch_saves_and_resumes_exactly(reference, tmp_path, mnist_r
     assert 0 < state["batch"] < 512 // 64 and 1 <= state["epoch"] < 3, state  # mid-epoch, resumable
     assert not (out / "model.npz").exists()
     said = [line for line in stderr.splitlines() if line.startswith("interrupted")]
-    assert said == [f"interrupted ({sig.name}) at step {state['step']}, after {state['epoch']} finished epochs: "
+    assert said == [f"interrupted ({sig.name}) at step {state['step']}, after {state['epoch']} epoch{'s' * (state['epoch'] != 1)} finished: "
                     f"the run is saved in {out / 'checkpoint.npz'}; continue it with: python "
                     f"{script('train_mnist.py')[1]} --resume {out / 'checkpoint.npz'} --data-dir {mnist_root}"]
     # params are exact, and so is the resumed epoch's log: its tally before the stop was saved

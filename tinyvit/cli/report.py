@@ -46,6 +46,10 @@ def resume_command(args, checkpoint) -> str:
     return " ".join(shlex.quote(c) for c in cmd)
 
 
+def _epochs(n) -> str:
+    return f"{n} epoch" + ("" if n == 1 else "s")
+
+
 def report(summary, args, extra=None) -> int:
     """Print the run's result: a readable line, or (with --json) one JSON object as the last line.
     Returns the exit code: 0, or 128 + the signal's number for a run a signal stopped (130 for Ctrl-C)."""
@@ -56,10 +60,10 @@ def report(summary, args, extra=None) -> int:
     out = {k: v for k, v in summary.items() if k != "params"}
     out.update(extra or {})
     if summary.get("already_finished"):
-        print(f"the run in {os.path.dirname(out['checkpoint'])} is finished ({out['epochs']} epochs): nothing was changed "
+        print(f"the run in {os.path.dirname(out['checkpoint'])} is finished ({_epochs(out['epochs'])}): nothing was changed "
               f"(a larger --epochs with --resume extends it)", file=sys.stderr)
     if stop:
-        print(f"interrupted ({stop}) at step {out.get('steps')}, after {out['epochs']} finished epochs: the run is "
+        print(f"interrupted ({stop}) at step {out.get('steps')}, after {_epochs(out['epochs'])} finished: the run is "
               f"saved in {out['checkpoint']}; continue it with: {resume_command(args, out['checkpoint'])}",
               file=sys.stderr)
     if args.json:
