@@ -8,6 +8,7 @@ from tinyvit.cli.args import (
     add_train_args,
     choose_out,
     fill_defaults,
+    removed_if_unused,
     resume_args,
     run_args,
     run_clock,
@@ -51,12 +52,19 @@ def parse_args(argv=None):
                          "for width 64; timm's 0.02 learns far slower from scratch at this width)")
     add_train_args(ap, DEFAULTS)
     add_run_args(ap, "runs/mnist")
-    args = fill_defaults(resume_args(ap.parse_args(argv)), ARCH_DEFAULTS, DEFAULTS)
+    args = fill_defaults(resume_args(ap.parse_args(argv), "train_mnist.py"), ARCH_DEFAULTS, DEFAULTS)
     return choose_out(args, "runs/mnist")
 
 
 def main(argv=None):
     args = parse_args(argv)
+    with removed_if_unused(args.out):  # an early failure leaves no empty --out behind
+        summary = train(args)
+    return report(summary, args, {"backend": args.backend, "preset": args.preset})
+
+
+def train(args):
+    """The run the parsed flags describe -> fit's summary."""
     prepare_out_dir(args.out)  # a wrong --out fails now, not after an epoch
     tc = train_config(args, DEFAULTS)
     xp = get_backend(args.backend)
@@ -72,10 +80,9 @@ def main(argv=None):
     t = EvalTransform(MNIST_MEAN, MNIST_STD, crop_pct=1.0)  # digits fill the frame: the whole square
     meta = {"dataset": "mnist", "class_names": [str(i) for i in range(10)], "mean": list(MNIST_MEAN),
             "std": list(MNIST_STD), "eval_transform": t.to_dict(), "run_args": run_args(args)}
-    summary = fit(params, cfg, tc, xp,
-                  ArrayDataset(tr_x, tr_y, MNIST_MEAN, MNIST_STD), ArrayDataset(te_x, te_y, MNIST_MEAN, MNIST_STD),
-                  args.out, meta=meta, resume=args.resume, quiet=args.quiet, **run_clock(args))
-    report(summary, args, {"backend": args.backend, "preset": args.preset})
+    return fit(params, cfg, tc, xp,
+               ArrayDataset(tr_x, tr_y, MNIST_MEAN, MNIST_STD), ArrayDataset(te_x, te_y, MNIST_MEAN, MNIST_STD),
+               args.out, meta=meta, resume=args.resume, quiet=args.quiet, **run_clock(args))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The scripts' shared command line (tinyvit.cli) on the path a new user takes: defaults resolved after
 parsing, --resume alone, runs never silently replaced, head mode's rerun and its feature cache."""
+import json
 import os
 import re
 from pathlib import Path
@@ -207,3 +208,146 @@ def test_finetune_weights_take_a_safetensors_file_as_it_is(tmp_path, to):
     got = load_checkpoint(run["checkpoint"])[2]
     assert got["source_weights"] == str(weights) and got["eval_transform"]["crop_pct"] == 0.9
     assert (got["mean"], got["std"]) == ([0.4] * 3, [0.3] * 3) and got["class_names"] == ["a", "b"]
+
+
+# --- what a run says about its settings, its end and its folder ------------------------------------
+
+
+def _tiny_weights(tmp_path, img_size):
+    """A one-block ViT-Ti/16-width checkpoint at img_size px, written by the library."""
+    from tinyvit import init_params, preset, save_checkpoint
+    cfg = preset("vit-ti16", img_size=img_size, num_classes=5, depth=1)
+    return save_checkpoint(tmp_path / f"w{img_size}.npz", init_params(cfg, seed=0), cfg)
+
+
+@pytest.mark.e2e
+def test_finetune_keeps_the_weights_own_image_size_and_says_another(tmp_path):
+    data, w = _folder(tmp_path / "photos"), _tiny_weights(tmp_path, 48)
+    r = run_script("finetune.py", "--data", data, "--weights", w, "--epochs", "2", "--out", tmp_path / "own", "--json")
+    assert last_json(r)["img_size"] == 48 and load_checkpoint(tmp_path / "own" / "model.npz")[1].img_size == 48
+    assert "resampled" not in r.stderr
+    r = run_script("finetune.py", "--data", data, "--weights", w, "--epochs", "2", "--img-size", "32",
+                   "--out", tmp_path / "other", "--json")
+    assert last_json(r)["img_size"] == 32
+    notes = [line for line in r.stderr.splitlines() if "resampled" in line]
+    assert notes == [f"note: --img-size 32: the position embeddings of {w} (48 px) are resampled (bilinear) to 32 px"]
+    saved = load_checkpoint(tmp_path / "other" / "model.npz")[2]["run_args"]
+    assert saved["img_size"] == 32  # what a --resume restores
+
+
+@pytest.mark.e2e
+def test_head_mode_names_the_flags_it_ignores_and_logs_metrics_plot_metrics_reads(tmp_path):
+    out = tmp_path / "run"
+    r = _head(_folder(tmp_path / "photos"), out, "--augment", "crop_flip", "--ema", "0.99", "--grad-accum", "2",
+              "--drop-path", "0.1", "--layer-decay", "0.75", "--json")
+    summary = last_json(r)
+    notes = [line for line in r.stderr.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and notes[0].startswith("note: --augment, --drop-path, --layer-decay, --ema, --grad-accum "
+                                                   "have no effect in head mode"), r.stderr
+    hist = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in hist] == list(range(1, 21)) and hist[-1]["test_accuracy"] == summary["test_accuracy"]
+    assert load_checkpoint(out / "model.npz")[2]["history"] == hist
+    p = run_script("plot_metrics.py", out, "--out", tmp_path / "curves.png")
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    quiet = _head(_folder(tmp_path / "p2"), tmp_path / "r2", "--augment", "none", "--feature-batch", "4")
+    assert quiet.returncode == 0 and "note:" not in quiet.stderr  # a no-op value or a head-mode flag: nothing said
+
+
+@pytest.mark.e2e
+def test_resume_of_a_finished_run_says_so_and_changes_nothing(tmp_path, mnist_root):
+    out = tmp_path / "run"
+    first = last_json(_mnist(mnist_root, "--epochs", "1", "--out", out))
+    files = {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in sorted(out.iterdir())}
+    r = run_script("train_mnist.py", "--resume", out / "checkpoint.npz", "--data-dir", mnist_root)
+    assert r.returncode == 0, r.stderr
+    assert f"the run in {out} is finished (1 epoch): nothing was changed" in r.stderr
+    assert "warmup" not in r.stderr and "cache" not in r.stdout
+    assert r.stdout.startswith(f"test accuracy {first['test_accuracy'] * 100:.2f}% after 1 epochs")
+    assert {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in sorted(out.iterdir())} == files
+
+
+@pytest.mark.e2e
+def test_resume_with_the_other_script_names_the_script_that_wrote_the_run(tmp_path, mnist_root):
+    last_json(_mnist(mnist_root, "--epochs", "1", "--out", tmp_path / "m"))
+    r = run_script("finetune.py", "--resume", tmp_path / "m" / "checkpoint.npz", "--data", _folder(tmp_path / "photos"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "a run of scripts/train_mnist.py (MNIST from scratch)" in r.stderr
+    assert f"python scripts/train_mnist.py --resume {tmp_path / 'm' / 'checkpoint.npz'}" in r.stderr
+    last_json(run_script("finetune.py", "--data", tmp_path / "photos", "--weights", _tiny_weights(tmp_path, 32),
+                         "--mode", "full", "--epochs", "1", "--batch-size", "8", "--out", tmp_path / "f", "--json"))
+    for script in ("train_mnist.py", "finetune_cifar.py"):
+        r = run_script(script, "--resume", tmp_path / "f" / "checkpoint.npz", "--json")
+        if script == "finetune_cifar.py":  # the same command line as finetune.py: it continues the run
+            assert last_json(r)["already_finished"] and "note:" not in r.stderr  # no flag typed, none named
+            continue
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "ViTConfig" not in r.stderr, r.stderr
+        assert "a run of scripts/finetune.py (fine-tuning)" in r.stderr
+
+
+@pytest.mark.e2e
+def test_val_split_0_a_data_file_and_early_failures_leave_no_out_folder(tmp_path):
+    data = _folder(tmp_path / "photos")
+    cases = {("--val-split", "0"): "--val-split 0.0: the fraction of each class held out for validation in a "
+                                   "folder without train/ and val/ must be between 0 and 1",
+             ("--data", data / "a" / "00.png"): "a file, not a folder; --data takes cifar10, pets, or a folder",
+             ("--weights", tmp_path / "missing.npz"): "missing.npz"}
+    for flags, says in cases.items():
+        out = tmp_path / "runs" / "x"
+        args = {"--data": data, "--preset": "vit-ti16", "--img-size": "32", "--out": out, flags[0]: flags[1]}
+        r = run_script("finetune.py", *[str(v) for kv in args.items() for v in kv])
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and says in r.stderr, r.stderr
+        assert not (tmp_path / "runs").exists()  # nor the parent it would have made
+
+
+@pytest.mark.e2e
+def test_finetune_help_says_progressive_head_epochs_count_within_epochs():
+    text = " ".join(run_script("finetune.py", "--help").stdout.split())
+    assert "the first --head-epochs of the --epochs train the head only" in text
+    assert "--epochs 3 --head-epochs 1 is 1 head epoch, then 2 of the whole model" in text
+
+
+def test_head_mode_ctrl_c_exits_130_and_says_so(tmp_path, monkeypatch, capsys):
+    from tinyvit.cli import finetune as cli
+    from tinyvit.train import finetune as ft
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ft, "extract_features", interrupted)
+    try:
+        code = cli.main("x", argv=["--data", str(_folder(tmp_path / "photos")), "--preset", "vit-ti16", "--img-size",
+                                   "32", "--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "cache")])
+    except KeyboardInterrupt:
+        pytest.fail("the KeyboardInterrupt escaped main: report.run's bare 'interrupted', no word on what to do")
+    assert code == 130 and "interrupted: head mode writes its model only at the end" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_error_line_is_one_write(monkeypatch):
+    """Each rank writes its 'error:' line in one write, so ranks sharing a terminal never run two
+    lines together (print's text and newline were two writes: 'error: a...error: rank 1: a...')."""
+    import io
+    import sys
+
+    from tinyvit.cli.report import run
+
+    class Writes(io.StringIO):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def write(self, s):
+            self.calls.append(s)
+            return super().write(s)
+
+    err = Writes()
+    monkeypatch.setattr(sys, "stderr", err)
+
+    def fail():
+        from tinyvit import TinyViTError
+        raise TinyViTError("training diverged")
+
+    with pytest.raises(SystemExit) as e:
+        run(fail)
+    assert e.value.code == 2 and [c for c in err.calls if c] == ["error: training diverged\n"]

@@ -99,3 +99,16 @@ def test_head_mode_refuses_several_ranks(tmp_path):
     r = run([MPIEXEC, "-n", "2", *script("finetune.py", "--data", tmp_path, "--preset", "vit-ti16", "--mode", "head",
                                          "--out", tmp_path / "o")], env=ENV, timeout=120)
     assert r.returncode != 0 and "--mode head is one process" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_ranks_error_lines_stay_on_separate_lines(tmp_path, mnist_root):
+    """Both ranks see the divergence and print it: each 'error:' starts a line of its own (print's
+    text and newline went out as two writes, and the ranks' lines ran together), and the empty
+    --out is removed."""
+    cmd = script("train_mnist.py", "--limit-train", "256", "--limit-test", "64", "--batch-size", "64", "--depth", "1",
+                 "--patch-size", "7", "--lr", "1e6", "--optimizer", "sgd", "--warmup-epochs", "0", "--schedule",
+                 "constant", "--epochs", "1", "--quiet", "--data-dir", mnist_root, "--out", tmp_path / "run")
+    r = run([MPIEXEC, "-n", "2", *cmd], env=ENV, extra_env={"PYTHONWARNINGS": "ignore"}, timeout=120)
+    assert r.returncode != 0 and "training diverged" in r.stderr, r.stderr[-2000:]
+    assert r.stderr.count("error:") == sum(line.startswith("error:") for line in r.stderr.splitlines()), r.stderr
+    assert not (tmp_path / "run").exists()

@@ -303,14 +303,47 @@ def test_signal_mid_epoch_saves_and_resumes_exactly(reference, tmp_path, mnist_r
         stdout, stderr = p.communicate(timeout=120)
     finally:
         p.kill()
-    assert first and p.returncode == 0, stderr
+    assert first and p.returncode == 128 + sig, stderr  # 130 for Ctrl-C: `train && export` stops here
     assert "stopping after this step" in stderr and "Traceback" not in stderr
-    assert json.loads(stdout.strip().splitlines()[-1])["stopped_early"] is True
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert result["stopped_early"] is True and result["interrupted"] == sig.name
     state = load_checkpoint(out / "checkpoint.npz")[2]["train_state"]
     assert 0 < state["batch"] < 512 // 64 and 1 <= state["epoch"] < 3, state  # mid-epoch, resumable
     assert not (out / "model.npz").exists()
-    # params are exact; the resumed epoch's train_loss covers only the batches after the stop
-    _resume_and_compare(out, mnist_root, reference, keys=("epoch", "step", "test_accuracy"))
+    said = [line for line in stderr.splitlines() if line.startswith("interrupted")]
+    assert said == [f"interrupted ({sig.name}) at step {state['step']}, after {state['epoch']} epoch{'s' * (state['epoch'] != 1)} finished: "
+                    f"the run is saved in {out / 'checkpoint.npz'}; continue it with: python "
+                    f"{script('train_mnist.py')[1]} --resume {out / 'checkpoint.npz'} --data-dir {mnist_root}"]
+    # params are exact, and so is the resumed epoch's log: its tally before the stop was saved
+    _resume_and_compare(out, mnist_root, reference,
+                        keys=("epoch", "step", "lr", "train_loss", "train_accuracy", "test_accuracy"))
+
+
+@pytest.mark.e2e
+def test_ctrl_c_in_head_mode_exits_130_and_says_what_to_do(tmp_path):
+    """Head mode has no checkpoint: Ctrl-C (here during its feature pass or head epochs, after the
+    note on --img-size) exits 130 as a training run does, with one line saying so, and no result line."""
+    from PIL import Image
+
+    from tinyvit import preset
+    for c in "ab":
+        (tmp_path / "photos" / c).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(np.full((20, 20, 3), 40 * i, np.uint8)).save(tmp_path / "photos" / c / f"{i}.png")
+    cfg = preset("vit-ti16", img_size=48, num_classes=3, depth=1)
+    w = save_checkpoint(tmp_path / "w.npz", init_params(cfg), cfg)
+    cmd = script("finetune.py", "--data", tmp_path / "photos", "--weights", w, "--img-size", "32", "--epochs", "1000000",
+                 "--batch-size", "2", "--cache-dir", tmp_path / "cache", "--out", tmp_path / "run")
+    p = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = p.stderr.readline()  # the note, before any image is read; a million head epochs follow
+        p.send_signal(signal.SIGINT)
+        stdout, stderr = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    assert first.startswith("note: --img-size 32") and p.returncode == 130, first + stderr
+    assert stderr.splitlines()[-1].startswith("interrupted: head mode writes its model only at the end")
+    assert stdout == "" and "Traceback" not in stderr and not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("corrupt", [
@@ -319,7 +352,8 @@ def test_signal_mid_epoch_saves_and_resumes_exactly(reference, tmp_path, mnist_r
     lambda st: dict(st, train_config={**st["train_config"], "bogus": 1}),
     lambda st: dict(st, rng={"bit_generator": "MT19937"}),
     lambda st: dict(st, epoch="2"),
-], ids=["not-a-dict", "no-epoch", "unknown-setting", "bad-rng", "epoch-not-int"])
+    lambda st: dict(st, tally={"loss_sum": float("nan"), "correct": 1, "seen": 8, "seconds": 0.1}),
+], ids=["not-a-dict", "no-epoch", "unknown-setting", "bad-rng", "epoch-not-int", "bad-tally"])
 def test_resume_from_corrupt_training_state(corrupt, tmp_path):
     tc = TrainConfig(epochs=2, batch_size=8)
     x = np.random.default_rng(0).integers(0, 256, (16, 8, 8), dtype=np.uint8)

@@ -227,3 +227,34 @@ def test_ema_is_evaluated_and_saved(tmp_path):
     ema = {"w": np.array([1.0])}
     _ema_update(ema, {"w": np.array([3.0])}, 0.75)
     assert ema["w"][0] == 1.5
+
+
+@pytest.mark.parametrize("stop_after", [11, 13])  # once, and twice within the same epoch
+def test_resume_mid_epoch_logs_the_epoch_as_the_uninterrupted_run(tmp_path, stop_after):
+    """The interrupted epoch's train loss and accuracy count the steps before the stop too (its
+    running tally travels in the checkpoint), so metrics.jsonl matches the uninterrupted run's."""
+    tc = TrainConfig(epochs=2, batch_size=32, lr=2e-3, augment="shift")
+    _run(tmp_path / "a", tc)
+    _run(tmp_path / "b", tc, max_steps=10)
+    if stop_after == 13:  # a second stop inside epoch 2: the tally goes on from the first resume's
+        _run(tmp_path / "b", tc, resume=tmp_path / "b" / "checkpoint.npz", max_steps=3)
+    resumed = _run(tmp_path / "b", tc, resume=tmp_path / "b" / "checkpoint.npz")
+    assert resumed["steps"] == 16 and not resumed["stopped_early"]
+    straight, got = ([json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+                     for d in "ab")
+    keys = ("epoch", "step", "lr", "train_loss", "train_accuracy", "test_accuracy")
+    assert [[h[k] for k in keys] for h in got] == [[h[k] for k in keys] for h in straight]
+
+
+def test_resume_of_a_finished_run_changes_nothing(tmp_path):
+    """A finished run resumed with the same settings: no step, no file rewritten, already_finished."""
+    tc = TrainConfig(epochs=1, batch_size=32, lr=2e-3)
+    done = _run(tmp_path, tc)
+    files = {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in sorted(tmp_path.iterdir())}
+    again = _run(tmp_path, tc, resume=tmp_path / "checkpoint.npz")
+    assert again["already_finished"] and again["steps"] == done["steps"] and not again["stopped_early"]
+    assert again["test_accuracy"] == done["test_accuracy"] and again["checkpoint"] == done["checkpoint"]
+    assert {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in sorted(tmp_path.iterdir())} == files
+    (tmp_path / "model.npz").unlink()  # killed between the last checkpoint and the model: it is written
+    again = _run(tmp_path, tc, resume=tmp_path / "checkpoint.npz")
+    assert not again["already_finished"] and load_checkpoint(tmp_path / "model.npz")[2]["history"]

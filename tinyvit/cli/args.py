@@ -1,5 +1,6 @@
 """The flags every training script shares, resolved after parsing: each mode's defaults, a resumed
 run's saved settings, and an output folder that never silently replaces a run."""
+import contextlib
 import dataclasses
 import json
 import sys
@@ -106,15 +107,30 @@ def _flag(name):
     return "--" + name.replace("_", "-")
 
 
-def resume_args(args):
+# the scripts that write resumable runs, by a flag only each one's run_args hold
+WRITERS = {"finetune.py": ("mode", "fine-tuning"), "train_mnist.py": ("init_std", "MNIST from scratch")}
+
+
+def _writer(meta):
+    """The script (a WRITERS key) whose run a checkpoint holds; None when its metadata does not say."""
+    saved = meta.get("run_args")
+    return next((s for s, (flag, _) in WRITERS.items() if isinstance(saved, dict) and flag in saved), None)
+
+
+def resume_args(args, script=None):
     """With --resume CKPT: each flag not given takes the saved run's value; a given one must agree,
-    except a larger --epochs, which extends the run (said on stderr). --out defaults to CKPT's folder."""
+    except a larger --epochs, which extends the run (said on stderr). --out defaults to CKPT's folder.
+    script (a WRITERS key): a run another script wrote is refused with that script's command."""
     if args.resume is None:
         return args
     meta = read_meta(args.resume)
     state = meta.get("train_state")
     if not isinstance(state, dict) or not isinstance(state.get("train_config"), dict):
         raise TinyViTError(f"{args.resume}: holds no training state (a model-only file cannot be resumed)")
+    writer = _writer(meta)
+    if script is not None and writer is not None and writer != script:
+        raise TinyViTError(f"{args.resume}: a run of scripts/{writer} ({WRITERS[writer][1]}), which this script does not continue; "
+                           f"continue it with: python scripts/{writer} --resume {args.resume}")
     saved = {k: v for k, v in state["train_config"].items() if k in TRAIN_FLAGS}
     saved.update(meta.get("run_args") if isinstance(meta.get("run_args"), dict) else {})
     for k, v in saved.items():
@@ -157,6 +173,23 @@ def choose_out(args, out_default):
         raise TinyViTError(f"{args.out}: holds a run (model.npz or checkpoint.npz); pass --overwrite to replace it, "
                            f"--resume {Path(args.out) / 'checkpoint.npz'} to continue it, or another --out")
     return args
+
+
+@contextlib.contextmanager
+def removed_if_unused(out):
+    """Around a run: when it fails (or is interrupted) before writing anything in --out, the folders
+    it created for --out are removed again, so an early failure leaves no empty --out behind."""
+    out = Path(out).absolute()
+    created = [p for p in (out, *out.parents) if not p.exists()] if world().lead else []  # deepest first
+    try:
+        yield
+    except BaseException:
+        for p in created:
+            try:
+                p.rmdir()  # only an empty folder: anything the run wrote stays
+            except OSError:
+                break
+        raise
 
 
 def run_clock(args) -> dict:

@@ -2,17 +2,37 @@
 defaults after parsing, and the run."""
 import argparse
 import dataclasses
+import sys
+from pathlib import Path
 
 from ..errors import TinyViTError
 from ..nn.model import PRESETS
 from ..train.config import TrainConfig
+from ..train.dist import world
 from ..train.finetune import HEAD, MODE_DEFAULTS, run_finetune
-from .args import add_run_args, add_train_args, choose_out, fill_defaults, resume_args, run_args, run_clock, train_config
+from .args import (
+    add_run_args,
+    add_train_args,
+    choose_out,
+    fill_defaults,
+    removed_if_unused,
+    resume_args,
+    run_args,
+    run_clock,
+    train_config,
+)
 from .report import report
 
-# the other flags' defaults, applied after parsing (and after --resume restored the saved run's)
-FLAG_DEFAULTS = {"mode": "head", "img_size": 224, "head_epochs": 1, "head_lr": HEAD.lr, "grad_accum": 1,
+# the other flags' defaults, applied after parsing (and after --resume restored the saved run's);
+# img_size None: the weights' own size (a preset's: 224)
+FLAG_DEFAULTS = {"mode": "head", "img_size": None, "head_epochs": 1, "head_lr": HEAD.lr, "grad_accum": 1,
                  "feature_batch": 64, "val_split": 0.1, "workers": 2, "strict": False, "drop_path": 0.0}
+
+# flags that act only in some modes -> (those modes, the value that changes nothing)
+MODE_ONLY = {"augment": (("full", "progressive"), "none"), "drop_path": (("full", "progressive"), 0.0),
+             "layer_decay": (("full", "progressive"), 0.0), "ema": (("full", "progressive"), 0.0),
+             "grad_accum": (("full", "progressive"), 1), "head_epochs": (("progressive",), None),
+             "head_lr": (("progressive",), None), "feature_batch": (("head",), None), "cache_dir": (("head",), None)}
 
 
 def parser(description, data_default=None, out_default="runs/finetune"):
@@ -29,12 +49,15 @@ def parser(description, data_default=None, out_default="runs/finetune"):
     ap.add_argument("--preset", default=None, choices=sorted(PRESETS), help="random-init model when no --weights")
     ap.add_argument("--mode", choices=["full", "head", "progressive"], default=None,
                     help="head: frozen backbone, features cached once, linear head trained on them; full: "
-                         "everything trains; progressive: head only for --head-epochs at head mode's lr, then "
-                         f"everything with full mode's recipe (default {d['mode']})")
+                         "everything trains; progressive: the first --head-epochs of the --epochs train the head "
+                         f"only, at head mode's lr, then everything with full mode's recipe (default {d['mode']})")
     ap.add_argument("--img-size", type=int, default=None, help="input resolution; position embeddings are "
-                    f"resampled if it differs from the weights' (default {d['img_size']})")
+                    "resampled (said in one line) if it differs from the weights' (default: the weights' own "
+                    "size; a --preset's is 224)")
     ap.add_argument("--head-epochs", type=int, default=None,
-                    help=f"progressive mode: head-only epochs first (default {d['head_epochs']})")
+                    help="progressive mode: how many of the --epochs come first and train only the head, so "
+                         f"--epochs 3 --head-epochs 1 is 1 head epoch, then 2 of the whole model "
+                         f"(default {d['head_epochs']})")
     ap.add_argument("--head-lr", type=float, default=None, help="progressive mode: lr of the head-only epochs, "
                     f"cosine to --min-lr (default {d['head_lr']}, head mode's)")
     ap.add_argument("--drop-path", type=float, default=None, metavar="RATE",
@@ -60,7 +83,9 @@ def parser(description, data_default=None, out_default="runs/finetune"):
 
 def parse(ap, argv=None, data_default=None, out_default="runs/finetune"):
     """Parse; restore a resumed run's flags; then each mode's defaults for the flags not given."""
-    args = resume_args(ap.parse_args(argv))
+    args = ap.parse_args(argv)
+    typed = {k for k in MODE_ONLY if getattr(args, k) is not None}  # by the user, not restored by --resume
+    args = resume_args(args, "finetune.py")
     args.data = args.data or data_default
     if args.data is None:
         raise TinyViTError("give --data: cifar10, pets, or a folder of class folders (see --help)")
@@ -68,7 +93,36 @@ def parse(ap, argv=None, data_default=None, out_default="runs/finetune"):
     fill_defaults(args, {}, MODE_DEFAULTS[args.mode])
     if args.weights is None and args.preset is None:
         raise TinyViTError("give --weights (pretrained) or --preset NAME (random init)")
+    _check_data(args)
+    _say_unused(args, typed)
     return choose_out(args, out_default)
+
+
+def _check_data(args):
+    """A --data that names a file, and a --val-split outside (0, 1), in one line before any work."""
+    if args.data in ("cifar10", "pets"):
+        return
+    d = Path(args.data)
+    if d.is_file():
+        raise TinyViTError(f"--data {args.data}: a file, not a folder; --data takes cifar10, pets, or a folder "
+                           "of class folders (DIR/<class>/<image>, or DIR/train/ and DIR/val/); to classify one "
+                           "image, use predict.py")
+    split = (d / "train").is_dir() and any((d / n).is_dir() for n in ("val", "valid", "validation", "test"))
+    if not split and not 0.0 < args.val_split < 1.0:
+        raise TinyViTError(f"--val-split {args.val_split}: the fraction of each class held out for validation in a "
+                           "folder without train/ and val/ must be between 0 and 1 (e.g. 0.1); to train on every "
+                           "image, split the folder into DIR/train/<class>/ and DIR/val/<class>/ yourself")
+
+
+def _say_unused(args, typed):
+    """One line naming the flags given that have no effect in this mode."""
+    unused = [k for k in MODE_ONLY if k in typed and args.mode not in MODE_ONLY[k][0]
+              and getattr(args, k) != MODE_ONLY[k][1]]
+    if unused and world().lead:
+        why = {"head": " (a frozen backbone's features, computed once without augmentation; only the linear "
+                       "head trains)"}.get(args.mode, "")
+        print(f"note: {', '.join('--' + k.replace('_', '-') for k in unused)} "
+              f"{'has' if len(unused) == 1 else 'have'} no effect in {args.mode} mode{why}", file=sys.stderr)
 
 
 def train_settings(args) -> TrainConfig:
@@ -82,6 +136,14 @@ def train_settings(args) -> TrainConfig:
 def main(description, data_default=None, out_default="runs/finetune", argv=None):
     """Entry point of the fine-tuning scripts."""
     args = parse(parser(description, data_default, out_default), argv, data_default, out_default)
-    summary, cfg = run_finetune(args, train_settings(args), run_args(args), run_clock(args))
-    report(summary, args, {"mode": args.mode, "img_size": cfg.img_size, "backend": args.backend,
-                           "data": args.data})
+    try:
+        with removed_if_unused(args.out):  # an early failure leaves no empty --out behind
+            summary, cfg = run_finetune(args, train_settings(args), run_args(args), run_clock(args))
+    except KeyboardInterrupt:
+        if args.mode != "head":
+            raise  # outside fit's own stop (or a second Ctrl-C): report.run says it, exit 130
+        print("interrupted: head mode writes its model only at the end; run the same command again "
+              "(a finished feature pass comes from the feature cache)", file=sys.stderr)
+        return 130
+    return report(summary, args, {"mode": args.mode, "img_size": cfg.img_size, "backend": args.backend,
+                                  "data": args.data})

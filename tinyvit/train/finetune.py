@@ -67,7 +67,7 @@ def start_model(args):
     if args.weights is not None:
         params, cfg, meta = load_model(args.weights, hint="--weights takes a model file")
     else:
-        cfg = preset(args.preset, img_size=args.img_size)
+        cfg = preset(args.preset, **({"img_size": args.img_size} if args.img_size else {}))
         params, meta = init_params(cfg, seed=args.seed), {}
     if cfg.in_chans != 3:
         raise TinyViTError(f"fine-tuning takes 3-channel models; these weights have {cfg.in_chans}")
@@ -87,9 +87,14 @@ def run_finetune(args, tc: TrainConfig, saved_args: dict, clock: dict):
     xp = get_backend(args.backend)
     params, cfg, meta, t = start_model(args)
     cfg = dataclasses.replace(cfg, drop_path=getattr(args, "drop_path", 0.0) or 0.0)  # training only
-    train, test, names, info = load_data(args, dataclasses.replace(cfg, img_size=args.img_size), t)
-    params, cfg = adapt(params, cfg, img_size=args.img_size, num_classes=len(names),
-                        resample=meta.get("resample", "bilinear"))  # as the weights' own library resamples
+    size, resample = args.img_size or cfg.img_size, meta.get("resample", "bilinear")  # the weights' own size
+    if size != cfg.img_size and world().lead:
+        print(f"note: --img-size {size}: the position embeddings of {args.weights or args.preset} "
+              f"({cfg.img_size} px) are resampled ({resample}) to {size} px", file=sys.stderr)
+    saved_args = dict(saved_args, img_size=size)  # a --resume restores the size this run used
+    train, test, names, info = load_data(args, dataclasses.replace(cfg, img_size=size), t)
+    params, cfg = adapt(params, cfg, img_size=size, num_classes=len(names),
+                        resample=resample)  # as the weights' own library resamples
     out_meta = dict(info, class_names=list(names), mean=list(t.mean), std=list(t.std), eval_transform=t.to_dict(),
                     mode=args.mode, run_args=saved_args,
                     source_weights=str(args.weights) if args.weights else f"random init ({args.preset})")
@@ -172,31 +177,36 @@ def _head_of(params):
 
 def train_head(tr_f, tr_y, te_f, te_y, head, cfg, tc, xp, quiet):
     """Softmax regression on fixed features (the new head, or both heads of a distilled ViT) with the
-    run's optimizer and schedule."""
+    run's optimizer and schedule -> (head, test accuracy, history: one record per epoch, as fit logs)."""
     head = {k: xp.asarray(v) for k, v in head.items()}
     opt = tc.make_optimizer()
     n = len(tr_y)
     steps_per_epoch = max(1, n // tc.batch_size)
     sched = make_schedule(tc.schedule, tc.lr, tc.epochs * steps_per_epoch, warmup_steps(tc, steps_per_epoch, True),
                           steps_per_epoch, tc.gamma, tc.min_lr)
-    tr_f, tr_y, te_f = xp.asarray(tr_f), xp.asarray(tr_y), xp.asarray(te_f)
-    step = 0
+    tr_f, tr_y, te_f, te_y = xp.asarray(tr_f), xp.asarray(tr_y), xp.asarray(te_f), xp.asarray(te_y)
+    step, history = 0, []
     for epoch in range(tc.epochs):
+        t0 = time.perf_counter()
         order = xp.asarray(np.random.default_rng([tc.seed, epoch]).permutation(n))
-        total = 0.0
+        total, correct, seen = 0.0, 0, 0
         for s in range(steps_per_epoch):
             idx = order[s * tc.batch_size:(s + 1) * tc.batch_size]
             logits, c = head_forward(head, tr_f[idx], cfg)
             loss, ce = cross_entropy_forward(logits, tr_y[idx], tc.label_smoothing)
-            opt.step(head, head_backward(cross_entropy_backward(1.0, ce), c, need_dx=False)[1], lr=sched(step))
-            total = total + loss  # summed on the device: one read per report below
-            step += 1
+            lr = sched(step)
+            opt.step(head, head_backward(cross_entropy_backward(1.0, ce), c, need_dx=False)[1], lr=lr)
+            total = total + loss * len(idx)  # summed on the device: one read per epoch below
+            correct = correct + (logits.argmax(1) == tr_y[idx]).sum()
+            seen, step = seen + len(idx), step + 1
+        acc = float((head_forward(head, te_f, cfg)[0].argmax(1) == te_y).mean())
+        history.append({"epoch": epoch + 1, "step": step, "lr": lr, "train_loss": float(total) / seen,
+                        "train_accuracy": int(correct) / seen, "epoch_seconds": time.perf_counter() - t0,
+                        "test_accuracy": acc})
         if not quiet and (epoch + 1) % max(1, tc.epochs // 10) == 0:
-            acc = float((head_forward(head, te_f, cfg)[0].argmax(1) == xp.asarray(te_y)).mean())
-            print(f"head epoch {epoch + 1}/{tc.epochs}: loss {float(total) / steps_per_epoch:.4f}  test acc {acc:.4f}",
+            print(f"head epoch {epoch + 1}/{tc.epochs}: loss {history[-1]['train_loss']:.4f}  test acc {acc:.4f}",
                   file=sys.stderr)
-    logits, _ = head_forward(head, te_f, cfg)
-    return head, float((to_numpy(logits).argmax(1) == te_y).mean())
+    return head, history[-1]["test_accuracy"], history
 
 
 def run_head(params, cfg, tc, xp, train, test, meta, args):
@@ -208,11 +218,13 @@ def run_head(params, cfg, tc, xp, train, test, meta, args):
                                      "features (train)", quiet=args.quiet)
     te_f, te_y, s2 = cached_features(folder, "test", dev, cfg, test, xp, args.feature_batch,
                                      "features (test)", quiet=args.quiet)
-    head, acc = train_head(tr_f, tr_y, te_f, te_y, _head_of(params), cfg, tc, xp, args.quiet)
+    head, acc, history = train_head(tr_f, tr_y, te_f, te_y, _head_of(params), cfg, tc, xp, args.quiet)
     seconds = time.perf_counter() - t0
     params = dict(params, **{k: to_numpy(v) for k, v in head.items()})
+    log = "".join(json.dumps(rec) + "\n" for rec in history).encode()  # as fit's: plot_metrics.py reads it
+    atomic_write(Path(args.out) / "metrics.jsonl", lambda f: f.write(log))
     ckpt = save_checkpoint(Path(args.out) / "model.npz", params, cfg,
-                           dict(meta, test_accuracy=acc, train_config=dataclasses.asdict(tc)))
+                           dict(meta, test_accuracy=acc, history=history, train_config=dataclasses.asdict(tc)))
     n_img = len(tr_y) + len(te_y)
     return {"test_accuracy": acc, "epochs": tc.epochs, "train_seconds": seconds,
             "images_per_second": n_img / (s1 + s2) if s1 + s2 > 0 else None,

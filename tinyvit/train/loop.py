@@ -27,7 +27,7 @@ class _StopFlag:
     """Turns SIGINT/SIGTERM into a flag checked between steps, so a stop saves a checkpoint first."""
 
     def __init__(self):
-        self.stop = False
+        self.stop, self.signum = False, None  # signum: the signal that asked for the stop
         self._old = {}
 
     def __enter__(self):
@@ -41,7 +41,7 @@ class _StopFlag:
     def _handle(self, signum, frame):
         if self.stop:  # a second Ctrl-C stops at once
             raise KeyboardInterrupt
-        self.stop = True
+        self.stop, self.signum = True, signum
         print("\nstopping after this step (a checkpoint is written first; Ctrl-C again to abort)",
               file=sys.stderr)
 
@@ -50,10 +50,14 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
-def _train_state(epoch, batch, step, rng, history, tc):
-    """The JSON-able position of a run, stored in each checkpoint's metadata."""
-    return {"epoch": epoch, "batch": batch, "step": step, "rng": rng.bit_generator.state,
-            "history": history, "train_config": dataclasses.asdict(tc)}
+def _train_state(epoch, batch, step, rng, history, tc, tally=None):
+    """The JSON-able position of a run, stored in each checkpoint's metadata; mid-epoch, also the
+    epoch's running tally, so the resumed epoch logs the same loss and accuracy as an uninterrupted one."""
+    state = {"epoch": epoch, "batch": batch, "step": step, "rng": rng.bit_generator.state,
+             "history": history, "train_config": dataclasses.asdict(tc)}
+    if batch and tally is not None:
+        state["tally"] = tally.state()
+    return state
 
 
 def fit(params, cfg, tc: TrainConfig, xp, train: ArrayDataset, test: ArrayDataset, out_dir, *, meta=None,
@@ -61,8 +65,10 @@ def fit(params, cfg, tc: TrainConfig, xp, train: ArrayDataset, test: ArrayDatase
     """Train params in place on the backend xp; write checkpoints and logs to out_dir.
 
     Returns a summary dict (test_accuracy, epochs, train_seconds, images_per_second, checkpoint,
-    stopped_early). With `resume`, continues the run saved in that checkpoint exactly. A checkpoint
-    is written at each epoch's end and, with `save_every` (seconds), also that often within an epoch.
+    stopped_early, interrupted: the signal's name when SIGINT/SIGTERM stopped the run, else None).
+    With `resume`, continues the run saved in that checkpoint exactly; a finished run (every epoch
+    done, its model.npz written) is left as it is (already_finished). A checkpoint is written at each
+    epoch's end and, with `save_every` (seconds), also that often within an epoch.
     """
     run = _Run(params, cfg, tc, xp, len(train.labels), out_dir, meta, resume, quiet)
     with _StopFlag() as flag:
@@ -72,7 +78,9 @@ def fit(params, cfg, tc: TrainConfig, xp, train: ArrayDataset, test: ArrayDatase
                 run.save()  # mid-epoch: resume continues from this batch
                 break
             run.end_epoch(tally, t_epoch, test)
-    return run.finish()
+    summary = run.finish()
+    summary["interrupted"] = signal.Signals(flag.signum).name if flag.signum and summary["stopped_early"] else None
+    return summary
 
 
 class _Run:
@@ -86,10 +94,14 @@ class _Run:
         self.opt = tc.make_optimizer(list(params), cfg.depth)
         self.rng = np.random.default_rng(tc.seed)  # dropout; its state travels in the checkpoint
         self.epoch, self.batch, self.step, self.history, ema = 0, 0, 0, [], None
+        self.saved_tally = None  # mid-epoch resume: the interrupted epoch's tally so far
         if resume:
-            params, self.opt, self.rng, (self.epoch, self.batch, self.step, self.history), ema = _resume(
-                resume, params, cfg, tc, self.opt, self.rng)
+            params, self.opt, self.rng, (self.epoch, self.batch, self.step, self.history), ema, self.saved_tally = \
+                _resume(resume, params, cfg, tc, self.opt, self.rng)
             self.files.good = (Path(resume), self.step)
+        # a finished run resumed (every epoch done, its model written): nothing to run, nothing rewritten
+        self.finished = bool(resume) and self.epoch >= tc.epochs and self.files.final.is_file()
+        if resume and not self.finished:
             # the log restarts from the checkpoint's history: epochs logged after it (by a run killed
             # before its next checkpoint) are run again and must not appear twice
             self.files.write_log(self.history)
@@ -103,15 +115,16 @@ class _Run:
         self.steps_per_epoch = num_batches(n_train, tc.batch_size, drop_last=True)
         if self.steps_per_epoch == 0:
             raise TinyViTError(f"the training set ({n_train} images) is smaller than one batch ({tc.batch_size})")
-        self.schedule = run_schedule(tc, self.steps_per_epoch, say=w.lead)  # extended: over the new length
+        self.schedule = run_schedule(tc, self.steps_per_epoch, say=w.lead and not self.finished)  # extended: over the new length
         self.meta = dict(meta or {})
         self.t_start = self.t_saved = time.perf_counter()  # t_saved: the last checkpoint (or the start)
         self.images_seen, self.stopped, self.ran_steps, self.train_time, self.lr = 0, False, 0, 0.0, None
+        self.tally = None  # the running epoch's
 
     def save(self):
         """The resumable checkpoint at the current position."""
         m = dict(self.meta, train_state=_train_state(self.epoch, self.batch, self.step, self.rng, self.history,
-                                                      self.tc))
+                                                      self.tc, self.tally))
         state = dict(self.opt.state_dict(), **{_EMA + k: v for k, v in (self.ema or {}).items()})
         self.files.checkpoint(lambda: save_checkpoint(self.files.ckpt, self.params, self.cfg, m, state), self.step)
         self.t_saved = time.perf_counter()  # --save-every counts from the last checkpoint
@@ -130,8 +143,11 @@ class _Run:
         bar = Progress(self.steps_per_epoch, f"epoch {self.epoch + 1}/{tc.epochs}", unit="step",
                        initial=self.batch, disable=self.quiet)
         # NumPy on one process reads the loss every step (free); a GPU or MPI ranks every 10 steps
-        tally = _Tally(1 if self.xp is np and w.size == 1 else DEVICE_READ_EVERY, w)
+        tally = self.tally = _Tally(1 if self.xp is np and w.size == 1 else DEVICE_READ_EVERY, w)
         t_epoch = time.perf_counter()
+        if self.saved_tally is not None:  # the steps this epoch ran before the resume, and their time
+            t_epoch -= tally.restore(self.saved_tally)
+            self.saved_tally = None
         for x, y in train.batches(tc.batch_size, self.xp, seed=tc.seed, epoch=self.epoch, drop_last=True,
                                   augment=None if tc.augment == "none" else tc.augment, start_batch=self.batch,
                                   dtype=self.params["pos_embed"].dtype, shard=(w.rank, w.size)):
@@ -192,14 +208,15 @@ class _Run:
     def finish(self) -> dict:
         """The final slim model (when every epoch ran) and the run's summary."""
         seconds, done = time.perf_counter() - self.t_start, self.epoch >= self.tc.epochs
-        final, weights = self.files.out / "model.npz", self.ema or self.params
-        if done:  # a slim copy (no optimizer state) for evaluate.py / predict.py
+        final, weights = self.files.final, self.ema or self.params
+        if done and not self.finished:  # a slim copy (no optimizer state) for evaluate.py / predict.py
             m = dict(self.meta, test_accuracy=self.history[-1]["test_accuracy"], history=self.history, ema=self.tc.ema)
             self.files.write("the final model", final, lambda: save_checkpoint(final, weights, self.cfg, m))
         return {"test_accuracy": self.history[-1]["test_accuracy"] if self.history else None,
                 "epochs": self.epoch, "steps": self.step, "train_seconds": seconds,
                 "images_per_second": self.images_seen / self.train_time if self.train_time > 0 else 0.0,
-                "checkpoint": str(final if done else self.files.ckpt), "stopped_early": not done, "params": weights}
+                "checkpoint": str(final if done else self.files.ckpt), "stopped_early": not done, "params": weights,
+                "already_finished": self.finished}
 
 
 class _RunFiles:
@@ -210,7 +227,7 @@ class _RunFiles:
     def __init__(self, out_dir, active=True):
         self.active = active  # False on MPI ranks other than 0: they write nothing
         self.out = prepare_out_dir(out_dir) if active else Path(out_dir)
-        self.ckpt, self.log = self.out / "checkpoint.npz", self.out / "metrics.jsonl"
+        self.ckpt, self.log, self.final = self.out / "checkpoint.npz", self.out / "metrics.jsonl", self.out / "model.npz"
         self.good = None  # (path, step) of the last checkpoint known to be whole
 
     def last_good(self) -> str:
@@ -251,6 +268,7 @@ class _Tally:
         self.every, self.pending, self.unread, self.unread_n = every, None, 0, 0
         self.world = world or World()
         self.loss_sum, self.correct, self.seen = 0.0, 0, 0
+        self.t0 = time.perf_counter()
 
     def add(self, loss, correct, n):
         """Count one step: its mean loss and correct count (0-d arrays) over n images."""
@@ -277,6 +295,17 @@ class _Tally:
     def mean_loss(self) -> float:
         """Mean loss per image over the steps read so far."""
         return self.loss_sum / max(self.seen, 1)
+
+    def state(self) -> dict:
+        """The sums read so far and the epoch's seconds so far, JSON-able (for a mid-epoch checkpoint)."""
+        return {"loss_sum": self.loss_sum, "correct": self.correct, "seen": self.seen,
+                "seconds": time.perf_counter() - self.t0}
+
+    def restore(self, state) -> float:
+        """Continue from state(): the sums carry on; returns the seconds the epoch had run."""
+        self.loss_sum, self.correct, self.seen = state["loss_sum"], state["correct"], state["seen"]
+        self.t0 -= state["seconds"]
+        return state["seconds"]
 
 
 def _step_grads(params, x, y, cfg, tc, rng, head_only, weight=1.0):
@@ -323,7 +352,9 @@ def _resume(path, params, cfg, tc, opt, rng):
     if state is None:
         raise TinyViTError(f"{path}: holds no training state (a model-only file cannot be resumed)")
     if ckpt_cfg != cfg:
-        raise TinyViTError(f"{path}: model config differs from this run's ({ckpt_cfg} vs {cfg})")
+        diff = ", ".join(f"{k} {v!r} vs {getattr(cfg, k)!r}" for k, v in dataclasses.asdict(ckpt_cfg).items()
+                         if getattr(cfg, k) != v)
+        raise TinyViTError(f"{path}: model config differs from this run's (saved vs now: {diff})")
     try:  # the metadata is untrusted JSON: any wrong shape of it is a bad file
         saved = TrainConfig(**state["train_config"])
         position = tuple(state[k] for k in ("epoch", "batch", "step"))
@@ -351,4 +382,17 @@ def _resume(path, params, cfg, tc, opt, rng):
     except (TypeError, ValueError, KeyError) as e:
         raise TinyViTError(f"{path}: corrupt training state in metadata (rng: {e})") from None
     p = {k: v.astype(params[k].dtype, copy=False) for k, v in p.items()}
-    return p, opt, rng, (*position, history), (ema or None)
+    return p, opt, rng, (*position, history), (ema or None), _saved_tally(path, state, position[1])
+
+
+def _saved_tally(path, state, batch):
+    """The interrupted epoch's tally in a mid-epoch checkpoint (None at an epoch's end, or in an
+    older checkpoint, whose resumed epoch then logs only the steps after the resume)."""
+    t = state.get("tally")
+    if t is None or batch == 0:
+        return None
+    ok = (isinstance(t, dict) and all(type(t.get(k)) is int and t[k] >= 0 for k in ("correct", "seen"))
+          and all(type(t.get(k)) in (int, float) and math.isfinite(t[k]) and t[k] >= 0 for k in ("loss_sum", "seconds")))
+    if not ok:
+        raise TinyViTError(f"{path}: corrupt training state in metadata (tally: {str(t)[:80]})")
+    return t
