@@ -60,7 +60,7 @@ class HubStandin:
         for role in ("hub", "cdn"):
             srv = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self, role))
             srv.daemon_threads = True
-            threading.Thread(target=srv.serve_forever, daemon=True).start()
+            threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
             self._servers.append(srv)
         return self
 
