@@ -266,3 +266,20 @@ def test_the_cache_layout_is_huggingface_hubs(hub, tmp_path):
 def test_importing_tinyvit_leaves_huggingface_hub_unloaded():
     r = run_python("import sys, tinyvit, tinyvit.io.convert; print('huggingface_hub' in sys.modules)")
     assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
+
+
+def test_the_provenance_stays_with_the_checkpoint_and_its_exports(hub, tmp_path):
+    from tinyvit.io.export import export
+    from tinyvit.io.safetensors import read_safetensors
+    params, cfg, meta = convert(SHARDED)
+    save_checkpoint(tmp_path / "c.npz", params, cfg, meta)
+    origin = load_model(tmp_path / "c.npz")[2]["origin"]
+    assert origin == meta["origin"] and origin["commit"] == hub.repos[SHARDED].sha
+    export(tmp_path / "c.npz", "timm", tmp_path / "t.safetensors")
+    export(tmp_path / "c.npz", "hf", tmp_path / "hf")
+    for f in (tmp_path / "t.safetensors", tmp_path / "hf" / "model.safetensors"):
+        assert json.loads(read_safetensors(f)[1]["tinyvit_origin"]) == origin, f
+    onnx = pytest.importorskip("onnx")
+    export(tmp_path / "c.npz", "onnx", tmp_path / "m.onnx")
+    props = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
+    assert json.loads(props["tinyvit_origin"]) == origin
