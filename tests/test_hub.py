@@ -283,3 +283,39 @@ def test_the_provenance_stays_with_the_checkpoint_and_its_exports(hub, tmp_path)
     export(tmp_path / "c.npz", "onnx", tmp_path / "m.onnx")
     props = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
     assert json.loads(props["tinyvit_origin"]) == origin
+
+
+# --- finetune_cifar.py's default weights ---------------------------------------------------------
+
+CIFAR_DEFAULT = "timm/vit_base_patch16_224.augreg2_in21k_ft_in1k"
+
+
+@pytest.fixture
+def vit_b16_standin(hub, tmp_path):
+    """A tiny timm ViT served under the name finetune_cifar.py fetches by default."""
+    args = dict(embed_dim=32, depth=2, num_heads=4, img_size=32)
+    model = _perturbed(timm.create_model("vit_base_patch16_224", pretrained=False, **args))
+    save_for_hf(model, tmp_path / "b16", model_args=args, safe_serialization=True)
+    hub.add(CIFAR_DEFAULT, tmp_path / "b16")
+    return hub
+
+
+@pytest.mark.e2e
+def test_bare_finetune_cifar_fetches_its_vit_b16_by_name(vit_b16_standin, cifar_root, tmp_path):
+    env = {k: os.environ[k] for k in ("HF_HOME", "HF_ENDPOINT", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    r = run_script(SCRIPTS / "finetune_cifar.py", "--data-dir", cifar_root, "--limit-train", 20, "--limit-test", 10,
+                   "--out", tmp_path / "run", "--quiet", "--json", extra_env=env)
+    assert r.returncode == 0, r.stderr
+    assert f"no --weights: fine-tuning {CIFAR_DEFAULT}" in r.stderr and "4.5 h" in r.stderr, r.stderr
+    meta = load_model(tmp_path / "run" / "model.npz")[2]
+    assert meta["mode"] == "head" and meta["source_weights"] == CIFAR_DEFAULT
+    assert meta["source_origin"]["commit"] == vit_b16_standin.repos[CIFAR_DEFAULT].sha
+
+
+@pytest.mark.e2e
+def test_bare_finetune_cifar_without_the_hub_names_weights_file(hub, tmp_path):
+    r = run_script(SCRIPTS / "finetune_cifar.py", "--out", tmp_path / "run",
+                   extra_env={"HF_HOME": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1"})
+    err = [s for s in r.stderr.strip().splitlines() if not s.startswith("no --weights")]
+    assert r.returncode == 2 and len(err) == 1, r.stderr
+    assert err[0].startswith("error: ") and "HF_HUB_OFFLINE" in err[0] and "--weights FILE" in err[0], r.stderr
