@@ -19,7 +19,7 @@ from tinyvit.io import hub as hubmod
 from tinyvit.io.convert import convert
 from tinyvit.io.hub import hub_name
 
-pytest.importorskip("huggingface_hub")
+huggingface_hub = pytest.importorskip("huggingface_hub")
 transformers = pytest.importorskip("transformers")
 save_for_hf = pytest.importorskip("timm.models._hub").save_for_hf
 HF_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_ENDPOINT")
@@ -255,7 +255,6 @@ def test_predict_with_a_missing_repository_is_one_line(hub, tmp_path):
 
 def test_the_cache_layout_is_huggingface_hubs(hub, tmp_path):
     """A folder huggingface_hub itself finds offline: what tinyvit fetched is an ordinary cache entry."""
-    import huggingface_hub
     load_model(TIMM)
     p = huggingface_hub.try_to_load_from_cache(TIMM, "model.safetensors", cache_dir=str(tmp_path / "hf-home" / "hub"))
     assert isinstance(p, str) and Path(p).is_file()
