@@ -318,3 +318,10 @@ def test_bare_finetune_cifar_without_the_hub_names_weights_file(hub, tmp_path):
     err = [s for s in r.stderr.strip().splitlines() if not s.startswith("no --weights")]
     assert r.returncode == 2 and len(err) == 1, r.stderr
     assert err[0].startswith("error: ") and "HF_HUB_OFFLINE" in err[0] and "--weights FILE" in err[0], r.stderr
+
+
+def test_without_huggingface_hub_a_name_is_one_line_with_the_pip_command(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(__import__("sys").modules, "huggingface_hub", None)  # import fails as when not installed
+    with pytest.raises(TinyViTError, match="pip install huggingface_hub"):
+        load_model(TIMM)

@@ -105,7 +105,7 @@ def _why(e):
     return (lines[0] if lines else type(e).__name__)[:200]
 
 
-def _quiet(hub):
+def _quiet():
     """huggingface_hub's retry warnings off (the failure is said in one line); its own verbosity setting wins."""
     if not os.environ.get("HF_HUB_VERBOSITY"):
         logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
@@ -137,7 +137,7 @@ def fetch(repo, revision=None):
     label = f"{repo}@{revision}" if revision else repo
     if offline:
         return _cached(hub, repo, rev, label, cache, "HF_HUB_OFFLINE is set")
-    _quiet(hub)
+    _quiet()
     try:
         info = hub.HfApi(endpoint=endpoint).model_info(repo, revision=rev)
     except Exception as e:  # noqa: BLE001 (the network and the Hub's answers): refused, else unreachable
@@ -229,8 +229,8 @@ def _cached(hub, repo, rev, label, cache, why):
             files = None
     if not files or not all(found.get(f) for f in files):
         raise TinyViTError(f"{label}: {why}, and the Hugging Face cache ({cache}) holds no complete download of it: "
-                           f"connect and run again (with HF_HUB_OFFLINE unset), or give a downloaded folder or "
-                           f"weights file instead")
+                           f"run again with the network (HF_HUB_OFFLINE unset), or give a downloaded folder or "
+                           f"weights file instead (where the Hub is reachable: hf download {repo} --local-dir DIR)")
     sha = Path(found[files[-1]]).parent.name
     print(f"note: {why}: using {label} from the cache (commit {sha[:12]})", file=sys.stderr)
     return _snapshot(cache, repo, sha, rev, files)
