@@ -5,6 +5,7 @@ the server gone, and each failure one line. Each test has its own HF_HOME."""
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -322,6 +323,6 @@ def test_bare_finetune_cifar_without_the_hub_names_weights_file(hub, tmp_path):
 
 def test_without_huggingface_hub_a_name_is_one_line_with_the_pip_command(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setitem(__import__("sys").modules, "huggingface_hub", None)  # import fails as when not installed
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import fails as when not installed
     with pytest.raises(TinyViTError, match="pip install huggingface_hub"):
         load_model(TIMM)
