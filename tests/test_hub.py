@@ -110,6 +110,18 @@ def test_a_bare_file_name_is_read_from_tinyvit_weights(tmp_path, monkeypatch, ca
         load_model("tiny.npz")
 
 
+@pytest.mark.e2e
+def test_predict_reads_a_bare_checkpoint_name_from_tinyvit_weights(tmp_path):
+    cfg = ViTConfig(img_size=16, patch_size=8, num_classes=3, dim=16, depth=1, heads=2, mlp_dim=32)
+    (tmp_path / "w").mkdir()
+    save_checkpoint(tmp_path / "w" / "tiny.npz", init_params(cfg, seed=0), cfg)
+    from PIL import Image
+    Image.new("RGB", (16, 16)).save(tmp_path / "x.png")
+    r = run_script(SCRIPTS / "predict.py", "tiny.npz", tmp_path / "x.png", "--json", cwd=tmp_path,
+                   extra_env={"TINYVIT_WEIGHTS": str(tmp_path / "w")})
+    assert r.returncode == 0 and r.stderr.count("TINYVIT_WEIGHTS") == 1, r.stderr
+
+
 # --- downloads -----------------------------------------------------------------------------------
 
 
