@@ -2,6 +2,7 @@
 
 Example:
   python scripts/convert_weights.py ViT-B_16.npz --out weights/vit-b16.npz
+  python scripts/convert_weights.py timm/vit_small_patch14_dinov2.lvd142m --out weights/dinov2-s.npz
   python scripts/convert_weights.py pytorch_model.bin --format hf --img-size 384 --num-classes 10 \\
       --out weights/vit-b16-384-c10.npz
 
@@ -25,7 +26,9 @@ def parse_args(argv=None):
     """The command line."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("src", help="weights file (.npz in Google or timm layout, .safetensors, .pth/.pt/.bin/.ckpt), "
-                                "or a timm or HF hub folder holding config.json and the weights")
+                                "a timm or HF hub folder holding config.json and the weights, or a Hugging Face Hub "
+                                "name (timm/NAME, ORG/REPO, hf-hub:ORG/REPO, each with an optional @REVISION), "
+                                "downloaded once into huggingface_hub's cache ($HF_HOME)")
     ap.add_argument("--out", required=True, help="tinyvit checkpoint to write, e.g. weights/vit-b16.npz")
     ap.add_argument("--format", default="auto", choices=("auto",) + FORMATS,
                     help="source layout; auto tells it from the key names (default auto)")

@@ -103,8 +103,7 @@ BAD_TIMM = [  # each value of the wrong type or out of range, or no JSON object 
     {"architecture": "vit_x", "label_names": ["a"], "pretrained_cfg": {"mean": [1e999, 0, 0], "crop_pct": 2.0}},
     {"architecture": "vit_x", "pretrained_cfg": [1, 2]},
     {"architecture": "vit_x", "pretrained_cfg": {"crop_pct": True, "interpolation": {"a": 1}}},
-    "[1, 2, 3]", "{not json", "\xff\xfe",
-]
+]  # a file that is no JSON object, and values that shape the model: one line each (tests/test_untrusted.py)
 
 
 @pytest.mark.parametrize("conf", BAD_TIMM)
@@ -121,7 +120,7 @@ def test_untrusted_timm_config_values_are_ignored(tmp_path, conf):
     {"image_processor_type": 3, "image_mean": [0.1, 0.2], "image_std": [0.1, 0.2]},  # 2 values for 3 channels
 ])
 def test_untrusted_hf_preprocessor_values_are_ignored(tmp_path, prep):
-    conf = {"model_type": "vit", "num_attention_heads": "2", "layer_norm_eps": "x", "id2label": [1]}
+    conf = {"model_type": "vit", "id2label": [1]}  # (a bad num_attention_heads is one line: tests/test_untrusted.py)
     _, cfg, meta = convert(_timm_folder(tmp_path, conf, prep, hf=True))
     assert cfg.heads == 1 and cfg.ln_eps == 1e-12 and meta["mean"] == [0.5] * 3
     assert "eval_transform" not in meta

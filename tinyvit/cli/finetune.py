@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from ..errors import TinyViTError
+from ..io.hub import resolve
 from ..nn.model import PRESETS
 from ..train.config import TrainConfig
 from ..train.dist import world
@@ -43,9 +44,10 @@ def parser(description, data_default=None, out_default="runs/finetune"):
                     help="cifar10, pets (Oxford-IIIT Pet, found in or downloaded to the data root), or a folder: "
                          "DIR/train/<class>/* with DIR/val/<class>/* (or test/), or DIR/<class>/*"
                          + (f" (default {data_default})" if data_default else " (required)"))
-    ap.add_argument("--weights", default=None, help="pretrained weights: a tinyvit checkpoint, or a Google .npz, "
-                    "timm/HF .safetensors/.pth/.bin or torchvision .pth (converted on the fly); leave out with "
-                    "--preset to train from random init")
+    ap.add_argument("--weights", default=None, help="pretrained weights: a tinyvit checkpoint, a Google .npz, "
+                    "timm/HF .safetensors/.pth/.bin or torchvision .pth, a timm or HF hub folder, or a Hugging Face Hub "
+                    "name (timm/NAME, hf-hub:ORG/REPO[@REVISION]: downloaded once into its cache) (converted on the "
+                    "fly); leave out with --preset to train from random init")
     ap.add_argument("--preset", default=None, choices=sorted(PRESETS), help="random-init model when no --weights")
     ap.add_argument("--mode", choices=["full", "head", "progressive"], default=None,
                     help="head: frozen backbone, features cached once, linear head trained on them; full: "
@@ -81,8 +83,21 @@ def parser(description, data_default=None, out_default="runs/finetune"):
     return ap
 
 
-def parse(ap, argv=None, data_default=None, out_default="runs/finetune"):
-    """Parse; restore a resumed run's flags; then each mode's defaults for the flags not given."""
+def default_weights(name, note):
+    """The weights a script fine-tunes when given neither --weights nor --preset: a Hub name, fetched now (after
+    `note`, the run's expected time, on stderr); unreachable, one line naming --weights FILE."""
+    print(note, file=sys.stderr)
+    try:
+        resolve(name)
+    except TinyViTError as e:
+        raise TinyViTError(f"{e}; or fine-tune weights you have: --weights FILE (e.g. --weights "
+                           f"vit_tiny_patch16_224.augreg_in21k_ft_in1k.npz, read from $TINYVIT_WEIGHTS)") from None
+    return name
+
+
+def parse(ap, argv=None, data_default=None, out_default="runs/finetune", weights_default=None):
+    """Parse; restore a resumed run's flags; then each mode's defaults for the flags not given; weights_default:
+    (Hub name, the note said before fetching it) for a run given neither --weights nor --preset."""
     args = ap.parse_args(argv)
     typed = {k for k in MODE_ONLY if getattr(args, k) is not None}  # by the user, not restored by --resume
     args = resume_args(args, "finetune.py")
@@ -92,7 +107,9 @@ def parse(ap, argv=None, data_default=None, out_default="runs/finetune"):
     fill_defaults(args, FLAG_DEFAULTS)
     fill_defaults(args, {}, MODE_DEFAULTS[args.mode])
     if args.weights is None and args.preset is None:
-        raise TinyViTError("give --weights (pretrained) or --preset NAME (random init)")
+        if weights_default is None:
+            raise TinyViTError("give --weights (pretrained) or --preset NAME (random init)")
+        args.weights = default_weights(*weights_default)
     _check_data(args)
     _say_unused(args, typed)
     return choose_out(args, out_default)
@@ -133,9 +150,9 @@ def train_settings(args) -> TrainConfig:
                                head_lr=args.head_lr if progressive else 0.0)
 
 
-def main(description, data_default=None, out_default="runs/finetune", argv=None):
+def main(description, data_default=None, out_default="runs/finetune", argv=None, weights_default=None):
     """Entry point of the fine-tuning scripts."""
-    args = parse(parser(description, data_default, out_default), argv, data_default, out_default)
+    args = parse(parser(description, data_default, out_default), argv, data_default, out_default, weights_default)
     try:
         with removed_if_unused(args.out):  # an early failure leaves no empty --out behind
             summary, cfg = run_finetune(args, train_settings(args), run_args(args), run_clock(args))

@@ -18,9 +18,10 @@ from .filekind import file_kind
 from .hf_layouts import DEFAULTS as HF_DEFAULTS
 from .hf_layouts import family as hf_family
 from .hf_layouts import from_hf
+from .hub import find_local, hub_name, resolve
 from .labels import class_names_for
 from .posembed import adapt, resize_pos_embed  # noqa: F401  (re-exported: where they used to live)
-from .safetensors import read_safetensors
+from .safetensors import read_safetensors, read_sharded
 from .sidecar import stated
 from .torchzip import load_torch_zip
 
@@ -73,6 +74,9 @@ def _load(path):
     """(flat state dict, the file's string metadata: a safetensors __metadata__, else {}), the reader
     chosen by the file's first bytes (else its suffix)."""
     path = input_file(path)
+    if path.name.endswith(".safetensors.index.json"):  # sharded safetensors: the index names the files beside it
+        obj, metadata = read_sharded(path)
+        return state_from_object(obj, path), metadata
     kind, metadata = file_kind(path), {}
     if kind in ("npz", "tinyvit"):
         obj = read_npz(path, "weights")
@@ -319,7 +323,7 @@ def from_foreign(state, fmt="auto", heads=None, ln_eps=None, source="weights", s
     return params, cfg, dict(format=fmt, dropped=dropped, notes=notes, heads_from=heads_from)
 
 
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
 
 def weights_in(folder):
@@ -346,7 +350,7 @@ def convert(src, fmt="auto", heads=None, arch=None, num_classes=None):
     (tinyvit.io.sidecar); unstated, mean/std are ImageNet's for torchvision, 0.5 for Google, timm and HF
     (Google's ViTs map pixels to [-1, 1]; DeiT-style timm files without a config.json want ImageNet's:
     set it in meta yourself), and eval_transform is left out."""
-    src = Path(src)
+    src, origin = resolve(src)  # a Hub name: its snapshot in huggingface_hub's cache (tinyvit.io.hub)
     if src.is_dir():
         src = weights_in(src)
     state, file_metadata = _load(src)
@@ -371,14 +375,19 @@ def convert(src, fmt="auto", heads=None, arch=None, num_classes=None):
                 resample=RESAMPLE[fmt])
     if side.get("transform"):
         meta["eval_transform"] = dict(side["transform"], mean=list(mean), std=list(std))
+    if origin:
+        meta["origin"] = origin
     return params, cfg, meta
 
 
 def load_model(path, hint=None):
     """A tinyvit checkpoint as is, or any weights file or hub folder convert() reads, converted -> (params,
     cfg, meta). The file's first bytes (else its suffix) decide; an image is refused by name, `hint` (how the
-    calling script takes its arguments) following."""
-    if Path(path).is_dir():
+    calling script takes its arguments) following. A Hub name (tinyvit.io.hub) is fetched and converted."""
+    if hub_name(path) is not None:
+        return convert(path)
+    path = find_local(path)
+    if path.is_dir():
         return convert(path)
     path = input_file(path, "model file")
     kind = file_kind(path)

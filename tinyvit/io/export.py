@@ -85,6 +85,13 @@ def timm_architecture(cfg: ViTConfig, source="model"):
     return arch
 
 
+def origin_metadata(meta):
+    """{'tinyvit_origin': JSON} where the weights came from a Hub repository (repository, revision, commit,
+    each file's sha256: tinyvit.io.hub), else {}; exports keep it in their files' metadata."""
+    origin = meta.get("origin") or meta.get("source_origin")
+    return {"tinyvit_origin": json.dumps(origin)} if isinstance(origin, dict) else {}
+
+
 def timm_metadata(cfg: ViTConfig, names, mean, std, source="model", transform=None):
     """safetensors __metadata__ (str -> str): the VisionTransformer kwargs that rebuild the model, and
     tinyvit's class names, mean/std, config and eval transform (JSON)."""
@@ -129,6 +136,7 @@ def export_timm(out, params, cfg: ViTConfig, meta=None, source="model"):
     state = timm_state(params, cfg, source)
     t = eval_transform(meta, cfg.in_chans, source)  # the one predict.py and evaluate.py use
     md = timm_metadata(cfg, class_names(meta, cfg.num_classes, source), t.mean, t.std, source, t.to_dict())
+    md.update(origin_metadata(meta))
     if out.suffix.lower() != ".safetensors":  # torch.load and timm would take a .pt/.pth for a pickle
         raise TinyViTError(f"{out}: --to timm writes safetensors: give --out a .safetensors name "
                            f"(e.g. {out.with_suffix('.safetensors').name})")
@@ -145,6 +153,7 @@ def export_timm_folder(out, params, cfg: ViTConfig, meta, source="model"):
     t = eval_transform(meta, cfg.in_chans, source)
     config = timm_hub_config(cfg, class_names(meta, cfg.num_classes, source), t, source)
     md = timm_metadata(cfg, config["label_names"], t.mean, t.std, source, t.to_dict())
+    md.update(origin_metadata(meta))
     out.mkdir(parents=True, exist_ok=True)
     write_safetensors(out / "model.safetensors", state, md)
     _write_json(out / "config.json", config)
@@ -191,7 +200,7 @@ def export_hf(out, params, cfg: ViTConfig, meta=None, source="model"):
     prep = hf_preprocessor(cfg, eval_transform(meta, cfg.in_chans, source))
     config = hf_config(cfg, names, _dtype_name(state), source)
     out.mkdir(parents=True, exist_ok=True)
-    write_safetensors(out / "model.safetensors", state, {"format": "pt"})  # transformers wants format=pt
+    write_safetensors(out / "model.safetensors", state, {"format": "pt", **origin_metadata(meta)})  # transformers wants format=pt
     _write_json(out / "config.json", config)
     _write_json(out / "preprocessor_config.json", prep)
     return dict(target="hf", out=str(out), files=[str(out / f) for f in HF_FILES], tensors=len(state),
@@ -211,7 +220,7 @@ def export_onnx(out, params, cfg: ViTConfig, meta=None, source="model"):
     names = class_names(meta, cfg.num_classes, source) or [str(i) for i in range(cfg.num_classes)]
     md = {"class_names": names, "eval_transform": t.to_dict(), "mean": list(t.mean), "std": list(t.std),
           "tinyvit_config": cfg.to_dict(), "input": "pixel_values (batch, C, S, S): the eval transform's pixels"}
-    model = onnx_model(state, cfg, md)
+    model = onnx_model(state, cfg, dict(md, **origin_metadata(meta)))
     files = write_onnx(out, model, sum(v.size for v in state.values()) * 4)
     return dict(target="onnx", out=str(out), files=files, tensors=len(state), params=count_params(state),
                 dtype="float32", config=cfg.to_dict())

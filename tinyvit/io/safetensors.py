@@ -144,3 +144,29 @@ def write_safetensors(path, tensors, metadata=None):
 
     atomic_write(path, write)
     return path
+
+
+def read_sharded(index, max_shards=1000):
+    """Read the shards a model.safetensors.index.json names (files beside it) -> (merged tensors, the first
+    shard's metadata); each tensor must come from the shard its weight_map names."""
+    index = Path(index)
+    try:
+        wmap = json.loads(index.read_text(), object_pairs_hook=_no_duplicates)["weight_map"]
+        shards = sorted(set(wmap.values()))
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+        raise TinyViTError(f"{index}: not a safetensors index ({type(e).__name__}: {str(e)[:100]})") from None
+    if not shards or len(shards) > max_shards or not all(isinstance(s, str) and "/" not in s and "\\" not in s
+                                                          and s not in (".", "..") for s in shards):
+        raise TinyViTError(f"{index}: weight_map names no usable shard files ({str(shards)[:80]})")
+    tensors, metadata = {}, None
+    for s in shards:
+        part, md = read_safetensors(index.parent / s)
+        metadata = md if metadata is None else metadata
+        wrong = next((k for k in part if wmap.get(k) != s), None)
+        if wrong is not None:
+            raise TinyViTError(f"{index.parent / s}: holds {wrong}, which {index.name} places in {wmap.get(wrong)}")
+        tensors.update(part)
+    lacking = sorted(set(wmap) - set(tensors))
+    if lacking:
+        raise TinyViTError(f"{index}: names tensors no shard holds: {lacking[:4]}")
+    return tensors, metadata or {}

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..data.transform import INTERPOLATIONS, RESIZES
 from ..errors import TinyViTError
+from .untrusted import check_hf_config, check_timm_config, read_json
 
 PIL_RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL.Image.Resampling codes, as HF stores `resample`
 HF_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu_python_tanh")  # HF's tanh-GELU names
@@ -30,12 +31,8 @@ def _json(text):
 
 
 def _json_file(path):
-    """A JSON object from a file, or {} when absent, unreadable or not an object."""
-    try:
-        d = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
-        return {}
-    return d if isinstance(d, dict) else {}
+    """A JSON object from a file, or {} when absent; a broken one is one line (tinyvit.io.untrusted)."""
+    return read_json(path)
 
 
 def _number(v):
@@ -125,7 +122,7 @@ def from_hf(src):
     side = hf_sidecar(src)
     if side.get("model_type", "vit") not in HF_TYPES:
         return {}
-    c = side["vision_config"] if isinstance(side.get("vision_config"), dict) else side
+    c = check_hf_config(side, Path(src).parent / "config.json")  # the vision tower's part, its values checked
     act = c.get("hidden_act", "gelu")
     if act not in HF_ACTS:  # anything else would run as GELU with wrong logits
         raise TinyViTError(f"{src}: config.json's hidden_act {str(act)[:40]!r} is not an activation tinyvit has "
@@ -145,6 +142,7 @@ def from_timm_config(src):
     c = _json_file(Path(src).parent / "config.json")
     if "model_type" in c or not ("architecture" in c or "pretrained_cfg" in c):
         return {}
+    check_timm_config(c, Path(src).parent / "config.json")
     p = c["pretrained_cfg"] if isinstance(c.get("pretrained_cfg"), dict) else {}
     out = {"labels": _labels(c.get("label_names")), "mean": floats(p.get("mean")), "std": floats(p.get("std")),
            "arch": c["architecture"] if isinstance(c.get("architecture"), str) else None,

@@ -97,7 +97,8 @@ def run_finetune(args, tc: TrainConfig, saved_args: dict, clock: dict):
                         resample=resample)  # as the weights' own library resamples
     out_meta = dict(info, class_names=list(names), mean=list(t.mean), std=list(t.std), eval_transform=t.to_dict(),
                     mode=args.mode, run_args=saved_args,
-                    source_weights=str(args.weights) if args.weights else f"random init ({args.preset})")
+                    source_weights=str(args.weights) if args.weights else f"random init ({args.preset})",
+                    **({"source_origin": meta["origin"]} if meta.get("origin") else {}))  # a Hub name's provenance
     if args.mode == "head":
         summary = run_head(params, cfg, tc, xp, train, test, out_meta, args)
     else:
