@@ -29,11 +29,14 @@ def parse_args(argv=None):
     ap.add_argument("--format", default="auto", choices=("auto",) + FORMATS,
                     help="source layout; auto tells it from the key names (default auto)")
     ap.add_argument("--heads", type=int, default=None,
-                    help="attention heads (default: from Google kernels or HF config.json, else width // 64)")
+                    help="attention heads (default: from Google kernels, HF config.json or the architecture, else "
+                         "width // 64, said in a note)")
     ap.add_argument("--arch", default=None,
-                    help="timm's architecture name (e.g. vit_base_patch16_clip_quickgelu_224), for what the weights "
-                         "cannot tell: activation, LayerNorm eps, pooling (default: a timm config.json's, else "
-                         "exact GELU and eps 1e-6)")
+                    help="timm's architecture name (e.g. vit_base_patch16_clip_quickgelu_224) or torchvision's "
+                         "(vit_h_14), for what the weights cannot tell: heads, activation, LayerNorm eps, pooling, "
+                         "mean/std and eval transform, as timm's definition of the name (tinyvit.io.archs lists "
+                         "them) (default: a timm config.json's; torchvision's by its sizes; else exact GELU, "
+                         "eps 1e-6, mean/std 0.5, crop 0.875, said in a note)")
     ap.add_argument("--img-size", type=int, default=None,
                     help="new input size: resamples pos_embed as the source's library does (bicubic with "
                          "antialiasing for timm and HF, bilinear for Google and torchvision) (default: keep it)")
@@ -65,6 +68,8 @@ def main(argv=None):
     except OSError as e:  # a full disk, no permission, ...: one line, as the other scripts
         print(f"error: {describe_os_error(e)}", file=sys.stderr)
         return 2
+    for note in meta["notes"]:  # what was guessed or replaced, one line each
+        print(f"note: {note}", file=sys.stderr)
     print(f"{meta['format']} -> {out}: img {cfg.img_size} patch {cfg.patch_size} dim {cfg.dim} "
           f"depth {cfg.depth} heads {cfg.heads} mlp {cfg.mlp_dim} classes {cfg.num_classes} "
           f"eps {cfg.ln_eps:g} gelu {cfg.gelu} pool {cfg.global_pool}, {count_params(params):,} params")

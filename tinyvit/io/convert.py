@@ -12,6 +12,7 @@ import numpy as np
 
 from ..errors import TinyViTError, input_file
 from ..nn.model import ViTConfig, param_shapes
+from .archs import timm_arch, torchvision_arch
 from .checkpoint import check_params, load_checkpoint, read_npz
 from .families import check_agrees, from_arch, from_keys, refuse_lacking
 from .filekind import file_kind
@@ -316,6 +317,9 @@ def from_foreign(state, fmt="auto", heads=None, ln_eps=None, source="weights", s
     cfg = infer_config(params, heads or file_heads, ln_eps, where_fmt, stated, where)
     check_params(params, cfg, where_fmt)
     params = {k: params[k] for k in param_shapes(cfg)}
+    if heads_from == "dim // 64":
+        notes.append(f"nothing states the head count: {cfg.heads} heads guessed as width {cfg.dim} // 64 "
+                     f"(--heads N, or --arch NAME for an architecture's own)")
     return params, cfg, dict(format=fmt, dropped=dropped, notes=notes, heads_from=heads_from)
 
 
@@ -330,13 +334,80 @@ def weights_in(folder):
     raise TinyViTError(f"{folder}: is a folder without a weights file (looked for {', '.join(WEIGHT_FILES)})")
 
 
-def _architecture(arch, side, source):
-    """(config fields an architecture states, where it was named): --arch, else the timm config.json's."""
+def _block_count(state, prefix):
+    """How many blocks hold a `norm1.weight` under prefix (the original DINOv2 files chunk them)."""
+    return sum(k.startswith(prefix) and k.endswith(".norm1.weight") for k in state)
+
+
+def _named_by_layout(state, fmt):
+    """(architecture name, where) a layout names by itself: torchvision's ViTs by their sizes, an original
+    DINOv2 file (its mask token) by its width, registers and depth; (None, None) else."""
+    w = state.get("conv_proj.weight" if fmt == "torchvision" else "patch_embed.proj.weight")
+    if w is None or w.ndim != 4:
+        return None, None
+    if fmt == "torchvision":
+        tv = torchvision_arch(patch_size=int(w.shape[2]), dim=int(w.shape[0]),
+                              depth=_block_count(state, "encoder.layers."))
+        return (tv[0], f"torchvision's {tv[0]} (its sizes)") if tv else (None, None)
+    if fmt == "timm" and "mask_token" in state:  # timm's own ViTs have none
+        size = {384: "small", 768: "base", 1024: "large"}.get(int(w.shape[0]), "small")
+        name = f"vit_{size}_patch14_{'reg4_' if 'register_tokens' in state else ''}dinov2"
+        known = timm_arch(name)
+        fits = (known[0]["dim"], known[0]["depth"]) == (int(w.shape[0]), _block_count(state, "blocks."))
+        return name if fits else None, f"the original DINOv2 layout ({name})"
+    return None, None
+
+
+def _architecture(arch, side, state, fmt, source):
+    """(config fields an architecture states, where it was named, its eval transform record or None, notes):
+    --arch, else the timm config.json's, else what the layout names (_named_by_layout)."""
     name = arch or side.get("arch")
     where = "--arch" if arch else "config.json's architecture"
+    pre, notes = None, []
+    if not name:
+        name, where = _named_by_layout(state, fmt)
+        if where and not name:  # an original DINOv2 file of another width: its preprocessing alone
+            pre = timm_arch("vit_small_patch14_dinov2")[1]
+    tv = torchvision_arch(name=name) if name else None
+    if tv:
+        pos = state.get("encoder.pos_embedding")
+        grid = int(np.sqrt(pos.shape[1] - 1)) if pos is not None and pos.ndim == 3 else 0
+        tv = torchvision_arch(name=name, img_size=grid * tv[1]["patch_size"])
+        return dict(tv[1], arch=name), where, tv[2], notes
     stated = from_arch(name, side.get("model_args") if not arch or arch == side.get("arch") else None, source)
     stated.update(side.get("config_fields", {}))  # tinyvit's own export states its config
-    return dict(stated, arch=name) if name else stated, where
+    known = timm_arch(name)
+    if known:
+        pre = known[1]
+        base, _, tag = name.partition(".")
+        if tag and tag != known[2]:
+            notes.append(f"{where} {name}: the preprocessing is that of timm's default tag {base}.{known[2]}")
+    elif name:
+        notes.append(f"{where} {name} is not an architecture tinyvit knows (tinyvit.io.archs): what the weights "
+                     f"cannot tell is read from the name alone")
+    return dict(stated, arch=name) if name else stated, where, pre, notes
+
+
+def _preprocessing(side, pre, fmt, in_chans):
+    """(mean, std, eval transform record or None, notes): what the files state, else the architecture's
+    (pre), else the default, said in one line."""
+    def fits(m, s):
+        return bool(m and s and len(m) == len(s) == in_chans and min(s) > 0)
+
+    mean, std, t = side.get("mean"), side.get("std"), side.get("transform")
+    if not fits(mean, std) and pre and fits(pre["mean"], pre["std"]):
+        mean, std = pre["mean"], pre["std"]
+    if t is None and pre and not any("eval transform" in n for n in side.get("notes", [])):
+        t = {k: pre[k] for k in ("resize", "crop_pct", "interpolation")}
+    said = []
+    if not fits(mean, std):
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if fmt == "torchvision" else ((0.5,) * in_chans,) * 2
+        said.append("ImageNet's mean/std" if fmt == "torchvision" else "mean/std 0.5")
+    if t is None:
+        said.append("timm's default eval transform (the shorter side to img_size / 0.875, bicubic, centre crop)")
+    notes = [f"nothing states the preprocessing: {' and '.join(said)} assumed "
+             f"(--arch NAME brings an architecture's own)"] if said else []
+    return mean, std, t, notes
 
 
 def convert(src, fmt="auto", heads=None, arch=None, num_classes=None):
@@ -352,7 +423,7 @@ def convert(src, fmt="auto", heads=None, arch=None, num_classes=None):
     state, file_metadata = _load(src)
     fmt = detect_format(state, src) if fmt == "auto" else fmt
     side = stated(src, fmt, file_metadata)
-    arch_fields, where = _architecture(arch, side, src)
+    arch_fields, where, pre, arch_notes = _architecture(arch, side, state, fmt, src)
     params, cfg, info = from_foreign(state, fmt, heads or side.get("heads"), side.get("ln_eps"), src, arch_fields,
                                      where, num_classes)
     if side.get("heads") and not heads:
@@ -362,15 +433,13 @@ def convert(src, fmt="auto", heads=None, arch=None, num_classes=None):
               for k, v in params.items()}
     if arch_fields.get("img_size") and arch_fields["img_size"] != cfg.img_size:  # as timm builds it: resampled
         params, cfg = adapt(params, cfg, img_size=int(arch_fields["img_size"]), resample=RESAMPLE[fmt])
-    mean, std = side.get("mean"), side.get("std")
-    if not (mean and std and len(mean) == len(std) == cfg.in_chans and min(std) > 0):
-        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if fmt == "torchvision" else ((0.5,) * cfg.in_chans,) * 2
-    names = class_names_for(side.get("labels"), cfg.num_classes, trained_head=not info["notes"])
+    mean, std, t, pre_notes = _preprocessing(side, pre, fmt, cfg.in_chans)
+    names = class_names_for(side.get("labels"), cfg.num_classes, trained_head=not any("zero-init" in n for n in info["notes"]))
     meta = dict(source=str(src), format=info["format"], mean=list(mean), std=list(std), class_names=names,
-                dropped=info["dropped"], notes=info["notes"] + side.get("notes", []), heads_from=info["heads_from"],
-                resample=RESAMPLE[fmt])
-    if side.get("transform"):
-        meta["eval_transform"] = dict(side["transform"], mean=list(mean), std=list(std))
+                dropped=info["dropped"], notes=info["notes"] + side.get("notes", []) + arch_notes + pre_notes,
+                heads_from=info["heads_from"], resample=RESAMPLE[fmt])
+    if t:
+        meta["eval_transform"] = dict(t, mean=list(mean), std=list(std))
     return params, cfg, meta
 
 

@@ -6,6 +6,7 @@ import math
 import re
 
 from ..errors import TinyViTError
+from .archs import timm_arch
 
 # (pattern in an architecture name or a key, what tinyvit lacks)
 LACKS_BY_NAME = [(r"eva|rope|dinov3|(^|_)pe_|perception", "rotary position embeddings"),
@@ -22,7 +23,7 @@ _ARGS = {"img_size": "img_size", "patch_size": "patch_size", "in_chans": "in_cha
 _IGNORED = {"dynamic_img_size", "dynamic_img_pad", "drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate",
             "attn_drop_rate", "drop_path_rate", "weight_init", "fix_init", "mlp_ratio", "act_layer", "norm_layer"}
 STRUCTURE = ("class_token", "reg_tokens", "distilled", "no_embed_class", "pre_norm", "patch_bias", "qkv_bias",
-             "global_pool", "fc_norm", "depth", "dim")
+             "global_pool", "fc_norm", "depth", "dim", "patch_size", "in_chans", "mlp_dim")
 
 
 def refuse_lacking(arch, keys, source):
@@ -37,18 +38,20 @@ def refuse_lacking(arch, keys, source):
 
 
 def from_arch(arch, model_args=None, source="weights"):
-    """ViTConfig fields a timm architecture name and its model_args state (timm's defaults by name:
-    CLIP's LayerNorm eps 1e-5, QuickGELU for *_quickgelu; timm runs SigLIP with exact GELU, as its others)."""
-    arch = arch or ""
-    out = {}
-    if arch:  # what timm's ViT names say of the structure: registers, distillation
+    """ViTConfig fields a timm architecture name and its model_args state: a name tinyvit's table holds
+    (tinyvit.io.archs) brings every setting as timm's definition builds it; another name only what it
+    says (registers, distillation, CLIP's eps 1e-5, QuickGELU for *_quickgelu). model_args win."""
+    arch, model_args = arch or "", dict(model_args or {})
+    known = timm_arch(arch)
+    out = dict(known[0]) if known else {}
+    if arch and not known:  # what timm's ViT names say of the structure: registers, distillation
         reg = re.search(r"reg(\d+)", arch)
         out.update(reg_tokens=int(reg.group(1)) if reg else 0, distilled="distilled" in arch)
-    if "clip" in arch:
-        out["ln_eps"] = 1e-5
-    if "quickgelu" in arch:
-        out["gelu"] = "quick"
-    for k, v in (model_args or {}).items():
+        if "clip" in arch:
+            out["ln_eps"] = 1e-5
+        if "quickgelu" in arch:
+            out["gelu"] = "quick"
+    for k, v in model_args.items():
         if k in ("img_size", "patch_size") and isinstance(v, (list, tuple)):  # timm writes (h, w)
             if len(v) != 2 or v[0] != v[1]:
                 raise TinyViTError(f"{source}: model_args {k}={v} is not square, which tinyvit needs")
@@ -62,6 +65,11 @@ def from_arch(arch, model_args=None, source="weights"):
             out["gelu"] = ACT[v]
         elif k not in _IGNORED:
             raise TinyViTError(f"{source}: model_args {k}={str(v)[:30]} is not a setting tinyvit has")
+    if "pre_norm" in model_args and known:  # timm builds the patch bias exactly when there is no norm_pre
+        out["patch_bias"] = not out["pre_norm"]
+    ratio = model_args.get("mlp_ratio", known[0]["mlp_dim"] / known[0]["dim"] if known else None)
+    if type(ratio) in (int, float) and type(out.get("dim")) is int and ("embed_dim" in model_args or "mlp_ratio" in model_args):
+        out["mlp_dim"] = int(out["dim"] * ratio)  # as timm sizes its Mlp
     return out
 
 
@@ -76,7 +84,8 @@ def from_keys(params, source="weights", no_embed_class=None):
     s = {"class_token": has("cls_token"), "distilled": has("dist_token") or has("head_dist.weight"),
          "reg_tokens": int(params["reg_token"].shape[1]) if has("reg_token") else 0, "pre_norm": has("norm_pre.weight"),
          "patch_bias": has("patch_embed.proj.bias"), "qkv_bias": has("blocks.0.attn.qkv.bias"),
-         "layer_scale": has("blocks.0.ls1.gamma"), "dim": D,
+         "layer_scale": has("blocks.0.ls1.gamma"), "dim": D, "patch_size": int(params["patch_embed.proj.weight"].shape[2]),
+         "in_chans": int(params["patch_embed.proj.weight"].shape[1]), "mlp_dim": int(params["blocks.0.mlp.fc1.weight"].shape[0]),
          "depth": 1 + max((int(m.group(1)) for k in params for m in [re.match(r"blocks\.(\d+)\.", k)] if m), default=-1)}
     if has("attn_pool.latent"):
         s["global_pool"], s["fc_norm"] = "map", None
