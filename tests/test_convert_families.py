@@ -186,3 +186,50 @@ def test_bare_file_with_arch_brings_timms_preprocessing(tmp_path, ti16):
     with torch.no_grad():
         p = _softmax(model(transform(Image.open(photo).convert("RGB"))[None]).numpy()[0])
     assert top["index"] == int(p.argmax()) and abs(top["probability"] - p.max()) < 2e-3, (top, p.max())
+
+
+def _openclip_layout(model):
+    """A timm CLIP model's weights in OpenCLIP's layout (what timm's _convert_openai_clip reads), with a text tower."""
+    t = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    out = {"visual.conv1.weight": t.pop("patch_embed.proj.weight"), "visual.class_embedding": t.pop("cls_token")[0, 0],
+           "visual.positional_embedding": t.pop("pos_embed")[0], "visual.proj": t.pop("head.weight").T.contiguous()}
+    t.pop("head.bias")
+    swaps = (("blocks.", "transformer.resblocks."), ("norm_pre", "ln_pre"), ("norm1", "ln_1"), ("norm2", "ln_2"),
+             ("attn.qkv.", "attn.in_proj_"), ("attn.proj", "attn.out_proj"), ("mlp.fc1", "mlp.c_fc"),
+             ("mlp.fc2", "mlp.c_proj"))
+    for k, v in t.items():
+        k = "ln_post" + k[len("norm"):] if k.startswith("norm.") else k
+        for ours, theirs in swaps:
+            k = k.replace(ours, theirs)
+        out["visual." + k] = v
+    g = torch.Generator().manual_seed(9)
+    text = {"token_embedding.weight": (50, 16), "positional_embedding": (8, 16), "transformer.resblocks.0.ln_1.weight": (16,),
+            "transformer.resblocks.0.attn.in_proj_weight": (48, 16), "ln_final.weight": (16,), "ln_final.bias": (16,),
+            "text_projection": (16, 7), "logit_scale": ()}
+    out.update({k: torch.randn(s, generator=g) for k, s in text.items()})
+    return out
+
+
+@pytest.mark.e2e
+def test_openclip_file_converts_to_its_vision_towers_logits(tmp_path):
+    """OpenCLIP's own layout (visual.*, a text tower, ln_final, logit_scale), as timm's converter reads it."""
+    model = _timm("vit_base_patch16_clip_224", dict(embed_dim=128, depth=2, num_heads=2, img_size=32), seed=6)
+    with torch.no_grad():
+        model.head.bias.zero_()  # OpenCLIP's projection has no bias
+    sd = _openclip_layout(model)
+    convert_openai_clip = pytest.importorskip("timm.models.vision_transformer")._convert_openai_clip
+    back = convert_openai_clip(sd, model)  # the layout built here is the one timm's own converter reads
+    assert set(back) == set(model.state_dict()) and all(torch.equal(back[k], v) for k, v in model.state_dict().items())
+    from safetensors.torch import save_file
+
+    save_file(sd, str(tmp_path / "open_clip_model.safetensors"))
+    r = run_script(SCRIPTS / "convert_weights.py", str(tmp_path / "open_clip_model.safetensors"), "--out",
+                   str(tmp_path / "c.npz"))
+    assert r.returncode == 0 and r.stdout.startswith("openclip -> ") and "exact GELU assumed" in r.stderr, r.stderr
+    params, cfg, meta = load_model(tmp_path / "c.npz")
+    assert (cfg.num_classes, cfg.ln_eps, cfg.pre_norm, cfg.patch_bias, cfg.gelu) == (7, 1e-5, True, False, "erf")
+    assert meta["eval_transform"] == {"resize": "shortest_edge", "crop_pct": 1.0, "interpolation": "bicubic",
+                                      "mean": [0.48145466, 0.4578275, 0.40821073],
+                                      "std": [0.26862954, 0.26130258, 0.27577711]}
+    assert any(d.startswith("logit_scale") for d in meta["dropped"])
+    _check_logits(model, params, cfg)

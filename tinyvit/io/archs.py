@@ -180,7 +180,7 @@ def crop_pct_of(crop, resize):
     return c
 
 
-def _record(mean_std, crop_pct, interpolation="bicubic", crop_mode="center"):
+def pretrained_record(mean_std, crop_pct, interpolation="bicubic", crop_mode="center"):
     """The eval transform record (tinyvit.io.sidecar) of a pretrained_cfg, or None when tinyvit has no such resize."""
     resize = "shortest_edge" if crop_mode == "center" else "squash" if crop_mode == "squash" and crop_pct == 1 else None
     t = transform(resize, crop_pct, interpolation) if resize else None
@@ -196,7 +196,7 @@ def timm_arch(name):
     settings = {k: DEFAULTS[k] for k in SETTINGS}
     settings.update(zip(SIZE, entry[:6]), **entry[6])
     tag, mean_std, *pre = entry[7]
-    return settings, _record(mean_std, *pre), tag
+    return settings, pretrained_record(mean_std, *pre), tag
 
 
 def torchvision_arch(name=None, patch_size=None, dim=None, depth=None, img_size=None):
@@ -211,4 +211,50 @@ def torchvision_arch(name=None, patch_size=None, dim=None, depth=None, img_size=
     settings = {k: DEFAULTS[k] for k in SETTINGS}
     settings.update(patch_size=P, dim=D, depth=L, heads=H, mlp_dim=M)
     del settings["img_size"]  # torchvision builds any size: the weights' own stands
-    return name, settings, _record(IMAGENET, crop_pct_of(crop, resize), interpolation)
+    return name, settings, pretrained_record(IMAGENET, crop_pct_of(crop, resize), interpolation)
+
+
+def _block_count(state, prefix):
+    """How many blocks hold a `norm1.weight` under prefix (the original DINOv2 files chunk them)."""
+    return sum(k.startswith(prefix) and k.endswith(".norm1.weight") for k in state)
+
+
+def named_by_layout(state, fmt):
+    """(architecture name, where) a layout names by itself: torchvision's ViTs by their sizes, an original
+    DINOv2 file (its mask token) by its width, registers and depth; (None, None) else."""
+    w = state.get("conv_proj.weight" if fmt == "torchvision" else "patch_embed.proj.weight")
+    if w is None or w.ndim != 4:
+        return None, None
+    if fmt == "torchvision":
+        tv = torchvision_arch(patch_size=int(w.shape[2]), dim=int(w.shape[0]),
+                              depth=_block_count(state, "encoder.layers."))
+        return (tv[0], f"torchvision's {tv[0]} (its sizes)") if tv else (None, None)
+    if fmt == "timm" and "mask_token" in state:  # timm's own ViTs have none
+        size = {384: "small", 768: "base", 1024: "large"}.get(int(w.shape[0]), "small")
+        name = f"vit_{size}_patch14_{'reg4_' if 'register_tokens' in state else ''}dinov2"
+        known = timm_arch(name)
+        fits = (known[0]["dim"], known[0]["depth"]) == (int(w.shape[0]), _block_count(state, "blocks."))
+        return name if fits else None, f"the original DINOv2 layout ({name})"
+    return None, None
+
+
+def preprocessing(side, pre, fmt, in_chans):
+    """(mean, std, eval transform record or None, notes): what the files state, else the architecture's
+    (pre), else the default, said in one line."""
+    def fits(m, s):
+        return bool(m and s and len(m) == len(s) == in_chans and min(s) > 0)
+
+    mean, std, t = side.get("mean"), side.get("std"), side.get("transform")
+    if not fits(mean, std) and pre and fits(pre["mean"], pre["std"]):
+        mean, std = pre["mean"], pre["std"]
+    if t is None and pre and not any("eval transform" in n for n in side.get("notes", [])):
+        t = {k: pre[k] for k in ("resize", "crop_pct", "interpolation")}
+    said = []
+    if not fits(mean, std):
+        mean, std = IMAGENET if fmt == "torchvision" else ((0.5,) * in_chans,) * 2
+        said.append("ImageNet's mean/std" if fmt == "torchvision" else "mean/std 0.5")
+    if t is None:
+        said.append("timm's default eval transform (the shorter side to img_size / 0.875, bicubic, centre crop)")
+    notes = [f"nothing states the preprocessing: {' and '.join(said)} assumed "
+             f"(--arch NAME brings an architecture's own)"] if said else []
+    return mean, std, t, notes

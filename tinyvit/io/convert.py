@@ -12,7 +12,7 @@ import numpy as np
 
 from ..errors import TinyViTError, input_file
 from ..nn.model import ViTConfig, param_shapes
-from .archs import timm_arch, torchvision_arch
+from .archs import named_by_layout, preprocessing, timm_arch, torchvision_arch
 from .checkpoint import check_params, load_checkpoint, read_npz
 from .families import check_agrees, from_arch, from_keys, refuse_lacking
 from .filekind import file_kind
@@ -20,13 +20,17 @@ from .hf_layouts import DEFAULTS as HF_DEFAULTS
 from .hf_layouts import family as hf_family
 from .hf_layouts import from_hf
 from .labels import class_names_for
+from .openclip import PREPROCESSING as OPENCLIP_PREPROCESSING
+from .openclip import STATED as OPENCLIP_STATED
+from .openclip import from_openclip, is_openclip
 from .posembed import adapt, resize_pos_embed  # noqa: F401  (re-exported: where they used to live)
 from .safetensors import read_safetensors
 from .sidecar import stated
 from .torchzip import load_torch_zip
 
-FORMATS = ("google", "timm", "torchvision", "hf")
-RESAMPLE = {"google": "bilinear", "timm": "bicubic", "torchvision": "bilinear", "hf": "bicubic"}  # pos_embed
+FORMATS = ("google", "timm", "torchvision", "hf", "openclip")
+RESAMPLE = {"google": "bilinear", "timm": "bicubic", "torchvision": "bilinear", "hf": "bicubic",
+            "openclip": "bicubic"}  # pos_embed, as timm resamples what it converts
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 _NESTED = ("state_dict", "model", "module", "model_state_dict", "state_dict_ema", "model_ema")
 _PREFIXES = ("module.", "model.", "_orig_mod.")
@@ -95,10 +99,12 @@ def load_state(path):
 
 
 def detect_format(state, source="weights"):
-    """'google' | 'timm' | 'torchvision' | 'hf', from the key names."""
+    """'google' | 'timm' | 'torchvision' | 'hf' | 'openclip', from the key names."""
     keys = list(state)
     if any(k.startswith(("Transformer/", "embedding/")) for k in keys):
         return "google"
+    if is_openclip(keys):
+        return "openclip"
     if any(k.startswith(("conv_proj.", "encoder.layers.encoder_layer_")) or k == "class_token" for k in keys):
         return "torchvision"
     if any("embeddings.patch_embeddings." in k or "embeddings.patch_embedding." in k
@@ -236,7 +242,13 @@ def _from_hf(state, source):
     return from_hf(state, source, _Mapper)
 
 
-_MAPPERS = {"google": _from_google, "timm": _from_timm, "torchvision": _from_torchvision, "hf": _from_hf}
+def _from_openclip(state, source):
+    """OpenCLIP's vision tower -> timm, as timm's converter maps it (tinyvit.io.openclip)."""
+    return from_openclip(state, source, _Mapper)
+
+
+_MAPPERS = {"google": _from_google, "timm": _from_timm, "torchvision": _from_torchvision, "hf": _from_hf,
+            "openclip": _from_openclip}
 
 
 # --- config and conversion ----------------------------------------------------------------------
@@ -291,7 +303,8 @@ def from_foreign(state, fmt="auto", heads=None, ln_eps=None, source="weights", s
     fmt = detect_format(state, source) if fmt == "auto" else fmt
     if fmt not in _MAPPERS:
         raise TinyViTError(f"unknown format {fmt!r}: choose auto or one of {', '.join(FORMATS)}")
-    stated = dict(HF_DEFAULTS[hf_family(state)] if fmt == "hf" else {}, **(stated or {}))
+    stated = dict(HF_DEFAULTS[hf_family(state)] if fmt == "hf" else OPENCLIP_STATED if fmt == "openclip" else {},
+                  **(stated or {}))
     refuse_lacking(stated.get("arch"), state, source)
     params, leftover, dropped, file_heads = _MAPPERS[fmt](state, source)
     notes = []
@@ -334,38 +347,14 @@ def weights_in(folder):
     raise TinyViTError(f"{folder}: is a folder without a weights file (looked for {', '.join(WEIGHT_FILES)})")
 
 
-def _block_count(state, prefix):
-    """How many blocks hold a `norm1.weight` under prefix (the original DINOv2 files chunk them)."""
-    return sum(k.startswith(prefix) and k.endswith(".norm1.weight") for k in state)
-
-
-def _named_by_layout(state, fmt):
-    """(architecture name, where) a layout names by itself: torchvision's ViTs by their sizes, an original
-    DINOv2 file (its mask token) by its width, registers and depth; (None, None) else."""
-    w = state.get("conv_proj.weight" if fmt == "torchvision" else "patch_embed.proj.weight")
-    if w is None or w.ndim != 4:
-        return None, None
-    if fmt == "torchvision":
-        tv = torchvision_arch(patch_size=int(w.shape[2]), dim=int(w.shape[0]),
-                              depth=_block_count(state, "encoder.layers."))
-        return (tv[0], f"torchvision's {tv[0]} (its sizes)") if tv else (None, None)
-    if fmt == "timm" and "mask_token" in state:  # timm's own ViTs have none
-        size = {384: "small", 768: "base", 1024: "large"}.get(int(w.shape[0]), "small")
-        name = f"vit_{size}_patch14_{'reg4_' if 'register_tokens' in state else ''}dinov2"
-        known = timm_arch(name)
-        fits = (known[0]["dim"], known[0]["depth"]) == (int(w.shape[0]), _block_count(state, "blocks."))
-        return name if fits else None, f"the original DINOv2 layout ({name})"
-    return None, None
-
-
 def _architecture(arch, side, state, fmt, source):
     """(config fields an architecture states, where it was named, its eval transform record or None, notes):
-    --arch, else the timm config.json's, else what the layout names (_named_by_layout)."""
+    --arch, else the timm config.json's, else what the layout names (tinyvit.io.archs.named_by_layout)."""
     name = arch or side.get("arch")
     where = "--arch" if arch else "config.json's architecture"
     pre, notes = None, []
     if not name:
-        name, where = _named_by_layout(state, fmt)
+        name, where = named_by_layout(state, fmt)
         if where and not name:  # an original DINOv2 file of another width: its preprocessing alone
             pre = timm_arch("vit_small_patch14_dinov2")[1]
     tv = torchvision_arch(name=name) if name else None
@@ -385,29 +374,12 @@ def _architecture(arch, side, state, fmt, source):
     elif name:
         notes.append(f"{where} {name} is not an architecture tinyvit knows (tinyvit.io.archs): what the weights "
                      f"cannot tell is read from the name alone")
+    if fmt == "openclip":  # the layout's own preprocessing, whichever timm tag the name's default is
+        pre = OPENCLIP_PREPROCESSING
+        if "gelu" not in stated:
+            notes.append("OpenCLIP's layout does not say its activation: exact GELU assumed (OpenAI's CLIP weights "
+                         "need QuickGELU: --arch vit_base_patch16_clip_quickgelu_224 or the like)")
     return dict(stated, arch=name) if name else stated, where, pre, notes
-
-
-def _preprocessing(side, pre, fmt, in_chans):
-    """(mean, std, eval transform record or None, notes): what the files state, else the architecture's
-    (pre), else the default, said in one line."""
-    def fits(m, s):
-        return bool(m and s and len(m) == len(s) == in_chans and min(s) > 0)
-
-    mean, std, t = side.get("mean"), side.get("std"), side.get("transform")
-    if not fits(mean, std) and pre and fits(pre["mean"], pre["std"]):
-        mean, std = pre["mean"], pre["std"]
-    if t is None and pre and not any("eval transform" in n for n in side.get("notes", [])):
-        t = {k: pre[k] for k in ("resize", "crop_pct", "interpolation")}
-    said = []
-    if not fits(mean, std):
-        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if fmt == "torchvision" else ((0.5,) * in_chans,) * 2
-        said.append("ImageNet's mean/std" if fmt == "torchvision" else "mean/std 0.5")
-    if t is None:
-        said.append("timm's default eval transform (the shorter side to img_size / 0.875, bicubic, centre crop)")
-    notes = [f"nothing states the preprocessing: {' and '.join(said)} assumed "
-             f"(--arch NAME brings an architecture's own)"] if said else []
-    return mean, std, t, notes
 
 
 def convert(src, fmt="auto", heads=None, arch=None, num_classes=None):
@@ -433,7 +405,7 @@ def convert(src, fmt="auto", heads=None, arch=None, num_classes=None):
               for k, v in params.items()}
     if arch_fields.get("img_size") and arch_fields["img_size"] != cfg.img_size:  # as timm builds it: resampled
         params, cfg = adapt(params, cfg, img_size=int(arch_fields["img_size"]), resample=RESAMPLE[fmt])
-    mean, std, t, pre_notes = _preprocessing(side, pre, fmt, cfg.in_chans)
+    mean, std, t, pre_notes = preprocessing(side, pre, fmt, cfg.in_chans)
     names = class_names_for(side.get("labels"), cfg.num_classes, trained_head=not any("zero-init" in n for n in info["notes"]))
     meta = dict(source=str(src), format=info["format"], mean=list(mean), std=list(std), class_names=names,
                 dropped=info["dropped"], notes=info["notes"] + side.get("notes", []) + arch_notes + pre_notes,
