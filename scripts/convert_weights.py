@@ -1,4 +1,4 @@
-"""Convert public ViT weights (Google .npz, timm, torchvision, HF) into a tinyvit checkpoint.
+"""Convert public ViT weights (Google .npz, timm, torchvision, HF, OpenCLIP) into a tinyvit checkpoint.
 
 Example:
   python scripts/convert_weights.py ViT-B_16.npz --out weights/vit-b16.npz
@@ -7,7 +7,9 @@ Example:
 
 Class names, mean/std and the eval transform come along when the source states them: tinyvit's own
 timm export (its __metadata__), a timm hub config.json (label_names, pretrained_cfg) or HF's
-config.json / preprocessor_config.json beside the file. --img-size keeps the transform (it is relative).
+config.json / preprocessor_config.json beside the file, else from the architecture (--arch, or what
+the layout names); what nothing states is guessed and said in a `note:` line on stderr.
+--img-size keeps the transform (it is relative).
 """
 import argparse
 import sys

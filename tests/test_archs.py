@@ -100,3 +100,21 @@ def test_every_torchvision_entry_is_torchvisions_definition():
             assert int(crop / record["crop_pct"]) == resize and record["interpolation"] == interpolation
             assert (tuple(record["mean"]), tuple(record["std"])) == IMAGENET
             assert all(W[w.name].transforms().mean == list(IMAGENET[0]) for w in W)
+
+
+@pytest.mark.parametrize("name,img_size,heads,crop_pct", [("vit_h_14", 518, 16, 1.0), ("vit_h_14", 224, 16, 1.0),
+                                                          ("vit_l_16", 224, 16, 224 / 242), ("vit_b_16", 384, 12, 1.0)])
+def test_a_torchvision_file_is_named_by_its_sizes(name, img_size, heads, crop_pct):
+    """torchvision's weights name no architecture: its sizes do (vit_h_14: 16 heads, not width // 64 = 20)."""
+    import numpy as np
+
+    tv = pytest.importorskip("torchvision")
+    from tinyvit.io.families import architecture
+
+    with torch.device("meta"):
+        model = tv.models.get_model(name, image_size=img_size)
+    state = {k: np.broadcast_to(np.float32(0), tuple(v.shape)) for k, v in model.state_dict().items()}
+    stated, where, record, notes = architecture(None, {}, state, "torchvision", "x.pth")
+    assert stated["arch"] == name and stated["heads"] == heads and where == f"torchvision's {name} (its sizes)"
+    assert "img_size" not in stated and not notes
+    assert math.isclose(record["crop_pct"], crop_pct) and int(img_size / record["crop_pct"]) == int(img_size / crop_pct + 1e-9)

@@ -214,9 +214,9 @@ def torchvision_arch(name=None, patch_size=None, dim=None, depth=None, img_size=
     return name, settings, pretrained_record(IMAGENET, crop_pct_of(crop, resize), interpolation)
 
 
-def _block_count(state, prefix):
-    """How many blocks hold a `norm1.weight` under prefix (the original DINOv2 files chunk them)."""
-    return sum(k.startswith(prefix) and k.endswith(".norm1.weight") for k in state)
+def _block_count(state, prefix, norm="norm1"):
+    """How many blocks hold a first norm's weight under prefix (the original DINOv2 files chunk them)."""
+    return sum(k.startswith(prefix) and k.endswith(f".{norm}.weight") for k in state)
 
 
 def named_by_layout(state, fmt):
@@ -227,7 +227,7 @@ def named_by_layout(state, fmt):
         return None, None
     if fmt == "torchvision":
         tv = torchvision_arch(patch_size=int(w.shape[2]), dim=int(w.shape[0]),
-                              depth=_block_count(state, "encoder.layers."))
+                              depth=_block_count(state, "encoder.layers.", "ln_1"))
         return (tv[0], f"torchvision's {tv[0]} (its sizes)") if tv else (None, None)
     if fmt == "timm" and "mask_token" in state:  # timm's own ViTs have none
         size = {384: "small", 768: "base", 1024: "large"}.get(int(w.shape[0]), "small")

@@ -1,4 +1,4 @@
-"""Convert public ViT weights (Google .npz, timm, torchvision, HF transformers) to tinyvit params.
+"""Convert public ViT weights (Google .npz, timm, torchvision, HF transformers, OpenCLIP) to tinyvit params.
 
 Every format is mapped onto timm's names and torch layouts (each source's names: its mapper below),
 the config is inferred from the shapes, and the full key set and every shape is checked. load_model
@@ -12,15 +12,14 @@ import numpy as np
 
 from ..errors import TinyViTError, input_file
 from ..nn.model import ViTConfig, param_shapes
-from .archs import named_by_layout, preprocessing, timm_arch, torchvision_arch
+from .archs import preprocessing
 from .checkpoint import check_params, load_checkpoint, read_npz
-from .families import check_agrees, from_arch, from_keys, refuse_lacking
+from .families import architecture, check_agrees, from_keys, refuse_lacking
 from .filekind import file_kind
 from .hf_layouts import DEFAULTS as HF_DEFAULTS
 from .hf_layouts import family as hf_family
 from .hf_layouts import from_hf
 from .labels import class_names_for
-from .openclip import PREPROCESSING as OPENCLIP_PREPROCESSING
 from .openclip import STATED as OPENCLIP_STATED
 from .openclip import from_openclip, is_openclip
 from .posembed import adapt, resize_pos_embed  # noqa: F401  (re-exported: where they used to live)
@@ -347,55 +346,21 @@ def weights_in(folder):
     raise TinyViTError(f"{folder}: is a folder without a weights file (looked for {', '.join(WEIGHT_FILES)})")
 
 
-def _architecture(arch, side, state, fmt, source):
-    """(config fields an architecture states, where it was named, its eval transform record or None, notes):
-    --arch, else the timm config.json's, else what the layout names (tinyvit.io.archs.named_by_layout)."""
-    name = arch or side.get("arch")
-    where = "--arch" if arch else "config.json's architecture"
-    pre, notes = None, []
-    if not name:
-        name, where = named_by_layout(state, fmt)
-        if where and not name:  # an original DINOv2 file of another width: its preprocessing alone
-            pre = timm_arch("vit_small_patch14_dinov2")[1]
-    tv = torchvision_arch(name=name) if name else None
-    if tv:
-        pos = state.get("encoder.pos_embedding")
-        grid = int(np.sqrt(pos.shape[1] - 1)) if pos is not None and pos.ndim == 3 else 0
-        tv = torchvision_arch(name=name, img_size=grid * tv[1]["patch_size"])
-        return dict(tv[1], arch=name), where, tv[2], notes
-    stated = from_arch(name, side.get("model_args") if not arch or arch == side.get("arch") else None, source)
-    stated.update(side.get("config_fields", {}))  # tinyvit's own export states its config
-    known = timm_arch(name)
-    if known:
-        pre = known[1]
-        base, _, tag = name.partition(".")
-        if tag and tag != known[2]:
-            notes.append(f"{where} {name}: the preprocessing is that of timm's default tag {base}.{known[2]}")
-    elif name:
-        notes.append(f"{where} {name} is not an architecture tinyvit knows (tinyvit.io.archs): what the weights "
-                     f"cannot tell is read from the name alone")
-    if fmt == "openclip":  # the layout's own preprocessing, whichever timm tag the name's default is
-        pre = OPENCLIP_PREPROCESSING
-        if "gelu" not in stated:
-            notes.append("OpenCLIP's layout does not say its activation: exact GELU assumed (OpenAI's CLIP weights "
-                         "need QuickGELU: --arch vit_base_patch16_clip_quickgelu_224 or the like)")
-    return dict(stated, arch=name) if name else stated, where, pre, notes
-
-
 def convert(src, fmt="auto", heads=None, arch=None, num_classes=None):
-    """Read public ViT weights (a file, or a timm or HF hub folder) -> (params, cfg, meta). arch: timm's
-    architecture name, for what the weights cannot tell (activation, eps; a timm config.json names it).
-    Class names, mean/std and eval_transform: what the file or the files beside it state
-    (tinyvit.io.sidecar); unstated, mean/std are ImageNet's for torchvision, 0.5 for Google, timm and HF
-    (Google's ViTs map pixels to [-1, 1]; DeiT-style timm files without a config.json want ImageNet's:
-    set it in meta yourself), and eval_transform is left out."""
+    """Read public ViT weights (a file, or a timm or HF hub folder) -> (params, cfg, meta). arch: timm's or
+    torchvision's architecture name, for what the weights cannot tell (heads, activation, eps, pooling,
+    preprocessing: tinyvit.io.archs; a timm config.json names it, torchvision's sizes and the original
+    DINOv2 files name theirs). Class names, mean/std and eval_transform: what the file or the files beside
+    it state (tinyvit.io.sidecar), else the architecture's (OpenCLIP's for its layout), else mean/std
+    ImageNet's for torchvision and 0.5 otherwise, eval_transform left out (timm's default crop 0.875
+    applies). Every guess (heads, preprocessing, activation) is one line in meta["notes"]."""
     src = Path(src)
     if src.is_dir():
         src = weights_in(src)
     state, file_metadata = _load(src)
     fmt = detect_format(state, src) if fmt == "auto" else fmt
     side = stated(src, fmt, file_metadata)
-    arch_fields, where, pre, arch_notes = _architecture(arch, side, state, fmt, src)
+    arch_fields, where, pre, arch_notes = architecture(arch, side, state, fmt, src)
     params, cfg, info = from_foreign(state, fmt, heads or side.get("heads"), side.get("ln_eps"), src, arch_fields,
                                      where, num_classes)
     if side.get("heads") and not heads:

@@ -1,12 +1,14 @@
 """Which ViT a timm-named state dict holds: the structure read from its keys (prefix tokens, LayerScale,
-norm_pre, biases, pooling), what a timm architecture name and its model_args add (activation, eps, heads,
-the pooling the keys cannot tell), a contradiction between the two as one line, and the families that
-need what tinyvit lacks, refused by name."""
+norm_pre, biases, pooling), what an architecture name (tinyvit.io.archs: --arch, a timm config.json's, or
+what a layout names) and its model_args add (activation, eps, heads, the pooling the keys cannot tell, the
+preprocessing), a contradiction between the two as one line, and the families that need what tinyvit
+lacks, refused by name."""
 import math
 import re
 
 from ..errors import TinyViTError
-from .archs import timm_arch
+from .archs import named_by_layout, timm_arch, torchvision_arch
+from .openclip import PREPROCESSING as OPENCLIP_PREPROCESSING
 
 # (pattern in an architecture name or a key, what tinyvit lacks)
 LACKS_BY_NAME = [(r"eva|rope|dinov3|(^|_)pe_|perception", "rotary position embeddings"),
@@ -133,3 +135,38 @@ def check_agrees(keys_say, stated, where, source):
                 same = True  # a class token and the final norm: either pooling; the stated one wins
             if not same:
                 raise TinyViTError(f"{source}: {where} says {k}={stated[k]!r} but the weights hold {k}={keys_say[k]!r}")
+
+
+def architecture(arch, side, state, fmt, source):
+    """(config fields an architecture states, where it was named, its eval transform record or None, notes):
+    --arch, else the timm config.json's, else what the layout names (tinyvit.io.archs.named_by_layout)."""
+    name = arch or side.get("arch")
+    where = "--arch" if arch else "config.json's architecture"
+    pre, notes = None, []
+    if not name:
+        name, where = named_by_layout(state, fmt)
+        if where and not name:  # an original DINOv2 file of another width: its preprocessing alone
+            pre = timm_arch("vit_small_patch14_dinov2")[1]
+    tv = torchvision_arch(name=name) if name else None
+    if tv:
+        pos = state.get("encoder.pos_embedding")
+        grid = math.isqrt(pos.shape[1] - 1) if pos is not None and pos.ndim == 3 and pos.shape[1] else 0
+        tv = torchvision_arch(name=name, img_size=grid * tv[1]["patch_size"])
+        return dict(tv[1], arch=name), where, tv[2], notes
+    stated = from_arch(name, side.get("model_args") if not arch or arch == side.get("arch") else None, source)
+    stated.update(side.get("config_fields", {}))  # tinyvit's own export states its config
+    known = timm_arch(name)
+    if known:
+        pre = known[1]
+        base, _, tag = name.partition(".")
+        if tag and tag != known[2]:
+            notes.append(f"{where} {name}: the preprocessing is that of timm's default tag {base}.{known[2]}")
+    elif name:
+        notes.append(f"{where} {name} is not an architecture tinyvit knows (tinyvit.io.archs): what the weights "
+                     f"cannot tell is read from the name alone")
+    if fmt == "openclip":  # the layout's own preprocessing, whichever timm tag the name's default is
+        pre = OPENCLIP_PREPROCESSING
+        if "gelu" not in stated:
+            notes.append("OpenCLIP's layout does not say its activation: exact GELU assumed (OpenAI's CLIP weights "
+                         "need QuickGELU: --arch vit_base_patch16_clip_quickgelu_224 or the like)")
+    return dict(stated, arch=name) if name else stated, where, pre, notes
