@@ -30,7 +30,6 @@ from .torchzip import load_torch_zip
 FORMATS = ("google", "timm", "torchvision", "hf", "openclip")
 RESAMPLE = {"google": "bilinear", "timm": "bicubic", "torchvision": "bilinear", "hf": "bicubic",
             "openclip": "bicubic"}  # pos_embed, as timm resamples what it converts
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 _NESTED = ("state_dict", "model", "module", "model_state_dict", "state_dict_ema", "model_ema")
 _PREFIXES = ("module.", "model.", "_orig_mod.")
 
