@@ -1,4 +1,4 @@
-"""Convert public ViT weights (Google .npz, timm, torchvision, HF) into a tinyvit checkpoint.
+"""Convert public ViT weights (Google .npz, timm, torchvision, HF, OpenCLIP) into a tinyvit checkpoint.
 
 Example:
   python scripts/convert_weights.py ViT-B_16.npz --out weights/vit-b16.npz
@@ -8,7 +8,9 @@ Example:
 
 Class names, mean/std and the eval transform come along when the source states them: tinyvit's own
 timm export (its __metadata__), a timm hub config.json (label_names, pretrained_cfg) or HF's
-config.json / preprocessor_config.json beside the file. --img-size keeps the transform (it is relative).
+config.json / preprocessor_config.json beside the file, else from the architecture (--arch, or what
+the layout names); what nothing states is guessed and said in a `note:` line on stderr.
+--img-size keeps the transform (it is relative).
 """
 import argparse
 import json
@@ -33,11 +35,14 @@ def parse_args(argv=None):
     ap.add_argument("--format", default="auto", choices=("auto",) + FORMATS,
                     help="source layout; auto tells it from the key names (default auto)")
     ap.add_argument("--heads", type=int, default=None,
-                    help="attention heads (default: from Google kernels or HF config.json, else width // 64)")
+                    help="attention heads (default: from Google kernels, HF config.json or the architecture, else "
+                         "width // 64, said in a note)")
     ap.add_argument("--arch", default=None,
-                    help="timm's architecture name (e.g. vit_base_patch16_clip_quickgelu_224), for what the weights "
-                         "cannot tell: activation, LayerNorm eps, pooling (default: a timm config.json's, else "
-                         "exact GELU and eps 1e-6)")
+                    help="timm's architecture name (e.g. vit_base_patch16_clip_quickgelu_224) or torchvision's "
+                         "(vit_h_14), for what the weights cannot tell: heads, activation, LayerNorm eps, pooling, "
+                         "mean/std and eval transform, as timm's definition of the name (tinyvit.io.archs lists "
+                         "them) (default: a timm config.json's; torchvision's by its sizes; else exact GELU, "
+                         "eps 1e-6, mean/std 0.5, crop 0.875, said in a note)")
     ap.add_argument("--img-size", type=int, default=None,
                     help="new input size: resamples pos_embed as the source's library does (bicubic with "
                          "antialiasing for timm and HF, bilinear for Google and torchvision) (default: keep it)")
@@ -70,6 +75,8 @@ def main(argv=None):
     except OSError as e:  # a full disk, no permission, ...: one line, as the other scripts
         print(f"error: {describe_os_error(e)}", file=sys.stderr)
         return 2
+    for note in meta["notes"]:  # what was guessed or replaced, one line each
+        print(f"note: {note}", file=sys.stderr)
     if args.json:
         print(json.dumps({"source": str(args.src), "format": meta["format"], "checkpoint": str(out),
                           "params": count_params(params), "config": cfg.to_dict(), "notes": meta["notes"]}))

@@ -98,6 +98,9 @@ def main():
 
     params, cfg, meta = load_model(args.checkpoint, hint="evaluate.py takes a model (a checkpoint or weights "
                                    "file); the test set comes from --dataset or --data")
+    if "file_format" not in meta:  # weights converted as they are read: what was guessed, one line each
+        for note in meta.get("notes", []):
+            print(f"note: {note}", file=sys.stderr)
     name = args.dataset or ("folder" if args.data else meta.get("dataset"))
     if name not in ("mnist", "cifar10", "pets", "folder"):
         raise TinyViTError(f"{args.checkpoint}: no dataset recorded; pass --dataset mnist|cifar10|pets or --data DIR")

@@ -26,6 +26,7 @@ repeated image stem gets _2, _3, ... appended. The file format follows OUT's suf
 """
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from PIL import Image
@@ -127,6 +128,9 @@ def main(argv=None):
         prepare_out_dir(Path(args.output).parent, "the --output folder")
     paths = expand(args.images)
     params, cfg, meta = load_model(args.checkpoint, hint="predict.py takes the checkpoint first, then images")
+    if "file_format" not in meta:  # weights converted as they are read: what was guessed, one line each
+        for note in meta.get("notes", []):
+            print(f"note: {note}", file=sys.stderr)
     if args.attention_map is not None and not cfg.class_token:
         raise TinyViTError(f"{args.checkpoint}: --attention-map follows the class token's attention; this model "
                            f"has no class token ({cfg.global_pool} pooling)")

@@ -16,7 +16,7 @@ CFG = ViTConfig(img_size=32, patch_size=16, in_chans=3, num_classes=3, dim=64, d
 NAMES = ["tabby", "tiger", "lynx"]
 TIMM_CONFIG = {  # as timm's push_to_hf_hub writes it (timm/models/_hub.py save_config)
     "architecture": "vit_tiny_patch16_224", "num_classes": 3, "num_features": 64, "global_pool": "token",
-    "label_names": NAMES,
+    "label_names": NAMES, "model_args": {"img_size": 32, "embed_dim": 64, "depth": 1, "num_heads": 1, "mlp_ratio": 1.0},
     "pretrained_cfg": {"tag": "augreg_in21k_ft_in1k", "input_size": [3, 32, 32], "interpolation": "bilinear",
                        "crop_pct": 0.95, "crop_mode": "center", "mean": [0.4, 0.45, 0.5], "std": [0.2, 0.25, 0.3],
                        "num_classes": 3, "first_conv": "patch_embed.proj", "classifier": "head"},

@@ -1,4 +1,4 @@
-"""Convert public ViT weights (Google .npz, timm, torchvision, HF transformers) to tinyvit params.
+"""Convert public ViT weights (Google .npz, timm, torchvision, HF transformers, OpenCLIP) to tinyvit params.
 
 Every format is mapped onto timm's names and torch layouts (each source's names: its mapper below),
 the config is inferred from the shapes, and the full key set and every shape is checked. load_model
@@ -12,22 +12,25 @@ import numpy as np
 
 from ..errors import TinyViTError, input_file
 from ..nn.model import ViTConfig, param_shapes
+from .archs import preprocessing
 from .checkpoint import check_params, load_checkpoint, read_npz
-from .families import check_agrees, from_arch, from_keys, refuse_lacking
+from .families import architecture, check_agrees, from_keys, refuse_lacking
 from .filekind import file_kind
 from .hf_layouts import DEFAULTS as HF_DEFAULTS
 from .hf_layouts import family as hf_family
 from .hf_layouts import from_hf
 from .hub import find_local, hub_name, resolve
 from .labels import class_names_for
+from .openclip import STATED as OPENCLIP_STATED
+from .openclip import from_openclip, is_openclip
 from .posembed import adapt, resize_pos_embed  # noqa: F401  (re-exported: where they used to live)
 from .safetensors import read_safetensors, read_sharded
 from .sidecar import stated
 from .torchzip import load_torch_zip
 
-FORMATS = ("google", "timm", "torchvision", "hf")
-RESAMPLE = {"google": "bilinear", "timm": "bicubic", "torchvision": "bilinear", "hf": "bicubic"}  # pos_embed
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+FORMATS = ("google", "timm", "torchvision", "hf", "openclip")
+RESAMPLE = {"google": "bilinear", "timm": "bicubic", "torchvision": "bilinear", "hf": "bicubic",
+            "openclip": "bicubic"}  # pos_embed, as timm resamples what it converts
 _NESTED = ("state_dict", "model", "module", "model_state_dict", "state_dict_ema", "model_ema")
 _PREFIXES = ("module.", "model.", "_orig_mod.")
 
@@ -98,10 +101,12 @@ def load_state(path):
 
 
 def detect_format(state, source="weights"):
-    """'google' | 'timm' | 'torchvision' | 'hf', from the key names."""
+    """'google' | 'timm' | 'torchvision' | 'hf' | 'openclip', from the key names."""
     keys = list(state)
     if any(k.startswith(("Transformer/", "embedding/")) for k in keys):
         return "google"
+    if is_openclip(keys):
+        return "openclip"
     if any(k.startswith(("conv_proj.", "encoder.layers.encoder_layer_")) or k == "class_token" for k in keys):
         return "torchvision"
     if any("embeddings.patch_embeddings." in k or "embeddings.patch_embedding." in k
@@ -239,7 +244,13 @@ def _from_hf(state, source):
     return from_hf(state, source, _Mapper)
 
 
-_MAPPERS = {"google": _from_google, "timm": _from_timm, "torchvision": _from_torchvision, "hf": _from_hf}
+def _from_openclip(state, source):
+    """OpenCLIP's vision tower -> timm, as timm's converter maps it (tinyvit.io.openclip)."""
+    return from_openclip(state, source, _Mapper)
+
+
+_MAPPERS = {"google": _from_google, "timm": _from_timm, "torchvision": _from_torchvision, "hf": _from_hf,
+            "openclip": _from_openclip}
 
 
 # --- config and conversion ----------------------------------------------------------------------
@@ -294,7 +305,8 @@ def from_foreign(state, fmt="auto", heads=None, ln_eps=None, source="weights", s
     fmt = detect_format(state, source) if fmt == "auto" else fmt
     if fmt not in _MAPPERS:
         raise TinyViTError(f"unknown format {fmt!r}: choose auto or one of {', '.join(FORMATS)}")
-    stated = dict(HF_DEFAULTS[hf_family(state)] if fmt == "hf" else {}, **(stated or {}))
+    stated = dict(HF_DEFAULTS[hf_family(state)] if fmt == "hf" else OPENCLIP_STATED if fmt == "openclip" else {},
+                  **(stated or {}))
     refuse_lacking(stated.get("arch"), state, source)
     params, leftover, dropped, file_heads = _MAPPERS[fmt](state, source)
     notes = []
@@ -320,6 +332,9 @@ def from_foreign(state, fmt="auto", heads=None, ln_eps=None, source="weights", s
     cfg = infer_config(params, heads or file_heads, ln_eps, where_fmt, stated, where)
     check_params(params, cfg, where_fmt)
     params = {k: params[k] for k in param_shapes(cfg)}
+    if heads_from == "dim // 64":
+        notes.append(f"nothing states the head count: {cfg.heads} heads guessed as width {cfg.dim} // 64 "
+                     f"(--heads N, or --arch NAME for an architecture's own)")
     return params, cfg, dict(format=fmt, dropped=dropped, notes=notes, heads_from=heads_from)
 
 
@@ -334,29 +349,21 @@ def weights_in(folder):
     raise TinyViTError(f"{folder}: is a folder without a weights file (looked for {', '.join(WEIGHT_FILES)})")
 
 
-def _architecture(arch, side, source):
-    """(config fields an architecture states, where it was named): --arch, else the timm config.json's."""
-    name = arch or side.get("arch")
-    where = "--arch" if arch else "config.json's architecture"
-    stated = from_arch(name, side.get("model_args") if not arch or arch == side.get("arch") else None, source)
-    stated.update(side.get("config_fields", {}))  # tinyvit's own export states its config
-    return dict(stated, arch=name) if name else stated, where
-
-
 def convert(src, fmt="auto", heads=None, arch=None, num_classes=None):
-    """Read public ViT weights (a file, or a timm or HF hub folder) -> (params, cfg, meta). arch: timm's
-    architecture name, for what the weights cannot tell (activation, eps; a timm config.json names it).
-    Class names, mean/std and eval_transform: what the file or the files beside it state
-    (tinyvit.io.sidecar); unstated, mean/std are ImageNet's for torchvision, 0.5 for Google, timm and HF
-    (Google's ViTs map pixels to [-1, 1]; DeiT-style timm files without a config.json want ImageNet's:
-    set it in meta yourself), and eval_transform is left out."""
+    """Read public ViT weights (a file, or a timm or HF hub folder) -> (params, cfg, meta). arch: timm's or
+    torchvision's architecture name, for what the weights cannot tell (heads, activation, eps, pooling,
+    preprocessing: tinyvit.io.archs; a timm config.json names it, torchvision's sizes and the original
+    DINOv2 files name theirs). Class names, mean/std and eval_transform: what the file or the files beside
+    it state (tinyvit.io.sidecar), else the architecture's (OpenCLIP's for its layout), else mean/std
+    ImageNet's for torchvision and 0.5 otherwise, eval_transform left out (timm's default crop 0.875
+    applies). Every guess (heads, preprocessing, activation) is one line in meta["notes"]."""
     src, origin = resolve(src)  # a Hub name: its snapshot in huggingface_hub's cache (tinyvit.io.hub)
     if src.is_dir():
         src = weights_in(src)
     state, file_metadata = _load(src)
     fmt = detect_format(state, src) if fmt == "auto" else fmt
     side = stated(src, fmt, file_metadata)
-    arch_fields, where = _architecture(arch, side, src)
+    arch_fields, where, pre, arch_notes = architecture(arch, side, state, fmt, src)
     params, cfg, info = from_foreign(state, fmt, heads or side.get("heads"), side.get("ln_eps"), src, arch_fields,
                                      where, num_classes)
     if side.get("heads") and not heads:
@@ -366,15 +373,13 @@ def convert(src, fmt="auto", heads=None, arch=None, num_classes=None):
               for k, v in params.items()}
     if arch_fields.get("img_size") and arch_fields["img_size"] != cfg.img_size:  # as timm builds it: resampled
         params, cfg = adapt(params, cfg, img_size=int(arch_fields["img_size"]), resample=RESAMPLE[fmt])
-    mean, std = side.get("mean"), side.get("std")
-    if not (mean and std and len(mean) == len(std) == cfg.in_chans and min(std) > 0):
-        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if fmt == "torchvision" else ((0.5,) * cfg.in_chans,) * 2
-    names = class_names_for(side.get("labels"), cfg.num_classes, trained_head=not info["notes"])
+    mean, std, t, pre_notes = preprocessing(side, pre, fmt, cfg.in_chans)
+    names = class_names_for(side.get("labels"), cfg.num_classes, trained_head=not any("zero-init" in n for n in info["notes"]))
     meta = dict(source=str(src), format=info["format"], mean=list(mean), std=list(std), class_names=names,
-                dropped=info["dropped"], notes=info["notes"] + side.get("notes", []), heads_from=info["heads_from"],
-                resample=RESAMPLE[fmt])
-    if side.get("transform"):
-        meta["eval_transform"] = dict(side["transform"], mean=list(mean), std=list(std))
+                dropped=info["dropped"], notes=info["notes"] + side.get("notes", []) + arch_notes + pre_notes,
+                heads_from=info["heads_from"], resample=RESAMPLE[fmt])
+    if t:
+        meta["eval_transform"] = dict(t, mean=list(mean), std=list(std))
     if origin:
         meta["origin"] = origin
     return params, cfg, meta

@@ -1,11 +1,14 @@
 """Which ViT a timm-named state dict holds: the structure read from its keys (prefix tokens, LayerScale,
-norm_pre, biases, pooling), what a timm architecture name and its model_args add (activation, eps, heads,
-the pooling the keys cannot tell), a contradiction between the two as one line, and the families that
-need what tinyvit lacks, refused by name."""
+norm_pre, biases, pooling), what an architecture name (tinyvit.io.archs: --arch, a timm config.json's, or
+what a layout names) and its model_args add (activation, eps, heads, the pooling the keys cannot tell, the
+preprocessing), a contradiction between the two as one line, and the families that need what tinyvit
+lacks, refused by name."""
 import math
 import re
 
 from ..errors import TinyViTError
+from .archs import named_by_layout, timm_arch, torchvision_arch
+from .openclip import PREPROCESSING as OPENCLIP_PREPROCESSING
 
 # (pattern in an architecture name or a key, what tinyvit lacks)
 LACKS_BY_NAME = [(r"eva|rope|dinov3|(^|_)pe_|perception", "rotary position embeddings"),
@@ -22,7 +25,7 @@ _ARGS = {"img_size": "img_size", "patch_size": "patch_size", "in_chans": "in_cha
 _IGNORED = {"dynamic_img_size", "dynamic_img_pad", "drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate",
             "attn_drop_rate", "drop_path_rate", "weight_init", "fix_init", "mlp_ratio", "act_layer", "norm_layer"}
 STRUCTURE = ("class_token", "reg_tokens", "distilled", "no_embed_class", "pre_norm", "patch_bias", "qkv_bias",
-             "global_pool", "fc_norm", "depth", "dim")
+             "global_pool", "fc_norm", "depth", "dim", "patch_size", "in_chans", "mlp_dim")
 
 
 def refuse_lacking(arch, keys, source):
@@ -37,18 +40,20 @@ def refuse_lacking(arch, keys, source):
 
 
 def from_arch(arch, model_args=None, source="weights"):
-    """ViTConfig fields a timm architecture name and its model_args state (timm's defaults by name:
-    CLIP's LayerNorm eps 1e-5, QuickGELU for *_quickgelu; timm runs SigLIP with exact GELU, as its others)."""
-    arch = arch or ""
-    out = {}
-    if arch:  # what timm's ViT names say of the structure: registers, distillation
+    """ViTConfig fields a timm architecture name and its model_args state: a name tinyvit's table holds
+    (tinyvit.io.archs) brings every setting as timm's definition builds it; another name only what it
+    says (registers, distillation, CLIP's eps 1e-5, QuickGELU for *_quickgelu). model_args win."""
+    arch, model_args = arch or "", dict(model_args or {})
+    known = timm_arch(arch)
+    out = dict(known[0]) if known else {}
+    if arch and not known:  # what timm's ViT names say of the structure: registers, distillation
         reg = re.search(r"reg(\d+)", arch)
         out.update(reg_tokens=int(reg.group(1)) if reg else 0, distilled="distilled" in arch)
-    if "clip" in arch:
-        out["ln_eps"] = 1e-5
-    if "quickgelu" in arch:
-        out["gelu"] = "quick"
-    for k, v in (model_args or {}).items():
+        if "clip" in arch:
+            out["ln_eps"] = 1e-5
+        if "quickgelu" in arch:
+            out["gelu"] = "quick"
+    for k, v in model_args.items():
         if k in ("img_size", "patch_size") and isinstance(v, (list, tuple)):  # timm writes (h, w)
             if len(v) != 2 or v[0] != v[1]:
                 raise TinyViTError(f"{source}: model_args {k}={v} is not square, which tinyvit needs")
@@ -62,6 +67,11 @@ def from_arch(arch, model_args=None, source="weights"):
             out["gelu"] = ACT[v]
         elif k not in _IGNORED:
             raise TinyViTError(f"{source}: model_args {k}={str(v)[:30]} is not a setting tinyvit has")
+    if "pre_norm" in model_args and known:  # timm builds the patch bias exactly when there is no norm_pre
+        out["patch_bias"] = not out["pre_norm"]
+    ratio = model_args.get("mlp_ratio", known[0]["mlp_dim"] / known[0]["dim"] if known else None)
+    if type(ratio) in (int, float) and type(out.get("dim")) is int and ("embed_dim" in model_args or "mlp_ratio" in model_args):
+        out["mlp_dim"] = int(out["dim"] * ratio)  # as timm sizes its Mlp
     return out
 
 
@@ -76,7 +86,8 @@ def from_keys(params, source="weights", no_embed_class=None):
     s = {"class_token": has("cls_token"), "distilled": has("dist_token") or has("head_dist.weight"),
          "reg_tokens": int(params["reg_token"].shape[1]) if has("reg_token") else 0, "pre_norm": has("norm_pre.weight"),
          "patch_bias": has("patch_embed.proj.bias"), "qkv_bias": has("blocks.0.attn.qkv.bias"),
-         "layer_scale": has("blocks.0.ls1.gamma"), "dim": D,
+         "layer_scale": has("blocks.0.ls1.gamma"), "dim": D, "patch_size": int(params["patch_embed.proj.weight"].shape[2]),
+         "in_chans": int(params["patch_embed.proj.weight"].shape[1]), "mlp_dim": int(params["blocks.0.mlp.fc1.weight"].shape[0]),
          "depth": 1 + max((int(m.group(1)) for k in params for m in [re.match(r"blocks\.(\d+)\.", k)] if m), default=-1)}
     if has("attn_pool.latent"):
         s["global_pool"], s["fc_norm"] = "map", None
@@ -124,3 +135,38 @@ def check_agrees(keys_say, stated, where, source):
                 same = True  # a class token and the final norm: either pooling; the stated one wins
             if not same:
                 raise TinyViTError(f"{source}: {where} says {k}={stated[k]!r} but the weights hold {k}={keys_say[k]!r}")
+
+
+def architecture(arch, side, state, fmt, source):
+    """(config fields an architecture states, where it was named, its eval transform record or None, notes):
+    --arch, else the timm config.json's, else what the layout names (tinyvit.io.archs.named_by_layout)."""
+    name = arch or side.get("arch")
+    where = "--arch" if arch else "config.json's architecture"
+    pre, notes = None, []
+    if not name:
+        name, where = named_by_layout(state, fmt)
+        if where and not name:  # an original DINOv2 file of another width: its preprocessing alone
+            pre = timm_arch("vit_small_patch14_dinov2")[1]
+    tv = torchvision_arch(name=name) if name else None
+    if tv:
+        pos = state.get("encoder.pos_embedding")
+        grid = math.isqrt(pos.shape[1] - 1) if pos is not None and pos.ndim == 3 and pos.shape[1] else 0
+        tv = torchvision_arch(name=name, img_size=grid * tv[1]["patch_size"])
+        return dict(tv[1], arch=name), where, tv[2], notes
+    stated = from_arch(name, side.get("model_args") if not arch or arch == side.get("arch") else None, source)
+    stated.update(side.get("config_fields", {}))  # tinyvit's own export states its config
+    known = timm_arch(name)
+    if known:
+        pre = known[1]
+        base, _, tag = name.partition(".")
+        if tag and tag != known[2]:
+            notes.append(f"{where} {name}: the preprocessing is that of timm's default tag {base}.{known[2]}")
+    elif name:
+        notes.append(f"{where} {name} is not an architecture tinyvit knows (tinyvit.io.archs): what the weights "
+                     f"cannot tell is read from the name alone")
+    if fmt == "openclip":  # the layout's own preprocessing, whichever timm tag the name's default is
+        pre = OPENCLIP_PREPROCESSING
+        if "gelu" not in stated:
+            notes.append("OpenCLIP's layout does not say its activation: exact GELU assumed (OpenAI's CLIP weights "
+                         "need QuickGELU: --arch vit_base_patch16_clip_quickgelu_224 or the like)")
+    return dict(stated, arch=name) if name else stated, where, pre, notes
