@@ -1,9 +1,14 @@
-"""Export a tinyvit checkpoint to timm (.safetensors state dict) or Hugging Face transformers (a folder).
+"""Export a tinyvit checkpoint to timm (a hub folder or one .safetensors state dict), Hugging Face
+transformers (a folder) or ONNX (one .onnx file).
 
 Examples:
   python scripts/export_weights.py runs/finetune/model.npz --to timm --out vit-timm/
   python scripts/export_weights.py runs/cifar/model.npz --to timm --out vit.safetensors
   python scripts/export_weights.py runs/cifar/model.npz --to hf --out vit-hf/
+  python scripts/export_weights.py runs/finetune/model.npz --to onnx --out model.onnx
+
+An --out that holds files (an earlier export, any other folder) needs --overwrite. Weights that are not a
+tinyvit checkpoint (a timm or HF file or hub folder) are converted first with scripts/convert_weights.py.
 
 timm, a folder: timm's hub folder (config.json with architecture, model_args and pretrained_cfg, and
 model.safetensors), which timm.create_model('local-dir:vit-timm', pretrained=True) builds and loads, for
@@ -14,8 +19,11 @@ norm_eps) and, as JSON, the class names, mean, std, tinyvit config and eval tran
 with those (class_token=True, global_pool='token', qkv_bias=True; norm_layer=partial(nn.LayerNorm,
 eps=norm_eps) when norm_eps is not timm's 1e-6) and load the file with safetensors.torch.load_file +
 load_state_dict(strict=True); scripts/convert_weights.py reads it back with all of that metadata.
-hf: ViTForImageClassification.from_pretrained(folder) and AutoImageProcessor.from_pretrained(folder)
-(a ViTImageProcessor, or a ConvNextImageProcessor for a shortest-edge eval transform below 384 px).
+hf: ViTForImageClassification.from_pretrained(folder) (DeiT's and DINOv2's classes for those) and
+AutoImageProcessor.from_pretrained(folder) (a ViTImageProcessor, or a ConvNextImageProcessor for a
+shortest-edge eval transform below 384 px); 3-channel models only (transformers feeds RGB).
+onnx: input pixel_values (batch, C, S, S), output logits; class names, config and eval transform in
+the metadata (README, "Deploy with ONNX").
 """
 import argparse
 import json
@@ -28,13 +36,18 @@ from tinyvit.io.export import TARGETS, export
 def build_parser():
     """The command line."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("checkpoint", help="tinyvit checkpoint .npz to export (e.g. model.npz from a training run)")
+    ap.add_argument("checkpoint", help="tinyvit checkpoint .npz to export (e.g. model.npz from a training run, "
+                                       "or one scripts/convert_weights.py wrote)")
     ap.add_argument("--to", required=True, choices=TARGETS,
                     help="timm: timm's hub folder (config.json, model.safetensors: timm.create_model("
-                         "'local-dir:DIR', pretrained=True)) or one .safetensors state dict; hf: a transformers folder")
+                         "'local-dir:DIR', pretrained=True)) or one .safetensors state dict; hf: a transformers "
+                         "folder; onnx: one .onnx file")
     ap.add_argument("--out", required=True,
-                    help="output: a folder (--to timm: timm's hub folder; --to hf) or, with --to timm, a "
-                         ".safetensors file")
+                    help="output: a folder (--to timm: timm's hub folder; --to hf), a .safetensors file (--to timm) "
+                         "or a .onnx file (--to onnx)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="let --out name a file or a folder that holds files, replacing the export's files there "
+                         "(and an earlier export's that would contradict them)")
     ap.add_argument("--json", action="store_true", help="print the summary as one JSON line instead of text")
     return ap
 
@@ -51,7 +64,7 @@ def summary_line(s):
 def main(argv=None):
     """Export; one summary line on stdout."""
     args = build_parser().parse_args(argv)
-    summary = export(args.checkpoint, args.to, args.out)
+    summary = export(args.checkpoint, args.to, args.out, overwrite=args.overwrite)
     print(json.dumps(summary) if args.json else summary_line(summary))
     return 0
 
