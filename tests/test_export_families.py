@@ -53,8 +53,10 @@ def test_cli_exports_a_folder_and_refuses_what_timm_cannot_build(tmp_path):
 def test_class_and_mean_head_is_refused_for_timm(tmp_path):
     cfg = dataclasses.replace(FAMILIES["dinov2"], global_pool="token_avg")
     save_checkpoint(tmp_path / "m.npz", init_params(cfg), cfg, {})
-    with pytest.raises(TinyViTError, match="Dinov2ForImageClassification"):
-        export(tmp_path / "m.npz", "timm", tmp_path / "hub")
+    for out in ("hub", "v.safetensors"):  # the folder and the one file alike
+        with pytest.raises(TinyViTError, match="Dinov2ForImageClassification"):
+            export(tmp_path / "m.npz", "timm", tmp_path / out)
+        assert not (tmp_path / out).exists()
 
 
 @pytest.mark.e2e

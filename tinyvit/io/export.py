@@ -131,6 +131,7 @@ def export_timm(out, params, cfg: ViTConfig, meta=None, source="model"):
     if out.is_dir() or not out.suffix:
         return export_timm_folder(out, params, cfg, meta, source)
     state = timm_state(params, cfg, source)
+    timm_model_args(cfg, source)  # what timm's VisionTransformer cannot build is refused, as for the folder
     t = eval_transform(meta, cfg.in_chans, source)  # the one predict.py and evaluate.py use
     md = timm_metadata(cfg, class_names(meta, cfg.num_classes, source), t.mean, t.std, source, t.to_dict())
     if out.suffix.lower() != ".safetensors":  # torch.load and timm would take a .pt/.pth for a pickle
