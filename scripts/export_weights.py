@@ -12,13 +12,15 @@ tinyvit checkpoint (a timm or HF file or hub folder) are converted first with sc
 
 timm, a folder: timm's hub folder (config.json with architecture, model_args and pretrained_cfg, and
 model.safetensors), which timm.create_model('local-dir:vit-timm', pretrained=True) builds and loads, for
-every family tinyvit runs whose LayerNorm eps is timm's 1e-6 or CLIP's 1e-5.
-timm, a .safetensors file: the file's __metadata__ holds VisionTransformer's arguments
-(img_size, patch_size, in_chans, num_classes, embed_dim, depth, num_heads, mlp_ratio, act_layer,
-norm_eps) and, as JSON, the class names, mean, std, tinyvit config and eval transform. Build the model
-with those (class_token=True, global_pool='token', qkv_bias=True; norm_layer=partial(nn.LayerNorm,
-eps=norm_eps) when norm_eps is not timm's 1e-6) and load the file with safetensors.torch.load_file +
-load_state_dict(strict=True); scripts/convert_weights.py reads it back with all of that metadata.
+every family tinyvit runs whose LayerNorm eps is timm's 1e-6 or CLIP's 1e-5, except DINOv2's head over
+the class token beside the patch mean (timm pools one or the other: --to hf or --to onnx write it).
+timm, a .safetensors file: the file's __metadata__ holds model_class (VisionTransformer or
+VisionTransformerDistilled) and its arguments (img_size, patch_size, in_chans, num_classes, embed_dim,
+depth, num_heads, mlp_ratio, qkv_bias, class_token, reg_tokens, no_embed_class, pre_norm, global_pool,
+fc_norm, init_values, act_layer, norm_eps) and, as JSON, the class names, mean, std, tinyvit config and
+eval transform. Build the model with those (norm_layer=partial(nn.LayerNorm, eps=norm_eps) when norm_eps
+is not timm's 1e-6) and load the file with safetensors.torch.load_file + load_state_dict(strict=True);
+scripts/convert_weights.py reads it back with all of that metadata.
 hf: ViTForImageClassification.from_pretrained(folder) (DeiT's and DINOv2's classes for those) and
 AutoImageProcessor.from_pretrained(folder) (a ViTImageProcessor, or a ConvNextImageProcessor for a
 shortest-edge eval transform below 384 px); 3-channel models only (transformers feeds RGB).
