@@ -20,6 +20,7 @@ from pathlib import Path
 from tinyvit.errors import TinyViTError, describe_os_error
 from tinyvit.io.checkpoint import save_checkpoint
 from tinyvit.io.convert import FORMATS, adapt, convert
+from tinyvit.io.filekind import check_convert
 from tinyvit.io.files import prepare_out_dir
 from tinyvit.nn.model import count_params
 
@@ -31,7 +32,8 @@ def parse_args(argv=None):
                                 "a timm or HF hub folder holding config.json and the weights, or a Hugging Face Hub "
                                 "name (timm/NAME, ORG/REPO, hf-hub:ORG/REPO, each with an optional @REVISION), "
                                 "downloaded once into huggingface_hub's cache ($HF_HOME)")
-    ap.add_argument("--out", required=True, help="tinyvit checkpoint to write, e.g. weights/vit-b16.npz")
+    ap.add_argument("--out", required=True, help="tinyvit checkpoint to write, a name ending in .npz "
+                                                 "(e.g. weights/vit-b16.npz); not the source itself")
     ap.add_argument("--format", default="auto", choices=("auto",) + FORMATS,
                     help="source layout; auto tells it from the key names (default auto)")
     ap.add_argument("--heads", type=int, default=None,
@@ -57,6 +59,7 @@ def main(argv=None):
     """Convert, optionally adapt, save; one summary line on stdout."""
     args = parse_args(argv)
     try:
+        check_convert(args.src, args.out)  # a tinyvit checkpoint, an --out not .npz or the source: one line
         prepare_out_dir(Path(args.out).parent)  # a wrong --out fails before the conversion
         params, cfg, meta = convert(args.src, fmt=args.format, heads=args.heads, arch=args.arch,
                                     num_classes=args.num_classes)

@@ -7,9 +7,13 @@ Examples:
   python scripts/export_weights.py runs/cifar/model.npz --to hf --out vit-hf/
   python scripts/export_weights.py runs/cifar/model.npz --to onnx --out model.onnx
 
+An --out that holds files (an earlier export, any other folder) needs --overwrite. Weights that are not a
+tinyvit checkpoint (a timm or HF file or hub folder) are converted first with scripts/convert_weights.py.
+
 timm, a folder: timm's hub folder (config.json with architecture, model_args and pretrained_cfg, and
 model.safetensors), which timm.create_model('local-dir:vit-timm', pretrained=True) builds and loads, for
-every family tinyvit runs whose LayerNorm eps is timm's 1e-6 or CLIP's 1e-5.
+every family tinyvit runs whose LayerNorm eps is timm's 1e-6 or CLIP's 1e-5, except DINOv2's head over
+the class token beside the patch mean (timm pools one or the other: --to hf or --to onnx write it).
 timm, a .safetensors file: its __metadata__ (strings) names the class, model_class (VisionTransformer, or
 VisionTransformerDistilled in timm.models.deit), and holds its arguments as JSON: img_size, patch_size,
 in_chans, num_classes, embed_dim, depth, num_heads, mlp_ratio, qkv_bias, class_token, fc_norm, reg_tokens,
@@ -21,7 +25,7 @@ std, tinyvit config and eval transform; scripts/convert_weights.py reads it back
 hf: AutoModelForImageClassification.from_pretrained(folder) (ViTForImageClassification,
 DeiTForImageClassificationWithTeacher, Dinov2ForImageClassification or
 Dinov2WithRegistersForImageClassification, by family) and AutoImageProcessor.from_pretrained(folder) (a
-ViTImageProcessor, or a ConvNextImageProcessor for a shortest-edge eval transform below 384 px).
+ViTImageProcessor, or a ConvNextImageProcessor for a shortest-edge eval transform below 384 px); 3-channel models only (transformers feeds RGB).
 onnx: a graph built with the onnx package (pip install onnx; opset 17): input pixel_values (batch, C, S,
 S) float32, output logits; the class names and the eval transform in its metadata.
 """
@@ -36,14 +40,18 @@ from tinyvit.io.export import TARGETS, export
 def build_parser():
     """The command line."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("checkpoint", help="tinyvit checkpoint .npz to export (e.g. model.npz from a training run)")
+    ap.add_argument("checkpoint", help="tinyvit checkpoint .npz to export (e.g. model.npz from a training run, "
+                                       "or one scripts/convert_weights.py wrote)")
     ap.add_argument("--to", required=True, choices=TARGETS,
                     help="timm: timm's hub folder (config.json, model.safetensors: timm.create_model("
                          "'local-dir:DIR', pretrained=True)) or one .safetensors state dict; hf: a transformers "
                          "folder; onnx: one .onnx file")
     ap.add_argument("--out", required=True,
-                    help="output: a folder (--to timm: timm's hub folder; --to hf), with --to timm a "
-                         ".safetensors file, with --to onnx an .onnx file")
+                    help="output: a folder (--to timm: timm's hub folder; --to hf), a .safetensors file (--to timm) "
+                         "or a .onnx file (--to onnx)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="let --out name a file or a folder that holds files, replacing the export's files there "
+                         "(and an earlier export's that would contradict them)")
     ap.add_argument("--json", action="store_true", help="print the summary as one JSON line instead of text")
     return ap
 
@@ -60,7 +68,7 @@ def summary_line(s):
 def main(argv=None):
     """Export; one summary line on stdout."""
     args = build_parser().parse_args(argv)
-    summary = export(args.checkpoint, args.to, args.out)
+    summary = export(args.checkpoint, args.to, args.out, overwrite=args.overwrite)
     print(json.dumps(summary) if args.json else summary_line(summary))
     return 0
 

@@ -77,7 +77,7 @@ def train(args):
     cfg = preset(args.preset, img_size=28, in_chans=1, num_classes=10, dropout=args.dropout,
                  **{k: v for k, v in arch.items() if v is not None})
     params = init_params(cfg, seed=tc.seed, std=args.init_std)
-    t = EvalTransform(MNIST_MEAN, MNIST_STD, crop_pct=1.0)  # digits fill the frame: the whole square
+    t = EvalTransform(MNIST_MEAN, MNIST_STD, crop_pct=1.0, invert="auto")  # the whole square; dark ink on light inverted
     meta = {"dataset": "mnist", "class_names": [str(i) for i in range(10)], "mean": list(MNIST_MEAN),
             "std": list(MNIST_STD), "eval_transform": t.to_dict(), "run_args": run_args(args)}
     return fit(params, cfg, tc, xp,

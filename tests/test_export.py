@@ -13,7 +13,7 @@ from torch_vit import TorchViT
 
 from tinyvit import TinyViTError, ViTConfig, vit_forward
 from tinyvit.data.decode import load_image
-from tinyvit.data.transform import normalisation
+from tinyvit.data.transform import eval_transform, normalisation
 from tinyvit.io.checkpoint import load_checkpoint, save_checkpoint
 from tinyvit.io.convert import convert
 from tinyvit.io.export import export, mlp_ratio
@@ -25,6 +25,11 @@ try:
 except ImportError:  # CI: pip install "transformers==5.24.0" (tested with torch 2.13; leaves torch alone)
     transformers = None
 
+try:
+    import onnx
+except ImportError:
+    onnx = None
+
 SCRIPT = SCRIPTS / "export_weights.py"
 needs_hf = pytest.mark.skipif(transformers is None, reason="transformers is not installed (pip install transformers)")
 
@@ -35,6 +40,9 @@ CFGS = {  # exact GELU at timm's eps; tanh GELU, HF's eps, one channel and an ML
 }
 NAMES = {"erf": ["cat", "dog", "ship", "frog", "truck"], "tanh": ["zero", "one", "two"]}
 MEAN_STD = {"erf": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]), "tanh": ([0.25], [0.75])}
+# --to hf takes 3-channel models (transformers feeds RGB): its tests run the tanh case with three
+CFGS_HF = {"erf": CFGS["erf"], "tanh_rgb": dataclasses.replace(CFGS["tanh"], in_chans=3)}
+NAMES["tanh_rgb"], MEAN_STD["tanh_rgb"] = NAMES["tanh"], ([0.25] * 3, [0.75] * 3)
 HF_BLOCK = ["attention.attention.query", "attention.attention.key", "attention.attention.value",
             "attention.output.dense", "intermediate.dense", "output.dense", "layernorm_before", "layernorm_after"]
 
@@ -51,8 +59,9 @@ def _params(cfg, dtype=np.float64, seed=0):
 
 
 def _checkpoint(tmp_path, name, dtype=np.float64, meta=True, seed=0):
-    """A checkpoint of CFGS[name] on disk -> (path, params, cfg)."""
-    cfg, params = CFGS[name], _params(CFGS[name], dtype, seed)
+    """A checkpoint of CFGS[name] (or CFGS_HF[name]) on disk -> (path, params, cfg)."""
+    cfg = {**CFGS, **CFGS_HF}[name]
+    params = _params(cfg, dtype, seed)
     m = dict(class_names=NAMES[name], mean=MEAN_STD[name][0], std=MEAN_STD[name][1]) if meta else {}
     path = save_checkpoint(tmp_path / f"{name}.npz", params, cfg, m)
     return path, params, cfg
@@ -128,7 +137,7 @@ def test_real_vit_ti16_timm_export(tmp_path, ti16):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("name", list(CFGS))
+@pytest.mark.parametrize("name", list(CFGS_HF))
 def test_hf_export_converts_back_bit_for_bit(tmp_path, name, dtype):
     ckpt, params, cfg = _checkpoint(tmp_path, name, dtype)
     folder = tmp_path / "hf"
@@ -141,7 +150,7 @@ def test_hf_export_converts_back_bit_for_bit(tmp_path, name, dtype):
     assert convert(folder / "model.safetensors")[1] == cfg  # detected as HF without fmt
 
 
-@pytest.mark.parametrize("name", list(CFGS))
+@pytest.mark.parametrize("name", list(CFGS_HF))
 def test_hf_files_use_hfs_names(tmp_path, name):
     ckpt, params, cfg = _checkpoint(tmp_path, name)
     folder = tmp_path / "hf"
@@ -198,7 +207,7 @@ def _hf_logits(folder, x):
 
 
 @needs_hf
-@pytest.mark.parametrize("name", list(CFGS))
+@pytest.mark.parametrize("name", list(CFGS_HF))
 def test_transformers_loads_the_folder(tmp_path, name):
     ckpt, params, cfg = _checkpoint(tmp_path, name, np.float32)
     folder = tmp_path / "hf"
@@ -268,11 +277,18 @@ def test_transformers_pipeline_on_the_hf_export_gives_predicts_probabilities(tmp
     ours = {Path(p["image"]).name: {t["class"]: t["probability"] for t in p["top_k"]}
             for p in json.loads(r.stdout)["predictions"]}
     classify = transformers.pipeline("image-classification", model=str(tmp_path / "hf"), device="cpu")
+    # transformers' default image processor resizes with torchvision (pixels up to one gray level off);
+    # its PIL one (backend="pil") gives tinyvit's pixels exactly, and the probabilities to float32 rounding
+    pil = transformers.AutoImageProcessor.from_pretrained(str(tmp_path / "hf"), backend="pil")
+    classify_pil = transformers.pipeline("image-classification", model=str(tmp_path / "hf"), image_processor=pil,
+                                         device="cpu")
     spread = 0.0
     for photo in photos:
-        theirs = {d["label"]: d["score"] for d in classify(str(photo), top_k=cfg.num_classes)}
-        assert set(theirs) == set(NAMES["erf"])
-        assert max(abs(theirs[c] - ours[photo.name][c]) for c in theirs) < 1e-3, (photo.name, theirs, ours[photo.name])
+        for clf, tol in ((classify, 1e-3), (classify_pil, 1e-5)):
+            theirs = {d["label"]: d["score"] for d in clf(str(photo), top_k=cfg.num_classes)}
+            assert set(theirs) == set(NAMES["erf"])
+            gap = max(abs(theirs[c] - ours[photo.name][c]) for c in theirs)
+            assert gap < tol, (photo.name, tol, theirs, ours[photo.name])
         spread = max(spread, max(theirs.values()) - min(theirs.values()))
     assert spread > 0.05  # the probabilities differ between classes: the comparison can fail
 
@@ -369,7 +385,7 @@ def test_script_exports_both_targets(tmp_path):
     back, cfg2, _ = convert(tmp_path / "h" / "model.safetensors", fmt="hf")
     assert cfg2 == cfg and all(np.array_equal(back[k], params[k]) for k in params)
     assert load_checkpoint(ckpt)[1] == cfg  # the source is untouched
-    r = _run(ckpt, "--to", "hf", "--out", tmp_path / "h")  # into the same folder again, plain line
+    r = _run(ckpt, "--to", "hf", "--out", tmp_path / "h", "--overwrite")  # into the same folder again, plain line
     assert r.returncode == 0 and r.stdout.count("\n") == 1 and str(tmp_path / "h") in r.stdout, r.stderr
 
 
@@ -463,3 +479,101 @@ def test_script_refuses_a_timm_out_that_is_not_safetensors(tmp_path, name):
     out = tmp_path / "o" / name
     _one_error_line(_run(ckpt, "--to", "timm", "--out", out), out, "--to timm writes safetensors", ".safetensors")
     assert not (tmp_path / "o").exists()
+
+
+# --- what every export carries, and what --to and --out refuse ------------------------------------
+
+
+def test_mnist_inversion_rides_along_every_export(tmp_path):
+    """A checkpoint of MNIST's (dataset mnist, a record without invert, as weights/mnist_vit.npz): the timm
+    file, timm's hub folder and the ONNX file state invert 'auto', and converting back keeps it."""
+    cfg = dataclasses.replace(CFGS["tanh"], ln_eps=1e-6)  # an eps timm's hub folder takes
+    ckpt = save_checkpoint(tmp_path / "m.npz", _params(cfg, np.float32), cfg,
+                           {"dataset": "mnist", "eval_transform": {"crop_pct": 1.0, "mean": [0.1], "std": [0.3]}})
+    export(ckpt, "timm", tmp_path / "v.safetensors")
+    export(ckpt, "timm", tmp_path / "hub")
+    for f in (tmp_path / "v.safetensors", tmp_path / "hub" / "model.safetensors"):
+        assert json.loads(read_safetensors(f)[1]["eval_transform"])["invert"] == "auto"
+        assert eval_transform(convert(f)[2], 1) == eval_transform(load_checkpoint(ckpt)[2], 1)
+    if onnx is not None:
+        export(ckpt, "onnx", tmp_path / "m.onnx")
+        props = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
+        assert json.loads(props["eval_transform"])["invert"] == "auto"
+
+
+@pytest.mark.e2e
+def test_script_refuses_hf_for_a_one_channel_model(tmp_path):
+    """transformers' pipeline() feeds RGB: a 1-channel HF folder would raise there, so none is written."""
+    ckpt, _, _ = _checkpoint(tmp_path, "tanh")
+    _one_error_line(_run(ckpt, "--to", "hf", "--out", tmp_path / "hf"), ckpt, "3 channels", "--to onnx")
+    assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.e2e
+def test_an_out_holding_files_needs_overwrite(tmp_path):
+    """A data folder, an earlier export (an HF folder that timm's would leave half HF) and an existing file
+    are refused without --overwrite, untouched; with it the export replaces them, whole."""
+    ckpt, _, _ = _checkpoint(tmp_path, "erf", np.float32)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "cat.jpg").write_bytes(b"keep me")
+    _one_error_line(_run(ckpt, "--to", "timm", "--out", photos), photos, "holds files (cat.jpg)", "--overwrite")
+    assert [p.name for p in photos.iterdir()] == ["cat.jpg"]
+    assert _run(ckpt, "--to", "hf", "--out", tmp_path / "o").returncode == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "o").iterdir()}
+    _one_error_line(_run(ckpt, "--to", "timm", "--out", tmp_path / "o"), tmp_path / "o", "--overwrite")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "o").iterdir()} == before
+    assert _run(ckpt, "--to", "timm", "--out", tmp_path / "o", "--overwrite").returncode == 0
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["config.json", "model.safetensors"]
+    assert "architecture" in json.loads((tmp_path / "o" / "config.json").read_text())  # timm's, whole
+    for to, name in (("timm", "v.safetensors"), ("onnx", "v.onnx")):  # a file: the same rule
+        (tmp_path / name).write_bytes(b"keep me")
+        with pytest.raises(TinyViTError, match="exists; pass --overwrite"):
+            export(ckpt, to, tmp_path / name)
+        assert (tmp_path / name).read_bytes() == b"keep me"
+        export(ckpt, to, tmp_path / name, overwrite=True)
+        assert (tmp_path / name).read_bytes() != b"keep me"
+
+
+@pytest.mark.e2e
+def test_convert_refuses_its_source_as_out_and_a_name_that_is_not_npz(tmp_path):
+    src = tmp_path / "vit.npz"
+    np.savez(src, **_params(CFGS["erf"], np.float32))  # timm's names, as a user's np.savez of a state dict
+    before = src.read_bytes()
+    r = run_script("convert_weights.py", src, "--out", src, cwd=ROOT, timeout=120)
+    _one_error_line(r, src, "is the source being converted")
+    assert src.read_bytes() == before
+    r = run_script("convert_weights.py", src, "--out", tmp_path / "x.safetensors", cwd=ROOT, timeout=120)
+    _one_error_line(r, tmp_path / "x.safetensors", "ending in .npz", "export_weights.py")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vit.npz"]
+
+
+@pytest.mark.e2e
+def test_wrong_files_say_what_they_are_and_which_command_to_run(tmp_path):
+    """convert_weights.py on a tinyvit checkpoint; export_weights.py on a timm hub folder, an HF one, a
+    timm .npz (each as its library writes it) and a run's folder: what it is, and the command."""
+    from timm_oracle import params_of, timm
+
+    ckpt, _, cfg = _checkpoint(tmp_path, "erf", np.float32)
+    r = run_script("convert_weights.py", ckpt, "--out", tmp_path / "c.npz", cwd=ROOT, timeout=120)
+    _one_error_line(r, ckpt, "already a tinyvit checkpoint", f"scripts/export_weights.py {ckpt} --to")
+    model = timm.create_model("vit_base_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
+                              depth=1, num_heads=4, num_classes=5)
+    pytest.importorskip("timm.models._hub").save_for_hf(model, tmp_path / "timm-hub", safe_serialization=True)
+    np.savez(tmp_path / "timm.npz", **params_of(model, np.float32))
+    wrong = {tmp_path / "timm-hub": "is a timm hub folder", tmp_path / "timm.npz": "weights with timm's names"}
+    if transformers is not None:
+        export(ckpt, "hf", tmp_path / "hf-hub")
+        transformers.ViTForImageClassification.from_pretrained(str(tmp_path / "hf-hub")).save_pretrained(tmp_path / "hf")
+        wrong[tmp_path / "hf"] = "is a Hugging Face hub folder"
+    r = _run(tmp_path / "timm-hub", "--to", "onnx", "--out", tmp_path / "x.onnx")  # the script, once
+    _one_error_line(r, tmp_path / "timm-hub", "is a timm hub folder", "scripts/convert_weights.py")
+    for src, what in wrong.items():
+        with pytest.raises(TinyViTError, match=what) as e:
+            export(src, "onnx", tmp_path / "x.onnx")
+        assert str(e.value).startswith(f"{src}: ") and f"python scripts/convert_weights.py {src} --out " in str(e.value)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "model.npz").write_bytes(ckpt.read_bytes())
+    with pytest.raises(TinyViTError, match="a training run's folder: export its checkpoint"):
+        export(tmp_path / "run", "onnx", tmp_path / "x.onnx")
+    assert not (tmp_path / "x.onnx").exists()

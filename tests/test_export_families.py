@@ -57,8 +57,10 @@ def test_cli_exports_a_folder_and_refuses_what_timm_cannot_build(tmp_path):
 def test_class_and_mean_head_is_refused_for_timm(tmp_path):
     cfg = dataclasses.replace(FAMILIES["dinov2"], global_pool="token_avg")
     save_checkpoint(tmp_path / "m.npz", init_params(cfg), cfg, {})
-    with pytest.raises(TinyViTError, match="Dinov2ForImageClassification"):
-        export(tmp_path / "m.npz", "timm", tmp_path / "hub")
+    for out in ("hub", "v.safetensors"):  # the folder and the one file alike
+        with pytest.raises(TinyViTError, match="Dinov2ForImageClassification"):
+            export(tmp_path / "m.npz", "timm", tmp_path / out)
+        assert not (tmp_path / out).exists()
 
 
 @functools.cache
@@ -88,3 +90,48 @@ def test_the_safetensors_recipe_in_the_help_builds_timms_model(tmp_path, family)
     with torch.no_grad():
         got = model.eval()(torch.tensor(x)).numpy()
     assert rel_err(got, vit_forward(params, x, cfg, keep_cache=False)[0]) < 1e-5
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("family", ["dinov2", "dinov2_reg"])
+def test_token_pooled_dinov2_round_trips_hf_then_timm(tmp_path, family):
+    """A DINOv2 backbone fine-tuned with a class-token head: --to hf (HF's class+mean head, the mean's half
+    zero) loads in transformers with our logits, converts back to a class-token head, and --to timm then
+    builds in timm with the same logits."""
+    transformers = pytest.importorskip("transformers")
+    cfg = dataclasses.replace(FAMILIES[family], no_embed_class=family == "dinov2_reg")  # as timm's reg4 DINOv2s
+    params = params_of(timm_model(cfg, seed=3), np.float32)
+    ckpt = save_checkpoint(tmp_path / "m.npz", params, cfg, dict(class_names=NAMES))
+    script = SCRIPTS / "export_weights.py"
+    r = run_script(script, str(ckpt), "--to", "hf", "--out", str(tmp_path / "hf"))
+    assert r.returncode == 0, r.stderr
+    x = np.random.default_rng(0).normal(size=(2, 3, cfg.img_size, cfg.img_size)).astype(np.float32)
+    want = vit_forward(params, x, cfg, keep_cache=False)[0]
+    hf = transformers.AutoModelForImageClassification.from_pretrained(str(tmp_path / "hf")).eval()
+    with torch.no_grad():
+        assert rel_err(hf(pixel_values=torch.tensor(x)).logits.numpy(), want) < 1e-5
+    r = run_script(SCRIPTS / "convert_weights.py", str(tmp_path / "hf"), "--out", str(tmp_path / "back.npz"))
+    assert r.returncode == 0 and "pool token" in r.stdout, r.stderr
+    r = run_script(script, str(tmp_path / "back.npz"), "--to", "timm", "--out", str(tmp_path / "hub"))
+    assert r.returncode == 0, r.stderr
+    model = timm.create_model(f"local-dir:{tmp_path / 'hub'}", pretrained=True).eval()
+    with torch.no_grad():
+        assert rel_err(model(torch.tensor(x)).numpy(), want) < 1e-5
+
+
+@pytest.mark.e2e
+def test_hfs_class_and_mean_head_exports_to_hf_and_onnx_not_timm(tmp_path):
+    """Dinov2ForImageClassification as transformers writes it: --to timm is one line naming the targets
+    that take it (timm pools the class token or the patch mean, not both side by side)."""
+    transformers = pytest.importorskip("transformers")
+    conf = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, image_size=28,
+                                     patch_size=14, mlp_ratio=2, num_labels=3)
+    transformers.Dinov2ForImageClassification(conf).eval().save_pretrained(tmp_path / "hf")
+    r = run_script(SCRIPTS / "convert_weights.py", str(tmp_path / "hf"), "--out", str(tmp_path / "m.npz"))
+    assert r.returncode == 0 and "pool token_avg" in r.stdout, r.stderr
+    r = run_script(SCRIPTS / "export_weights.py", str(tmp_path / "m.npz"), "--to", "timm", "--out", str(tmp_path / "t"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "--to hf" in r.stderr and "--to onnx" in r.stderr and not (tmp_path / "t").exists()
+    for to, out in (("hf", "hf2"), ("onnx", "m.onnx")):
+        r = run_script(SCRIPTS / "export_weights.py", str(tmp_path / "m.npz"), "--to", to, "--out", str(tmp_path / out))
+        assert r.returncode == 0, r.stderr

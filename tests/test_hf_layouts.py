@@ -108,6 +108,10 @@ HF_EXPORTS = {  # a tinyvit config -> the HF class that computes it exactly
     "dinov2_cls": (dict(init_values=1e-5, global_pool="token_avg"), "Dinov2ForImageClassification"),
     "dinov2_reg_cls": (dict(init_values=1e-5, global_pool="token_avg", reg_tokens=4, no_embed_class=True),
                        "Dinov2WithRegistersForImageClassification"),
+    # a DINOv2 backbone fine-tuned with a class-token head: HF's head with the patch mean's half zero
+    "dinov2_token": (dict(init_values=1e-5), "Dinov2ForImageClassification"),
+    "dinov2_reg_token": (dict(init_values=1e-5, reg_tokens=4, no_embed_class=True),
+                         "Dinov2WithRegistersForImageClassification"),
 }
 
 
@@ -131,7 +135,8 @@ def test_hf_export_loads_in_transformers_with_our_logits(tmp_path, name):
 
 
 def test_hf_export_refuses_what_no_hf_class_computes(tmp_path):
-    cfg = ViTConfig(img_size=28, patch_size=14, num_classes=3, dim=32, depth=1, heads=4, mlp_dim=64, init_values=1e-5)
+    cfg = ViTConfig(img_size=28, patch_size=14, num_classes=3, dim=32, depth=1, heads=4, mlp_dim=64, init_values=1e-5,
+                    no_embed_class=True)  # DeiT-III: no HF class
     save_checkpoint(tmp_path / "m.npz", init_params(cfg), cfg, {})
     with pytest.raises(TinyViTError, match="--to timm writes it"):
         export(tmp_path / "m.npz", "hf", tmp_path / "hf")

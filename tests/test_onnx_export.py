@@ -77,3 +77,27 @@ def test_onnx_out_must_end_in_onnx(tmp_path):
     ckpt, _, _ = _checkpoint(tmp_path, CONFIGS["mnist"])
     with pytest.raises(TinyViTError, match=r"\.onnx"):
         export(ckpt, "onnx", tmp_path / "m.bin")
+
+
+@pytest.mark.e2e
+def test_readme_onnx_snippet_reads_the_shipped_mnist_digit_as_predict_does(tmp_path):
+    """README's ONNX path on weights/mnist_vit.npz and docs/digit.png (dark ink on light paper): the
+    export's metadata carries MNIST's inversion, so load_image gives predict.py's pixels and '7'."""
+    from helpers import ROOT
+
+    from tinyvit.data.decode import load_image
+    from tinyvit.data.transform import eval_transform
+    from tinyvit.io.checkpoint import load_checkpoint
+
+    ckpt, digit = ROOT / "weights" / "mnist_vit.npz", ROOT / "docs" / "digit.png"
+    r = run_script(SCRIPTS / "export_weights.py", str(ckpt), "--to", "onnx", "--out", str(tmp_path / "model.onnx"))
+    assert r.returncode == 0, r.stderr
+    sess = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    meta = sess.get_modelmeta().custom_metadata_map
+    cfg = ViTConfig(**json.loads(meta["tinyvit_config"]))
+    x = load_image(digit, cfg, {"eval_transform": json.loads(meta["eval_transform"])})  # README's line
+    assert json.loads(meta["class_names"])[int(sess.run(["logits"], {"pixel_values": x})[0].argmax())] == "7"
+    ckpt_meta = load_checkpoint(ckpt)[2]
+    assert np.array_equal(x, load_image(digit, cfg, eval_transform(ckpt_meta, 1), dataset="mnist"))  # predict's
+    r = run_script(SCRIPTS / "predict.py", str(ckpt), str(digit), "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["predictions"][0]["top_k"][0]["class"] == "7", r.stderr

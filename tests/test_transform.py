@@ -60,6 +60,8 @@ def test_predict_and_evaluate_see_the_checkpoints_one_transform(tmp_path):
      EvalTransform((0.1,) * 3, (0.2,) * 3, crop_pct=0.9)),  # what older folder runs recorded
     ({"eval_transform": {"resize": "squash", "crop_pct": 0.5, "interpolation": "bilinear", "mean": [0.3] * 3,
                          "std": [0.4] * 3}}, EvalTransform((0.3,) * 3, (0.4,) * 3, "squash", 1.0, "bilinear")),
+    ({"dataset": "mnist", "eval_transform": {"crop_pct": 1.0}},  # MNIST runs: gray levels inverted as they need
+     EvalTransform((0.5,) * 3, (0.5,) * 3, crop_pct=1.0, invert="auto")),
 ])
 def test_eval_transform_from_metadata(meta, want):
     assert eval_transform(meta, 3) == want
@@ -67,7 +69,7 @@ def test_eval_transform_from_metadata(meta, want):
 
 
 @pytest.mark.parametrize("record", [{"resize": "lanczos"}, {"interpolation": "nearest"}, {"crop_pct": 0},
-                                    {"crop_pct": 1.5}, {"crop_pct": "0.9"}, "squash"])
+                                    {"crop_pct": 1.5}, {"crop_pct": "0.9"}, "squash", {"invert": "yes"}])
 def test_a_bad_record_is_one_line(record):
     with pytest.raises(TinyViTError, match="ckpt.npz: "):
         eval_transform({"eval_transform": record}, 3, "ckpt.npz")

@@ -175,8 +175,8 @@ def image_to_input(img, cfg, t: EvalTransform, invert=None, dataset=None, path="
     if C not in (1, 3):
         raise TinyViTError(f"models with {C} input channels are not supported (1 or 3)")
     x = model_pixels(img, S, C, path, **t.geometry())  # (S, S, C)
-    if invert is None:
-        invert = dataset == "mnist" and auto_invert(x)
+    if invert is None:  # the transform's rule (dataset: older callers' way of asking for MNIST's)
+        invert = (t.invert == "auto" or dataset == "mnist") and auto_invert(x)
     if invert:
         x = 1.0 - x
     x = (x - np.asarray(t.mean, np.float32)) / np.asarray(t.std, np.float32)

@@ -1,5 +1,5 @@
-"""The eval transform a checkpoint records (resize, crop_pct, interpolation, mean, std), read from its
-metadata; no Pillow here (the exporters use it too)."""
+"""The eval transform a checkpoint records (resize, crop_pct, interpolation, mean, std, and invert for
+models of light digits on dark), read from its metadata; no Pillow here (the exporters use it too)."""
 from dataclasses import dataclass
 
 from ..errors import TinyViTError
@@ -26,23 +26,26 @@ def normalisation(meta, in_chans, source="checkpoint"):
 
 RESIZES = ("shortest_edge", "squash")
 INTERPOLATIONS = ("bicubic", "bilinear")  # Pillow filters of tinyvit.data.decode
+INVERTS = ("no", "auto")  # auto: gray levels inverted when the border is brighter than the centre (MNIST's)
 
 
 @dataclass(frozen=True)
 class EvalTransform:
     """How a checkpoint's model sees an image file (evaluation, prediction, exports): geometry, then
-    x / 255, then (x - mean) / std per channel."""
+    x / 255, then 1 - x where invert says so (tinyvit.data.decode.auto_invert), then (x - mean) / std per channel."""
 
     mean: tuple
     std: tuple
     resize: str = "shortest_edge"  # shorter side to img_size / crop_pct, centre crop | squash: whole image
     crop_pct: float = 0.875
     interpolation: str = "bicubic"
+    invert: str = "no"  # auto: 1 - x when the border ring is brighter than the centre (dark ink on light paper)
 
     def to_dict(self) -> dict:
-        """The JSON form stored as a checkpoint's meta["eval_transform"]."""
-        return {"resize": self.resize, "crop_pct": self.crop_pct, "interpolation": self.interpolation,
-                "mean": list(self.mean), "std": list(self.std)}
+        """The JSON form stored as a checkpoint's meta["eval_transform"] (invert only when it is not "no")."""
+        d = {"resize": self.resize, "crop_pct": self.crop_pct, "interpolation": self.interpolation,
+             "mean": list(self.mean), "std": list(self.std)}
+        return d if self.invert == "no" else dict(d, invert=self.invert)
 
     def geometry(self) -> dict:
         """The keywords of eval_resize (and of tinyvit.data.loader.decode)."""
@@ -51,7 +54,8 @@ class EvalTransform:
 
 def eval_transform(meta, in_chans, source="checkpoint", crop_pct=None) -> EvalTransform:
     """The checkpoint's EvalTransform: meta["eval_transform"], else what older files imply (their
-    crop_pct; whole images for MNIST and CIFAR-10 runs; timm's 0.875 otherwise). crop_pct overrides."""
+    crop_pct; whole images for MNIST and CIFAR-10 runs; timm's 0.875 otherwise; MNIST runs' auto
+    inversion). crop_pct overrides."""
     t = meta.get("eval_transform")
     if t is None:
         whole = meta.get("dataset") in ("mnist", "cifar10")
@@ -62,9 +66,12 @@ def eval_transform(meta, in_chans, source="checkpoint", crop_pct=None) -> EvalTr
     mean, std = normalisation(given, in_chans, source)
     resize, interp = t.get("resize", "shortest_edge"), t.get("interpolation", "bicubic")
     crop = t.get("crop_pct", 0.875) if crop_pct is None else crop_pct
+    invert = t.get("invert", "auto" if meta.get("dataset") == "mnist" else "no")
+    if invert not in INVERTS:
+        raise TinyViTError(f"{source}: eval_transform has invert {str(invert)[:20]!r} (expected one of {INVERTS})")
     if resize not in RESIZES or interp not in INTERPOLATIONS:
         raise TinyViTError(f"{source}: eval_transform has resize {str(resize)[:20]!r} / interpolation "
                            f"{str(interp)[:20]!r} (expected one of {RESIZES} / {INTERPOLATIONS})")
     if type(crop) not in (int, float) or not 0.0 < crop <= 1.0:
         raise TinyViTError(f"{source}: crop_pct must be a number in (0, 1], got {str(crop)[:20]}")
-    return EvalTransform(mean, std, resize, float(crop) if resize == "shortest_edge" else 1.0, interp)
+    return EvalTransform(mean, std, resize, float(crop) if resize == "shortest_edge" else 1.0, interp, invert)

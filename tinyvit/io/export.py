@@ -18,6 +18,8 @@ from ..data.transform import EvalTransform, eval_transform
 from ..errors import TinyViTError
 from ..nn.model import ViTConfig, count_params, param_shapes
 from .checkpoint import check_params, load_checkpoint
+from .convert import detect_format
+from .filekind import NAMES, file_kind, folder_kind, key_names
 from .files import atomic_write
 from .hf_export import HF_ACT, hf_config, hf_state  # noqa: F401  (re-exported)
 from .labels import class_names
@@ -32,6 +34,7 @@ TIMM_ARCH = {1e-6: "vit_base_patch16_224", 1e-5: "vit_base_patch16_clip_224"}
 TIMM_DISTILLED = "deit_base_distilled_patch16_224"  # VisionTransformerDistilled, eps 1e-6
 PIL_CODES = {v: k for k, v in PIL_RESAMPLE.items()}  # interpolation -> PIL.Image.Resampling code
 HF_FILES = ("model.safetensors", "config.json", "preprocessor_config.json")
+LAYOUTS = {"google": "Google's", "timm": "timm's", "torchvision": "torchvision's", "hf": "Hugging Face's"}
 
 
 # --- what the checkpoint's metadata says --------------------------------------------------------
@@ -65,7 +68,8 @@ def timm_model_args(cfg: ViTConfig, source="model"):
     """timm VisionTransformer keyword arguments that build cfg's model (its LayerNorm eps: the architecture's)."""
     if cfg.global_pool == "token_avg":
         raise TinyViTError(f"{source}: timm's VisionTransformer has no head over the class token beside the patch "
-                           f"mean; --to hf writes it as Dinov2ForImageClassification")
+                           f"mean (it pools one or the other); --to hf writes it as Dinov2ForImageClassification, "
+                           f"--to onnx as a graph")
     if cfg.patch_bias == cfg.pre_norm:  # timm: bias=not pre_norm
         raise TinyViTError(f"{source}: timm builds a patch-embedding bias exactly when there is no norm_pre; "
                            f"this model has {'both' if cfg.pre_norm else 'neither'}")
@@ -134,6 +138,7 @@ def export_timm(out, params, cfg: ViTConfig, meta=None, source="model"):
     if out.is_dir() or not out.suffix:
         return export_timm_folder(out, params, cfg, meta, source)
     state = timm_state(params, cfg, source)
+    timm_model_args(cfg, source)  # what timm's VisionTransformer cannot build is refused, as for the folder
     t = eval_transform(meta, cfg.in_chans, source)  # the one predict.py and evaluate.py use
     md = timm_metadata(cfg, class_names(meta, cfg.num_classes, source), t.mean, t.std, source, t.to_dict())
     md.update(origin_metadata(meta))
@@ -195,6 +200,9 @@ def export_hf(out, params, cfg: ViTConfig, meta=None, source="model"):
     if out.exists() and not out.is_dir():
         raise TinyViTError(f"{out}: exists and is not a folder; --to hf writes a folder (model.safetensors, "
                            f"config.json, preprocessor_config.json)")
+    if cfg.in_chans != 3:  # transformers' image processors and pipeline() give the model RGB pixels
+        raise TinyViTError(f"{source}: --to hf: transformers' pipeline() and image processors feed 3 channels (RGB); "
+                           f"this model takes {cfg.in_chans}: --to onnx or --to timm writes it")
     names = class_names(meta, cfg.num_classes, source)
     state = hf_state(timm_state(params, cfg, source), cfg, source)
     prep = hf_preprocessor(cfg, eval_transform(meta, cfg.in_chans, source))
@@ -219,7 +227,8 @@ def export_onnx(out, params, cfg: ViTConfig, meta=None, source="model"):
     t = eval_transform(meta, cfg.in_chans, source)
     names = class_names(meta, cfg.num_classes, source) or [str(i) for i in range(cfg.num_classes)]
     md = {"class_names": names, "eval_transform": t.to_dict(), "mean": list(t.mean), "std": list(t.std),
-          "tinyvit_config": cfg.to_dict(), "input": "pixel_values (batch, C, S, S): the eval transform's pixels"}
+          "tinyvit_config": cfg.to_dict(), "input": "pixel_values (batch, C, S, S): the eval transform's pixels "
+                                                    "(tinyvit.load_image with {'eval_transform': this eval_transform})"}
     model = onnx_model(state, cfg, dict(md, **origin_metadata(meta)))
     files = write_onnx(out, model, sum(v.size for v in state.values()) * 4)
     return dict(target="onnx", out=str(out), files=files, tensors=len(state), params=count_params(state),
@@ -229,16 +238,73 @@ def export_onnx(out, params, cfg: ViTConfig, meta=None, source="model"):
 # --- a checkpoint file --------------------------------------------------------------------------
 
 
-def export(checkpoint, to, out):
-    """Export a tinyvit checkpoint (or any model file load_model reads) to `to` ('timm' | 'hf' | 'onnx') at
-    out -> summary dict."""
+def not_a_checkpoint(path):
+    """None for a file that may be a tinyvit checkpoint; else one line saying what path is and what to run."""
+    path = Path(path)
+    npz = path.with_name(f"{path.stem if path.is_file() else path.name}-tinyvit.npz")
+    convert = f"convert it first (python scripts/convert_weights.py {path} --out {npz}), then export {npz}"
+    if path.is_dir():
+        kind = folder_kind(path)
+        if kind == "run":
+            model = next(path / f for f in ("model.npz", "checkpoint.npz") if (path / f).is_file())
+            return f"{path}: is a training run's folder: export its checkpoint, {model}"
+        if kind in ("timm", "hf"):
+            return f"{path}: is {'a timm' if kind == 'timm' else 'a Hugging Face'} hub folder, not a tinyvit " \
+                   f"checkpoint: {convert}"
+        return f"{path}: is a folder, not a tinyvit checkpoint (.npz)"
+    if not path.is_file():
+        return None  # the loader names a missing file
+    kind = file_kind(path)
+    keys = key_names(path, kind)
+    if kind not in ("npz", "safetensors", "torch") or (kind != "torch" and not keys):
+        return None  # not weights, or unreadable: the loader says which
+    try:
+        layout = f" (weights with {LAYOUTS[detect_format(dict.fromkeys(keys))]} names)"
+    except TinyViTError:
+        layout = "" if kind == "torch" else " (without tinyvit's metadata record)"
+    return f"{path}: is {NAMES[kind]}{layout}, not a tinyvit checkpoint: {convert}"
+
+
+def out_holds_files(out, to, overwrite=False):
+    """Refuse an --out that holds files (an earlier export, a data folder) unless overwrite: one line."""
+    out = Path(out)
+    folder = to == "hf" or (to == "timm" and (out.is_dir() or not out.suffix))
+    if overwrite:
+        return
+    if out.is_file() and not folder:
+        raise TinyViTError(f"{out}: exists; pass --overwrite to replace it, or give another --out")
+    held = sorted(p.name for p in out.iterdir()) if folder and out.is_dir() else []
+    if held:
+        more = f" and {len(held) - 3} more" if len(held) > 3 else ""
+        raise TinyViTError(f"{out}: holds files ({', '.join(held[:3])}{more}); pass --overwrite to replace the "
+                           f"export's files there, or give another --out")
+
+
+def _drop_stale(summary, to):
+    """After an export with --overwrite: remove another export's file that would contradict this one
+    (an HF folder's preprocessor_config.json beside timm's config.json; a large model's .onnx.data)."""
+    out = Path(summary["out"])
+    stale = out / "preprocessor_config.json" if to == "timm" and out.is_dir() else \
+        out.parent / (out.name + ".data") if to == "onnx" else None
+    if stale is not None and stale.is_file() and str(stale) not in summary["files"]:
+        stale.unlink()
+
+
+def export(checkpoint, to, out, overwrite=False):
+    """Export a tinyvit checkpoint to `to` ('timm' | 'hf' | 'onnx') at out -> summary dict. An out holding
+    files needs overwrite (the export's files replaced, another export's left-overs removed)."""
     if to not in TARGETS:
         raise TinyViTError(f"unknown export target {to!r}: choose one of {', '.join(TARGETS)}")
     checkpoint, out = Path(checkpoint), Path(out)
     if out.is_file() and checkpoint.is_file() and os.path.samefile(out, checkpoint):
         raise TinyViTError(f"{out}: is the checkpoint being exported; choose another --out")
+    wrong = not_a_checkpoint(checkpoint)
+    if wrong:
+        raise TinyViTError(wrong)
+    out_holds_files(out, to, overwrite)
     params, cfg, meta = load_checkpoint(checkpoint)
     write = {"timm": export_timm, "hf": export_hf, "onnx": export_onnx}[to]
     summary = write(out, params, cfg, meta, source=checkpoint)
+    _drop_stale(summary, to)
     summary["checkpoint"] = str(checkpoint)
     return summary

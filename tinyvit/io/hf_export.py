@@ -1,7 +1,8 @@
 """The HF transformers layouts tinyvit writes, for the families an HF class computes exactly: ViT
 (ViTForImageClassification), DeiT with its distillation head (DeiTForImageClassificationWithTeacher) and
 DINOv2 with its classification head over the class token beside the patch mean, with or without registers
-(Dinov2ForImageClassification, Dinov2WithRegistersForImageClassification); the inverse of hf_layouts."""
+(Dinov2ForImageClassification, Dinov2WithRegistersForImageClassification; a DINOv2 head over the class
+token alone is written as that head with zeros for the patch mean's half); the inverse of hf_layouts."""
 
 import numpy as np
 
@@ -24,7 +25,8 @@ def hf_kind(cfg: ViTConfig, source="model"):
     if plain and cfg.global_pool == "token" and not cfg.use_fc_norm and not cfg.reg_tokens \
             and cfg.init_values is None and not cfg.no_embed_class:
         return "deit" if cfg.distilled else "vit"
-    if plain and cfg.global_pool == "token_avg" and cfg.init_values is not None:
+    if plain and cfg.global_pool in ("token", "token_avg") and cfg.init_values is not None \
+            and not cfg.use_fc_norm and not cfg.distilled:
         if not cfg.reg_tokens and not cfg.no_embed_class:
             return "dinov2"
         if cfg.reg_tokens and cfg.no_embed_class:
@@ -66,6 +68,9 @@ def hf_state(p, cfg: ViTConfig, source="model"):
         out[f"{pre}layernorm.{wb}"] = p[f"norm.{wb}"]
         for theirs, ours in heads:
             out[f"{theirs}.{wb}"] = p[f"{ours}.{wb}"]
+    if kind.startswith("dinov2") and cfg.global_pool == "token":  # HF's head reads [class token, patch mean]
+        w = out["classifier.weight"]  # (K, D) -> (K, 2D), the mean's half zero: the same logits
+        out["classifier.weight"] = np.concatenate([w, np.zeros_like(w)], axis=1)
     return out
 
 

@@ -99,6 +99,9 @@ def _heads(m, source):
             and "distillation_classifier.weight" not in m.src:
         raise TinyViTError(f"{source}: a DeiT with a distillation token and one head (DeiTForImageClassification) "
                            f"is not a layout tinyvit has; DeiTForImageClassificationWithTeacher is")
+    w, D = m.out.get("head.weight"), m.out["cls_token"].shape[-1] if "cls_token" in m.out else None
+    if D and w is not None and w.ndim == 2 and w.shape[1] == 2 * D and w[:, :D].any() and not w[:, D:].any():
+        m.out["head.weight"] = w[:, :D]  # a Dinov2 head with the patch mean's half zero: the class token's alone
     if "visual_projection.weight" in m.src:  # CLIPVisionModelWithProjection: the projection as a bias-free head
         w = m.src.pop("visual_projection.weight")
         m.out["head.weight"], m.out["head.bias"] = w, np.zeros(w.shape[0], w.dtype)

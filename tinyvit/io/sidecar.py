@@ -5,15 +5,16 @@ config.json, or HF's config.json / preprocessor_config.json beside the weights f
 All of it is untrusted: a value of the wrong type is ignored (the defaults apply), never a traceback.
 The eval transform record, checkpoint meta "eval_transform" (mean/std added by the reader):
 {"resize": "shortest_edge" | "squash", "crop_pct": (0, 1], "interpolation": "bicubic" | "bilinear",
-"mean": [...], "std": [...]}. shortest_edge: the shorter side resized to int(img_size / crop_pct),
-then a centre crop of img_size (timm's eval; HF's ConvNext and Bit image processors); squash: the whole image
-resized to img_size x img_size (HF's ViTImageProcessor; crop_pct 1).
+"mean": [...], "std": [...], and "invert": "auto" where gray levels are inverted as MNIST models do}.
+shortest_edge: the shorter side resized to int(img_size / crop_pct), then a centre crop of img_size
+(timm's eval; HF's ConvNext and Bit image processors); squash: the whole image resized to img_size x
+img_size (HF's ViTImageProcessor; crop_pct 1).
 """
 import json
 import math
 from pathlib import Path
 
-from ..data.transform import INTERPOLATIONS, RESIZES
+from ..data.transform import INTERPOLATIONS, INVERTS, RESIZES
 from ..errors import TinyViTError
 from .untrusted import check_hf_config, check_timm_config, read_json
 
@@ -170,6 +171,8 @@ def from_tinyvit(md):
                                                    ("init_values", (float, type(None)))) if k in c and isinstance(c[k], ok)}}
     if isinstance(t, dict):
         out.update(_stated("the file's __metadata__", t.get("resize"), t.get("crop_pct"), t.get("interpolation")))
+        if "transform" in out and t.get("invert") in INVERTS[1:]:  # MNIST's auto inversion comes along
+            out["transform"]["invert"] = t["invert"]
     return out
 
 
