@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from helpers import last_json, run_script
+from helpers import assert_same_train_state, last_json, run_script
 from toy_data import TINY, synthetic
 
 from tinyvit import TinyViTError, init_params
@@ -33,14 +33,6 @@ def _count_steps(monkeypatch):
 
     monkeypatch.setattr(loop, "_step_grads", counted)
     return calls
-
-
-def _same_state(a, b):
-    """The last checkpoints in folders a and b: same position, dropout RNG state and optimizer state."""
-    (sa, oa), (sb, ob) = [(load_checkpoint(d / "checkpoint.npz")[2]["train_state"], load_optimizer_state(d / "checkpoint.npz"))
-                          for d in (a, b)]
-    assert [sa[k] for k in ("epoch", "batch", "step", "rng")] == [sb[k] for k in ("epoch", "batch", "step", "rng")]
-    assert sorted(oa) == sorted(ob) and all(np.array_equal(oa[k], ob[k]) for k in oa)
 
 
 def test_fit_learns_and_writes_outputs(tmp_path):
@@ -72,7 +64,7 @@ def test_resume_is_exact(tmp_path, monkeypatch, stop_after, augment, ema, dropou
     assert resumed["steps"] == 16 and not resumed["stopped_early"]
     for k, v in straight.items():
         assert np.array_equal(v, resumed["params"][k]), k  # bit-for-bit
-    _same_state(tmp_path / "a", tmp_path / "c")
+    assert_same_train_state(tmp_path / "a" / "checkpoint.npz", tmp_path / "c" / "checkpoint.npz")
 
 
 @pytest.mark.parametrize("save_every,saved_step", [(0.0, 11), (1e9, 8), (None, 8)])
@@ -102,7 +94,7 @@ def test_save_every_bounds_what_a_crash_loses(tmp_path, monkeypatch, save_every,
     assert resumed["steps"] == 16 and not resumed["stopped_early"]
     for k, v in straight.items():
         assert np.array_equal(v, resumed["params"][k]), k  # bit-for-bit
-    _same_state(tmp_path / "a", tmp_path / "c")
+    assert_same_train_state(tmp_path / "a" / "checkpoint.npz", tmp_path / "c" / "checkpoint.npz")
 
 
 def test_resume_with_other_settings_is_refused(tmp_path):
@@ -232,7 +224,7 @@ def test_resume_with_more_epochs_extends_the_run(tmp_path, monkeypatch):
     assert len(steps) == again["steps_run"] == 5
     for k, v in whole["params"].items():
         assert np.array_equal(v, again["params"][k]), k
-    _same_state(tmp_path / "b", tmp_path / "d")
+    assert_same_train_state(tmp_path / "b" / "checkpoint.npz", tmp_path / "d" / "checkpoint.npz")
     with pytest.raises(TinyViTError, match="training settings differ"):  # fewer epochs is not an extension
         _run(tmp_path / "e", TrainConfig(epochs=1, batch_size=32, lr=2e-3), resume=ckpt)
 
