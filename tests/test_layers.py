@@ -394,7 +394,7 @@ def test_dropout(xp, dtype):
     xt = torch.tensor(to_numpy(x), requires_grad=True)
     (xt * torch.tensor(keep) / 0.75).backward(torch.tensor(gh))
     assert rel_err(dx, xt.grad.numpy()) <= tol
-    y2, _ = L.dropout_forward(x, 0.25, xp.random.default_rng(0), train=True)
+    y2, _ = L.dropout_forward(x, 0.25, xp.random.default_rng(0))  # training unless told: train=True is the default
     assert (y2 == y).all()  # the explicit RNG makes it reproducible
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^dropout in training needs an explicit rng$"):
         L.dropout_forward(x, 0.25, None, train=True)
