@@ -105,6 +105,15 @@ def run_python(code, **kw):
     return run([sys.executable, "-c", code], **kw)
 
 
+def assert_same_train_state(a, b):
+    """Two training checkpoints hold the same position, dropout RNG state and optimizer state (bit for bit)."""
+    from tinyvit.io.checkpoint import load_checkpoint, load_optimizer_state
+    (sa, oa), (sb, ob) = [(load_checkpoint(f)[2]["train_state"], load_optimizer_state(f)) for f in (a, b)]
+    keys = ("epoch", "batch", "step", "rng")
+    assert [sa[k] for k in keys] == [sb[k] for k in keys], (a, b)
+    assert sorted(oa) == sorted(ob) and all(np.array_equal(oa[k], ob[k]) for k in oa), (a, b)
+
+
 def last_json(r):
     """The last stdout line of a run that succeeded, as JSON (the scripts' --json summary)."""
     assert r.returncode == 0, r.stderr[-3000:]

@@ -42,7 +42,7 @@ def main():
             max_steps=steps, resume=resume)
     if world().lead:
         np.savez(f"{out}/params.npz", **to_numpy(s["params"]))
-        print(f"steps {s['steps']} accuracy {s['test_accuracy']}")
+        print(f"steps {s['steps']} run {s['steps_run']} accuracy {s['test_accuracy']}")
 
 
 if __name__ == "__main__":

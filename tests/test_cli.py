@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import DATA_HINT, ROOT, WEIGHTS_HINT, last_json, load_script, run_script
+from helpers import DATA_HINT, ROOT, WEIGHTS_HINT, assert_same_train_state, last_json, load_script, run_script
 from PIL import Image
 
 from tinyvit.cli.args import run_args
@@ -122,13 +122,16 @@ def test_resume_alone_continues_with_the_saved_settings(tmp_path, mnist_root):
     assert cut["stopped_early"] and cut["steps"] == 1
     resumed = last_json(_mnist(mnist_root, "--resume", tmp_path / "b" / "checkpoint.npz"))
     assert resumed["epochs"] == 2 and Path(resumed["checkpoint"]) == tmp_path / "b" / "model.npz"
+    assert resumed["steps_run"] == straight["steps"] - 1  # from the checkpoint on, not a rerun from step 0
     want, got = load_checkpoint(straight["checkpoint"])[0], load_checkpoint(resumed["checkpoint"])[0]
     assert all(np.array_equal(want[k], got[k]) for k in want)  # bit for bit, as the uninterrupted run
+    assert_same_train_state(tmp_path / "a" / "checkpoint.npz", tmp_path / "b" / "checkpoint.npz")
     r = _mnist(mnist_root, "--resume", tmp_path / "b" / "checkpoint.npz", "--lr", "0.1")
     assert r.returncode == 2 and r.stderr.count("\n") == 1
     assert "--lr 0.1 differs from the saved run's 0.002" in r.stderr
     r = _mnist(mnist_root, "--resume", tmp_path / "b" / "checkpoint.npz", "--epochs", "3")
-    assert last_json(r)["epochs"] == 3 and "extending the run" in r.stderr
+    assert last_json(r)["epochs"] == 3 and last_json(r)["steps_run"] == straight["steps"] // 2
+    assert "extending the run" in r.stderr
     assert len(load_checkpoint(tmp_path / "b" / "model.npz")[2]["history"]) == 3
 
 

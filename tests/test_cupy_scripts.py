@@ -2,7 +2,7 @@
 through the CuPy stand-in (TINYVIT_CUPY_STANDIN=1 is set for these runs)."""
 import numpy as np
 import pytest
-from helpers import last_json, run_script
+from helpers import assert_same_train_state, last_json, run_script
 
 from tinyvit.io.checkpoint import load_checkpoint
 
@@ -28,9 +28,11 @@ def test_train_mnist_resume_evaluate_predict_on_cupy(tmp_path, mnist_root):
     assert whole["test_accuracy"] > 0.3, whole  # chance is 0.1; 64 steps of a fresh 2-block ViT
     cut = tmp_path / "cut"
     part = _cupy_script("train_mnist.py", *MNIST_RUN, *data, "--out", cut, "--time-limit", "0")
-    assert part["stopped_early"]
+    assert part["stopped_early"] and part["steps"] == 1
     resumed = _cupy_script("train_mnist.py", *MNIST_RUN, *data, "--out", cut, "--resume", cut / "checkpoint.npz")
+    assert resumed["steps_run"] == whole["steps"] - 1 == 63  # from the checkpoint on, not a rerun from step 0
     assert resumed["test_accuracy"] == whole["test_accuracy"]
+    assert_same_train_state(tmp_path / "whole" / "checkpoint.npz", cut / "checkpoint.npz")
     a, _, _ = load_checkpoint(whole["checkpoint"])
     b, _, _ = load_checkpoint(resumed["checkpoint"])
     assert all(np.array_equal(a[k], b[k]) for k in a)  # bit-exact resume on the CuPy path
@@ -55,11 +57,10 @@ def test_finetune_cifar_on_cupy(tmp_path, mode, cifar_root, ti16):
     out = _cupy_script("finetune_cifar.py", "--weights", ti16, "--mode", mode, "--img-size", "32",
                        "--limit-train", "256", "--limit-test", "128", "--out", tmp_path, "--json", "--quiet",
                        "--data-dir", cifar_root, *extra)
-    assert 0.0 <= out["test_accuracy"] <= 1.0
-    if mode == "head":
-        assert out["test_accuracy"] > 0.15, out  # chance is 0.10
+    assert out["test_accuracy"] > 0.15, out  # chance is 0.10; measured 0.27 (head), 0.20 (full), 0.27 (progressive)
     _, cfg, meta = load_checkpoint(out["checkpoint"])
     assert cfg.num_classes == 10 and meta["class_names"][0] == "airplane"
+    assert meta["test_accuracy"] == out["test_accuracy"]  # the model saved is the one scored
 
 
 def test_benchmark_runs_on_cupy():

@@ -33,6 +33,12 @@ except ImportError:
 SCRIPT = SCRIPTS / "export_weights.py"
 needs_hf = pytest.mark.skipif(transformers is None, reason="transformers is not installed (pip install transformers)")
 
+
+def _need_transformers(what):
+    """Skip the rest of a test (its torch-free checks passed) where transformers is missing: a skip, not a pass."""
+    if transformers is None:
+        pytest.skip(f"{what} needs transformers (pip install transformers); the checks before it passed")
+
 CFGS = {  # exact GELU at timm's eps; tanh GELU, HF's eps, one channel and an MLP ratio m/d misses by an ulp
     "erf": ViTConfig(img_size=32, patch_size=8, in_chans=3, num_classes=5, dim=32, depth=2, heads=4, mlp_dim=64),
     "tanh": ViTConfig(img_size=24, patch_size=4, in_chans=1, num_classes=3, dim=28, depth=3, heads=4, mlp_dim=61,
@@ -301,9 +307,9 @@ def test_real_vit_ti16_hf_export(tmp_path, ti16):
     back, cfg2, meta2 = convert(folder / "model.safetensors")
     assert cfg2 == cfg and all(np.array_equal(back[k], params[k]) for k in params)
     assert meta2["class_names"] == meta["class_names"] and (meta2["mean"], meta2["std"]) == (meta["mean"], meta["std"])
-    if transformers is not None:
-        x = _images(cfg, n=2, dtype=np.float32)
-        assert rel_err(_hf_logits(folder, x), vit_forward(params, x, cfg, keep_cache=False)[0]) <= 1e-4
+    _need_transformers("the logits' check")
+    x = _images(cfg, n=2, dtype=np.float32)
+    assert rel_err(_hf_logits(folder, x), vit_forward(params, x, cfg, keep_cache=False)[0]) <= 1e-4
 
 
 # --- bad input ----------------------------------------------------------------------------------
@@ -463,13 +469,13 @@ def test_hf_export_and_convert_back_keep_metadata(tmp_path, resize):
     assert cfg == CFGS["erf"] and all(np.array_equal(back[k], params[k]) for k in params)
     assert meta2["class_names"] == NAMES["erf"] and (meta2["mean"], meta2["std"]) == MEAN_STD["erf"]
     assert meta2["eval_transform"] == meta["eval_transform"]
-    if transformers is not None:  # and transformers reads the processor written
-        proc = transformers.AutoImageProcessor.from_pretrained(str(tmp_path / "hf"), local_files_only=True)
-        assert type(proc).__name__.startswith(prep["image_processor_type"])
-        from PIL import Image
+    _need_transformers("transformers reading the processor written")
+    proc = transformers.AutoImageProcessor.from_pretrained(str(tmp_path / "hf"), local_files_only=True)
+    assert type(proc).__name__.startswith(prep["image_processor_type"])
+    from PIL import Image
 
-        out = proc(images=Image.new("RGB", (50, 40)), return_tensors="np")["pixel_values"]
-        assert out.shape == (1, 3, cfg.img_size, cfg.img_size)
+    out = proc(images=Image.new("RGB", (50, 40)), return_tensors="np")["pixel_values"]
+    assert out.shape == (1, 3, cfg.img_size, cfg.img_size)
 
 
 @pytest.mark.e2e

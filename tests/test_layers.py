@@ -374,7 +374,7 @@ def test_cross_entropy(xp, dtype, smoothing, B, K, scale):
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_dropout(xp, dtype):
     x = to_device(np.random.default_rng(7).normal(size=(64, 33, 16)).astype(dtype), xp)
-    g = to_device(np.ones((64, 33, 16), dtype), xp)
+    g = to_device(np.random.default_rng(8).normal(size=(64, 33, 16)).astype(dtype), xp)
     for train, p in ((False, 0.5), (True, 0.0)):  # identity at eval and at p = 0
         y, cache = L.dropout_forward(x, p, None, train)
         assert y is x and L.dropout_backward(g, cache) is g
@@ -386,8 +386,15 @@ def test_dropout(xp, dtype):
     assert abs(float(kept.mean()) - 0.75) < 0.01  # about 1 - p kept
     assert np.allclose(np.asarray(y[kept].get() if hasattr(y, "get") else y[kept]),
                        np.asarray((x[kept] / 0.75).get() if hasattr(x, "get") else x[kept] / 0.75))
-    assert (dx == cache * g).all() and (dx[~kept] == 0).all()
-    y2, _ = L.dropout_forward(x, 0.25, xp.random.default_rng(0), train=True)
+    # the backward by its definition, with the mask drawn (x has no zeros): d(x * keep / (1 - p)) = g * keep / (1 - p);
+    # and as torch differentiates x * keep / (1 - p)
+    keep, gh = to_numpy(kept), to_numpy(g)
+    tol = 1e-7 if dtype == np.float32 else 1e-15  # an ulp: 1 / 0.75 rounds once or twice
+    assert rel_err(dx, gh * keep / 0.75) <= tol
+    xt = torch.tensor(to_numpy(x), requires_grad=True)
+    (xt * torch.tensor(keep) / 0.75).backward(torch.tensor(gh))
+    assert rel_err(dx, xt.grad.numpy()) <= tol
+    y2, _ = L.dropout_forward(x, 0.25, xp.random.default_rng(0))  # training unless told: train=True is the default
     assert (y2 == y).all()  # the explicit RNG makes it reproducible
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^dropout in training needs an explicit rng$"):
         L.dropout_forward(x, 0.25, None, train=True)

@@ -29,34 +29,68 @@ def room(path: Path) -> str:
     return rel.parts[0] if len(rel.parts) > 1 else rel.stem
 
 
+DYNAMIC = "<a dynamic import>"  # importlib with a computed name: unreadable, so refused
+
+
+def _room_of(parts):
+    """The room of a name inside tinyvit (parts after `tinyvit`): a package or top-level module, else the
+    package face (`from tinyvit import load_checkpoint` reads __init__.py, which imports up to train)."""
+    return parts[0] if parts and parts[0] in ALLOWED else "__init__"
+
+
+def _dynamic(node, here):
+    """The tinyvit parts importlib.import_module / __import__ is called with; DYNAMIC when not a literal."""
+    f = node.func
+    name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else None
+    if name not in ("import_module", "__import__") or not node.args:
+        return None
+    arg = node.args[0]
+    if not (isinstance(arg, ast.Constant) and isinstance(arg.value, str)):
+        return DYNAMIC
+    text = arg.value
+    if text.startswith("."):  # relative to this file's package
+        level = len(text) - len(text.lstrip("."))
+        return list(here[:len(here) - (level - 1)]) + [p for p in text.lstrip(".").split(".") if p]
+    return text.split(".")[1:] if text.split(".")[0] == "tinyvit" else None
+
+
 def imported_rooms(source: str, path: Path):
-    """(line, room) for each tinyvit package or top-level module the source imports."""
+    """(line, room) for each tinyvit package or top-level module the source imports: import statements
+    (relative or absolute; a name from the package itself is its face, __init__), attributes of a bound
+    `tinyvit` (`import tinyvit` then `tinyvit.train`), and importlib / __import__ calls."""
     here = path.relative_to(PKG).parent.parts  # the file's package inside tinyvit
-    for node in ast.walk(ast.parse(source)):
+    tree = ast.parse(source)
+    bound = set()  # local names bound to the tinyvit package itself
+    for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
             if node.level:
                 base = list(here[:len(here) - (node.level - 1)])
-                parts = base + (node.module.split(".") if node.module else [])
-                names = [parts] if node.module else [base + [a.name] for a in node.names]
             elif node.module and node.module.split(".")[0] == "tinyvit":
-                parts = node.module.split(".")[1:]
-                names = [parts] if parts else [[a.name] for a in node.names]
+                base = []
             else:
                 continue
-            for p in names:
-                if p:
-                    yield node.lineno, p[0]
+            parts = base + (node.module.split(".")[1 if not node.level else 0:] if node.module else [])
+            for p in [parts] if node.module and parts else [parts + [a.name] for a in node.names]:
+                yield node.lineno, _room_of(p)
         elif isinstance(node, ast.Import):
             for a in node.names:
-                if a.name.split(".")[0] == "tinyvit" and "." in a.name:
-                    yield node.lineno, a.name.split(".")[1]
+                parts = a.name.split(".")
+                if parts[0] == "tinyvit":
+                    yield node.lineno, _room_of(parts[1:])
+                    if a.asname is None or len(parts) == 1:
+                        bound.add(a.asname or "tinyvit")
+        elif isinstance(node, ast.Call) and (parts := _dynamic(node, here)) is not None:
+            yield node.lineno, parts if parts is DYNAMIC else _room_of(parts)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in bound:
+            yield node.lineno, _room_of([node.attr])
 
 
 def violations(source: str, path: Path):
-    """The imports of a file that run up (or sideways into a room not allowed)."""
+    """The imports of a file that run up (or sideways into a room not allowed), and dynamic ones."""
     r = room(path)
     return [(path.name, line, r, to) for line, to in imported_rooms(source, path)
-            if to != r and to in ALLOWED and to not in ALLOWED[r]]
+            if to == DYNAMIC or (to != r and to in ALLOWED and to not in ALLOWED[r])]
 
 
 def test_every_import_runs_down():
@@ -75,12 +109,34 @@ def test_every_import_runs_down():
     ("from ..nn.special import erf", "cpu/threads.py"),  # cpu: only backend and errors
     ("from tinyvit.data import folders", "nn/layers.py"),  # absolute imports are read too
     ("import tinyvit.cli.args", "train/loop.py"),
+    ("from tinyvit import load_checkpoint", "data/batches.py"),  # the package face imports io and train
+    ("from .. import load_checkpoint", "data/batches.py"),
+    ("from ... import load_model", "io/hf_layouts.py"),  # no such level: still the face, never skipped
+    ("import tinyvit", "nn/layers.py"),
+    ("import tinyvit.errors\nfit = tinyvit.train.loop.fit", "nn/layers.py"),  # the import is allowed, the use is not
+    ("import tinyvit as tv\nx = tv.load_checkpoint", "cpu/threads.py"),
+    ("import importlib\nloop = importlib.import_module('tinyvit.train.loop')", "nn/model.py"),
+    ("from importlib import import_module\nargs = import_module('..cli.args', __package__)", "data/loader.py"),
+    ("args = __import__('tinyvit.cli.args')", "io/convert.py"),
+    ("import importlib\nm = importlib.import_module(name)", "nn/layers.py"),  # computed: cannot be checked
 ])
 def test_a_planted_upward_import_is_caught(planted, where):
     path = PKG / where
     assert path.is_file()
     assert not violations(path.read_text(), path)
     assert violations(path.read_text() + "\n" + planted + "\n", path)
+
+
+@pytest.mark.parametrize("allowed,where", [
+    ("from tinyvit import errors", "nn/layers.py"),
+    ("from tinyvit.nn import layers", "io/convert.py"),
+    ("import tinyvit.backend\nxp = tinyvit.backend.get_array_module", "data/batches.py"),
+    ("import importlib\nm = importlib.import_module('tinyvit.nn.model')", "train/loop.py"),
+    ("from .. import errors", "cli/args.py"),
+])
+def test_a_downward_import_is_not_flagged(allowed, where):
+    path = PKG / where
+    assert not violations(path.read_text() + "\n" + allowed + "\n", path)
 
 
 def test_only_the_backend_imports_cupy():

@@ -82,9 +82,9 @@ def test_large_image_both_formats(tmp_path, fmt):
     """3000x2000: resized (JPEG via draft), quick; a flat image stays flat."""
     p = tmp_path / f"big.{fmt}"
     Image.new("RGB", (3000, 2000), (200, 100, 50)).save(p)
-    t0 = time.perf_counter()
+    t0 = time.process_time()  # CPU seconds: a loaded machine stretches the clock, not this (measured ~0.1 s)
     x = load_image(p, RGB, EvalTransform(R_MEAN, R_STD, crop_pct=1.0))
-    assert time.perf_counter() - t0 < 5
+    assert time.process_time() - t0 < 5
     raw = x[0] * np.array(R_STD)[:, None, None] + np.array(R_MEAN)[:, None, None]
     np.testing.assert_allclose(raw.mean(axis=(1, 2)), np.array([200, 100, 50]) / 255, atol=2 / 255)
 
@@ -248,10 +248,10 @@ def test_decompression_bomb_refused_quickly(tmp_path):
     p = tmp_path / "bomb.png"
     p.write_bytes(_png_header(30000, 30000))
     before = Image.MAX_IMAGE_PIXELS
-    t0 = time.perf_counter()
+    t0 = time.process_time()  # CPU seconds: the header alone is read (decoding 900M pixels would take many)
     with pytest.raises(TinyViTError, match=r"bomb\.png.*(limit|bomb)"):
         load_image(p, MNIST, EvalTransform(M_MEAN, M_STD, crop_pct=1.0))
-    assert time.perf_counter() - t0 < 1
+    assert time.process_time() - t0 < 1
     assert Image.MAX_IMAGE_PIXELS == before  # Pillow's global limit restored
 
 

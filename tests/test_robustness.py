@@ -9,11 +9,12 @@ import struct
 import subprocess
 import time
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, Evil, checkout_env, evil_pickles, run, run_python, run_script, script
+from helpers import ROOT, Evil, assert_same_train_state, checkout_env, evil_pickles, run, run_python, run_script, script
 
 from tinyvit import TinyViTError, ViTConfig, init_params, vit_forward
 from tinyvit.data import cifar10
@@ -241,22 +242,52 @@ def _wait_for(cond, proc, timeout=120.0):
     return False
 
 
+def _proc_state(pid):
+    """The process's state letter from /proc (T: stopped), or 'gone'."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "gone"
+
+
+def _frozen_with_whole_temp(p, out):
+    """Stop p (SIGSTOP, then wait until the kernel says it is stopped) and look: a checkpoint temp file
+    that loads whole -> True, p left stopped; otherwise p goes on (SIGCONT) -> False. No clock decides."""
+    if not list(out.glob(".checkpoint.npz.*.tmp")):
+        return False
+    os.kill(p.pid, signal.SIGSTOP)
+    while p.poll() is None and _proc_state(p.pid) not in ("t", "T", "gone"):
+        time.sleep(0.001)
+    for tmp in out.glob(".checkpoint.npz.*.tmp"):
+        try:
+            load_checkpoint(tmp)
+            return True
+        except (TinyViTError, OSError):
+            pass
+    os.kill(p.pid, signal.SIGCONT)
+    return False
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, mnist_root):
     """The uninterrupted run: final params and per-epoch history."""
     out = tmp_path_factory.mktemp("reference")
     r = run(_cmd(out, mnist_root), env=_env(), timeout=300)
     assert r.returncode == 0, r.stderr
-    return _final_params(out), [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
+    return _final_params(out), [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()], out
 
 
 def _resume_and_compare(out, data, reference, keys=("epoch", "step", "train_loss", "test_accuracy")):
     """Resume from out/checkpoint.npz (in out, stale temp files and all) and match the reference:
-    params bit-for-bit, and metrics.jsonl's records (one per epoch)."""
+    params bit-for-bit, metrics.jsonl's records (one per epoch), the optimizer and RNG state; and only
+    the steps after the checkpoint ran (a rerun from step 0 would match all of that too)."""
+    saved = load_checkpoint(out / "checkpoint.npz")[2]["train_state"]["step"]
     r = run(_cmd(out, data) + ["--resume", out / "checkpoint.npz"], env=_env(), timeout=300)
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout.strip().splitlines()[-1])["stopped_early"] is False
-    ref_params, ref_hist = reference
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["stopped_early"] is False and summary["steps_run"] == summary["steps"] - saved == 24 - saved
+    ref_params, ref_hist, ref_out = reference
+    assert_same_train_state(out / "checkpoint.npz", ref_out / "checkpoint.npz")
     params = _final_params(out)
     for k, v in ref_params.items():
         assert np.array_equal(params[k], v), k  # bit-for-bit
@@ -273,9 +304,8 @@ def test_sigkill_mid_checkpoint_write(reference, tmp_path, mnist_root):
     p = subprocess.Popen(_cmd(out, mnist_root), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ckpt = out / "checkpoint.npz"
     try:
-        # a temp file while a good checkpoint exists: the next checkpoint is half-way in
-        mid_write = _wait_for(lambda: ckpt.exists() and list(out.glob(".checkpoint.npz.*.tmp")), p)
-        time.sleep(0.3)  # the temp file is complete well before the hook's 1 s sleep ends
+        # a whole temp file while a good checkpoint exists: the next checkpoint is written, not yet renamed
+        mid_write = _wait_for(lambda: ckpt.exists() and _frozen_with_whole_temp(p, out), p)
         os.kill(p.pid, signal.SIGKILL)
     finally:
         p.kill()
@@ -295,10 +325,12 @@ def test_sigkill_mid_checkpoint_write(reference, tmp_path, mnist_root):
 def test_signal_mid_epoch_saves_and_resumes_exactly(reference, tmp_path, mnist_root, sig):
     """Ctrl-C (or SIGTERM) during epoch 2: a mid-epoch checkpoint, a clean exit, an exact resume."""
     out = tmp_path / "run"
-    env = _env(TINYVIT_TEST_SLOW_WRITE="0.5")  # keeps epochs 2-3 from racing past the signal
+    env = _env(TINYVIT_TEST_SLOW_WRITE="0.5")  # a checkpoint's temp file waits 0.5 s for its rename
     p = subprocess.Popen(_cmd(out, mnist_root), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        first = _wait_for((out / "checkpoint.npz").exists, p)  # epoch 1 is saved; epoch 2 is running
+        # the signal lands while epoch 1's checkpoint is being written (a step, not the clock, then reads the
+        # flag: epoch 2's first); sent during a step, it could be epoch 2's last and stop at the epoch's end
+        first = _wait_for(lambda: list(out.glob(".checkpoint.npz.*.tmp")), p)
         p.send_signal(sig)
         stdout, stderr = p.communicate(timeout=120)
     finally:

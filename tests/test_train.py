@@ -1,9 +1,10 @@
 """Training loop: learning happens, resume is exact, divergence stops cleanly, checkpoints are safe."""
+import dataclasses
 import json
 
 import numpy as np
 import pytest
-from helpers import last_json, run_script
+from helpers import assert_same_train_state, last_json, run_script
 from toy_data import TINY, synthetic
 
 from tinyvit import TinyViTError, init_params
@@ -15,9 +16,23 @@ from tinyvit.train.optim import run_schedule, warmup_steps
 _synthetic = synthetic
 
 
-def _run(tmp, tc, **kw):
-    params = init_params(TINY, seed=tc.seed)
-    return fit(params, TINY, tc, np, _synthetic(256, 1), _synthetic(128, 2), tmp, quiet=True, **kw)
+def _run(tmp, tc, cfg=TINY, **kw):
+    params = init_params(cfg, seed=tc.seed)
+    return fit(params, cfg, tc, np, _synthetic(256, 1), _synthetic(128, 2), tmp, quiet=True, **kw)
+
+
+def _count_steps(monkeypatch):
+    """A list that gains an item per optimizer step fit really runs from now on (calls of _step_grads)."""
+    from tinyvit.train import loop
+
+    calls, step_grads = [], loop._step_grads
+
+    def counted(*args, **kw):
+        calls.append(1)
+        return step_grads(*args, **kw)
+
+    monkeypatch.setattr(loop, "_step_grads", counted)
+    return calls
 
 
 def test_fit_learns_and_writes_outputs(tmp_path):
@@ -33,16 +48,23 @@ def test_fit_learns_and_writes_outputs(tmp_path):
 
 
 @pytest.mark.parametrize("stop_after", [8, 11])  # at the epoch boundary, and mid-epoch
-@pytest.mark.parametrize("augment,ema", [("shift", 0.0), ("affine", 0.99)])
-def test_resume_is_exact(tmp_path, stop_after, augment, ema):
+@pytest.mark.parametrize("augment,ema,dropout", [("shift", 0.0, 0.0), ("affine", 0.99, 0.1)])
+def test_resume_is_exact(tmp_path, monkeypatch, stop_after, augment, ema, dropout):
+    """The resumed run runs only the steps after the checkpoint (a seeded rerun from step 0 would end
+    bit-identical too: the count tells them apart) and ends with the straight run's params, optimizer
+    state and dropout RNG state (dropout and drop path draw from it in the second case)."""
+    cfg = dataclasses.replace(TINY, dropout=dropout, attn_dropout=dropout, drop_path=dropout)
     tc = TrainConfig(epochs=2, batch_size=32, lr=2e-3, augment=augment, label_smoothing=0.1, ema=ema)
-    straight = _run(tmp_path / "a", tc)["params"]
-    first = _run(tmp_path / "b", tc, max_steps=stop_after)
-    assert first["stopped_early"] and first["steps"] == stop_after
-    resumed = _run(tmp_path / "c", tc, resume=tmp_path / "b" / "checkpoint.npz")
+    straight = _run(tmp_path / "a", tc, cfg)["params"]
+    first = _run(tmp_path / "b", tc, cfg, max_steps=stop_after)
+    assert first["stopped_early"] and first["steps"] == first["steps_run"] == stop_after
+    steps = _count_steps(monkeypatch)
+    resumed = _run(tmp_path / "c", tc, cfg, resume=tmp_path / "b" / "checkpoint.npz")
+    assert len(steps) == resumed["steps_run"] == 16 - stop_after
     assert resumed["steps"] == 16 and not resumed["stopped_early"]
     for k, v in straight.items():
         assert np.array_equal(v, resumed["params"][k]), k  # bit-for-bit
+    assert_same_train_state(tmp_path / "a" / "checkpoint.npz", tmp_path / "c" / "checkpoint.npz")
 
 
 @pytest.mark.parametrize("save_every,saved_step", [(0.0, 11), (1e9, 8), (None, 8)])
@@ -66,17 +88,23 @@ def test_save_every_bounds_what_a_crash_loses(tmp_path, monkeypatch, save_every,
     monkeypatch.setattr(train, "clip_grad_norm", clip)
     state = load_checkpoint(tmp_path / "b" / "checkpoint.npz")[2]["train_state"]
     assert state["step"] == saved_step and state["batch"] == saved_step - 8 * state["epoch"]
+    steps = _count_steps(monkeypatch)
     resumed = _run(tmp_path / "c", tc, resume=tmp_path / "b" / "checkpoint.npz")
+    assert len(steps) == resumed["steps_run"] == 16 - saved_step  # from the checkpoint on, not from step 0
     assert resumed["steps"] == 16 and not resumed["stopped_early"]
     for k, v in straight.items():
         assert np.array_equal(v, resumed["params"][k]), k  # bit-for-bit
+    assert_same_train_state(tmp_path / "a" / "checkpoint.npz", tmp_path / "c" / "checkpoint.npz")
 
 
 def test_resume_with_other_settings_is_refused(tmp_path):
+    """Other settings are refused; the same settings go on from step 3."""
     tc = TrainConfig(epochs=2, batch_size=32)
     _run(tmp_path / "b", tc, max_steps=3)
     with pytest.raises(TinyViTError, match="training settings differ"):
         _run(tmp_path / "c", TrainConfig(epochs=2, batch_size=32, lr=0.5), resume=tmp_path / "b" / "checkpoint.npz")
+    s = _run(tmp_path / "c", tc, resume=tmp_path / "b" / "checkpoint.npz")
+    assert s["steps_run"] == 13 and s["steps"] == 16
 
 
 def test_divergence_stops_with_clear_error_and_keeps_last_checkpoint(tmp_path):
@@ -177,21 +205,26 @@ def test_warmup_not_shorter_than_the_run_is_shortened_and_said(tmp_path, capsys,
     assert warmup_steps(TrainConfig(epochs=epochs, warmup_epochs=warmup), 8) == (steps if warmup < epochs else 8 * epochs // 10)
 
 
-def test_resume_with_more_epochs_extends_the_run(tmp_path):
+def test_resume_with_more_epochs_extends_the_run(tmp_path, monkeypatch):
     """A finished 2-epoch run resumed with epochs=3 goes on from step 16 with the cosine schedule over
     24 steps; cut and resumed again inside the extension, it ends bit-identical to one extension."""
     tc, longer = TrainConfig(epochs=2, batch_size=32, lr=2e-3), TrainConfig(epochs=3, batch_size=32, lr=2e-3)
     _run(tmp_path / "a", tc)
     ckpt = tmp_path / "a" / "checkpoint.npz"
+    steps = _count_steps(monkeypatch)
     whole = _run(tmp_path / "b", longer, resume=ckpt)
+    assert len(steps) == whole["steps_run"] == 8  # the third epoch only
     assert whole["steps"] == 24 and whole["epochs"] == 3 and not whole["stopped_early"]
     hist = load_checkpoint(whole["checkpoint"])[2]["history"]
     schedule = run_schedule(longer, 8)
     assert [h["epoch"] for h in hist] == [1, 2, 3] and hist[2]["lr"] == schedule(23) and schedule(16) > 10 * tc.min_lr
-    _run(tmp_path / "c", longer, resume=ckpt, max_steps=3)
+    assert _run(tmp_path / "c", longer, resume=ckpt, max_steps=3)["steps"] == 19
+    steps.clear()
     again = _run(tmp_path / "d", longer, resume=tmp_path / "c" / "checkpoint.npz")
+    assert len(steps) == again["steps_run"] == 5
     for k, v in whole["params"].items():
         assert np.array_equal(v, again["params"][k]), k
+    assert_same_train_state(tmp_path / "b" / "checkpoint.npz", tmp_path / "d" / "checkpoint.npz")
     with pytest.raises(TinyViTError, match="training settings differ"):  # fewer epochs is not an extension
         _run(tmp_path / "e", TrainConfig(epochs=1, batch_size=32, lr=2e-3), resume=ckpt)
 

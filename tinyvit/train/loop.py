@@ -64,11 +64,12 @@ def fit(params, cfg, tc: TrainConfig, xp, train: ArrayDataset, test: ArrayDatase
         resume=None, time_limit=None, save_every=None, max_steps=None, quiet=False):
     """Train params in place on the backend xp; write checkpoints and logs to out_dir.
 
-    Returns a summary dict (test_accuracy, epochs, train_seconds, images_per_second, checkpoint,
-    stopped_early, interrupted: the signal's name when SIGINT/SIGTERM stopped the run, else None).
-    With `resume`, continues the run saved in that checkpoint exactly; a finished run (every epoch
-    done, its model.npz written) is left as it is (already_finished). A checkpoint is written at each
-    epoch's end and, with `save_every` (seconds), also that often within an epoch.
+    Returns a summary dict (test_accuracy, epochs, steps, steps_run: the steps this call ran, after
+    the checkpoint when resumed, train_seconds, images_per_second, checkpoint, stopped_early,
+    interrupted: the signal's name when SIGINT/SIGTERM stopped the run, else None). With `resume`,
+    continues the run saved in that checkpoint exactly; a finished run (every epoch done, its model.npz
+    written) is left as it is (already_finished). A checkpoint is written at each epoch's end and, with
+    `save_every` (seconds), also that often within an epoch.
     """
     run = _Run(params, cfg, tc, xp, len(train.labels), out_dir, meta, resume, quiet)
     with _StopFlag() as flag:
@@ -213,7 +214,7 @@ class _Run:
             m = dict(self.meta, test_accuracy=self.history[-1]["test_accuracy"], history=self.history, ema=self.tc.ema)
             self.files.write("the final model", final, lambda: save_checkpoint(final, weights, self.cfg, m))
         return {"test_accuracy": self.history[-1]["test_accuracy"] if self.history else None,
-                "epochs": self.epoch, "steps": self.step, "train_seconds": seconds,
+                "epochs": self.epoch, "steps": self.step, "steps_run": self.ran_steps, "train_seconds": seconds,
                 "images_per_second": self.images_seen / self.train_time if self.train_time > 0 else 0.0,
                 "checkpoint": str(final if done else self.files.ckpt), "stopped_early": not done, "params": weights,
                 "already_finished": self.finished}
