@@ -10,6 +10,7 @@ The layer pair (lora_linear_forward / _backward) is the branch form; the model r
 backward already computes, then dA = s B^T G', dB = s G' A^T with G' = G or g G, dm = rowsum(G W') / n),
 which is the same math whenever no dropout acts on the branch. Plain forms: reference.lora_forward.
 """
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Optional
@@ -242,6 +243,13 @@ def merge_adapters(params, lora: LoraConfig) -> dict:
         else:
             out[name + ".weight"] = w_eff
     return out
+
+
+def merged_model(params, cfg):
+    """(params, cfg) with the adapters merged (merge_adapters) and cfg.lora cleared; as is without adapters."""
+    if cfg.lora is None:
+        return params, cfg
+    return merge_adapters(params, cfg.lora), dataclasses.replace(cfg, lora=None)
 
 
 # --- the model's hooks: one block's adapted linears -----------------------------------------------
