@@ -181,6 +181,15 @@ def test_scripts_export_peft_and_merged_and_convert_with_an_adapter(tmp_path):
     merged = transformers.ViTForImageClassification.from_pretrained(str(tmp_path / "merged"), local_files_only=True)
     with torch.no_grad():
         assert rel_err(merged.eval()(pixel_values=torch.from_numpy(x)).logits.numpy(), got) < 1e-4
+    ort = pytest.importorskip("onnxruntime")
+    last_json(run_script("export_weights.py", str(ckpt), "--to", "onnx", "--out", str(tmp_path / "m.onnx"), "--json"))
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    assert rel_err(sess.run(None, {"pixel_values": x})[0], got) < 1e-4
+    timm = pytest.importorskip("timm")
+    last_json(run_script("export_weights.py", str(ckpt), "--to", "timm", "--out", str(tmp_path / "t"), "--json"))
+    with torch.no_grad():
+        tm = timm.create_model(f"local-dir:{tmp_path / 't'}", pretrained=True).eval()
+        assert rel_err(tm(torch.from_numpy(x)).numpy(), got) < 1e-4
     r = run_script("convert_weights.py", str(folder), "--adapter", str(tmp_path / "adapter"), "--out",
                    str(tmp_path / "out.npz"), "--json")
     last_json(r)
