@@ -184,3 +184,37 @@ def test_model_matches_peft_on_timm(xp, dora, rslora):
     assert len(peft_grads) == 2 * len(targets) * (3 if dora else 2)
     for n, g in peft_grads.items():
         assert rel_err(grads[n], g.numpy()) < 1e-9, n
+
+
+def _hf_name(n):
+    """A PEFT-wrapped ViTForImageClassification's adapter name as tinyvit's (transformers 5's modules)."""
+    n = _name(n).replace("vit.layers.", "blocks.")
+    for theirs, ours in (("attention.q_proj", "attn.q"), ("attention.v_proj", "attn.v")):
+        n = n.replace(theirs, ours)
+    return n
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_model_matches_peft_on_transformers_vit(tmp_path, dora):
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from tinyvit.io.export import export_hf
+    base = ViTConfig(img_size=16, patch_size=8, num_classes=5, dim=16, depth=2, heads=2, mlp_dim=32)
+    rng = np.random.default_rng(0)
+    params = {k: v + 0.1 * rng.normal(size=v.shape) for k, v in init_params(base, dtype=np.float64).items()}
+    export_hf(tmp_path / "hf", params, base)
+    model = transformers.ViTForImageClassification.from_pretrained(str(tmp_path / "hf"), local_files_only=True)
+    pm = peft.get_peft_model(model.double(), peft.LoraConfig(r=2, lora_alpha=3, target_modules=["q_proj", "v_proj"],
+                                                             use_dora=dora)).double()
+    _perturb_adapters(pm, 4)
+    images, labels = rng.normal(size=(2, 3, 16, 16)), rng.integers(0, 5, size=2)
+    logits_t = pm(pixel_values=torch.tensor(images)).logits
+    F.cross_entropy(logits_t, torch.tensor(labels)).backward()
+    cfg = dataclasses.replace(base, lora=LR.LoraConfig(rank=2, alpha=3, targets=("q", "v"), dora=dora))
+    named = {_hf_name(n): p for n, p in pm.base_model.model.named_parameters() if "lora_" in n}
+    params.update({k: p.detach().numpy() for k, p in named.items()})
+    assert set(params) == set(param_shapes(cfg))
+    logits, grads = _tinyvit_step(params, cfg, images, labels, np)
+    assert rel_err(logits, logits_t.detach().numpy()) < 1e-9
+    for n, p in named.items():
+        assert rel_err(grads[n], p.grad.numpy()) < 1e-9, n
