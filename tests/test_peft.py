@@ -198,3 +198,22 @@ def test_scripts_export_peft_and_merged_and_convert_with_an_adapter(tmp_path):
     (tmp_path / "adapter" / CONFIG).write_text(json.dumps({"peft_type": "LORA", "r": -2}))
     r = run_script("convert_weights.py", str(folder), "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "o2.npz"))
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "adapter_config.json: r = -2" in r.stderr
+
+
+def test_checkpoint_with_adapters_round_trips_and_a_forged_lora_is_one_line(tmp_path):
+    params, cfg = _model("vit", LORAS["q,v-dora"])
+    ckpt = save_checkpoint(tmp_path / "c.npz", params, cfg, {})
+    p2, cfg2, _ = load_checkpoint(ckpt)
+    assert cfg2 == cfg and all(np.array_equal(p2[k], params[k]) for k in params)
+    with pytest.raises(TinyViTError, match="holds no LoRA/DoRA adapters"):
+        export_peft(tmp_path / "p", *merged_model(params, cfg))
+    bad = dataclasses.replace(cfg, lora=None)
+    with np.load(ckpt) as z:
+        arrays = dict(z)
+    meta = json.loads(bytes(arrays["__meta__"]).decode())
+    meta["config"] = dict(bad.to_dict(), lora={"rank": 10 ** 9, "targets": ["q"]})
+    arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    np.savez(tmp_path / "forged.npz", **arrays)
+    with pytest.raises(TinyViTError) as e:
+        load_checkpoint(tmp_path / "forged.npz")
+    assert "\n" not in str(e.value) and "forged.npz" in str(e.value) and "lora rank" in str(e.value)
