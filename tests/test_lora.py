@@ -111,6 +111,15 @@ def test_config_checks_and_scale():
             LR.LoraConfig(**bad)
 
 
+def test_add_adapters_and_the_trainable_set():
+    base = ViTConfig(img_size=8, patch_size=4, num_classes=3, dim=16, depth=2, heads=2, mlp_dim=32)
+    p, cfg = LR.add_adapters(init_params(base), base, LR.LoraConfig(rank=2, targets=("qkv", "fc1")))
+    assert set(p) == set(param_shapes(cfg)) and cfg.lora.targets == ("qkv", "fc1")
+    assert sorted(LR.trainable_names(p)) == sorted([k for k in p if ".lora_" in k] + ["head.weight", "head.bias"])
+    with pytest.raises(TinyViTError, match="already holds adapters"):
+        LR.add_adapters(p, cfg, cfg.lora)
+
+
 def test_init_is_peft_s_and_the_config_round_trips():
     cfg = ViTConfig(img_size=8, patch_size=4, num_classes=3, dim=16, depth=2, heads=2, mlp_dim=32,
                     lora=LR.LoraConfig(rank=4, targets=("q", "v", "fc2"), dora=True))

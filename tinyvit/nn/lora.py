@@ -123,6 +123,19 @@ def init_adapters(params, lora: LoraConfig, depth, dim, mlp_dim, seed=0) -> dict
     return out
 
 
+def add_adapters(params, cfg, lora: LoraConfig, seed=0):
+    """(params with fresh adapters (init_adapters), cfg with lora): the model fine-tuning with LoRA starts from."""
+    if cfg.lora is not None:
+        raise TinyViTError("this model already holds adapters: merge them first (merged_model)")
+    new = init_adapters(params, lora, cfg.depth, cfg.dim, cfg.mlp_dim, seed)
+    return {**params, **new}, dataclasses.replace(cfg, lora=lora)
+
+
+def trainable_names(params) -> list:
+    """What LoRA fine-tuning trains: every adapter parameter and the head(s) in full (PEFT's modules_to_save)."""
+    return [k for k in params if ".lora_" in k or k.startswith(("head.", "head_dist."))]
+
+
 # --- the layer pair: the branch beside a frozen linear --------------------------------------------
 
 
