@@ -227,3 +227,12 @@ def test_model_matches_peft_on_transformers_vit(tmp_path, dora):
     assert rel_err(logits, logits_t.detach().numpy()) < 1e-9
     for n, p in named.items():
         assert rel_err(grads[n], p.grad.numpy()) < 1e-9, n
+
+
+def test_model_refuses_branch_dropout_in_training_and_evaluates_with_it():
+    base = ViTConfig(img_size=8, patch_size=4, num_classes=3, dim=16, depth=1, heads=2, mlp_dim=32)
+    p, cfg = LR.add_adapters(init_params(base), base, LR.LoraConfig(rank=2, dropout=0.1))
+    x = np.zeros((2, 3, 8, 8), np.float32)
+    assert vit_forward(p, x, cfg, keep_cache=False)[0].shape == (2, 3)  # eval: dropout is the identity
+    with pytest.raises(TinyViTError, match="lora dropout in training"):
+        vit_forward(p, x, cfg, train=True, rng=np.random.default_rng(0))
