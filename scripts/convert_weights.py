@@ -11,6 +11,9 @@ timm export (its __metadata__), a timm hub config.json (label_names, pretrained_
 config.json / preprocessor_config.json beside the file, else from the architecture (--arch, or what
 the layout names); what nothing states is guessed and said in a `note:` line on stderr.
 --img-size keeps the transform (it is relative).
+--adapter DIR merges a PEFT LoRA/DoRA adapter folder (adapter_config.json, adapter_model.safetensors; HF's
+module names, transformers 5's or 4's, or timm's) into the weights: W + scale B A, DoRA's magnitude applied;
+a head it saves (modules_to_save) replaces the source's.
 """
 import argparse
 import json
@@ -22,6 +25,8 @@ from tinyvit.io.checkpoint import save_checkpoint
 from tinyvit.io.convert import FORMATS, adapt, convert
 from tinyvit.io.filekind import check_convert
 from tinyvit.io.files import prepare_out_dir
+from tinyvit.io.peft import apply_adapter
+from tinyvit.nn.lora import merged_model
 from tinyvit.nn.model import count_params
 
 
@@ -51,6 +56,9 @@ def parse_args(argv=None):
     ap.add_argument("--num-classes", type=int, default=None,
                     help="new class count: replaces the head by a zero-initialised one; a backbone without a head "
                          "gets one of this size (default: keep it; 1000 for a backbone)")
+    ap.add_argument("--adapter", default=None,
+                    help="PEFT adapter folder (LoRA or DoRA: adapter_config.json, adapter_model.safetensors) to merge "
+                         "into the weights, its saved head (modules_to_save) included (default: none)")
     ap.add_argument("--json", action="store_true", help="print the summary as one JSON line instead of text")
     return ap.parse_args(argv)
 
@@ -63,6 +71,13 @@ def main(argv=None):
         prepare_out_dir(Path(args.out).parent)  # a wrong --out fails before the conversion
         params, cfg, meta = convert(args.src, fmt=args.format, heads=args.heads, arch=args.arch,
                                     num_classes=args.num_classes)
+        if args.adapter:
+            classes = cfg.num_classes
+            params, cfg, notes = apply_adapter(args.adapter, params, cfg)
+            params, cfg = merged_model(params, cfg)
+            meta["notes"] += notes + [f"adapter {args.adapter} merged"]
+            if cfg.num_classes != classes:
+                meta["class_names"] = [f"class_{i}" for i in range(cfg.num_classes)]
         old_classes, old_size = cfg.num_classes, cfg.img_size
         params, cfg = adapt(params, cfg, img_size=args.img_size, num_classes=args.num_classes,
                             resample=meta["resample"])

@@ -6,6 +6,7 @@ Examples:
   python scripts/export_weights.py runs/cifar/model.npz --to timm --out vit.safetensors
   python scripts/export_weights.py runs/cifar/model.npz --to hf --out vit-hf/
   python scripts/export_weights.py runs/cifar/model.npz --to onnx --out model.onnx
+  python scripts/export_weights.py runs/lora/model.npz --to peft --out vit-lora/
 
 An --out that holds files (an earlier export, any other folder) needs --overwrite. Weights that are not a
 tinyvit checkpoint (a timm or HF file or hub folder) are converted first with scripts/convert_weights.py.
@@ -26,6 +27,12 @@ hf: AutoModelForImageClassification.from_pretrained(folder) (ViTForImageClassifi
 DeiTForImageClassificationWithTeacher, Dinov2ForImageClassification or
 Dinov2WithRegistersForImageClassification, by family) and AutoImageProcessor.from_pretrained(folder) (a
 ViTImageProcessor, or a ConvNextImageProcessor for a shortest-edge eval transform below 384 px); 3-channel models only (transformers feeds RGB).
+A checkpoint with LoRA/DoRA adapters exports to timm, hf and onnx merged (W + scale B A, DoRA's magnitude
+applied): the files need nothing new to load.
+peft: PEFT's adapter folder (adapter_config.json, adapter_model.safetensors) for the HF class --to hf writes
+(ViT, DeiT, DINOv2), module names as the installed transformers has them, the head as modules_to_save:
+peft.PeftModel.from_pretrained(base, folder) on the --to hf export of the base (the checkpoint without
+its adapters) gives tinyvit's logits.
 onnx: a graph built with the onnx package (pip install onnx; opset 17): input pixel_values (batch, C, S,
 S) float32, output logits; the class names and the eval transform in its metadata.
 """
@@ -45,9 +52,10 @@ def build_parser():
     ap.add_argument("--to", required=True, choices=TARGETS,
                     help="timm: timm's hub folder (config.json, model.safetensors: timm.create_model("
                          "'local-dir:DIR', pretrained=True)) or one .safetensors state dict; hf: a transformers "
-                         "folder; onnx: one .onnx file")
+                         "folder; onnx: one .onnx file (each merges LoRA/DoRA adapters); peft: the adapters as PEFT's "
+                         "adapter folder")
     ap.add_argument("--out", required=True,
-                    help="output: a folder (--to timm: timm's hub folder; --to hf), a .safetensors file (--to timm) "
+                    help="output: a folder (--to timm: timm's hub folder; --to hf; --to peft), a .safetensors file (--to timm) "
                          "or a .onnx file (--to onnx)")
     ap.add_argument("--overwrite", action="store_true",
                     help="let --out name a file or a folder that holds files, replacing the export's files there "

@@ -31,7 +31,7 @@ IMPORT_TIME_CALLS = {
     "numpy.float16", "numpy.float32", "numpy.float64", "numpy.int32", "numpy.int64", "numpy.uint8", "numpy.dtype",
 }
 IMPORT_TIME_PREFIXES = ("pytest.mark.",)
-CONFIGS = {"ViTConfig", "preset", "TrainConfig", "EvalTransform"}  # tinyvit's settings dataclasses: fields, no arrays
+CONFIGS = {"ViTConfig", "LoraConfig", "preset", "TrainConfig", "EvalTransform"}  # tinyvit's settings dataclasses: fields, no arrays
 PURE_METHODS = {"resolve", "items", "keys", "values", "get", "format", "join", "split", "rsplit", "replace",
                 "strip", "rstrip", "lstrip", "encode", "decode", "startswith", "endswith", "lower", "upper",
                 "with_suffix", "with_name", "joinpath", "copy", "append", "extend", "update", "index", "count"}

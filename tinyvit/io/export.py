@@ -16,6 +16,7 @@ import numpy as np
 from ..backend import to_numpy
 from ..data.transform import EvalTransform, eval_transform
 from ..errors import TinyViTError
+from ..nn.lora import merged_model
 from ..nn.model import ViTConfig, count_params, param_shapes
 from .checkpoint import check_params, load_checkpoint
 from .convert import detect_format
@@ -24,10 +25,11 @@ from .files import atomic_write
 from .hf_export import HF_ACT, hf_config, hf_state  # noqa: F401  (re-exported)
 from .labels import class_names
 from .onnx_export import onnx_model, write_onnx
+from .peft import export_peft
 from .safetensors import write_safetensors
 from .sidecar import CONVNEXT_SQUASH, PIL_RESAMPLE
 
-TARGETS = ("timm", "hf", "onnx")
+TARGETS = ("timm", "hf", "onnx", "peft")
 TIMM_ACT = {"erf": "gelu", "tanh": "gelu_tanh", "quick": "quick_gelu"}  # timm's get_act_layer names
 # a registered timm architecture whose LayerNorm has this eps (model_args set everything else)
 TIMM_ARCH = {1e-6: "vit_base_patch16_224", 1e-5: "vit_base_patch16_clip_224"}
@@ -268,7 +270,7 @@ def not_a_checkpoint(path):
 def out_holds_files(out, to, overwrite=False):
     """Refuse an --out that holds files (an earlier export, a data folder) unless overwrite: one line."""
     out = Path(out)
-    folder = to == "hf" or (to == "timm" and (out.is_dir() or not out.suffix))
+    folder = to in ("hf", "peft") or (to == "timm" and (out.is_dir() or not out.suffix))
     if overwrite:
         return
     if out.is_file() and not folder:
@@ -291,7 +293,7 @@ def _drop_stale(summary, to):
 
 
 def export(checkpoint, to, out, overwrite=False):
-    """Export a tinyvit checkpoint to `to` ('timm' | 'hf' | 'onnx') at out -> summary dict. An out holding
+    """Export a tinyvit checkpoint to `to` ('timm' | 'hf' | 'onnx' | 'peft': its adapters) at out -> summary dict. An out holding
     files needs overwrite (the export's files replaced, another export's left-overs removed)."""
     if to not in TARGETS:
         raise TinyViTError(f"unknown export target {to!r}: choose one of {', '.join(TARGETS)}")
@@ -303,7 +305,9 @@ def export(checkpoint, to, out, overwrite=False):
         raise TinyViTError(wrong)
     out_holds_files(out, to, overwrite)
     params, cfg, meta = load_checkpoint(checkpoint)
-    write = {"timm": export_timm, "hf": export_hf, "onnx": export_onnx}[to]
+    if to != "peft":  # a checkpoint with adapters exports as the merged model: W + s B A (DoRA's magnitude applied)
+        params, cfg = merged_model(params, cfg)
+    write = {"timm": export_timm, "hf": export_hf, "onnx": export_onnx, "peft": export_peft}[to]
     summary = write(out, params, cfg, meta, source=checkpoint)
     _drop_stale(summary, to)
     summary["checkpoint"] = str(checkpoint)

@@ -159,6 +159,7 @@ class BlockCache(NamedTuple):
     drop_path1: Optional[Array] = None
     ls2: Optional["LayerScaleFold"] = None  # and of the MLP branch (folded into mlp.fc2)
     drop_path2: Optional[Array] = None
+    lora: Optional[list] = None  # the adapted linears' (name, LoraWeightCache) (tinyvit.nn.lora.adapted_block)
 
 
 class EmbedCache(NamedTuple):

@@ -7,6 +7,7 @@ from typing import Optional
 import numpy as np
 
 from ..errors import TinyViTError
+from .lora import LoraConfig, adapter_shapes, init_adapters
 
 GELUS = ("erf", "tanh", "quick")  # exact, torch's tanh form, CLIP's x * sigmoid(1.702 x)
 POOLS = ("token", "avg", "map", "token_avg")  # token_avg: the class token beside the patch mean (DINOv2's probe)
@@ -39,6 +40,7 @@ class ViTConfig:
     global_pool: str = "token"  # one of POOLS
     fc_norm: Optional[bool] = None  # the final norm after the pooling; None: only for 'avg' (timm's rule)
     drop_path: float = 0.0  # stochastic depth, rising linearly to this over the blocks (timm's drop_path_rate)
+    lora: Optional[LoraConfig] = None  # LoRA/DoRA adapters on the blocks' linears (tinyvit.nn.lora)
 
     def __post_init__(self):
         if self.img_size % self.patch_size:
@@ -95,8 +97,13 @@ class ViTConfig:
         return [float(r) for r in np.linspace(0.0, self.drop_path, self.depth)] if self.depth else []
 
     def to_dict(self) -> dict:
-        """Plain dict, for JSON metadata."""
-        return dataclasses.asdict(self)
+        """Plain dict, for JSON metadata (lora only when the model has adapters)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if self.lora is None:
+            del d["lora"]
+        else:
+            d["lora"] = self.lora.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ViTConfig":
@@ -105,7 +112,10 @@ class ViTConfig:
         extra = sorted(set(d) - names)
         if extra:
             raise TinyViTError(f"unknown ViTConfig fields: {', '.join(extra)}")
-        return cls(**d)
+        lora = d.get("lora")
+        if lora is not None and not isinstance(lora, dict):
+            raise TinyViTError("ViTConfig field lora must be an object (rank, alpha, dropout, targets, rslora, dora)")
+        return cls(**{**d, "lora": LoraConfig(**lora) if lora is not None else None})
 
 
 _VIT16 = dict(img_size=224, patch_size=16, in_chans=3, num_classes=1000, ln_eps=1e-6)
@@ -183,6 +193,8 @@ def param_shapes(cfg: ViTConfig) -> dict:
     shapes.update({"head.weight": (K, cfg.head_dim), "head.bias": (K,)})
     if cfg.distilled:
         shapes.update({"head_dist.weight": (K, C), "head_dist.bias": (K,)})
+    if cfg.lora is not None:
+        shapes.update(adapter_shapes(cfg.lora, cfg.depth, C, cfg.mlp_dim))
     return shapes
 
 
@@ -222,7 +234,11 @@ def init_params(cfg: ViTConfig, seed: int = 0, dtype=np.float32, std: float = 0.
     std = 0.02 is timm's; small models trained from scratch learn faster with a larger one.
     """
     rng = np.random.default_rng(seed)
-    return {name: _init(rng, name, shape, cfg, std).astype(dtype) for name, shape in param_shapes(cfg).items()}
+    params = {name: _init(rng, name, shape, cfg, std).astype(dtype)
+              for name, shape in param_shapes(cfg).items() if ".lora_" not in name}
+    if cfg.lora is not None:
+        params.update(init_adapters(params, cfg.lora, cfg.depth, cfg.dim, cfg.mlp_dim, seed))
+    return params
 
 
 def count_params(params: dict) -> int:

@@ -38,6 +38,7 @@ from .layers import (
     patch_embed_forward,
     rowsum,
 )
+from .lora import adapted_block, adapter_grads
 from .pool import head_backward as _head_backward
 from .pool import head_forward, pool_backward, pool_forward
 
@@ -70,7 +71,9 @@ def _block_forward(params, prefix, x, cfg, train, rng, keep_cache=True, queries=
     LayerScale (ls1, ls2, where the block has it) into the linear before it (_folded): same math. Each
     branch ends in drop path at this rate. queries=n returns the first n tokens alone (B, n, C): every
     token still feeds attention's keys and values, but nothing after the attention is computed for the
-    other tokens. Plain form: reference.block_forward."""
+    other tokens. Adapters (cfg.lora) act through their linears' weights (tinyvit.nn.lora.adapted_block).
+    Plain form: reference.block_forward."""
+    params, c_lora = adapted_block(params, prefix, cfg.lora, train)
     qkv, c_n1 = layernorm_linear_forward(x, params[prefix + "norm1.weight"], params[prefix + "norm1.bias"],
                                          params[prefix + "attn.qkv.weight"], params.get(prefix + "attn.qkv.bias"),
                                          cfg.ln_eps)
@@ -91,12 +94,13 @@ def _block_forward(params, prefix, x, cfg, train, rng, keep_cache=True, queries=
     h, c_d3 = dropout_forward(h, cfg.dropout, rng, train)
     h, c_dp2 = drop_path_forward(h, drop_path, rng, train)
     x += h  # x is our own buffer here (x + h above), so in place is safe
-    return x, BlockCache(c_n1, c_at, c_d1, c_f1, c_f2, c_d3, f1, c_dp1, f2, c_dp2)
+    return x, BlockCache(c_n1, c_at, c_d1, c_f1, c_f2, c_d3, f1, c_dp1, f2, c_dp2, c_lora)
 
 
 def _block_infer(params, prefix, x, cfg, queries=None):
     """_block_forward at inference on NumPy, nothing cached: attention and the MLP run a cache-sized
     block at a time (tinyvit.nn.infer). Same math; plain form: reference.block_forward."""
+    params, _ = adapted_block(params, prefix, cfg.lora)
     qkv = ln_linear_infer(x, params[prefix + "norm1.weight"], params[prefix + "norm1.bias"],
                           params[prefix + "attn.qkv.weight"], params.get(prefix + "attn.qkv.bias"), cfg.ln_eps,
                           q_scale=(cfg.dim // cfg.heads) ** -0.5)
@@ -122,7 +126,7 @@ def _block_backward(dx, cache, grads, prefix):
     `cache` is the block's only remaining reference (popped by vit_backward), so each layer's
     saved arrays are freed as soon as its backward is done: a lower peak, as torch frees saved tensors.
     Plain form: reference.block_backward."""
-    c_n1, c_at, c_d1, c_f1, c_f2, c_d3, f1, c_dp1, f2, c_dp2 = cache  # unpacked so each part can be freed
+    c_n1, c_at, c_d1, c_f1, c_f2, c_d3, f1, c_dp1, f2, c_dp2, c_lora = cache  # unpacked so each part can be freed
     del cache
     dh = dropout_backward(drop_path_backward(dx, c_dp2), c_d3)
     dh, dw, db = gelu_linear_backward(dh, c_f2)
@@ -139,6 +143,7 @@ def _block_backward(dx, cache, grads, prefix):
     dh, grads[prefix + "norm1.weight"], grads[prefix + "norm1.bias"], grads[prefix + "attn.qkv.weight"], qkv_b = \
         layernorm_linear_backward(dqkv, c_n1)  # (B, N, C)
     _put(grads, prefix + "attn.qkv.bias", qkv_b)
+    adapter_grads(grads, c_lora)
     dh[:, :dx.shape[1]] += dx  # the residual reaches the tokens the block returned (all, or the first n)
     return dh
 

@@ -8,7 +8,7 @@ dropout: this is the eval-mode (or dropout-free) model; train-mode dropout is th
 (tinyvit.nn.model). Speed does not matter here, clarity does.
 """
 import math
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
@@ -40,6 +40,48 @@ def linear_backward(dout, cache):
     d2 = dout.reshape(-1, dout.shape[-1])  # (M, out)
     # dx = dout @ w, dw = dout^T @ x, db = sum of dout over every row
     return dout @ cache.w, d2.T @ x2, (d2.sum(axis=0) if cache.has_b else None)  # (..., in), (out, in), (out,)
+
+
+# --- LoRA and DoRA (PEFT's math; tinyvit.nn.lora) -----------------------------------------------
+
+
+class LoraCache(NamedTuple):
+    """What lora_backward needs: x, W, A, B, s; for DoRA the magnitude, the row norms n and W' x."""
+
+    x: Array
+    w: Array
+    a: Array
+    b: Array
+    s: float
+    m: Optional[Array]
+    n: Optional[Array]
+    u: Optional[Array]  # x W'^T, W' = W + s B A
+
+
+def lora_forward(x, w, bias, a, b, s, m=None):
+    """LoRA: y = x W^T + bias + s x A^T B^T. DoRA: y = (m / n) * (x W'^T) + bias, n = ||W'|| per row,
+    held constant (PEFT detaches it). W, bias frozen."""
+    w1 = w + s * (b @ a)  # (out, in)
+    if m is None:
+        return x @ w1.T + bias, LoraCache(x, w, a, b, s, None, None, None)
+    n = np.sqrt((w1 * w1).sum(axis=1))  # (out,)
+    u = x @ w1.T
+    return (m / n) * u + bias, LoraCache(x, w, a, b, s, m, n, u)
+
+
+def lora_backward(dout, cache):
+    """(dx, dA, dB, dm) of lora_forward; dm None for LoRA."""
+    c = cache
+    x2, d2 = c.x.reshape(-1, c.x.shape[-1]), dout.reshape(-1, dout.shape[-1])  # (M, in), (M, out)
+    dm = None
+    if c.m is not None:
+        # dm = sum over rows of dout * u / n; the rest sees dout scaled by g = m / n
+        dm = (d2 * c.u.reshape(d2.shape)).sum(axis=0) / c.n
+        d2 = d2 * (c.m / c.n)
+    w1 = c.w + c.s * (c.b @ c.a)
+    # dW' = d2^T x; dA = s B^T dW', dB = s dW' A^T; dx = d2 W'
+    dw1 = d2.T @ x2
+    return (d2 @ w1).reshape(c.x.shape), c.s * (c.b.T @ dw1), c.s * (dw1 @ c.a.T), dm
 
 
 # --- layernorm --------------------------------------------------------------------------------
