@@ -41,31 +41,36 @@ def cpu_name(path=_CPUINFO):
 
 
 def blas_libraries():
-    """[{internal_api, version, architecture, num_threads}] of every BLAS loaded here (threadpoolctl), or None."""
+    """[{internal_api, version, architecture, num_threads, numpy}] of each BLAS loaded here (threadpoolctl), or None."""
     try:
         from threadpoolctl import threadpool_info
     except ImportError:
         return None
     keys = ("internal_api", "version", "architecture", "num_threads")
-    return [{k: i.get(k) for k in keys} for i in threadpool_info() if i.get("user_api") == "blas"]
+    libs = [dict({k: i.get(k) for k in keys}, numpy="numpy" in i.get("filepath", ""))
+            for i in threadpool_info() if i.get("user_api") == "blas"]
+    return sorted(libs, key=lambda b: not b["numpy"])  # NumPy's own first
 
 
 def _blas_words(libs):
     """'openblas 0.3.31 (kernel SkylakeX, 2 threads)' for each BLAS, or what to install to see it."""
     if libs is None:
         return "unknown (pip install threadpoolctl to see it)"
-    words = [f"{b['internal_api']} {b['version']} (kernel {b['architecture'] or 'n/a'}, {b['num_threads']} threads)"
-             for b in libs]
+    words = [f"{b['internal_api']} {b['version']} ({'NumPy, ' if b['numpy'] else ''}kernel {b['architecture'] or 'n/a'}, "
+             f"{b['num_threads']} threads)" for b in libs]
     return "; ".join(words) or "none found"
 
 
-def hardware(bf16=None):
-    """The CPU, its features, NumPy's BLAS, the OpenBLAS variables set, and (given) the bf16 GEMM: a dict."""
+def hardware(bf16=None, **rivals):
+    """The CPU, its features, NumPy's BLAS, the OpenBLAS variables set, (given) the bf16 GEMM and what a rival
+    (torch=...) runs on: a dict."""
     env = {k: v for k, v in sorted(os.environ.items()) if k.startswith("OPENBLAS_") and k != "OPENBLAS_THREAD_TIMEOUT"}
     out = {"cpu": cpu_name(), "cores": os.cpu_count(), "features": cpu_features(), "blas": blas_libraries(),
            "openblas_env": env}
     if bf16 is not None:
         out["bf16_gemm"] = bf16
+    if rivals:
+        out["rivals"] = rivals
     return out
 
 
@@ -78,4 +83,4 @@ def hardware_line(info):
         line += " [" + " ".join(f"{k}={v}" for k, v in info["openblas_env"].items()) + "]"
     if "bf16_gemm" in info:
         line += f" | bf16 GEMM: {info['bf16_gemm']}"
-    return line
+    return line + "".join(f" | {name}: {what}" for name, what in info.get("rivals", {}).items())
