@@ -115,7 +115,7 @@ def test_gemm_passes_cblas_arguments(monkeypatch, int_type, ta, tb):
     calls = []
     fn = _standin_cblas(int_type, calls)
     monkeypatch.setattr(bf16, "_GEMM", [bf16.bind("stand-in", fn, int_type)])
-    monkeypatch.setattr(bf16, "native", lambda: True)
+    monkeypatch.setattr(bf16, "slow", lambda gemm: None)
     a, b = _operands(9, 6, 4, ta, tb)
     c = bf16.gemm_bf16(a, b, ta, tb)
     a16, b16 = (bf16.from_bf16(bf16.to_bf16(v)).astype(np.float64) for v in (a, b))
@@ -131,27 +131,43 @@ def test_refused_in_one_line_without_a_library(monkeypatch):
     assert bf16.describe().startswith("none (pip install mkl")
 
 
-@pytest.mark.parametrize("features,why", [
-    ({"avx2": True, "avx512": True, "avx512_bf16": False, "amx_bf16": False}, "neither AVX512-BF16 nor AMX-BF16"),
-    ({"avx2": None, "avx512": None, "avx512_bf16": None, "amx_bf16": None}, "cannot tell"),
+INTEL = {"avx2": True, "avx512": True, "avx512_bf16": True, "amx_bf16": True}
+
+
+def _standin_library(monkeypatch, name, calls):
+    monkeypatch.setattr(bf16, "_GEMM", [bf16.bind(name, _standin_cblas(ctypes.c_int32, calls), ctypes.c_int32)])
+
+
+@pytest.mark.parametrize("features,vendor,why", [
+    (dict(INTEL, avx512_bf16=False, amx_bf16=False), "GenuineIntel", "neither AVX512-BF16 nor AMX-BF16"),
+    (dict.fromkeys(INTEL), None, "cannot tell"),
+    (dict(INTEL, amx_bf16=False), "AuthenticAMD", "Intel CPUs only"),  # Zen 4: oneMKL's bf16 at float32's rate
 ])
-def test_refused_where_the_cpu_would_emulate_unless_told(monkeypatch, features, why):
-    """No AVX512-BF16 or AMX (or no way to tell): refused, naming float32 and the override; the override runs it."""
+def test_refused_where_bf16_would_not_pay_unless_told(monkeypatch, features, vendor, why):
+    """No AVX512-BF16 or AMX, no way to tell, or oneMKL on AMD: refused, naming float32 and the override,
+    which runs it."""
     calls = []
-    monkeypatch.setattr(bf16, "_GEMM", [bf16.bind("stand-in", _standin_cblas(ctypes.c_int32, calls), ctypes.c_int32)])
+    _standin_library(monkeypatch, "oneMKL stand-in", calls)
     monkeypatch.setattr(bf16, "cpu_features", lambda: features)
+    monkeypatch.setattr(bf16, "cpu_vendor", lambda: vendor)
     monkeypatch.delenv(bf16.ANY_CPU_ENV, raising=False)
     x = np.ones((2, 3), np.float32)
     with pytest.raises(TinyViTError, match=why + ".*use float32.*TINYVIT_BF16_ANY_CPU=1") as e:
         bf16.gemm_bf16(x, x, transb=True)
     assert "\n" not in str(e.value) and not calls
+    assert "no faster than float32 here" in bf16.describe()
     np.testing.assert_array_equal(bf16.gemm_bf16(x, x, transb=True, allow_slow=True), np.full((2, 2), 3, np.float32))
     monkeypatch.setenv(bf16.ANY_CPU_ENV, "1")
     np.testing.assert_array_equal(bf16.gemm_bf16(x, x, transb=True), np.full((2, 2), 3, np.float32))
     assert len(calls) == 2
 
 
-def test_native_where_the_cpu_has_either(monkeypatch):
-    for avx, amx in ((True, False), (False, True), (True, True)):
-        monkeypatch.setattr(bf16, "cpu_features", lambda a=avx, b=amx: {"avx512_bf16": a, "amx_bf16": b})
-        assert bf16.native() is True
+@pytest.mark.parametrize("avx,amx", [(True, False), (False, True), (True, True)])
+def test_runs_where_the_cpu_has_either(monkeypatch, avx, amx):
+    """AVX512-BF16 or AMX-BF16 on an Intel CPU with oneMKL; on any vendor with OpenBLAS's sbgemm."""
+    monkeypatch.setattr(bf16, "cpu_features", lambda: dict(INTEL, avx512_bf16=avx, amx_bf16=amx))
+    monkeypatch.delenv(bf16.ANY_CPU_ENV, raising=False)
+    for name, vendor in (("oneMKL stand-in", "GenuineIntel"), ("OpenBLAS stand-in", "AuthenticAMD")):
+        _standin_library(monkeypatch, name, [])
+        monkeypatch.setattr(bf16, "cpu_vendor", lambda v=vendor: v)
+        assert bf16.require().name == name and bf16.describe() == name + ", native"

@@ -3,9 +3,10 @@
 oneMKL's cblas_gemm_bf16bf16f32 from the `mkl` wheel (`pip install -e ".[mkl]"`), or OpenBLAS's
 cblas_sbgemm where the OpenBLAS loaded here exports it (NumPy's wheels do not), both through ctypes.
 Inputs are rounded to bf16 to nearest even as torch's `.bfloat16()` does; products are summed in float32
-and returned as float32. Only CPUs with AVX512-BF16 or AMX-BF16 multiply bf16 natively: elsewhere the
-library emulates it, slower than float32, so require() refuses unless told otherwise
-(allow_slow=True or TINYVIT_BF16_ANY_CPU=1), which lets tests check the results on any CPU.
+and returned as float32. Only CPUs with AVX512-BF16 or AMX-BF16 multiply bf16 natively (and oneMKL takes
+those kernels on Intel CPUs only): elsewhere the library emulates it, no faster than float32, so require()
+refuses unless told otherwise (allow_slow=True or TINYVIT_BF16_ANY_CPU=1), which lets tests check the
+results on any CPU.
 """
 import ctypes
 import ctypes.util
@@ -20,7 +21,7 @@ import numpy as np
 from ..errors import TinyViTError
 from . import blas
 from .blas import _mapped_openblas_libraries
-from .features import cpu_features, cpu_name
+from .features import cpu_features, cpu_name, cpu_vendor
 
 ANY_CPU_ENV = "TINYVIT_BF16_ANY_CPU"  # "1": run bf16 GEMMs even where the CPU would emulate them
 INSTALL = "pip install mkl (or pip install -e \".[mkl]\")"
@@ -124,12 +125,18 @@ def library():
     return _GEMM[0]
 
 
-def native():
-    """True where the CPU multiplies bf16 itself (AVX512-BF16 or AMX-BF16), False where not, None if unknown."""
+def slow(gemm):
+    """(short, long) phrases saying why gemm would run bf16 no faster than float32 on this CPU, or None if natively."""
     f = cpu_features()
     if f["avx512_bf16"] is None:
-        return None
-    return bool(f["avx512_bf16"] or f["amx_bf16"])
+        return "CPU features unknown", "cannot tell whether this CPU has AVX512-BF16 or AMX-BF16 (no /proc/cpuinfo)"
+    if not (f["avx512_bf16"] or f["amx_bf16"]):
+        return "emulated: no AVX512-BF16 or AMX-BF16", (f"this CPU ({cpu_name()}) has neither AVX512-BF16 nor "
+                                                         "AMX-BF16, so bf16 would be emulated, slower than float32")
+    if gemm.name.startswith("oneMKL") and cpu_vendor() != "GenuineIntel":  # measured on Zen 4: float32's rate
+        return "oneMKL's bf16 kernels run on Intel CPUs only", (f"on this {cpu_name()} oneMKL's bf16 GEMM runs no faster "
+                                                                "than float32 (it takes its bf16 kernels on Intel CPUs only)")
+    return None
 
 
 def _allowed(allow_slow):
@@ -142,13 +149,11 @@ def require(allow_slow=None):
     gemm = library()
     if gemm is None:
         raise TinyViTError(f"bf16 GEMMs need oneMKL: {INSTALL}; NumPy's OpenBLAS has no sbgemm. Or use float32")
-    ok = native()
-    if not ok and not _allowed(allow_slow):
-        why = ("cannot tell whether this CPU has AVX512-BF16 or AMX-BF16 (no /proc/cpuinfo)" if ok is None else
-               f"this CPU ({cpu_name()}) has neither AVX512-BF16 nor AMX-BF16, so bf16 would be emulated, slower than "
-               "float32")
-        raise TinyViTError(f"{why}: use float32 (bf16 pays on Intel Cooper Lake / Sapphire Rapids and later, "
-                           f"AMD Zen 4 and later), or set {ANY_CPU_ENV}=1 to run bf16 anyway")
+    why = slow(gemm)
+    if why and not _allowed(allow_slow):
+        why = why[1]
+        raise TinyViTError(f"{why}: use float32 (oneMKL's bf16 pays on Intel CPUs with AVX512-BF16 or AMX: Cooper "
+                           f"Lake, Sapphire Rapids and later), or set {ANY_CPU_ENV}=1 to run bf16 anyway")
     return gemm
 
 
@@ -157,8 +162,8 @@ def describe():
     gemm = library()
     if gemm is None:
         return f"none ({INSTALL} to have one)"
-    ok = native()
-    return gemm.name + {True: ", native", False: ", emulated (slower than float32)", None: ", native unknown"}[ok]
+    why = slow(gemm)
+    return gemm.name + (f", no faster than float32 here ({why[0]})" if why else ", native")
 
 
 def _operand(x, trans):

@@ -40,6 +40,11 @@ def cpu_name(path=_CPUINFO):
     return fields.get("model name") or fields.get("Hardware") or "unknown CPU"
 
 
+def cpu_vendor(path=_CPUINFO):
+    """The CPU's vendor_id ('GenuineIntel', 'AuthenticAMD'), or None where /proc/cpuinfo has none."""
+    return (_cpuinfo_fields(path) or {}).get("vendor_id")
+
+
 def blas_libraries():
     """[{internal_api, version, architecture, num_threads, numpy}] of each BLAS loaded here (threadpoolctl), or None."""
     try:
