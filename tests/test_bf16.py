@@ -171,3 +171,26 @@ def test_runs_where_the_cpu_has_either(monkeypatch, avx, amx):
         _standin_library(monkeypatch, name, [])
         monkeypatch.setattr(bf16, "cpu_vendor", lambda v=vendor: v)
         assert bf16.require().name == name and bf16.describe() == name + ", native"
+
+
+def test_mkl_threads_follow_numpys_blas(mkl):
+    """Inside blas.single_thread() (a batch shard) oneMKL runs on one thread; outside on NumPy's BLAS count."""
+    import threading
+
+    from tinyvit.cpu import blas
+
+    if not blas.available():
+        pytest.skip("NumPy's BLAS thread count cannot be set here (not OpenBLAS on Linux)")
+    lib = ctypes.CDLL(bf16._mkl_paths()[0])
+    x, seen = np.ones((8, 8), np.float32), {}
+
+    def shard():
+        with blas.single_thread():
+            bf16.gemm_bf16(x, x)
+            seen["shard"] = lib.MKL_Get_Max_Threads()
+
+    t = threading.Thread(target=shard)
+    t.start()
+    t.join()
+    bf16.gemm_bf16(x, x)
+    assert seen["shard"] == 1 and lib.MKL_Get_Max_Threads() == blas.threads()
