@@ -17,6 +17,8 @@ import tinyvit  # noqa: F401  (before NumPy: sets OpenBLAS's spin time, see tiny
 from tinyvit import init_params, preset, vit_backward, vit_forward
 from tinyvit.backend import get_backend, synchronize, to_device
 from tinyvit.cli.report import run
+from tinyvit.cpu import bf16
+from tinyvit.cpu.features import blas_libraries, hardware, hardware_line
 from tinyvit.cpu.threads import batch_shards
 from tinyvit.errors import TinyViTError
 from tinyvit.nn.layers import cross_entropy_backward, cross_entropy_forward
@@ -138,13 +140,23 @@ def torch_fns(cfg, params, x, y, device, rival="auto"):
 
 
 def blas_info():
-    """Which BLAS library, version and kernel NumPy runs, with its threads (threadpoolctl), or why unknown."""
-    try:
-        from threadpoolctl import threadpool_info
-    except ImportError:
-        return {"error": "pip install threadpoolctl to see which BLAS kernel ran"}
-    libs = [i for i in threadpool_info() if i.get("user_api") == "blas"]
-    return [{k: i.get(k) for k in ("internal_api", "version", "architecture", "num_threads", "prefix")} for i in libs]
+    """Which BLAS libraries, versions and kernels run here, NumPy's first, with their threads, or why unknown."""
+    libs = blas_libraries()
+    return libs if libs is not None else {"error": "pip install threadpoolctl to see which BLAS kernel ran"}
+
+
+def hardware_info(args):
+    """The CPU's features, the BLAS and kernel NumPy runs, the bf16 GEMM, and the rivals' builds: a dict."""
+    rivals = {}
+    if args.vs_torch:
+        import torch
+
+        rivals["torch"] = f"{torch.__version__} (CPU capability {torch.backends.cpu.get_cpu_capability()})"
+    if args.vs_onnxruntime:
+        import onnxruntime
+
+        rivals["onnxruntime"] = onnxruntime.__version__
+    return hardware(bf16.describe(), **rivals)
 
 
 def onnxruntime_fn(cfg, params, x, threads):
@@ -322,9 +334,12 @@ def main():
     xp = get_backend(args.backend)
     default = ONNX_CASES if args.vs_onnxruntime and not args.vs_torch else DEFAULT_CASES[args.backend]
     cases = [(args.preset, args.batch or 8)] if args.preset else default
+    info = hardware_info(args)  # which CPU features and BLAS ran every figure below, in one line
+    if not args.json:
+        print(hardware_line(info), flush=True)
     results = [bench_case(name, batch, args, xp) for name, batch in cases]
     if args.json:
-        print(json.dumps({"cases": results}))
+        print(json.dumps({"hardware": info, "cases": results}))
         return
     for r in results:
         print(f"{r['preset']} batch {r['batch']} {r['dtype']} on {r['backend']} ({r['threads']} threads), "

@@ -1,0 +1,34 @@
+"""scripts/benchmark.py's hardware line: which CPU features, BLAS and kernel ran its figures (the timings
+themselves are smoke-tested in test_scripts.py)."""
+import json
+
+import pytest
+from helpers import run_script
+
+from tinyvit.cpu import features
+
+pytestmark = pytest.mark.e2e
+TINY = ("--preset", "mnist", "--batch", "2", "--reps", "1", "--rounds", "1")
+LABELS = ("AVX2", "AVX-512", "AVX512-BF16", "AMX-BF16")
+
+
+def test_first_line_says_cpu_features_blas_and_kernel():
+    """The kernel OpenBLAS was told to use (OPENBLAS_CORETYPE) is the one the line names, with the variable."""
+    r = run_script("benchmark.py", *TINY, extra_env={"OPENBLAS_CORETYPE": "Haswell"})
+    assert r.returncode == 0, r.stderr
+    first = r.stdout.splitlines()[0]
+    assert first.startswith(f"cpu: {features.cpu_name()} (") and all(f"{k} " in first for k in LABELS), first
+    assert "| bf16 GEMM: " in first and "[OPENBLAS_CORETYPE=Haswell]" in first, first
+    if features.blas_libraries() is not None:
+        assert "| BLAS: openblas " in first and "(NumPy, kernel Haswell, " in first, first
+
+
+def test_json_carries_the_hardware():
+    r = run_script("benchmark.py", *TINY, "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    hw = out["hardware"]
+    assert hw["features"] == features.cpu_features() and hw["cpu"] == features.cpu_name()
+    assert isinstance(hw["bf16_gemm"], str) and out["cases"][0]["train_step"]["tinyvit_ms"] > 0
+    if features.blas_libraries() is not None:
+        assert hw["blas"][0]["numpy"] and hw["blas"][0]["architecture"] == out["cases"][0]["blas"][0]["architecture"]
