@@ -8,7 +8,7 @@ from ..backend import get_array_module
 from ..cpu.threads import batch_shards, in_place_blocks, run_shards
 from ..errors import TinyViTError
 from .branch import drop_path_backward, drop_path_forward
-from .caches import BlockCache, DistilledHeadCache, EmbedCache, FeaturesCache, LayerScaleFold, ViTCache
+from .caches import BlockCache, BlockCheckpoint, DistilledHeadCache, EmbedCache, FeaturesCache, LayerScaleFold, ViTCache
 from .config import (  # noqa: F401  (re-exported: the model's names in one place)
     PRESETS,
     ViTConfig,
@@ -40,6 +40,7 @@ from .layers import (
 )
 from .pool import head_backward as _head_backward
 from .pool import head_forward, pool_backward, pool_forward
+from .recompute import mark, replay
 
 # --- forward / backward -----------------------------------------------------------------------
 
@@ -225,11 +226,12 @@ def _embed_backward(dx, cache, grads, want=None):
         _put(grads, "patch_embed.proj.bias", patch_b)
 
 
-def _features_forward(params, images, cfg, train, rng, keep_cache=True, all_tokens=False):
+def _features_forward(params, images, cfg, train, rng, keep_cache=True, all_tokens=False, checkpoint=False):
     """The embedding, the blocks, the final norm and the pooling: what the head reads (B, feature_dim).
 
     keep_cache=False (inference) drops each block's intermediates as soon as the next block
-    runs, so memory holds about one block's worth instead of the whole backward cache.
+    runs, so memory holds about one block's worth instead of the whole backward cache; checkpoint
+    keeps each block's input alone (a BlockCheckpoint), which the backward runs the block again from.
     A head reading the class token alone (token pooling) lets the last block compute only that
     token's output (after an attention over every token) unless all_tokens: the same features for
     about 1/depth less work. Plain form: reference.vit_forward, up to its head."""
@@ -238,22 +240,26 @@ def _features_forward(params, images, cfg, train, rng, keep_cache=True, all_toke
     blocks = []
     infer = not keep_cache and not train and get_array_module(x) is np
     for i in range(cfg.depth):
-        last = i == cfg.depth - 1 and not all_tokens
+        q = cfg.head_tokens if i == cfg.depth - 1 and not all_tokens else None  # the last block: the head's tokens
         if infer:
-            x = _block_infer(params, f"blocks.{i}.", x, cfg, cfg.head_tokens if last else None)
+            x = _block_infer(params, f"blocks.{i}.", x, cfg, q)
             continue
-        x, c = _block_forward(params, f"blocks.{i}.", x, cfg, train, rng, keep_cache,
-                              cfg.head_tokens if last else None, rates[i])
+        draws, record = rng, None
+        if keep_cache and checkpoint:
+            x_in = x
+            if train and (cfg.dropout or cfg.attn_dropout or rates[i]):  # the draws the recompute repeats
+                draws, record = mark(rng)
+        x, c = _block_forward(params, f"blocks.{i}.", x, cfg, train, draws, keep_cache, q, rates[i])
         if keep_cache:
-            blocks.append(c)
+            blocks.append(BlockCheckpoint(x_in, record, params, cfg, train, q, rates[i]) if checkpoint else c)
         del c
     feats, c_pool = pool_forward(params, x, cfg)
     return feats, (FeaturesCache(c_em, blocks, c_pool) if keep_cache else None)
 
 
-def _forward(params, images, cfg, train, rng, keep_cache, all_tokens):
+def _forward(params, images, cfg, train, rng, keep_cache, all_tokens, checkpoint=False):
     """vit_forward on one (prepared) batch or shard."""
-    feats, c_body = _features_forward(params, images, cfg, train, rng, keep_cache, all_tokens)
+    feats, c_body = _features_forward(params, images, cfg, train, rng, keep_cache, all_tokens, checkpoint)
     logits, c_h = head_forward(params, feats, cfg)
     return logits, (ViTCache(c_body, c_h) if keep_cache else None)
 
@@ -277,21 +283,32 @@ def _run_batch(fn, params, images, cfg, train):
     return shards, run_shards(lambda s: fn(images[s]), shards)
 
 
-def vit_forward(params, images, cfg: ViTConfig, train=False, rng=None, keep_cache=True, all_tokens=False):
+def vit_forward(params, images, cfg: ViTConfig, train=False, rng=None, keep_cache=True, all_tokens=False,
+                grad_checkpointing=False):
     """Logits (B, num_classes) for NCHW images, computed in the params' dtype; returns (logits, cache).
 
     With keep_cache=False (inference only) the cache is None and memory stays about one block's worth.
+    grad_checkpointing (timm's name) keeps each block's input alone and vit_backward runs the block again
+    (with the same dropout and drop-path draws): the same gradients, bit for bit, for about one block's
+    cache in memory instead of every block's, at the cost of a second forward of the blocks.
     The last block runs on the class token alone (the head reads nothing else); all_tokens=True runs
     it on every token, which only attention_maps needs: the logits and gradients are the same.
     On NumPy the batch runs as one shard per core (see tinyvit.cpu.threads.batch_shards; TINYVIT_SHARDS=1 turns
     that off); the logits and gradients are the same up to float rounding. Plain form: reference.vit_forward.
     """
-    shards, outs = _run_batch(lambda x: _forward(params, x, cfg, train, rng, keep_cache, all_tokens),
+    shards, outs = _run_batch(lambda x: _forward(params, x, cfg, train, rng, keep_cache, all_tokens, grad_checkpointing),
                               params, images, cfg, train)
     if shards is None:
         return outs[0]
     logits = get_array_module(outs[0][0]).concatenate([shard_logits for shard_logits, _ in outs])
     return logits, (_ShardedCache(shards, [shard_cache for _, shard_cache in outs]) if keep_cache else None)
+
+
+def _block_cache(c, prefix):
+    """A block's BlockCache: c itself, or from a BlockCheckpoint, the block run again with the same draws."""
+    if not isinstance(c, BlockCheckpoint):
+        return c
+    return _block_forward(c.params, prefix, c.x, c.cfg, c.train, replay(c.draws), True, c.queries, c.drop_path)[1]
 
 
 _EMBED = ("cls_token", "dist_token", "reg_token", "pos_embed", "patch_embed.", "norm_pre.")
@@ -322,8 +339,8 @@ def _backward(dlogits, cache, trainable=None):
     dx = None
     if low <= depth:
         dx = pool_backward(dfeats, features.pool, grads, want, low < depth)  # (B, n, C): the tokens the pooling read
-    for i in reversed(range(max(low, 0), depth)):
-        dx = _block_backward(dx, blocks.pop(), grads, f"blocks.{i}.", want, low < i)  # pop: the block's cache is freed
+    for i in reversed(range(max(low, 0), depth)):  # pop: the block's cache is freed
+        dx = _block_backward(dx, _block_cache(blocks.pop(), f"blocks.{i}."), grads, f"blocks.{i}.", want, low < i)
     blocks.clear()  # the blocks under the lowest trained param: no backward reaches them
     if low == -1:
         _embed_backward(dx, features.embed, grads, want)
@@ -385,6 +402,9 @@ def attention_maps(cache):
         per_shard = [attention_maps(c) for c in cache.caches]
         return [get_array_module(m[0]).concatenate(m) for m in zip(*per_shard)]
     blocks = cache.features.blocks
+    if any(isinstance(c, BlockCheckpoint) for c in blocks):
+        raise TinyViTError("this cache holds the blocks' inputs alone (grad_checkpointing): run vit_forward "
+                           "without it for attention maps")
     if blocks and blocks[-1].attn.q.shape[2] < blocks[-1].attn.k.shape[2]:  # fewer queries than tokens
         raise TinyViTError("this cache holds the last block's class-token attention only: "
                            "run vit_forward with all_tokens=True for attention maps")
