@@ -73,8 +73,8 @@ def parser(description, data_default=None, out_default="runs/finetune"):
                          "the lowest trained param: a faster step; the optimizer keeps no state for them)")
     ap.add_argument("--grad-checkpointing", action="store_true", default=None,
                     help="full and progressive mode: keep only each block's input in the forward and run the block "
-                         "again in the backward (timm's name): the same gradients for far less memory, about a "
-                         "third more time per step")
+                         "again in the backward (timm's name): the same gradients, bit for bit, for far less memory, "
+                         "at the cost of a second forward pass of the blocks")
     ap.add_argument("--grad-accum", type=int, default=None, help=f"micro-batches per optimizer step (default {d['grad_accum']})")
     ap.add_argument("--feature-batch", type=int, default=None,
                     help=f"head mode: images per backbone pass (default {d['feature_batch']})")
