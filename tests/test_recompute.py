@@ -85,11 +85,15 @@ def test_replay_draws_what_the_generator_drew(kind):
 
 
 def test_fit_with_grad_checkpointing_ends_with_the_same_weights(tmp_path):
-    """A training run with dropout and drop path: the same weights, bit for bit, with and without."""
+    """A training run with dropout and drop path: the same weights, bit for bit, with and without; a run
+    resumed with it switched on (memory alone changes) ends as the straight one too."""
     cfg = dataclasses.replace(TINY, dropout=0.1, drop_path=0.2)
-    ends = []
-    for ck in (False, True):
-        tc = TrainConfig(epochs=1, batch_size=32, lr=2e-3, augment="shift", grad_checkpointing=ck)
-        s = fit(init_params(cfg, seed=0), cfg, tc, np, synthetic(64, 1), synthetic(32, 2), tmp_path / str(ck), quiet=True)
-        ends.append(s["params"])
-    assert all(np.array_equal(ends[0][k], ends[1][k]) for k in ends[0])
+
+    def run(out, ck, **kw):
+        tc = TrainConfig(epochs=2, batch_size=32, lr=2e-3, augment="shift", grad_checkpointing=ck)
+        data = synthetic(64, 1), synthetic(32, 2)
+        return fit(init_params(cfg, seed=0), cfg, tc, np, *data, tmp_path / out, quiet=True, **kw)["params"]
+    ends = [run("plain", False), run("checkpointed", True)]
+    run("stopped", False, max_steps=3)
+    ends.append(run("resumed", True, resume=tmp_path / "stopped" / "checkpoint.npz"))
+    assert all(np.array_equal(ends[0][k], end[k]) for end in ends[1:] for k in ends[0])

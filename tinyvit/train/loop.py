@@ -358,6 +358,7 @@ def _resume(path, params, cfg, tc, opt, rng):
         raise TinyViTError(f"{path}: model config differs from this run's (saved vs now: {diff})")
     try:  # the metadata is untrusted JSON: any wrong shape of it is a bad file
         saved = TrainConfig(**state["train_config"])
+        saved = dataclasses.replace(saved, grad_checkpointing=tc.grad_checkpointing)  # memory only: the same bits
         position = tuple(state[k] for k in ("epoch", "batch", "step"))
         history = state["history"]
         if not all(type(v) is int and v >= 0 for v in position) or not isinstance(history, list):
