@@ -22,7 +22,7 @@ from tinyvit.cpu.features import blas_libraries, hardware, hardware_line
 from tinyvit.cpu.threads import batch_shards
 from tinyvit.errors import TinyViTError
 from tinyvit.nn.layers import cross_entropy_backward, cross_entropy_forward
-from tinyvit.train.optim import AdamW
+from tinyvit.train.optim import AdamW, trainable_names
 
 ONNX_CASES = [("vit-ti16", 64), ("vit-b16", 8)]  # the inference cases raced against onnxruntime
 DEFAULT_CASES = {"numpy": [("mnist", 128), ("vit-b16", 8)], "cupy": [("vit-b16", 64), ("mnist", 128)]}
@@ -243,6 +243,36 @@ def bench_case(name, batch, args, xp):
     return out
 
 
+def freeze_case(name, batch, args, xp):
+    """The train step with the --freeze patterns' params frozen (tinyvit.train.optim.trainable_names) beside
+    the full step, interleaved rounds: a dict ready for JSON."""
+    dtype = np.float32 if args.dtype == "float32" else np.float64
+    cfg = preset(name, **_overrides(args))
+    params = to_device(init_params(cfg, seed=0, dtype=dtype), xp)
+    rng = np.random.default_rng(0)
+    x = xp.asarray(rng.standard_normal((batch, cfg.in_chans, cfg.img_size, cfg.img_size)).astype(dtype))
+    y = xp.asarray(rng.integers(0, cfg.num_classes, size=batch))
+    trained = trainable_names(params, tuple(p.strip() for p in args.freeze.split(",") if p.strip()))
+    steps = {}
+    for what, names in (("full", None), ("frozen", trained)):
+        opt = AdamW(lr=0.0)  # lr 0: every step times the same weights
+
+        def step(names=names, opt=opt):
+            logits, cache = vit_forward(params, x, cfg, train=True)
+            _, ce = cross_entropy_forward(logits, y)
+            grads = vit_backward(cross_entropy_backward(1.0, ce), cache, names)
+            opt.step({k: params[k] for k in grads}, grads)
+        steps[what] = step
+    times = {k: [] for k in steps}
+    for _ in range(args.rounds):
+        for what, step in steps.items():
+            times[what].append(median_time(step, xp, args.reps))
+    full, frozen = (1e3 * float(np.median(times[k])) for k in ("full", "frozen"))
+    return {"preset": name, "batch": batch, "dtype": args.dtype, "backend": args.backend, "freeze": args.freeze,
+            "trained_params": sum(int(params[k].size) for k in trained), "params": sum(int(v.size) for v in params.values()),
+            "full_step_ms": full, "frozen_step_ms": frozen, "ratio": frozen / full}
+
+
 def memory_probe(name, batch, args, framework):
     """Peak memory of train steps in a fresh process: host RSS growth (CPU) or device peak (GPU)."""
     cmd = [sys.executable, __file__, "--_probe", framework, "--preset", name, "--batch", str(batch),
@@ -327,11 +357,22 @@ def main():
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported (default 3)")
     ap.add_argument("--memory", action="store_true", help="also measure training memory in fresh processes")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    ap.add_argument("--freeze", default=None, metavar="PATTERN[,PATTERN]",
+                    help="time the train step of --preset (default vit-b16) with the params matching these shell "
+                         "patterns over timm's names frozen, beside the full step, e.g. "
+                         "'patch_embed.*,cls_token,pos_embed,blocks.[0-9].*' (no other timing)")
     ap.add_argument("--_probe", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._probe:
         return probe(args)
     xp = get_backend(args.backend)
+    if args.freeze:
+        r = freeze_case(args.preset or "vit-b16", args.batch or 8, args, xp)
+        print(json.dumps(r) if args.json else
+              f"{r['preset']} batch {r['batch']} {r['dtype']} on {r['backend']}: train step {r['full_step_ms']:.1f} ms; "
+              f"with --freeze {r['freeze']} ({r['trained_params']:,} of {r['params']:,} params trained) "
+              f"{r['frozen_step_ms']:.1f} ms: {r['ratio']:.2f}x")
+        return
     default = ONNX_CASES if args.vs_onnxruntime and not args.vs_torch else DEFAULT_CASES[args.backend]
     cases = [(args.preset, args.batch or 8)] if args.preset else default
     info = hardware_info(args)  # which CPU features and BLAS ran every figure below, in one line

@@ -354,3 +354,35 @@ def test_an_error_line_is_one_write(monkeypatch):
     with pytest.raises(SystemExit) as e:
         run(fail)
     assert e.value.code == 2 and [c for c in err.calls if c] == ["error: training diverged\n"]
+
+
+@pytest.mark.e2e
+def test_finetune_freeze_keeps_the_frozen_weights_and_checkpointing_changes_no_bit(tmp_path):
+    """--freeze: the frozen params of model.npz are the source weights' bits and the optimizer holds state for
+    the rest alone; --grad-checkpointing (with drop path) ends with the same weights; a pattern that matches
+    nothing is one line; head mode says the flags do nothing there."""
+    from tinyvit import init_params, preset, save_checkpoint
+    from tinyvit.io.checkpoint import load_optimizer_state
+    data = _folder(tmp_path / "photos")
+    cfg = preset("vit-ti16", img_size=32, num_classes=5, depth=2)
+    w = save_checkpoint(tmp_path / "w.npz", init_params(cfg, seed=0), cfg)
+    common = ["--data", data, "--weights", w, "--mode", "full", "--epochs", "1", "--batch-size", "8",
+              "--drop-path", "0.1", "--freeze", "patch_embed.*,cls_token,pos_embed,blocks.0.*", "--json"]
+    runs = {}
+    for extra in ([], ["--grad-checkpointing"]):
+        out = tmp_path / f"run{len(runs)}"
+        last_json(run_script("finetune.py", *common, *extra, "--out", out))
+        runs[len(runs)] = load_checkpoint(out / "model.npz")[0]
+    source = load_checkpoint(w)[0]
+    frozen = {k for k in source if k.startswith(("patch_embed.", "blocks.0.")) or k in ("cls_token", "pos_embed")}
+    assert all(np.array_equal(runs[0][k], source[k]) for k in frozen)
+    assert not np.array_equal(runs[0]["blocks.1.mlp.fc1.weight"], source["blocks.1.mlp.fc1.weight"])
+    assert all(np.array_equal(runs[0][k], runs[1][k]) for k in runs[0])
+    state = load_optimizer_state(tmp_path / "run0" / "checkpoint.npz")
+    assert {k.split("/", 1)[1] for k in state if k != "step"} == set(runs[0]) - frozen
+    r = run_script("finetune.py", *common[:-3], "--freeze", "blocks.0.*,blocks.5.*", "--out", tmp_path / "bad")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "error: --freeze 'blocks.5.*' matches no parameter of the model" in r.stderr
+    r = run_script("finetune.py", "--data", data, "--weights", w, "--epochs", "1", "--freeze", "blocks.0.*",
+                   "--grad-checkpointing", "--out", tmp_path / "head")
+    assert r.returncode == 0 and "note: --freeze, --grad-checkpointing have no effect in head mode" in r.stderr

@@ -398,3 +398,32 @@ def test_dropout(xp, dtype):
     assert (y2 == y).all()  # the explicit RNG makes it reproducible
     with pytest.raises(ValueError, match="^dropout in training needs an explicit rng$"):
         L.dropout_forward(x, 0.25, None, train=True)
+
+
+@pytest.mark.parametrize("tokens", [2, 40])  # the norm's affine folded into the linear (40 rows) or not
+def test_backward_flags_skip_what_is_not_needed_and_keep_the_rest_bit_identical(xp, tokens):
+    """need_dx / need_dw / need_ln_dw: the gradients asked for are the full backward's bits, the others None."""
+    rng = np.random.default_rng(0)
+    x = to_device(rng.normal(size=(2, tokens // 2, 6)), xp)
+    w, b, ln_w, ln_b = (to_device(rng.normal(size=s), xp) for s in [(5, 6), (5,), (6,), (6,)])
+    dout = to_device(rng.normal(size=(2, tokens // 2, 5)), xp)
+    cases = {
+        "linear": (L.linear_backward, L.linear_forward(x, w, b)[1], ("need_dx", "need_dw"), ((0,), (1, 2))),
+        "layernorm": (L.layernorm_backward, L.layernorm_forward(x, ln_w, ln_b)[1], ("need_dx", "need_dw"),
+                      ((0,), (1, 2))),
+        "layernorm_linear": (L.layernorm_linear_backward, L.layernorm_linear_forward(x, ln_w, ln_b, w, b)[1],
+                             ("need_dx", "need_dw", "need_ln_dw"), ((0,), (3, 4), (1, 2))),
+        "gelu_linear": (L.gelu_linear_backward, L.gelu_linear_forward(x, w, b)[1], ("need_dx", "need_dw"),
+                        ((0,), (1, 2))),
+        "attention_heads": (L.attention_heads_backward,
+                            L.attention_heads_forward(to_device(rng.normal(size=(2, tokens // 2, 12)), xp),
+                                                      w[:, :4], b, heads=2)[1], ("need_dx", "need_dw"), ((0,), (1, 2))),
+    }
+    for name, (backward, cache, flags, outputs) in cases.items():
+        d = dout if name != "layernorm" else x
+        full = [to_numpy(g) for g in backward(d, cache)]
+        for off in flags:
+            got = backward(d, cache, **{off: False})
+            skipped = outputs[flags.index(off)]
+            for i, g in enumerate(got):
+                assert (g is None) if i in skipped else np.array_equal(to_numpy(g), full[i]), (name, off, i)

@@ -236,3 +236,22 @@ def test_model_refuses_branch_dropout_in_training_and_evaluates_with_it():
     assert vit_forward(p, x, cfg, keep_cache=False)[0].shape == (2, 3)  # eval: dropout is the identity
     with pytest.raises(TinyViTError, match="lora dropout in training"):
         vit_forward(p, x, cfg, train=True, rng=np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("targets", [("qkv",), ("q", "v", "fc2"), ("proj", "fc1")])
+@pytest.mark.parametrize("dora", [False, True])
+def test_the_adapters_train_with_the_base_frozen(targets, dora):
+    """vit_backward(trainable=adapters + head) skips frozen weights' gradients, yet an adapted linear's
+    weight gradient is what its adapters' come from: theirs are the full backward's bits."""
+    base = ViTConfig(img_size=8, patch_size=4, num_classes=3, dim=16, depth=2, heads=2, mlp_dim=32)
+    p, cfg = LR.add_adapters(init_params(base, dtype=np.float64), base, LR.LoraConfig(rank=2, targets=targets, dora=dora))
+    rng = np.random.default_rng(0)
+    p = {k: v + 0.1 * rng.normal(size=v.shape) if ".lora_" in k else v for k, v in p.items()}  # B != 0
+    x, y = rng.normal(size=(3, 3, 8, 8)), np.array([0, 2, 1])
+    full = _tinyvit_step(p, cfg, x, y, np)[1]
+    logits, cache = vit_forward(p, x, cfg)
+    trained = set(LR.trainable_names(p))
+    part = vit_backward(cross_entropy_backward(1.0, cross_entropy_forward(logits, y)[1]), cache, trainable=trained)
+    assert trained <= set(part)
+    for k in trained:
+        assert np.array_equal(part[k], full[k]), k

@@ -7,7 +7,7 @@ from conftest import rel_err
 from torch_vit import torch_vit_from_params
 
 from tinyvit import TinyViTError, ViTConfig, attention_maps, init_params, preset, vit_backward, vit_forward
-from tinyvit.backend import to_device
+from tinyvit.backend import to_device, to_numpy
 from tinyvit.cpu import blas
 from tinyvit.nn.layers import cross_entropy_backward, cross_entropy_forward
 from tinyvit.nn.model import count_params
@@ -192,3 +192,103 @@ def test_inference_memory_stays_about_one_block():
     tracemalloc.stop()
     del cache
     assert lean < full / 2.5, (lean, full)
+
+
+# --- frozen params: vit_backward(trainable=...) -------------------------------------------------
+
+TRAINED = {  # shell patterns of the params that train in each case; the complement trains too
+    "patch embedding": ["patch_embed.*"],
+    "last block, norms, head": ["blocks.1.*", "norm.*", "fc_norm.*", "head.*", "head_dist.*", "attn_pool.*"],
+    "one block's MLP": ["blocks.1.mlp.*"],
+    "first attention, tokens": ["blocks.0.norm1.*", "blocks.0.attn.*", "cls_token", "reg_token", "pos_embed"],
+    "biases and LayerScale": ["*.bias", "*.gamma"],
+    "the head's weight": ["head.weight"],
+    "pooling, norm_pre": ["attn_pool.kv.*", "attn_pool.latent", "attn_pool.mlp.fc1.*", "norm_pre.*", "norm.weight"],
+}
+
+
+def _family(name):
+    from family_configs import FAMILIES
+    return CONFIGS[name] if name in CONFIGS else FAMILIES[name]
+
+
+def _grads(params, x, y, cfg, trainable=None, **kw):
+    logits, cache = vit_forward(params, x, cfg, **kw)
+    _, ce = cross_entropy_forward(logits, y)
+    return vit_backward(cross_entropy_backward(1.0, ce), cache, trainable)
+
+
+@pytest.mark.parametrize("name", ["dinov2_reg", "clip", "siglip", "deit_distilled", "mae_avg", "folded-norms"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_frozen_params_get_no_gradient_and_the_trained_ones_the_same_bits(xp, name, dtype):
+    """For each set of trained params (and its complement): exactly those get a gradient, equal bit for bit
+    to the full backward's; the shards (NumPy) sum them as the full backward does."""
+    import fnmatch
+    cfg = _family(name)
+    params = {k: to_device(v.astype(dtype), xp) for k, v in _randomized_params(cfg, seed=2).items()}
+    rng = np.random.default_rng(3)
+    x = to_device(rng.normal(size=(3, cfg.in_chans, cfg.img_size, cfg.img_size)).astype(dtype), xp)
+    y = to_device(rng.integers(0, cfg.num_classes, size=3), xp)
+    full = {k: to_numpy(v) for k, v in _grads(params, x, y, cfg).items()}
+    for case, patterns in TRAINED.items():
+        some = {n for n in params if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
+        for trained in (some, set(params) - some):
+            grads = _grads(params, x, y, cfg, trained)
+            assert set(grads) == trained, (case, set(grads) ^ trained)
+            for k, g in grads.items():
+                assert g.dtype == dtype and np.array_equal(to_numpy(g), full[k]), (case, k)
+
+
+def _gemm_counter(monkeypatch, cp):
+    """Record each matmul of two matrices (or stacks of them) on the CuPy stand-in: (left shape, right shape)."""
+    calls = []
+    mm, rmm, ufunc_call = cp.ndarray.__matmul__, cp.ndarray.__rmatmul__, cp.ufunc.__call__
+
+    def note(a, b):
+        if getattr(a, "ndim", 0) >= 2 and getattr(b, "ndim", 0) >= 2:
+            calls.append((tuple(a.shape), tuple(b.shape)))
+
+    def matmul(a, b):
+        note(a, b)
+        return mm(a, b)
+
+    def rmatmul(b, a):
+        note(a, b)
+        return rmm(b, a)
+
+    def call(self, *args, **kw):
+        if self.name == "matmul":
+            note(*args[:2])
+        return ufunc_call(self, *args, **kw)
+
+    monkeypatch.setattr(cp.ndarray, "__matmul__", matmul)
+    monkeypatch.setattr(cp.ndarray, "__rmatmul__", rmatmul)
+    monkeypatch.setattr(cp.ufunc, "__call__", call)
+    return calls
+
+
+@pytest.mark.parametrize("trained,weight_gemms,gemms", [
+    (None, 10, None),  # every linear: 2 blocks x (qkv, proj, fc1, fc2), the patch embedding, the head
+    (["patch_embed.proj.weight"], 1, None),  # every block runs its input gradient, no weight gradient
+    (["blocks.0.mlp.fc2.weight", "blocks.1.norm1.weight"], 1, None),  # a norm's affine needs no GEMM
+    (["head.weight", "head.bias"], 1, 1),  # the head's dW alone: nothing flows below the head
+    (["blocks.1.mlp.fc1.weight"], 1, 3),  # the head's dx, fc2's dx, fc1's dW: then the backward stops
+])
+def test_a_frozen_layer_costs_no_weight_gradient_and_nothing_runs_below_the_lowest_trained(
+        monkeypatch, trained, weight_gemms, gemms):
+    """Counted on the CuPy stand-in: a weight-gradient GEMM sums over the batch's rows (its contraction is
+    B x tokens: 3 x 5, 3 x 4 patches or the last block's 3 x 1), every other product over a width."""
+    from tinyvit.testing import cupy_standin as cp
+    cfg = _family("dinov2")  # 2 blocks, dim 32, 4 patches + the class token, 5 classes
+    params = to_device(_randomized_params(cfg, seed=1), cp)
+    x = cp.asarray(np.random.default_rng(0).normal(size=(3, 3, cfg.img_size, cfg.img_size)))
+    logits, cache = vit_forward(params, x, cfg)
+    _, ce = cross_entropy_forward(logits, cp.asarray(np.arange(3)))
+    dlogits = cross_entropy_backward(1.0, ce)
+    calls = _gemm_counter(monkeypatch, cp)
+    grads = vit_backward(dlogits, cache, trained)
+    assert set(grads) == set(trained or params)
+    rows = {3, 3 * 4, 3 * 5}
+    assert sum(len(a) == len(b) == 2 and a[1] in rows for a, b in calls) == weight_gemms, calls
+    if gemms is not None:
+        assert len(calls) == gemms, calls

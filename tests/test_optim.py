@@ -343,3 +343,29 @@ def test_layer_decay_scales_each_params_step():
         b = {k: p[k].copy()}
         optim.AdamW(lr=lr, weight_decay=0.05).step(b, {k: g[k]})
         assert np.array_equal(a[k], b[k]), k
+
+
+def test_trainable_names_freeze_by_shell_pattern():
+    names = list(SHAPES)
+    trained = optim.trainable_names(names, ("patch_embed.*", "cls_token", "blocks.[0-5].*"))
+    assert trained == {"pos_embed", "norm.bias", "head.weight"}
+    assert optim.trainable_names(names, ()) is None  # nothing frozen: every param trains
+    with pytest.raises(TinyViTError, match=r"--freeze 'blocks\.7\.\*' matches no parameter of the model") as e:
+        optim.trainable_names(names, ("head.*", "blocks.7.*"))
+    assert "\n" not in str(e.value) and "blocks.0.*" in str(e.value)
+    with pytest.raises(TinyViTError, match="freezes every parameter"):
+        optim.trainable_names(names, ("*",))
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_the_optimizer_holds_state_for_the_trained_params_alone(name):
+    """Stepped with the trained params' grads (as the loop does), the state and its state_dict name those alone."""
+    rng = np.random.default_rng(0)
+    params = {k: rng.normal(size=s) for k, s in SHAPES.items()}
+    trained = optim.trainable_names(params, ("blocks.*", "patch_embed.*"))
+    frozen = {k: v.copy() for k, v in params.items() if k not in trained}
+    opt = optim.make_optimizer(name, lr=1e-2)
+    for _ in range(2):
+        opt.step({k: params[k] for k in trained}, {k: rng.normal(size=params[k].shape) for k in trained})
+    assert {key.split("/", 1)[1] for key in opt.state_dict() if key != "step"} == trained
+    assert all(np.array_equal(params[k], v) for k, v in frozen.items())

@@ -47,6 +47,17 @@ def test_benchmark_vs_torch_smoke():
     assert 1 <= case["tinyvit_shards"] <= 4  # batch 4: at most one image per shard
 
 
+def test_benchmark_freeze_times_the_step_with_and_without():
+    r = run_script("benchmark.py", "--preset", "mnist", "--batch", "4", "--reps", "1", "--rounds", "1",
+                   "--freeze", "patch_embed.*,cls_token,pos_embed,blocks.[0-4].*", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["full_step_ms"] > 0 and out["frozen_step_ms"] > 0 and out["ratio"] > 0
+    assert 0 < out["trained_params"] < out["params"]
+    r = run_script("benchmark.py", "--preset", "mnist", "--freeze", "blocks.9.*")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--freeze 'blocks.9.*' matches no parameter" in r.stderr
+
+
 # --- evaluate.py on a folder of some of the model's classes ------------------------------------
 
 NAMES = ["cat", "dog", "owl"]

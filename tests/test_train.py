@@ -291,3 +291,21 @@ def test_resume_of_a_finished_run_changes_nothing(tmp_path):
     (tmp_path / "model.npz").unlink()  # killed between the last checkpoint and the model: it is written
     again = _run(tmp_path, tc, resume=tmp_path / "checkpoint.npz")
     assert not again["already_finished"] and load_checkpoint(tmp_path / "model.npz")[2]["history"]
+
+
+def test_freeze_trains_the_rest_alone_and_resumes_exactly(tmp_path):
+    """Frozen params end bit-identical to the start, the checkpoint's optimizer state names the trained ones
+    alone, and a run stopped and resumed (its patterns read back from the checkpoint) ends as the straight one."""
+    init = init_params(TINY, seed=0)
+    tc = TrainConfig(epochs=2, batch_size=32, lr=2e-3, warmup_epochs=0.25, freeze=("patch_embed.*", "blocks.0.*"))
+    straight = _run(tmp_path / "a", tc)["params"]
+    frozen = {k for k in init if k.startswith(("patch_embed.", "blocks.0."))}
+    assert frozen and all(np.array_equal(straight[k], init[k]) == (k in frozen) for k in init)
+    state = load_optimizer_state(tmp_path / "a" / "checkpoint.npz")
+    assert {k.split("/", 1)[1] for k in state if k != "step"} == set(init) - frozen
+    assert _run(tmp_path / "b", tc, max_steps=11)["stopped_early"]
+    resumed = _run(tmp_path / "c", tc, resume=tmp_path / "b" / "checkpoint.npz")["params"]
+    assert all(np.array_equal(resumed[k], v) for k, v in straight.items())
+    with pytest.raises(TinyViTError, match="training settings differ"):
+        _run(tmp_path / "d", TrainConfig(**dict(vars(tc), freeze=("patch_embed.*",))),
+             resume=tmp_path / "b" / "checkpoint.npz")

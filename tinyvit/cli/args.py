@@ -95,7 +95,7 @@ def add_run_args(ap, out_default):
 
 # flags about where and how a run is watched, not what it computes: never saved, never compared
 RUN_ONLY = frozenset({"resume", "out", "overwrite", "quiet", "json", "time_limit", "save_every", "backend",
-                      "data_dir", "workers", "feature_batch", "cache_dir"})
+                      "data_dir", "workers", "feature_batch", "cache_dir", "grad_checkpointing"})
 
 
 def run_args(args) -> dict:

@@ -27,13 +27,15 @@ from .report import report
 # the other flags' defaults, applied after parsing (and after --resume restored the saved run's);
 # img_size None: the weights' own size (a preset's: 224)
 FLAG_DEFAULTS = {"mode": "head", "img_size": None, "head_epochs": 1, "head_lr": HEAD.lr, "grad_accum": 1,
-                 "feature_batch": 64, "val_split": 0.1, "workers": 2, "strict": False, "drop_path": 0.0}
+                 "feature_batch": 64, "val_split": 0.1, "workers": 2, "strict": False, "drop_path": 0.0, "freeze": "",
+                 "grad_checkpointing": False}
 
 # flags that act only in some modes -> (those modes, the value that changes nothing)
 MODE_ONLY = {"augment": (("full", "progressive"), "none"), "drop_path": (("full", "progressive"), 0.0),
              "layer_decay": (("full", "progressive"), 0.0), "ema": (("full", "progressive"), 0.0),
              "grad_accum": (("full", "progressive"), 1), "head_epochs": (("progressive",), None),
-             "head_lr": (("progressive",), None), "feature_batch": (("head",), None), "cache_dir": (("head",), None)}
+             "head_lr": (("progressive",), None), "feature_batch": (("head",), None), "cache_dir": (("head",), None),
+             "freeze": (("full", "progressive"), ""), "grad_checkpointing": (("full", "progressive"), False)}
 
 
 def parser(description, data_default=None, out_default="runs/finetune"):
@@ -65,6 +67,14 @@ def parser(description, data_default=None, out_default="runs/finetune"):
     ap.add_argument("--drop-path", type=float, default=None, metavar="RATE",
                     help="stochastic depth in full and progressive mode: block i drops its residual branches "
                          f"per sample with probability RATE * i / (depth - 1), as timm (default {d['drop_path']})")
+    ap.add_argument("--freeze", default=None, metavar="PATTERN[,PATTERN]",
+                    help="full and progressive mode: the params whose timm names match these shell patterns stay "
+                         "frozen, e.g. 'patch_embed.*,blocks.[0-5].*' (no weight gradient, and the backward stops at "
+                         "the lowest trained param: a faster step; the optimizer keeps no state for them)")
+    ap.add_argument("--grad-checkpointing", action="store_true", default=None,
+                    help="full and progressive mode: keep only each block's input in the forward and run the block "
+                         "again in the backward (timm's name): the same gradients, bit for bit, for far less memory, "
+                         "at the cost of a second forward pass of the blocks")
     ap.add_argument("--grad-accum", type=int, default=None, help=f"micro-batches per optimizer step (default {d['grad_accum']})")
     ap.add_argument("--feature-batch", type=int, default=None,
                     help=f"head mode: images per backbone pass (default {d['feature_batch']})")
@@ -147,7 +157,9 @@ def train_settings(args) -> TrainConfig:
     progressive = args.mode == "progressive"
     return dataclasses.replace(train_config(args, MODE_DEFAULTS[args.mode]), grad_accum=args.grad_accum,
                                head_epochs=args.head_epochs if progressive else 0,
-                               head_lr=args.head_lr if progressive else 0.0)
+                               head_lr=args.head_lr if progressive else 0.0,
+                               freeze=tuple(p.strip() for p in args.freeze.split(",") if p.strip()),
+                               grad_checkpointing=args.grad_checkpointing)
 
 
 def main(description, data_default=None, out_default="runs/finetune", argv=None, weights_default=None):

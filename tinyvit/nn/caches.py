@@ -162,6 +162,20 @@ class BlockCache(NamedTuple):
     lora: Optional[list] = None  # the adapted linears' (name, LoraWeightCache) (tinyvit.nn.lora.adapted_block)
 
 
+class BlockCheckpoint(NamedTuple):
+    """model._features_forward with grad_checkpointing: what recomputes a block in the backward in place of
+    its BlockCache: its input, the record of its random draws (tinyvit.nn.recompute; None when it drew
+    none) and what it ran with."""
+
+    x: Array  # (B, N, C), the block's input
+    draws: Any
+    params: dict
+    cfg: Any
+    train: bool
+    queries: Optional[int]
+    drop_path: float
+
+
 class EmbedCache(NamedTuple):
     """model._embed_forward: the patch embedding, the prefix tokens' names and lengths, dropout, norm_pre."""
 
@@ -176,7 +190,7 @@ class FeaturesCache(NamedTuple):
     """model._features_forward: the embedding, each block's cache (popped by backward), the pooling."""
 
     embed: EmbedCache
-    blocks: list  # of BlockCache
+    blocks: list  # of BlockCache, or of BlockCheckpoint with grad_checkpointing
     pool: PoolCache
 
 

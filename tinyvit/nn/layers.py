@@ -43,16 +43,17 @@ def linear_forward(x, w, b=None):
     return out.reshape(x.shape[:-1] + (w.shape[0],)), LinearCache(x, w, b is not None)
 
 
-def linear_backward(dout, cache, need_dx=True):
-    """Return (dx, dw, db); db is None when the layer has no bias, dx None if not needed (plain form:
-    reference.linear_backward)."""
+def linear_backward(dout, cache, need_dx=True, need_dw=True):
+    """Return (dx, dw, db); db is None when the layer has no bias, dx None if not need_dx, dw and db None
+    if not need_dw (a frozen layer: no weight-gradient GEMM, no bias sum) (plain form: reference.linear_backward)."""
     x = cache.x
     d_out = dout.shape[-1]
     dout2 = dout.reshape(-1, d_out)  # (M, out)
-    x2 = x.reshape(-1, x.shape[-1])  # (M, in)
-    dw = dout2.T @ x2  # (out, in)
-    db = colsum(dout2) if cache.has_b else None
-    dx = (dout2 @ cache.w).reshape(x.shape) if need_dx else None  # (..., in)
+    dw = db = None
+    if need_dw:
+        dw = dout2.T @ x.reshape(-1, x.shape[-1])  # (out, in)
+        db = colsum(dout2) if cache.has_b else None
+    dx = (dout2 @ cache.w).reshape(dout.shape[:-1] + cache.w.shape[1:]) if need_dx else None  # (..., in)
     return dx, dw, db
 
 
@@ -124,14 +125,16 @@ def _layernorm_fused(x, w, b, eps):
     return y, LayerNormCache(xhat, rstd, w)
 
 
-def layernorm_backward(dout, cache):
-    """Return (dx, dw, db) of layernorm_forward (dw = db = None without an affine); plain form:
-    reference.layernorm_backward."""
+def layernorm_backward(dout, cache, need_dx=True, need_dw=True):
+    """Return (dx, dw, db) of layernorm_forward (dw = db = None without an affine or need_dw, dx None
+    without need_dx); plain form: reference.layernorm_backward."""
     xhat, rstd, w = cache.xhat, cache.rstd, cache.w
     xp = get_array_module(dout)
     c = xhat.shape[-1]
-    dw = None if w is None else colsum((dout * xhat).reshape(-1, c))
-    db = None if w is None else colsum(dout.reshape(-1, c))
+    dw = None if w is None or not need_dw else colsum((dout * xhat).reshape(-1, c))
+    db = None if w is None or not need_dw else colsum(dout.reshape(-1, c))
+    if not need_dx:
+        return None, dw, db
     if xp is not np:
         return kernels.layernorm_grad(dout, xhat, rstd, w), dw, db
 
@@ -167,21 +170,30 @@ def layernorm_linear_forward(x, ln_w, ln_b, w, b, eps=1e-5):
     return out, LayerNormLinearCache(c_ln, c_lin, fold, w, ln_w, ln_b, b is not None)
 
 
-def layernorm_linear_backward(dout, cache):
-    """Return (dx, d ln_w, d ln_b, dw, db) of layernorm_linear_forward; db is None without a bias (plain
-    form: reference.linear_backward, then reference.layernorm_backward)."""
+def layernorm_linear_backward(dout, cache, need_dx=True, need_dw=True, need_ln_dw=True):
+    """Return (dx, d ln_w, d ln_b, dw, db) of layernorm_linear_forward; db is None without a bias, dw and
+    db None without need_dw (the linear frozen), d ln_w and d ln_b None without need_ln_dw (the norm's
+    affine frozen), dx None without need_dx (plain form: reference.linear_backward, then
+    reference.layernorm_backward)."""
     if not cache.fold:
-        dy, dw, db = linear_backward(dout, cache.lin)
-        dx, d_ln_w, d_ln_b = layernorm_backward(dy, cache.ln)
+        dy, dw, db = linear_backward(dout, cache.lin, need_dx or need_ln_dw, need_dw)
+        dx = d_ln_w = d_ln_b = None
+        if dy is not None:
+            dx, d_ln_w, d_ln_b = layernorm_backward(dy, cache.ln, need_dx, need_ln_dw)
         return dx, d_ln_w, d_ln_b, dw, db
     w, ln_w, ln_b = cache.w, cache.ln_w, cache.ln_b
-    dxhat, dw_fold, db_fold = linear_backward(dout, cache.lin)
-    dw = dw_fold * ln_w  # through w * g ...
-    dw += db_fold[:, None] * ln_b  # ... and through w @ beta: (out, in)
-    d_ln_w = colsum(w * dw_fold)  # sum over outputs of w_oi * dL/dw'_oi: (in,)
-    d_ln_b = db_fold @ w  # (in,)
-    dx, _, _ = layernorm_backward(dxhat, cache.ln)
-    return dx, d_ln_w, d_ln_b, dw, (db_fold if cache.has_b else None)
+    dxhat, dw_fold, db_fold = linear_backward(dout, cache.lin, need_dx, need_dw or need_ln_dw)
+    dw = db = d_ln_w = d_ln_b = dx = None
+    if need_dw:
+        dw = dw_fold * ln_w  # through w * g ...
+        dw += db_fold[:, None] * ln_b  # ... and through w @ beta: (out, in)
+        db = db_fold if cache.has_b else None
+    if need_ln_dw:
+        d_ln_w = colsum(w * dw_fold)  # sum over outputs of w_oi * dL/dw'_oi: (in,)
+        d_ln_b = db_fold @ w  # (in,)
+    if need_dx:
+        dx, _, _ = layernorm_backward(dxhat, cache.ln)
+    return dx, d_ln_w, d_ln_b, dw, db
 
 
 def gelu_linear_forward(x, w, b=None, kind="erf", p_drop=0.0, rng=None, train=True):
@@ -195,14 +207,19 @@ def gelu_linear_forward(x, w, b=None, kind="erf", p_drop=0.0, rng=None, train=Tr
     return out, GeluLinearCache(c_g, mask, c_lin.w, c_lin.has_b)  # y is freed here
 
 
-def gelu_linear_backward(dout, cache):
-    """Return (dx, dw, db) of gelu_linear_forward; db is None without a bias (plain form, no dropout:
+def gelu_linear_backward(dout, cache, need_dx=True, need_dw=True):
+    """Return (dx, dw, db) of gelu_linear_forward; db is None without a bias, dw and db None without
+    need_dw (the input is then not remade), dx None without need_dx (plain form, no dropout:
     reference.linear_backward, then reference.gelu_backward)."""
-    y = cache.gelu.x * cache.gelu.c  # the GELU output again
-    if cache.mask is not None:
-        y *= cache.mask  # and its dropout
-    dy, dw, db = linear_backward(dout, LinearCache(y, cache.w, cache.has_b))
+    y = None
+    if need_dw:
+        y = cache.gelu.x * cache.gelu.c  # the GELU output again
+        if cache.mask is not None:
+            y *= cache.mask  # and its dropout
+    dy, dw, db = linear_backward(dout, LinearCache(y, cache.w, cache.has_b), need_dx, need_dw)
     del y
+    if not need_dx:
+        return None, dw, db
     dy = dropout_backward(dy, cache.mask)
     return gelu_backward(dy, cache.gelu), dw, db
 
@@ -292,14 +309,17 @@ def attention_probs(heads_cache):
     return heads_cache.e * heads_cache.r
 
 
-def attention_heads_backward(dout, cache):
-    """Return (dqkv, dw_proj, db_proj) of attention_heads_forward; dqkv is (B, N, 3C) for any queries
-    (plain form: reference.attention_backward up to its qkv linear)."""
+def attention_heads_backward(dout, cache, need_dx=True, need_dw=True):
+    """Return (dqkv, dw_proj, db_proj) of attention_heads_forward; dqkv is (B, N, 3C) for any queries, None
+    without need_dx; dw_proj and db_proj None without need_dw (plain form: reference.attention_backward
+    up to its qkv linear)."""
     q, k, v, e, r = cache.q, cache.k, cache.v, cache.e, cache.r
     xp = get_array_module(dout)
     B, H, n, D = q.shape
     N = k.shape[2]
-    do, dw_proj, db_proj = linear_backward(dout, cache.proj)  # (B, n, C)
+    do, dw_proj, db_proj = linear_backward(dout, cache.proj, need_dx, need_dw)  # (B, n, C)
+    if not need_dx:
+        return None, dw_proj, db_proj
     u = (do.reshape(B, n, H, D) * r.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)  # (B, H, n, D): do * r
     dqkv = xp.empty((B, N, 3, H, D), dtype=dout.dtype)  # the layout qkv had: no copy back
     dq, dk, dv = dqkv.transpose(2, 0, 3, 1, 4)  # each (B, H, N, D), views written in place
@@ -332,13 +352,13 @@ def patch_embed_forward(x, w, b):
     return out, PatchEmbedCache(c_lin, x.shape, w.shape)
 
 
-def patch_embed_backward(dout, cache, need_dx=True):
-    """Return (dx, dw, db) of patch_embed_forward; dx is None when not needed (plain form:
-    reference.patch_embed_backward)."""
+def patch_embed_backward(dout, cache, need_dx=True, need_dw=True):
+    """Return (dx, dw, db) of patch_embed_forward; dx is None when not needed, dw and db without need_dw
+    (plain form: reference.patch_embed_backward)."""
     B, Cin, H, W = cache.x_shape
     P = cache.w_shape[2]
-    dpatches, dw, db = linear_backward(dout, cache.lin, need_dx)  # (B, N, Cin*P*P)
-    dw = dw.reshape(cache.w_shape)  # (C, Cin, P, P)
+    dpatches, dw, db = linear_backward(dout, cache.lin, need_dx, need_dw)  # (B, N, Cin*P*P)
+    dw = None if dw is None else dw.reshape(cache.w_shape)  # (C, Cin, P, P)
     if not need_dx:
         return None, dw, db
     dpatches = dpatches.reshape(B, H // P, W // P, Cin, P, P).transpose(0, 3, 1, 4, 2, 5)  # (B, Cin, hp, P, wp, P)

@@ -273,6 +273,11 @@ def _weight_key(name):
     return name.rsplit(".", 1)[0] + ".qkv.weight" if name.rsplit(".", 1)[1] in ROWS else name + ".weight"
 
 
+def adapted_layers(caches):
+    """The names of the linears (blocks.i.attn.qkv, ...) that adapter_grads needs a weight gradient of."""
+    return {_weight_key(name)[:-len(".weight")] for name, _ in caches or ()}
+
+
 def adapted_block(params, prefix, lora: Optional[LoraConfig], train=False):
     """(params, caches) for the block at prefix: params seen through each adapted linear's W_eff (the
     block's code runs unchanged on it), and what adapter_grads needs; (params, None) without adapters."""

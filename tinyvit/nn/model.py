@@ -8,7 +8,7 @@ from ..backend import get_array_module
 from ..cpu.threads import batch_shards, in_place_blocks, run_shards
 from ..errors import TinyViTError
 from .branch import drop_path_backward, drop_path_forward
-from .caches import BlockCache, DistilledHeadCache, EmbedCache, FeaturesCache, LayerScaleFold, ViTCache
+from .caches import BlockCache, BlockCheckpoint, DistilledHeadCache, EmbedCache, FeaturesCache, LayerScaleFold, ViTCache
 from .config import (  # noqa: F401  (re-exported: the model's names in one place)
     PRESETS,
     ViTConfig,
@@ -38,9 +38,10 @@ from .layers import (
     patch_embed_forward,
     rowsum,
 )
-from .lora import adapted_block, adapter_grads
+from .lora import adapted_block, adapted_layers, adapter_grads
 from .pool import head_backward as _head_backward
 from .pool import head_forward, pool_backward, pool_forward
+from .recompute import mark, replay
 
 # --- forward / backward -----------------------------------------------------------------------
 
@@ -120,32 +121,50 @@ def _put(grads, name, g):
         grads[name] = g
 
 
-def _block_backward(dx, cache, grads, prefix):
+def _block_backward(dx, cache, grads, prefix, want=None, below=True):
     """Reverse of _block_forward; writes param grads into `grads`, returns d(block input).
 
-    `cache` is the block's only remaining reference (popped by vit_backward), so each layer's
-    saved arrays are freed as soon as its backward is done: a lower peak, as torch frees saved tensors.
-    Plain form: reference.block_backward."""
+    want(name): whether a param trains (None: all); a frozen layer's weight gradient is not computed.
+    below: whether anything under the block trains; if not, the backward stops at the lowest trained
+    layer and returns None. `cache` is the block's only remaining reference (popped by vit_backward), so
+    each layer's saved arrays are freed as soon as its backward is done: a lower peak, as torch frees
+    saved tensors. Plain form: reference.block_backward."""
     c_n1, c_at, c_d1, c_f1, c_f2, c_d3, f1, c_dp1, f2, c_dp2, c_lora = cache  # unpacked so each part can be freed
     del cache
-    dh = dropout_backward(drop_path_backward(dx, c_dp2), c_d3)
-    dh, dw, db = gelu_linear_backward(dh, c_f2)
-    _unfold(grads, prefix, "mlp.fc2", "ls2.gamma", dw, db, f2)
-    del c_f2
-    dh, grads[prefix + "norm2.weight"], grads[prefix + "norm2.bias"], grads[prefix + "mlp.fc1.weight"], \
-        grads[prefix + "mlp.fc1.bias"] = layernorm_linear_backward(dh, c_f1)
-    del c_f1
-    dx = dx + dh  # residual: both paths carry the gradient
-    dh = dropout_backward(drop_path_backward(dx, c_dp1), c_d1)
-    dqkv, dw, db = attention_heads_backward(dh, c_at)
-    _unfold(grads, prefix, "attn.proj", "ls1.gamma", dw, db, f1)
-    del c_at
-    dh, grads[prefix + "norm1.weight"], grads[prefix + "norm1.bias"], grads[prefix + "attn.qkv.weight"], qkv_b = \
-        layernorm_linear_backward(dqkv, c_n1)  # (B, N, C)
-    _put(grads, prefix + "attn.qkv.bias", qkv_b)
-    adapter_grads(grads, c_lora)
-    dh[:, :dx.shape[1]] += dx  # the residual reaches the tokens the block returned (all, or the first n)
-    return dh
+    adapted = adapted_layers(c_lora)  # an adapter trains through its frozen weight's gradient
+    t = {k: want is None or prefix + k in adapted or any(want(prefix + k + s) for s in (".weight", ".bias", ".gamma"))
+         for k in ("mlp.fc2", "ls2", "mlp.fc1", "norm2", "attn.proj", "ls1", "attn.qkv", "norm1")}
+    t_attn = below or t["attn.proj"] or t["ls1"] or t["attn.qkv"] or t["norm1"]  # the gradient between the branches
+    try:
+        dh = dropout_backward(drop_path_backward(dx, c_dp2), c_d3)
+        dh, dw, db = gelu_linear_backward(dh, c_f2, t_attn or t["mlp.fc1"] or t["norm2"], t["mlp.fc2"] or t["ls2"])
+        if dw is not None:
+            _unfold(grads, prefix, "mlp.fc2", "ls2.gamma", dw, db, f2)
+        del c_f2
+        if dh is None:
+            return None
+        dh, grads[prefix + "norm2.weight"], grads[prefix + "norm2.bias"], grads[prefix + "mlp.fc1.weight"], \
+            grads[prefix + "mlp.fc1.bias"] = layernorm_linear_backward(dh, c_f1, t_attn, t["mlp.fc1"], t["norm2"])
+        del c_f1
+        if not t_attn:
+            return None
+        dx = dx + dh  # residual: both paths carry the gradient
+        dh = dropout_backward(drop_path_backward(dx, c_dp1), c_d1)
+        dqkv, dw, db = attention_heads_backward(dh, c_at, below or t["attn.qkv"] or t["norm1"], t["attn.proj"] or t["ls1"])
+        if dw is not None:
+            _unfold(grads, prefix, "attn.proj", "ls1.gamma", dw, db, f1)
+        del c_at
+        if dqkv is None:
+            return None
+        dh, grads[prefix + "norm1.weight"], grads[prefix + "norm1.bias"], grads[prefix + "attn.qkv.weight"], qkv_b = \
+            layernorm_linear_backward(dqkv, c_n1, below, t["attn.qkv"], t["norm1"])  # (B, N, C)
+        _put(grads, prefix + "attn.qkv.bias", qkv_b)
+        if not below:
+            return None
+        dh[:, :dx.shape[1]] += dx  # the residual reaches the tokens the block returned (all, or the first n)
+        return dh
+    finally:  # every return, the early ones too: the adapters' gradients come from d W_eff
+        adapter_grads(grads, c_lora)
 
 
 def _prepare_images(params, images, cfg):
@@ -189,27 +208,38 @@ def _embed_forward(params, images, cfg, train, rng):
     return x, EmbedCache(c_pe, [(n, params[n].shape[1]) for n in names], cfg.no_embed_class, c_pd, c_pre)
 
 
-def _embed_backward(dx, cache, grads):
-    """Reverse of _embed_forward: writes the embedding's grads into grads."""
-    if cache.norm_pre is not None:
-        dx, grads["norm_pre.weight"], grads["norm_pre.bias"] = layernorm_backward(dx, cache.norm_pre)
-    dx = dropout_backward(dx, cache.pos_drop)  # (B, P+N, C)
+def _embed_backward(dx, cache, grads, want=None):
+    """Reverse of _embed_forward: writes the embedding's grads (those want(name) asks for; None: all) into grads."""
     P = sum(n for _, n in cache.prefix)
-    dpos = dx[:, P:] if cache.no_embed_class else dx
-    grads["pos_embed"] = colsum(dpos.reshape(dpos.shape[0], -1)).reshape((1,) + dpos.shape[1:])  # (1, N[+P], C)
+    t_pos, t_patch = want is None or want("pos_embed"), want is None or any(
+        want("patch_embed.proj." + k) for k in ("weight", "bias"))
+    t_tokens = [want is None or want(name) for name, _ in cache.prefix]
+    if cache.norm_pre is not None:
+        dx, grads["norm_pre.weight"], grads["norm_pre.bias"] = layernorm_backward(
+            dx, cache.norm_pre, t_pos or t_patch or any(t_tokens), want is None or want("norm_pre.weight")
+            or want("norm_pre.bias"))
+        if dx is None:
+            return
+    dx = dropout_backward(dx, cache.pos_drop)  # (B, P+N, C)
+    if t_pos:
+        dpos = dx[:, P:] if cache.no_embed_class else dx
+        grads["pos_embed"] = colsum(dpos.reshape(dpos.shape[0], -1)).reshape((1,) + dpos.shape[1:])  # (1, N[+P], C)
     start = 0
-    for name, n in cache.prefix:
-        grads[name] = dx[:, start:start + n].sum(axis=0, keepdims=True)  # (1, n, C)
+    for (name, n), t in zip(cache.prefix, t_tokens):
+        if t:
+            grads[name] = dx[:, start:start + n].sum(axis=0, keepdims=True)  # (1, n, C)
         start += n
-    _, grads["patch_embed.proj.weight"], patch_b = patch_embed_backward(dx[:, P:], cache.patch_embed, need_dx=False)
-    _put(grads, "patch_embed.proj.bias", patch_b)
+    if t_patch:
+        _, grads["patch_embed.proj.weight"], patch_b = patch_embed_backward(dx[:, P:], cache.patch_embed, need_dx=False)
+        _put(grads, "patch_embed.proj.bias", patch_b)
 
 
-def _features_forward(params, images, cfg, train, rng, keep_cache=True, all_tokens=False):
+def _features_forward(params, images, cfg, train, rng, keep_cache=True, all_tokens=False, checkpoint=False):
     """The embedding, the blocks, the final norm and the pooling: what the head reads (B, feature_dim).
 
     keep_cache=False (inference) drops each block's intermediates as soon as the next block
-    runs, so memory holds about one block's worth instead of the whole backward cache.
+    runs, so memory holds about one block's worth instead of the whole backward cache; checkpoint
+    keeps each block's input alone (a BlockCheckpoint), which the backward runs the block again from.
     A head reading the class token alone (token pooling) lets the last block compute only that
     token's output (after an attention over every token) unless all_tokens: the same features for
     about 1/depth less work. Plain form: reference.vit_forward, up to its head."""
@@ -218,22 +248,26 @@ def _features_forward(params, images, cfg, train, rng, keep_cache=True, all_toke
     blocks = []
     infer = not keep_cache and not train and get_array_module(x) is np
     for i in range(cfg.depth):
-        last = i == cfg.depth - 1 and not all_tokens
+        q = cfg.head_tokens if i == cfg.depth - 1 and not all_tokens else None  # the last block: the head's tokens
         if infer:
-            x = _block_infer(params, f"blocks.{i}.", x, cfg, cfg.head_tokens if last else None)
+            x = _block_infer(params, f"blocks.{i}.", x, cfg, q)
             continue
-        x, c = _block_forward(params, f"blocks.{i}.", x, cfg, train, rng, keep_cache,
-                              cfg.head_tokens if last else None, rates[i])
+        draws, record = rng, None
+        if keep_cache and checkpoint:
+            x_in = x
+            if train and (cfg.dropout or cfg.attn_dropout or rates[i]):  # the draws the recompute repeats
+                draws, record = mark(rng)
+        x, c = _block_forward(params, f"blocks.{i}.", x, cfg, train, draws, keep_cache, q, rates[i])
         if keep_cache:
-            blocks.append(c)
+            blocks.append(BlockCheckpoint(x_in, record, params, cfg, train, q, rates[i]) if checkpoint else c)
         del c
     feats, c_pool = pool_forward(params, x, cfg)
     return feats, (FeaturesCache(c_em, blocks, c_pool) if keep_cache else None)
 
 
-def _forward(params, images, cfg, train, rng, keep_cache, all_tokens):
+def _forward(params, images, cfg, train, rng, keep_cache, all_tokens, checkpoint=False):
     """vit_forward on one (prepared) batch or shard."""
-    feats, c_body = _features_forward(params, images, cfg, train, rng, keep_cache, all_tokens)
+    feats, c_body = _features_forward(params, images, cfg, train, rng, keep_cache, all_tokens, checkpoint)
     logits, c_h = head_forward(params, feats, cfg)
     return logits, (ViTCache(c_body, c_h) if keep_cache else None)
 
@@ -257,16 +291,20 @@ def _run_batch(fn, params, images, cfg, train):
     return shards, run_shards(lambda s: fn(images[s]), shards)
 
 
-def vit_forward(params, images, cfg: ViTConfig, train=False, rng=None, keep_cache=True, all_tokens=False):
+def vit_forward(params, images, cfg: ViTConfig, train=False, rng=None, keep_cache=True, all_tokens=False,
+                grad_checkpointing=False):
     """Logits (B, num_classes) for NCHW images, computed in the params' dtype; returns (logits, cache).
 
     With keep_cache=False (inference only) the cache is None and memory stays about one block's worth.
+    grad_checkpointing (timm's name) keeps each block's input alone and vit_backward runs the block again
+    (with the same dropout and drop-path draws): the same gradients, bit for bit, for about one block's
+    cache in memory instead of every block's, at the cost of a second forward of the blocks.
     The last block runs on the class token alone (the head reads nothing else); all_tokens=True runs
     it on every token, which only attention_maps needs: the logits and gradients are the same.
     On NumPy the batch runs as one shard per core (see tinyvit.cpu.threads.batch_shards; TINYVIT_SHARDS=1 turns
     that off); the logits and gradients are the same up to float rounding. Plain form: reference.vit_forward.
     """
-    shards, outs = _run_batch(lambda x: _forward(params, x, cfg, train, rng, keep_cache, all_tokens),
+    shards, outs = _run_batch(lambda x: _forward(params, x, cfg, train, rng, keep_cache, all_tokens, grad_checkpointing),
                               params, images, cfg, train)
     if shards is None:
         return outs[0]
@@ -274,19 +312,47 @@ def vit_forward(params, images, cfg: ViTConfig, train=False, rng=None, keep_cach
     return logits, (_ShardedCache(shards, [shard_cache for _, shard_cache in outs]) if keep_cache else None)
 
 
-def _backward(dlogits, cache):
+def _block_cache(c, prefix):
+    """A block's BlockCache: c itself, or from a BlockCheckpoint, the block run again with the same draws."""
+    if not isinstance(c, BlockCheckpoint):
+        return c
+    return _block_forward(c.params, prefix, c.x, c.cfg, c.train, replay(c.draws), True, c.queries, c.drop_path)[1]
+
+
+_EMBED = ("cls_token", "dist_token", "reg_token", "pos_embed", "patch_embed.", "norm_pre.")
+
+
+def _stage(name, depth):
+    """Where a param sits in the backward's order, bottom up: -1 the embedding, i block i, depth the
+    final norms and pooling, depth + 1 the head(s)."""
+    if name.startswith(_EMBED):
+        return -1
+    if name.startswith("blocks."):
+        return int(name.split(".")[1])
+    return depth + 1 if name.startswith(("head.", "head_dist.")) else depth
+
+
+def _backward(dlogits, cache, trainable=None):
     """vit_backward of one batch or shard."""
     features = cache.features
     blocks = features.blocks
     if not blocks:
         raise TinyViTError("this cache was already used by vit_backward (it is consumed to free "
                            "memory) or holds no blocks: run vit_forward again")
-    dfeats, grads = _head_backward(dlogits, cache.head)
-    dx = pool_backward(dfeats, features.pool, grads)  # (B, n, C): only the tokens the pooling read
-    for i in reversed(range(len(blocks))):
-        dx = _block_backward(dx, blocks.pop(), grads, f"blocks.{i}.")  # pop: the block's cache is freed
-    _embed_backward(dx, features.embed, grads)
-    return grads
+    depth = len(blocks)
+    want = None if trainable is None else trainable.__contains__
+    low = -1 if trainable is None else min((_stage(n, depth) for n in trainable), default=depth + 2)
+    t_head = trainable is None or any(_stage(n, depth) == depth + 1 for n in trainable)
+    dfeats, grads = _head_backward(dlogits, cache.head, low <= depth, t_head)
+    dx = None
+    if low <= depth:
+        dx = pool_backward(dfeats, features.pool, grads, want, low < depth)  # (B, n, C): the tokens the pooling read
+    for i in reversed(range(max(low, 0), depth)):  # pop: the block's cache is freed
+        dx = _block_backward(dx, _block_cache(blocks.pop(), f"blocks.{i}."), grads, f"blocks.{i}.", want, low < i)
+    blocks.clear()  # the blocks under the lowest trained param: no backward reaches them
+    if low == -1:
+        _embed_backward(dx, features.embed, grads, want)
+    return grads if trainable is None else {k: g for k, g in grads.items() if g is not None and k in trainable}
 
 
 def _accumulate(x, out):
@@ -294,15 +360,21 @@ def _accumulate(x, out):
     out += x
 
 
-def vit_backward(dlogits, cache):
-    """Gradients of every parameter (same keys as params) given dL/dlogits; consumes the cache.
+def vit_backward(dlogits, cache, trainable=None):
+    """Gradients of every parameter (same keys as params), or of the names in `trainable` alone, given
+    dL/dlogits; consumes the cache.
 
-    Each block's saved arrays are released as soon as its gradients are done (as torch frees saved
-    tensors), so one forward's cache serves one backward. Shards run in parallel and their
-    gradients are summed. Plain form: reference.vit_backward."""
+    trainable (a set of param names; None: all) leaves the rest frozen: a frozen layer's weight gradient
+    is not computed, and the backward stops at the lowest trained param (nothing flows below it); the
+    trained params' gradients are the same bits as the full backward's. Each block's saved arrays are
+    released as soon as its gradients are done (as torch frees saved tensors), so one forward's cache
+    serves one backward. Shards run in parallel and their gradients are summed. Plain form:
+    reference.vit_backward."""
+    trainable = None if trainable is None else frozenset(trainable)
     if not isinstance(cache, _ShardedCache):
-        return _backward(dlogits, cache)
-    parts = run_shards(lambda i: _backward(dlogits[cache.slices[i]], cache.caches[i]), range(len(cache.slices)))
+        return _backward(dlogits, cache, trainable)
+    parts = run_shards(lambda i: _backward(dlogits[cache.slices[i]], cache.caches[i], trainable),
+                       range(len(cache.slices)))
     grads = parts[0]
     for other in parts[1:]:
         for k, g in other.items():
@@ -338,6 +410,9 @@ def attention_maps(cache):
         per_shard = [attention_maps(c) for c in cache.caches]
         return [get_array_module(m[0]).concatenate(m) for m in zip(*per_shard)]
     blocks = cache.features.blocks
+    if any(isinstance(c, BlockCheckpoint) for c in blocks):
+        raise TinyViTError("this cache holds the blocks' inputs alone (grad_checkpointing): run vit_forward "
+                           "without it for attention maps")
     if blocks and blocks[-1].attn.q.shape[2] < blocks[-1].attn.k.shape[2]:  # fewer queries than tokens
         raise TinyViTError("this cache holds the last block's class-token attention only: "
                            "run vit_forward with all_tokens=True for attention maps")

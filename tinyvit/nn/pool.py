@@ -21,6 +21,8 @@ from .layers import (
 )
 
 _MAP = "attn_pool."
+MAP_PARAMS = ("latent", "q.weight", "q.bias", "kv.weight", "kv.bias", "proj.weight", "proj.bias", "norm.weight",
+              "norm.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias")  # after _MAP
 
 
 def attention_pool_forward(x, p, heads, eps, gelu):
@@ -43,15 +45,33 @@ def attention_pool_forward(x, p, heads, eps, gelu):
     return out, AttentionPoolCache(c_q, c_kv, qh, k, v, a, c_proj, c_fc1, c_fc2, scale)
 
 
-def attention_pool_backward(dout, cache, grads):
-    """Write the 'attn_pool.*' grads of attention_pool_forward into grads; return dx (B, N, C)."""
+def _trained(want, *names):
+    """Whether any of the named params trains (want: a name's predicate, None for every param)."""
+    return want is None or any(want(n) for n in names)
+
+
+def attention_pool_backward(dout, cache, grads, want=None, need_dx=True):
+    """Write the 'attn_pool.*' grads of attention_pool_forward into grads (those want(name) asks for, a
+    frozen layer's not computed); return dx (B, N, C), or None without need_dx."""
     xp = get_array_module(dout)
+    t = {k: _trained(want, _MAP + k + ".weight", _MAP + k + ".bias") for k in ("mlp.fc2", "mlp.fc1", "norm", "proj")}
+    t_in = need_dx or _trained(want, _MAP + "kv.weight", _MAP + "kv.bias", _MAP + "q.weight", _MAP + "q.bias",
+                               _MAP + "latent")  # what the attention's backward feeds
     d = dout[:, None]  # (B, 1, C)
-    dh, grads[_MAP + "mlp.fc2.weight"], grads[_MAP + "mlp.fc2.bias"] = gelu_linear_backward(d, cache.fc2)
+    need_fc = t["mlp.fc1"] or t["norm"] or t["proj"] or t_in
+    dh, grads[_MAP + "mlp.fc2.weight"], grads[_MAP + "mlp.fc2.bias"] = gelu_linear_backward(d, cache.fc2, need_fc,
+                                                                                         t["mlp.fc2"])
+    if not need_fc:
+        return None
     dh, grads[_MAP + "norm.weight"], grads[_MAP + "norm.bias"], grads[_MAP + "mlp.fc1.weight"], \
-        grads[_MAP + "mlp.fc1.bias"] = layernorm_linear_backward(dh, cache.fc1)
+        grads[_MAP + "mlp.fc1.bias"] = layernorm_linear_backward(dh, cache.fc1, t["proj"] or t_in, t["mlp.fc1"],
+                                                                 t["norm"])
+    if not (t["proj"] or t_in):
+        return None
     dy = d + dh  # the residual
-    do, grads[_MAP + "proj.weight"], grads[_MAP + "proj.bias"] = linear_backward(dy, cache.proj)
+    do, grads[_MAP + "proj.weight"], grads[_MAP + "proj.bias"] = linear_backward(dy, cache.proj, t_in, t["proj"])
+    if not t_in:
+        return None
     qh, k, v, a = cache.qh, cache.k, cache.v, cache.a
     B, H, N, D = k.shape
     do = do.reshape(B, H, 1, D)
@@ -61,9 +81,11 @@ def attention_pool_backward(dout, cache, grads):
     ds = softmax_backward(do @ v.transpose(0, 1, 3, 2), a)  # (B, H, 1, N)
     xp.matmul(ds.transpose(0, 1, 3, 2), xp.broadcast_to(qh, (B, H, 1, D)), out=dk)
     dq = (ds @ k).sum(axis=0) * cache.scale  # (H, 1, D): the latent is shared by the batch
-    dx, grads[_MAP + "kv.weight"], grads[_MAP + "kv.bias"] = linear_backward(dkv.reshape(B, N, 2 * H * D), cache.kv)
+    dx, grads[_MAP + "kv.weight"], grads[_MAP + "kv.bias"] = linear_backward(
+        dkv.reshape(B, N, 2 * H * D), cache.kv, need_dx, _trained(want, _MAP + "kv.weight", _MAP + "kv.bias"))
     grads[_MAP + "latent"], grads[_MAP + "q.weight"], grads[_MAP + "q.bias"] = linear_backward(
-        dq.reshape(1, 1, H * D), cache.q)
+        dq.reshape(1, 1, H * D), cache.q, _trained(want, _MAP + "latent"),
+        _trained(want, _MAP + "q.weight", _MAP + "q.bias"))
     return dx
 
 
@@ -89,26 +111,35 @@ def pool_forward(params, x, cfg):
     return feats, PoolCache(pool, P, q, x.shape, c_norm, c_map, c_fc)
 
 
-def pool_backward(dfeats, cache, grads):
-    """Write the norm and pooling grads of pool_forward into grads; return dx (B, n, C)."""
+def pool_backward(dfeats, cache, grads, want=None, need_dx=True):
+    """Write the norm and pooling grads of pool_forward into grads (those want(name) asks for, a frozen
+    layer's not computed; want None: all); return dx (B, n, C), or None without need_dx."""
     xp = get_array_module(dfeats)
     B, n, C = cache.x_shape
     P, q = cache.prefix, cache.tokens
+    t_norm = cache.norm is not None and _trained(want, "norm.weight", "norm.bias")
+    t_map = cache.pool == "map" and _trained(want, *(_MAP + k for k in MAP_PARAMS))
     if cache.fc_norm is not None:
-        dfeats, grads["fc_norm.weight"], grads["fc_norm.bias"] = layernorm_backward(dfeats, cache.fc_norm)
+        dfeats, grads["fc_norm.weight"], grads["fc_norm.bias"] = layernorm_backward(
+            dfeats, cache.fc_norm, need_dx or t_norm or t_map, _trained(want, "fc_norm.weight", "fc_norm.bias"))
+    if not (need_dx or t_norm or t_map):
+        return None
     if cache.pool == "token":
         dy = dfeats if q == 1 else dfeats.reshape(B, q, C)
     else:
         dy = xp.zeros((B, n, C), dtype=dfeats.dtype)
         if cache.pool == "map":
-            dy[:, P:] = attention_pool_backward(dfeats, cache.attn_pool, grads)
+            dy_map = attention_pool_backward(dfeats, cache.attn_pool, grads, want, need_dx or t_norm)
+            if dy_map is None:
+                return None
+            dy[:, P:] = dy_map
         else:  # the mean's gradient, shared by the patches; token_avg's class half goes to token 0
             dy[:, P:] = (dfeats[:, -C:] / (n - P))[:, None]
             if cache.pool == "token_avg":
                 dy[:, 0] += dfeats[:, :C]
     if cache.norm is not None:
-        dy, grads["norm.weight"], grads["norm.bias"] = layernorm_backward(dy, cache.norm)
-    if q is None:
+        dy, grads["norm.weight"], grads["norm.bias"] = layernorm_backward(dy, cache.norm, need_dx, t_norm)
+    if q is None or dy is None:
         return dy
     dx = xp.zeros((B, n, C), dtype=dfeats.dtype)  # only the first q tokens were read
     dx[:, :q] = dy.reshape(B, q, C)
@@ -128,14 +159,15 @@ def head_forward(params, feats, cfg):
     return logits, DistilledHeadCache(c_h, c_d)
 
 
-def head_backward(dlogits, cache, need_dx=True):
-    """(dfeats, grads of the head params) of head_forward; dfeats is None unless need_dx."""
+def head_backward(dlogits, cache, need_dx=True, need_dw=True):
+    """(dfeats, grads of the head params) of head_forward; dfeats is None unless need_dx, the grads {}
+    unless need_dw (a frozen head)."""
     xp = get_array_module(dlogits)
     if not isinstance(cache, DistilledHeadCache):
-        dx, gw, gb = linear_backward(dlogits, cache, need_dx)
-        return dx, {"head.weight": gw, "head.bias": gb}
+        dx, gw, gb = linear_backward(dlogits, cache, need_dx, need_dw)
+        return dx, ({"head.weight": gw, "head.bias": gb} if need_dw else {})
     half = dlogits * 0.5
-    d0, gw, gb = linear_backward(half, cache.head, need_dx)
-    d1, gdw, gdb = linear_backward(half, cache.head_dist, need_dx)
+    d0, gw, gb = linear_backward(half, cache.head, need_dx, need_dw)
+    d1, gdw, gdb = linear_backward(half, cache.head_dist, need_dx, need_dw)
     dx = xp.concatenate([d0, d1], axis=1) if need_dx else None
-    return dx, {"head.weight": gw, "head.bias": gb, "head_dist.weight": gdw, "head_dist.bias": gdb}
+    return dx, ({"head.weight": gw, "head.bias": gb, "head_dist.weight": gdw, "head_dist.bias": gdb} if need_dw else {})

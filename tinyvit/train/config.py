@@ -27,6 +27,13 @@ class TrainConfig:
     head_lr: float = 0.0  # lr of those head epochs (cosine to min_lr, then the run's warmup); 0 = one schedule
     ema: float = 0.0  # decay of an exponential moving average of the weights (timm's model EMA); 0 = off
     layer_decay: float = 0.0  # layer-wise lr decay (optim.layer_decay_scales); 0 = off
+    freeze: tuple = ()  # shell patterns over the params' names that stay frozen (optim.trainable_names)
+    grad_checkpointing: bool = False  # keep each block's input alone, run the block again in the backward
+
+    def __post_init__(self):
+        if not isinstance(self.freeze, (list, tuple)) or not all(isinstance(p, str) for p in self.freeze):
+            raise TypeError(f"freeze must be a sequence of name patterns, got {self.freeze!r}")
+        object.__setattr__(self, "freeze", tuple(self.freeze))  # a JSON list read back from a checkpoint
 
     def make_optimizer(self, names=(), depth=0):
         """The optimizer these settings describe; with layer_decay, each of `names` (the params of a

@@ -20,7 +20,7 @@ from ..progress import Progress
 from .config import TrainConfig
 from .dist import World, world
 from .evaluate import evaluate
-from .optim import clip_grad_norm, run_schedule
+from .optim import clip_grad_norm, run_schedule, trainable_names
 
 
 class _StopFlag:
@@ -93,6 +93,7 @@ class _Run:
         self.quiet = quiet or not w.lead  # only rank 0 prints, logs and writes files
         self.files = _RunFiles(out_dir, active=w.lead)
         self.opt = tc.make_optimizer(list(params), cfg.depth)
+        self.trainable = trainable_names(params, tc.freeze)  # None: every param trains
         self.rng = np.random.default_rng(tc.seed)  # dropout; its state travels in the checkpoint
         self.epoch, self.batch, self.step, self.history, ema = 0, 0, 0, [], None
         self.saved_tally = None  # mid-epoch resume: the interrupted epoch's tally so far
@@ -173,7 +174,7 @@ class _Run:
         self.lr = self.schedule(self.step)
         # this rank's share of the global batch mean: the ranks' gradients then simply add up
         loss, correct, grads = _step_grads(self.params, x, y, self.cfg, tc, self.dev_rng, self.epoch < tc.head_epochs,
-                                           weight=len(y) / tc.batch_size)
+                                           weight=len(y) / tc.batch_size, trainable=self.trainable)
         tally.add(loss, correct, len(y))
         if tally.due():
             self.check(tally)
@@ -309,9 +310,9 @@ class _Tally:
         return state["seconds"]
 
 
-def _step_grads(params, x, y, cfg, tc, rng, head_only, weight=1.0):
+def _step_grads(params, x, y, cfg, tc, rng, head_only, weight=1.0, trainable=None):
     """Mean loss, correct count (0-d arrays, left on the device) and the gradients of weight x the
-    mean loss of one batch, over tc.grad_accum micro-batches."""
+    mean loss of one batch, over tc.grad_accum micro-batches: of the trainable params alone (None: all)."""
     k = tc.grad_accum
     if len(y) % k:
         raise TinyViTError(f"batch size {len(y)} is not divisible by grad_accum {k}")
@@ -319,13 +320,13 @@ def _step_grads(params, x, y, cfg, tc, rng, head_only, weight=1.0):
     total_loss, correct, grads = 0, 0, None
     for i in range(k):
         xb, yb = x[i * m:(i + 1) * m], y[i * m:(i + 1) * m]
-        logits, cache = vit_forward(params, xb, cfg, train=True, rng=rng)
+        logits, cache = vit_forward(params, xb, cfg, train=True, rng=rng, grad_checkpointing=tc.grad_checkpointing)
         loss, ce_cache = cross_entropy_forward(logits, yb, tc.label_smoothing)
         dlogits = cross_entropy_backward(weight / k, ce_cache)  # the batch mean is the mean of micro means
         if head_only:  # backbone frozen: only the head's gradient
             g = head_backward(dlogits, cache)
         else:
-            g = vit_backward(dlogits, cache)
+            g = vit_backward(dlogits, cache, trainable)
         if grads is None:
             grads = g
         else:
@@ -358,6 +359,7 @@ def _resume(path, params, cfg, tc, opt, rng):
         raise TinyViTError(f"{path}: model config differs from this run's (saved vs now: {diff})")
     try:  # the metadata is untrusted JSON: any wrong shape of it is a bad file
         saved = TrainConfig(**state["train_config"])
+        saved = dataclasses.replace(saved, grad_checkpointing=tc.grad_checkpointing)  # memory only: the same bits
         position = tuple(state[k] for k in ("epoch", "batch", "step"))
         history = state["history"]
         if not all(type(v) is int and v >= 0 for v in position) or not isinstance(history, list):

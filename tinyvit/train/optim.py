@@ -5,6 +5,7 @@ Optimizers follow torch.optim's single-tensor formulas (foreach=False) and updat
 State round-trips through state_dict()/load_state_dict() (flat keys `kind/param_name` plus a 0-d
 int64 `step`), so an .npz checkpoint resumes bit-exactly.
 """
+import fnmatch
 import math
 import sys
 
@@ -38,6 +39,24 @@ def layer_decay_scales(names, depth: int, decay: float) -> dict:
             return int(name.split(".")[1]) + 1
         return depth + 1
     return {n: float(decay) ** (depth + 1 - layer(n)) for n in names}
+
+
+def trainable_names(names, freeze):
+    """The params that train when those matching any of the shell patterns in freeze (fnmatch over timm's
+    names, e.g. 'patch_embed.*', 'blocks.[0-5].*') stay frozen: a frozenset, or None (all) without patterns."""
+    if not freeze:
+        return None
+    names = list(names)
+    for pattern in freeze:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            blocks = sorted({int(n.split(".")[1]) for n in names if n.startswith("blocks.")})
+            some = ", ".join(["patch_embed.*", *(f"blocks.{i}.*" for i in blocks[:1] + blocks[-1:]), names[-1]])
+            raise TinyViTError(f"--freeze {pattern!r} matches no parameter of the model (timm's names: {some}; "
+                               f"{len(blocks)} blocks)")
+    trained = frozenset(n for n in names if not any(fnmatch.fnmatchcase(n, p) for p in freeze))
+    if not trained:
+        raise TinyViTError(f"--freeze {','.join(freeze)} freezes every parameter: nothing would train")
+    return trained
 
 
 class _Optimizer:
