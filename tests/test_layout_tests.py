@@ -15,7 +15,8 @@ SCRIPTS = TESTS.parent / "scripts"
 # calls that start a process; a function that makes one (helpers.run_script, a test's own _fit ...) starts one too
 SPAWN = {"subprocess.run", "subprocess.Popen", "subprocess.call", "subprocess.check_call", "subprocess.check_output",
          "subprocess.getoutput", "subprocess.getstatusoutput", "os.system", "os.popen", "os.fork", "os.forkpty",
-         "pty.spawn", "multiprocessing.Process", "asyncio.create_subprocess_exec", "asyncio.create_subprocess_shell"}
+         "pty.spawn", "multiprocessing.Process", "asyncio.create_subprocess_exec", "asyncio.create_subprocess_shell",
+         "nbclient.execute"}  # nbclient.execute starts a Jupyter kernel
 SPAWN_PREFIXES = ("os.spawn", "os.exec", "os.posix_spawn")
 E2E = "pytest.mark.e2e"
 
@@ -55,6 +56,7 @@ CROSS_CUTTING = {
     "test_labels_figures": "io.labels, viz and scripts/show_patches.py",
     "test_layout": "tinyvit's import floor plan",
     "test_layout_tests": "the tests' own floor plan",
+    "test_notebook": "notebooks/walkthrough.ipynb, stored clean and executed top to bottom",
     "test_nvrtc": "nn.kernels as NVRTC compiles them",
     "test_robustness": "untrusted files, killed runs, non-finite numbers across the package",
     "test_scripts": "the fine-tuning and benchmark scripts end to end",
