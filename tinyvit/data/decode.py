@@ -62,7 +62,7 @@ class InputSize:
         """(H, W) of an image w wide and h high."""
         if not self.keep_aspect:
             return tuple(self.hw)
-        long = max(self.patch, round(self.side * max(w, h) / min(w, h) / self.patch) * self.patch)
+        long = max(self.patch, int(self.side * max(w, h) / min(w, h) / self.patch + 0.5) * self.patch)  # nearest
         return (self.side, long) if h <= w else (long, self.side)
 
 
