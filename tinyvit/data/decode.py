@@ -70,16 +70,18 @@ def eval_resize(img, size, resize="shortest_edge", crop_pct=0.875, interpolation
     """A Pillow image -> size x size by the eval geometry: squashed whole, or the shorter side to
     int(size / crop_pct) (the longer in proportion, rounded down) and the centre cropped, both with
     transformers' integer rounding so its image processors see the same pixels. size may be an
-    InputSize: (H, W) as timm's eval makes a rectangle (squashed, or each side to int(side / crop_pct)
-    and the centre cropped), or the whole image with its aspect kept (keep_aspect)."""
+    InputSize: (H, W) as timm's eval makes a rectangle (the aspect kept, just covering each side /
+    crop_pct, then the centre; squash: the whole image to H x W), or each image whole (keep_aspect)."""
     f = FILTERS[interpolation]
     if isinstance(size, InputSize):
         H, W = size.for_image(*img.size)
-        if size.keep_aspect or resize == "squash":
+        if size.keep_aspect or resize == "squash":  # whole, as the square squash
             return img.resize((W, H), f)
-        if H != W:  # timm's transforms_factory for a non-square input_size
-            nh, nw = int(H / crop_pct), int(W / crop_pct)
-            left, top = (nw - W) // 2, (nh - H) // 2
+        if H != W:  # timm's eval of a non-square input_size (transforms_factory.transforms_imagenet_eval):
+            sh, sw = int(H / crop_pct), int(W / crop_pct)  # ResizeKeepRatio: the aspect kept, just covering
+            r = min(img.size[1] / sh, img.size[0] / sw)  # (H, W) / crop_pct, then the centre
+            nw, nh = round(img.size[0] / r), round(img.size[1] / r)
+            left, top = int(round((nw - W) / 2.0)), int(round((nh - H) / 2.0))  # torchvision's CenterCrop
             return img.resize((nw, nh), f).crop((left, top, left + W, top + H))
         size = H
     if resize == "squash":
