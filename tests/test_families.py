@@ -153,7 +153,8 @@ def test_dynamic_img_size_matches_timm(xp, monkeypatch, family, size, dtype):
         ref_logits, ref_cache = reference.vit_forward(to_device(params, xp), to_device(images, xp), cfg)
         assert rel_err(ref_logits, logits_t.detach().numpy()) < tol
         ref = reference.vit_backward(to_device(dlogits, xp), ref_cache)
-        assert rel_err(ref["pos_embed"], model.pos_embed.grad.numpy()) < tol
+        for name, p in model.named_parameters():
+            assert rel_err(ref[name], p.grad.numpy()) < tol, name
 
 
 def test_dynamic_img_size_is_off_by_default():
