@@ -198,6 +198,7 @@ def test_intermediates_refuse_bad_indices():
     cfg = FAMILIES["dinov2"]
     params = init_params(cfg, dtype=np.float64)
     x = np.zeros((1, 3, 28, 28))
-    for bad in (0, 3, [2], [-3], []):
+    assert len(vit_intermediates(params, x, cfg, None)) == cfg.depth  # None: every block, as timm
+    for bad in (0, 3, [2], [-3], [], True, "1", 1.0):
         with pytest.raises(TinyViTError, match="indices"):
             vit_intermediates(params, x, cfg, bad)

@@ -355,8 +355,12 @@ def attention_maps(cache):
 
 def _take_indices(depth, indices):
     """The blocks to return as timm's feature_take_indices picks them: an int n is the last n blocks, a
-    list names blocks (negative ones count from the end)."""
-    if isinstance(indices, (int, np.integer)) and not isinstance(indices, bool):
+    list names blocks (negative ones count from the end), None is every block."""
+    indices = depth if indices is None else indices
+    if not isinstance(indices, (int, np.integer, list, tuple, range)) or isinstance(indices, bool):
+        raise TinyViTError(f"indices must be a whole number (the last n blocks) or a list of block indices, "
+                           f"got {type(indices).__name__}")
+    if isinstance(indices, (int, np.integer)):
         if not 0 < indices <= depth:
             raise TinyViTError(f"indices {indices}: the last n blocks needs 1 <= n <= {depth}")
         return list(range(depth - int(indices), depth))
@@ -386,7 +390,7 @@ def vit_intermediates(params, images, cfg: ViTConfig, indices, norm=False, retur
     """The outputs of the chosen blocks as timm's forward_intermediates(x, indices, norm=norm,
     output_fmt='NCHW', intermediates_only=True) returns them: a list in block order of the patch tokens
     (B, C, h, w), or of (patches, prefix tokens (B, P, C)) pairs with return_prefix_tokens on a model with
-    prefix tokens. indices as timm: an int n (the last n blocks) or a list (negative from the end)."""
+    prefix tokens. indices as timm: an int n (the last n blocks), a list (negative from the end) or None (all)."""
     take = set(_take_indices(cfg.depth, indices))
     shards, outs = _run_batch(lambda x: _intermediates_forward(params, x, cfg, take, norm), params, images, cfg, False)
     xp = get_array_module(params["pos_embed"])
