@@ -16,6 +16,7 @@ module names, transformers 5's or 4's, or timm's) into the weights: W + scale B 
 a head it saves (modules_to_save) replaces the source's.
 """
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -59,6 +60,10 @@ def parse_args(argv=None):
     ap.add_argument("--adapter", default=None,
                     help="PEFT adapter folder (LoRA or DoRA: adapter_config.json, adapter_model.safetensors) to merge "
                          "into the weights, its saved head (modules_to_save) included (default: none)")
+    ap.add_argument("--dynamic-img-size", action="store_true",
+                    help="let the model take images of any height and width that are multiples of the patch size, "
+                         "pos_embed resampled in the forward as timm's dynamic_img_size (then predict.py, "
+                         "evaluate.py take --img-size H,W or --keep-aspect) (default: the stored size only)")
     ap.add_argument("--json", action="store_true", help="print the summary as one JSON line instead of text")
     return ap.parse_args(argv)
 
@@ -84,6 +89,8 @@ def main(argv=None):
         if cfg.num_classes != old_classes:
             meta["class_names"] = [f"class_{i}" for i in range(cfg.num_classes)]
             meta["notes"].append(f"head replaced by a zero-initialised {cfg.num_classes}-class one")
+        if args.dynamic_img_size:
+            cfg = dataclasses.replace(cfg, dynamic_img_size=True)
         if cfg.img_size != old_size:
             meta["notes"].append(f"pos_embed resampled ({meta['resample']}) to {cfg.img_size // cfg.patch_size}^2 patches")
         out = save_checkpoint(args.out, params, cfg, meta)
@@ -101,7 +108,8 @@ def main(argv=None):
         return 0
     print(f"{meta['format']} -> {out}: img {cfg.img_size} patch {cfg.patch_size} dim {cfg.dim} "
           f"depth {cfg.depth} heads {cfg.heads} mlp {cfg.mlp_dim} classes {cfg.num_classes} "
-          f"eps {cfg.ln_eps:g} gelu {cfg.gelu} pool {cfg.global_pool}, {count_params(params):,} params")
+          f"eps {cfg.ln_eps:g} gelu {cfg.gelu} pool {cfg.global_pool}{', any input size' if cfg.dynamic_img_size else ''}, "
+          f"{count_params(params):,} params")
     return 0
 
 

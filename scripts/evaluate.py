@@ -14,6 +14,7 @@ import numpy as np
 
 from tinyvit.backend import get_backend, to_device
 from tinyvit.cli.report import run
+from tinyvit.cli.sizes import add_size_args, input_size
 from tinyvit.data.batches import ArrayDataset
 from tinyvit.data.cifar10 import CIFAR10_MEAN, CIFAR10_STD, load_cifar10
 from tinyvit.data.datasets import image_dataset, image_lists
@@ -28,7 +29,7 @@ from tinyvit.progress import Progress
 from tinyvit.train.evaluate import evaluate
 
 
-def test_set(name, root, cfg, meta, limit):
+def test_set(name, root, cfg, meta, limit, size=None):
     """The test split as an ArrayDataset, normalised as the checkpoint says (dataset defaults otherwise)."""
     if name == "mnist":
         x, y = load_mnist(root, "test")
@@ -42,11 +43,11 @@ def test_set(name, root, cfg, meta, limit):
         raise TinyViTError(f"the checkpoint expects {cfg.in_chans}-channel images; {name} has {channels}")
     if cfg.num_classes != 10:
         raise TinyViTError(f"the checkpoint has {cfg.num_classes} classes; {name} has 10 (fine-tune it first)")
-    size = None if x.shape[-1] == cfg.img_size else cfg.img_size
-    return ArrayDataset(x[:limit], y[:limit], mean, std, img_size=size)
+    hw = (cfg.img_size,) * 2 if size is None else size.for_image(x.shape[-1], x.shape[-2])  # --img-size, --keep-aspect
+    return ArrayDataset(x[:limit], y[:limit], mean, std, img_size=None if tuple(x.shape[-2:]) == hw else hw)
 
 
-def folder_test_set(name, root, cfg, meta, args):
+def folder_test_set(name, root, cfg, meta, args, size=None):
     """The validation/test split of a folder dataset or Oxford-IIIT Pet, as the checkpoint recorded it;
     a folder of some of the model's classes is evaluated on those (said in one line)."""
     folder = "pets" if name == "pets" else args.data or meta.get("data")
@@ -72,7 +73,7 @@ def folder_test_set(name, root, cfg, meta, args):
         shown = ", ".join(images.classes[k] for k in seen[:5]) + (", ..." if len(seen) > 5 else "")
         print(f"note: {folder}: {len(seen)} of the model's {cfg.num_classes} classes ({shown}): evaluated on "
               f"their {len(images)} images, each scored over all {cfg.num_classes} classes", file=sys.stderr)
-    return image_dataset(images, cfg.img_size, cfg.in_chans, t, args.workers)
+    return image_dataset(images, size or cfg.img_size, cfg.in_chans, t, args.workers)
 
 
 def main():
@@ -93,6 +94,7 @@ def main():
     ap.add_argument("--tta", choices=["none", "flip"], default="none",
                     help="test-time augmentation: flip adds each image's left-right mirror to its score (twice "
                          "the time; for photos, not digits) (default none)")
+    add_size_args(ap)
     ap.add_argument("--json", action="store_true", help="print one JSON line of results")
     args = ap.parse_args()
 
@@ -104,11 +106,12 @@ def main():
     name = args.dataset or ("folder" if args.data else meta.get("dataset"))
     if name not in ("mnist", "cifar10", "pets", "folder"):
         raise TinyViTError(f"{args.checkpoint}: no dataset recorded; pass --dataset mnist|cifar10|pets or --data DIR")
+    size = input_size(args.img_size, args.keep_aspect, cfg, args.checkpoint)
     xp = get_backend(args.backend)
     if name in ("pets", "folder"):
-        data = folder_test_set(name, data_root(args.data_dir), cfg, meta, args)
+        data = folder_test_set(name, data_root(args.data_dir), cfg, meta, args, size)
     else:
-        data = test_set(name, data_root(args.data_dir), cfg, meta, args.limit)
+        data = test_set(name, data_root(args.data_dir), cfg, meta, args.limit, size)
     bar = Progress(len(data.labels), "evaluating", unit="img", disable=args.json)
     t0 = time.perf_counter()
     acc = evaluate(to_device(params, xp), cfg, data, xp, batch_size=args.batch_size, progress=bar,
@@ -116,6 +119,7 @@ def main():
     bar.close()
     seconds = time.perf_counter() - t0
     result = {"test_accuracy": acc, "dataset": name, "images": len(data.labels), "tta": args.tta,
+              "img_size": "keep_aspect" if args.keep_aspect else list(size.hw) if size else cfg.img_size,
               "seconds": seconds, "checkpoint": args.checkpoint}
     print(json.dumps(result) if args.json else f"{name} test accuracy: {acc * 100:.2f}% "
           f"({len(data.labels)} images, {seconds:.1f} s)")

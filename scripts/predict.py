@@ -35,6 +35,7 @@ import tinyvit  # noqa: F401  (before NumPy: sets OpenBLAS's spin time, see tiny
 from tinyvit.backend import get_backend, to_device
 from tinyvit.cli.predict import INVERT, predict_all, write_predictions
 from tinyvit.cli.report import run
+from tinyvit.cli.sizes import add_size_args, input_size
 from tinyvit.data.decode import MAX_PIXELS
 from tinyvit.data.listing import expand
 from tinyvit.data.transform import eval_transform
@@ -107,6 +108,7 @@ def parse_args(argv=None):
                          "than the centre, i.e. dark ink on light paper), yes, or no (default auto)")
     ap.add_argument("--max-megapixels", type=float, default=MAX_PIXELS / 1e6, metavar="MP",
                     help=f"refuse images larger than this (default {MAX_PIXELS / 1e6:g})")
+    add_size_args(ap)
     ap.add_argument("--json", action="store_true", help="print one JSON line instead of text")
     args = ap.parse_args(argv)
     for name, low in (("top_k", 1), ("batch_size", 1), ("workers", 1)):
@@ -134,12 +136,15 @@ def main(argv=None):
     if args.attention_map is not None and not cfg.class_token:
         raise TinyViTError(f"{args.checkpoint}: --attention-map follows the class token's attention; this model "
                            f"has no class token ({cfg.global_pool} pooling)")
+    size = input_size(args.img_size, args.keep_aspect, cfg, args.checkpoint)
+    if size is not None and args.attention_map is not None:
+        raise TinyViTError("--attention-map draws the model's own size: not with --img-size or --keep-aspect")
     t = eval_transform(meta, cfg.in_chans, args.checkpoint)  # the one fine-tuning and evaluate.py use
     names = class_names(meta, cfg.num_classes, args.checkpoint) or [str(i) for i in range(cfg.num_classes)]
     args.dataset = meta.get("dataset")
     xp = get_backend(args.backend)
     results, inputs, heats, skipped = predict_all(paths, to_device(params, xp), cfg, t, names, args, xp,
-                                                  lambda maps: attention_rollout(maps, cfg.num_prefix_tokens))
+                                                  lambda maps: attention_rollout(maps, cfg.num_prefix_tokens), size)
     if not results:
         raise TinyViTError(f"nothing predicted: none of the {len(paths)} images could be read (each named above)")
     if heats is not None:

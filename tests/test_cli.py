@@ -1,5 +1,7 @@
 """The scripts' shared command line (tinyvit.cli) on the path a new user takes: defaults resolved after
 parsing, --resume alone, runs never silently replaced, head mode's rerun and its feature cache."""
+import argparse
+import dataclasses
 import json
 import os
 import re
@@ -10,8 +12,10 @@ import pytest
 from helpers import DATA_HINT, ROOT, WEIGHTS_HINT, assert_same_train_state, last_json, load_script, run_script
 from PIL import Image
 
+from tinyvit import TinyViTError, ViTConfig
 from tinyvit.cli.args import run_args
 from tinyvit.cli.finetune import parse, parser, train_settings
+from tinyvit.cli.sizes import add_size_args, input_size
 from tinyvit.io.checkpoint import load_checkpoint
 from tinyvit.train.finetune import HEAD
 from tinyvit.train.optim import run_schedule
@@ -386,3 +390,25 @@ def test_finetune_freeze_keeps_the_frozen_weights_and_checkpointing_changes_no_b
     r = run_script("finetune.py", "--data", data, "--weights", w, "--epochs", "1", "--freeze", "blocks.0.*",
                    "--grad-checkpointing", "--out", tmp_path / "head")
     assert r.returncode == 0 and "note: --freeze, --grad-checkpointing have no effect in head mode" in r.stderr
+
+
+def test_img_size_flags_parse_and_refuse_in_one_line():
+    """--img-size H,W / --keep-aspect (tinyvit.cli.sizes, shared by predict, evaluate and embed): parsed
+    once; a fixed-size model, sides the patches do not tile and bad text are one line each."""
+    ap = argparse.ArgumentParser()
+    add_size_args(ap)
+    with pytest.raises(SystemExit):  # one or the other
+        ap.parse_args(["--img-size", "32,48", "--keep-aspect"])
+    fixed = ViTConfig(img_size=32, patch_size=16, dim=32, depth=1, heads=2, mlp_dim=64)
+    dyn = dataclasses.replace(fixed, dynamic_img_size=True)
+    assert input_size(None, False, dyn) is None and input_size("32", False, fixed) is None  # its own size
+    assert input_size("32,48", False, dyn).for_image(10, 10) == (32, 48)
+    assert input_size("64x32", False, dyn).hw == (64, 32)
+    assert input_size(None, True, dyn).for_image(100, 50) == (32, 64)
+    for text, flags, cfg, msg in [("32,48", False, fixed, "needs a model that takes any input size"),
+                                  (None, True, fixed, "--keep-aspect needs a model"),
+                                  ("32,40", False, dyn, "multiple of the patch size 16"),
+                                  ("32,a", False, dyn, "must be H,W"), ("0", False, dyn, "must be H,W"),
+                                  ("1,2,3", False, dyn, "must be H,W")]:
+        with pytest.raises(TinyViTError, match=msg):
+            input_size(text, flags, cfg, "m.npz")

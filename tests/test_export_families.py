@@ -135,3 +135,20 @@ def test_hfs_class_and_mean_head_exports_to_hf_and_onnx_not_timm(tmp_path):
     for to, out in (("hf", "hf2"), ("onnx", "m.onnx")):
         r = run_script(SCRIPTS / "export_weights.py", str(tmp_path / "m.npz"), "--to", to, "--out", str(tmp_path / out))
         assert r.returncode == 0, r.stderr
+
+
+def test_an_any_size_model_exports_to_timm_as_one(tmp_path):
+    """dynamic_img_size goes into model_args: timm builds a model that takes a rectangle, with our logits,
+    and the folder converts back to a model that takes any size."""
+    cfg = dataclasses.replace(FAMILIES["dinov2_reg"], dynamic_img_size=True)
+    params = params_of(timm_model(cfg, seed=4), np.float32)
+    ckpt = save_checkpoint(tmp_path / "m.npz", params, cfg, dict(class_names=NAMES, mean=[0.5] * 3, std=[0.25] * 3))
+    export(ckpt, "timm", tmp_path / "hub")
+    hub = json.loads((tmp_path / "hub" / "config.json").read_text())
+    assert hub["model_args"]["dynamic_img_size"] is True and hub["pretrained_cfg"]["fixed_input_size"] is False
+    model = timm.create_model(f"local-dir:{tmp_path / 'hub'}", pretrained=True).eval()
+    x = np.random.default_rng(1).normal(size=(2, 3, 42, 28)).astype(np.float32)
+    with torch.no_grad():
+        got = model(torch.tensor(x)).numpy()
+    assert rel_err(got, vit_forward(params, x, cfg, keep_cache=False)[0]) < 1e-5
+    assert convert(tmp_path / "hub")[1].dynamic_img_size

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from helpers import rel_err
 from timm_oracle import FAMILIES, params_of, timm_model
 
-from tinyvit import init_params, vit_backward, vit_features, vit_forward
+from tinyvit import TinyViTError, init_params, vit_backward, vit_features, vit_forward, vit_intermediates
 from tinyvit.backend import to_device
 from tinyvit.nn import reference
 from tinyvit.nn.layers import cross_entropy_backward, cross_entropy_forward
@@ -118,3 +118,87 @@ def test_drop_path_gradient_matches_central_differences():
             down = loss(params)
             p.flat[i] = old
             assert abs((up - down) / (2 * h) - grads[name].flat[i]) <= 1e-6 * max(1.0, abs(grads[name].flat[i])), name
+
+
+# the stored 28 px (a 2x2 or 4x4 grid) and three others: larger, a rectangle, one side smaller (antialiased)
+DYNAMIC_SIZES = [(42, 42), (56, 28), (14, 28)]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("size,dtype", [(s, np.float64) for s in DYNAMIC_SIZES] + [((56, 28), np.float32)],
+                         ids=lambda v: f"{v[0]}x{v[1]}" if isinstance(v, tuple) else np.dtype(v).name)
+def test_dynamic_img_size_matches_timm(xp, monkeypatch, family, size, dtype):
+    """Images of another size through timm's dynamic_img_size=True model and ours: logits and every
+    gradient by name (pos_embed's through the resample, at the stored grid)."""
+    cfg = dataclasses.replace(FAMILIES[family], dynamic_img_size=True)
+    model = timm_model(cfg, seed=7)
+    params = params_of(model, dtype)
+    model.load_state_dict({k: torch.tensor(v.astype(np.float64)) for k, v in params.items()})
+    if dtype == np.float64:  # timm resamples in float32 (posemb.float()); its float64 twin resamples in float64
+        monkeypatch.setattr(torch.Tensor, "float", lambda t: t)
+    rng = np.random.default_rng(7)
+    images = rng.normal(size=(2, cfg.in_chans) + size).astype(dtype)
+    logits_t = model(torch.tensor(images.astype(np.float64)))
+    dlogits = rng.normal(size=tuple(logits_t.shape)).astype(dtype)
+    logits_t.backward(torch.tensor(dlogits.astype(np.float64)))
+    logits, cache = vit_forward(to_device(params, xp), to_device(images, xp), cfg)
+    grads = vit_backward(to_device(dlogits, xp), cache)
+    tol = 1e-9 if dtype == np.float64 else 3e-4
+    assert rel_err(logits, logits_t.detach().numpy()) < tol
+    assert set(grads) == set(params)
+    for name, p in model.named_parameters():
+        assert grads[name].shape == p.shape and grads[name].dtype == dtype, name
+        assert rel_err(grads[name], p.grad.numpy()) < tol, name
+    if dtype == np.float64:  # and the plain form
+        ref_logits, ref_cache = reference.vit_forward(to_device(params, xp), to_device(images, xp), cfg)
+        assert rel_err(ref_logits, logits_t.detach().numpy()) < tol
+        ref = reference.vit_backward(to_device(dlogits, xp), ref_cache)
+        for name, p in model.named_parameters():
+            assert rel_err(ref[name], p.grad.numpy()) < tol, name
+
+
+def test_dynamic_img_size_is_off_by_default():
+    """Without dynamic_img_size another size is refused, one line; with it, sizes the patches do not tile are."""
+    cfg = FAMILIES["dinov2"]
+    params = init_params(cfg, dtype=np.float64)
+    with pytest.raises(TinyViTError, match=r"images must be \(B, 3, 28, 28\)"):
+        vit_forward(params, np.zeros((1, 3, 42, 42)), cfg)
+    dyn = dataclasses.replace(cfg, dynamic_img_size=True)
+    for bad in ((1, 3, 42, 40), (1, 3, 0, 28), (1, 1, 28, 28)):
+        with pytest.raises(TinyViTError, match="multiples of the patch size 14"):
+            vit_forward(params, np.zeros(bad), dyn)
+    assert vit_forward(params, np.zeros((1, 3, 14, 70)), dyn)[0].shape == (1, cfg.num_classes)
+
+
+@pytest.mark.parametrize("family", ["dinov2_reg", "siglip", "reg4_gap", "deit_distilled", "mae_avg"])
+@pytest.mark.parametrize("indices,norm,prefix", [(2, False, False), ([0, -1], True, True), ([2, 0], True, False)])
+def test_intermediates_match_timm(xp, monkeypatch, family, indices, norm, prefix):
+    """vit_intermediates as timm's forward_intermediates(intermediates_only=True, output_fmt='NCHW'), at the
+    stored size and, dynamic, at a rectangle; blocks after the last index are not run."""
+    monkeypatch.setattr(torch.Tensor, "float", lambda t: t)  # timm's resample in float64 (see above)
+    cfg = dataclasses.replace(FAMILIES[family], depth=4, dynamic_img_size=True)
+    model = timm_model(cfg, seed=3)
+    params = to_device(params_of(model), xp)
+    for size in ((28, 28), (42, 28)):
+        images = np.random.default_rng(3).normal(size=(3, cfg.in_chans) + size)
+        want = model.forward_intermediates(torch.tensor(images), indices, norm=norm, output_fmt="NCHW",
+                                           intermediates_only=True, return_prefix_tokens=prefix)
+        got = vit_intermediates(params, to_device(images, xp), cfg, indices, norm=norm, return_prefix_tokens=prefix)
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            g, w = (g, w) if isinstance(w, tuple) else ((g,), (w,))  # (patches, prefix tokens) with prefix
+            assert len(g) == len(w)
+            for a, b in zip(g, w):
+                assert rel_err(a, b.detach().numpy()) < 1e-10
+    cut = {k: v for k, v in params.items() if not k.startswith("blocks.3.")}  # never read for blocks 0..2
+    assert len(vit_intermediates(cut, to_device(images, xp), cfg, [1, -2])) == 2
+
+
+def test_intermediates_refuse_bad_indices():
+    cfg = FAMILIES["dinov2"]
+    params = init_params(cfg, dtype=np.float64)
+    x = np.zeros((1, 3, 28, 28))
+    assert len(vit_intermediates(params, x, cfg, None)) == cfg.depth  # None: every block, as timm
+    for bad in (0, 3, [2], [-3], [], True, "1", 1.0):
+        with pytest.raises(TinyViTError, match="indices"):
+            vit_intermediates(params, x, cfg, bad)

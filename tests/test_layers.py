@@ -8,6 +8,8 @@ from helpers import torch_gelu
 
 from tinyvit.backend import to_device, to_numpy
 from tinyvit.nn import layers as L
+from tinyvit.nn import reference
+from tinyvit.nn.resample import pos_resample_backward, pos_resample_forward
 
 TOL = {np.float64: 1e-10, np.float32: 2e-5}
 
@@ -427,3 +429,41 @@ def test_backward_flags_skip_what_is_not_needed_and_keep_the_rest_bit_identical(
             skipped = outputs[flags.index(off)]
             for i, g in enumerate(got):
                 assert (g is None) if i in skipped else np.array_equal(to_numpy(g), full[i]), (name, off, i)
+
+
+# grid -> new grid, prefix rows: up, down (antialiased), rectangles both ways, unchanged
+RESAMPLE_CASES = [((2, 2), (3, 3), 1), ((4, 4), (2, 3), 0), ((3, 5), (7, 2), 5), ((6, 6), (6, 6), 1),
+                  ((16, 16), (37, 24), 2)]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("grid,new,prefix", RESAMPLE_CASES)
+def test_pos_resample(xp, dtype, grid, new, prefix):
+    rng = np.random.default_rng(8)
+    C = 5
+    pos, g = rng.normal(size=(1, prefix + grid[0] * grid[1], C)), rng.normal(size=(1, prefix + new[0] * new[1], C))
+    pt = _t(pos, dtype)  # the oracle: torch's own interpolation, with autograd
+    e = pt[:, prefix:].reshape(1, grid[0], grid[1], C).permute(0, 3, 1, 2)
+    if tuple(grid) != tuple(new):
+        e = F.interpolate(e, size=new, mode="bicubic", antialias=True, align_corners=False)
+    yt = torch.cat([pt[:, :prefix], e.permute(0, 2, 3, 1).reshape(1, -1, C)], dim=1)
+    yt.backward(_t(g, dtype, grad=False))
+    dev = lambda a: to_device(a.astype(dtype), xp)  # noqa: E731
+    y, cache = pos_resample_forward(dev(pos), grid, new, prefix)
+    dpos = _check_no_mutation(pos_resample_backward, dev(g), cache)
+    _assert_dtype(dtype, y, dpos)
+    tol = 1e-12 if dtype == np.float64 else 2e-6
+    assert rel_err(y, yt.detach().numpy()) < tol and rel_err(dpos, pt.grad.numpy()) < tol
+    y_ref, c_ref = reference.pos_resample_forward(dev(pos), grid, new, prefix)  # the plain form
+    assert rel_err(y, y_ref) < tol and rel_err(dpos, reference.pos_resample_backward(dev(g), c_ref)) < tol
+
+
+def test_pos_resample_is_timms():
+    """timm's own resample_abs_pos_embed (float32 inside) gives what ours gives, the unchanged grid untouched."""
+    resample_abs_pos_embed = pytest.importorskip("timm.layers").resample_abs_pos_embed
+    pos = np.random.default_rng(9).normal(size=(1, 1 + 4 * 4, 8)).astype(np.float32)
+    for new in ((6, 3), (2, 2), (4, 4)):
+        want = resample_abs_pos_embed(torch.tensor(pos), list(new), old_size=[4, 4], num_prefix_tokens=1)
+        got = pos_resample_forward(pos, (4, 4), new, 1)[0]
+        assert rel_err(got, want.numpy()) < 1e-6
+    assert pos_resample_forward(pos, (4, 4), (4, 4), 1)[0] is pos

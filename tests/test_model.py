@@ -292,3 +292,32 @@ def test_a_frozen_layer_costs_no_weight_gradient_and_nothing_runs_below_the_lowe
     assert sum(len(a) == len(b) == 2 and a[1] in rows for a, b in calls) == weight_gemms, calls
     if gemms is not None:
         assert len(calls) == gemms, calls
+
+
+@pytest.mark.parametrize("shards", ["1", "2"])
+def test_training_at_another_size_updates_the_stored_pos_embed(monkeypatch, shards):
+    """dynamic_img_size: a batch of 12x20 images (3x5 patches) on a model stored at 8x8 (2x2): pos_embed's
+    gradient comes back at the stored grid, as central differences give it, and a step on it lowers the loss."""
+    monkeypatch.setenv("TINYVIT_SHARDS", shards)
+    cfg = ViTConfig(img_size=8, patch_size=4, in_chans=1, num_classes=3, dim=8, depth=2, heads=2, mlp_dim=16,
+                    dynamic_img_size=True)
+    params = _randomized_params(cfg, 0)
+    rng = np.random.default_rng(1)
+    images, labels = rng.normal(size=(4, 1, 12, 20)), rng.integers(0, 3, size=4)
+
+    def loss(p):
+        return float(cross_entropy_forward(vit_forward(p, images, cfg, keep_cache=False)[0], labels)[0])
+
+    logits, cache = vit_forward(params, images, cfg, train=True, rng=np.random.default_rng(0))
+    grads = vit_backward(cross_entropy_backward(1.0, cross_entropy_forward(logits, labels)[1]), cache)
+    assert grads["pos_embed"].shape == params["pos_embed"].shape == (1, 5, 8)
+    h, pos = 1e-6, params["pos_embed"]
+    for i in (0, 9, 17, 39):  # the class token's row and grid rows
+        old = pos.flat[i]
+        pos.flat[i] = old + h
+        up = loss(params)
+        pos.flat[i] = old - h
+        down = loss(params)
+        pos.flat[i] = old
+        assert abs((up - down) / (2 * h) - grads["pos_embed"].flat[i]) < 1e-7
+    assert loss(dict(params, pos_embed=pos - 0.1 * grads["pos_embed"])) < loss(params)  # a step on pos_embed alone

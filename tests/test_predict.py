@@ -11,8 +11,8 @@ from PIL import Image
 
 from tinyvit import TinyViTError, init_params, preset
 from tinyvit.backend import to_numpy
-from tinyvit.data.decode import auto_invert, load_image, open_image
-from tinyvit.data.transform import EvalTransform, normalisation
+from tinyvit.data.decode import InputSize, auto_invert, image_to_input, load_image, open_image
+from tinyvit.data.transform import EvalTransform, eval_transform, normalisation
 from tinyvit.io.checkpoint import load_checkpoint, save_checkpoint
 from tinyvit.nn.model import ViTConfig, attention_maps, vit_forward
 from tinyvit.viz import attention_layout, attention_rollout, colormap, overlay_attention, rollout_matrix
@@ -661,3 +661,49 @@ def test_rollout_skips_every_prefix_token():
     assert heat.shape == (2, 2, 2) and np.allclose(heat.reshape(2, 4), r[:, 0, 5:])
     with pytest.raises(TinyViTError, match="square grid"):
         attention_rollout(maps)  # one prefix token assumed: 8 'patches' are no square
+
+
+@pytest.mark.e2e
+def test_any_size_model_predicts_and_evaluates_as_timm(tmp_path, ckpts):
+    """timm's hub folder of a model with dynamic_img_size converted, then predict.py and evaluate.py with
+    --keep-aspect and --img-size H,W: timm's probabilities on the same pixels, each image at its own size;
+    a fixed-size model refuses the flags in one line."""
+    timm = pytest.importorskip("timm")
+    import torch
+    save_for_hf = pytest.importorskip("timm.models._hub").save_for_hf
+    args = dict(embed_dim=32, depth=2, num_heads=4, img_size=28, num_classes=3, dynamic_img_size=True)
+    model = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, **args)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    save_for_hf(model.eval(), tmp_path / "hub", model_args=args, safe_serialization=True)
+    r = run_script("convert_weights.py", tmp_path / "hub", "--out", tmp_path / "m.npz", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout.splitlines()[-1])["config"]["dynamic_img_size"], r.stderr
+    params, cfg, meta = load_checkpoint(tmp_path / "m.npz")
+    paths = [tmp_path / "data" / "val" / "class_0" / "wide.png", tmp_path / "data" / "val" / "class_1" / "tall.png"]
+    for i, (p, shape) in enumerate(zip(paths, [(30, 70, 3), (100, 40, 3)])):
+        for d in (p.parent, tmp_path / "data" / "train" / p.parent.name):  # a train/ beside: val/ is evaluated
+            d.mkdir(parents=True)
+            Image.fromarray(_rng_array(shape, seed=i)).save(d / p.name)
+    t = eval_transform(meta, 3)
+    sizes = {"--keep-aspect": (InputSize(28, 14, keep_aspect=True), [(28, 70), (70, 28)]),
+             "--img-size=42,28": (InputSize(28, 14, hw=(42, 28)), [(42, 28), (42, 28)])}
+    right = {}
+    for flag, (size, shapes) in sizes.items():
+        r = run_script("predict.py", tmp_path / "m.npz", *paths, flag, "--json")
+        assert r.returncode == 0, r.stderr
+        for label, (path, pred, shape) in enumerate(zip(paths, json.loads(r.stdout)["predictions"], shapes)):
+            x = image_to_input(open_image(path), cfg, t, size=size)
+            assert x.shape[2:] == shape
+            with torch.no_grad():
+                want = torch.softmax(model(torch.tensor(x)), dim=1)[0].numpy()
+            got = np.zeros(3)
+            got[[c["index"] for c in pred["top_k"]]] = [c["probability"] for c in pred["top_k"]]
+            assert np.abs(got - want).max() < 1e-5, (flag, path)
+            right[flag] = right.get(flag, 0) + int(want.argmax() == label)
+    r = run_script("evaluate.py", tmp_path / "m.npz", "--data", tmp_path / "data", "--keep-aspect", "--json")
+    assert r.returncode == 0, r.stderr  # one batch of two shapes, scored as timm scores them
+    assert json.loads(r.stdout.splitlines()[-1])["test_accuracy"] == right["--keep-aspect"] / 2 and "2 of the model's 3" in r.stderr
+    r = run_script("predict.py", ckpts[1], paths[0], "--keep-aspect")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: ") and \
+        "--keep-aspect needs a model that takes any input size" in r.stderr, r.stderr

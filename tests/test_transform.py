@@ -9,6 +9,7 @@ from helpers import run_script
 from PIL import Image
 
 from tinyvit import TinyViTError
+from tinyvit.data.decode import InputSize, model_pixels
 from tinyvit.data.transform import EvalTransform, eval_transform
 
 
@@ -73,3 +74,31 @@ def test_eval_transform_from_metadata(meta, want):
 def test_a_bad_record_is_one_line(record):
     with pytest.raises(TinyViTError, match="ckpt.npz: "):
         eval_transform({"eval_transform": record}, 3, "ckpt.npz")
+
+
+@pytest.mark.parametrize("resize,crop_mode,crop_pct", [("shortest_edge", "center", 0.875), ("shortest_edge", "center", 1.0),
+                                                       ("squash", "squash", 1.0)])
+@pytest.mark.parametrize("hw", [(42, 28), (28, 70), (56, 56)])
+@pytest.mark.parametrize("image", [(61, 97), (120, 45)])  # Pillow's (w, h): tall, wide
+def test_an_any_size_model_sees_timms_pixels(resize, crop_mode, hw, crop_pct, image):
+    """--img-size H,W: timm's eval transform of that input_size (a rectangle too), pixel for pixel (squash:
+    the whole image, as tinyvit's square squash, which is timm's at crop_pct 1)."""
+    timm_data = pytest.importorskip("timm.data")
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (image[1], image[0], 3), dtype=np.uint8))
+    t = timm_data.create_transform(input_size=(3,) + hw, crop_pct=crop_pct, interpolation="bicubic",
+                                   crop_mode=crop_mode, mean=(0, 0, 0), std=(1, 1, 1))
+    want = t(img).numpy().transpose(1, 2, 0)  # (H, W, 3)
+    got = model_pixels(img, InputSize(28, 14, hw=hw), 3, resize=resize, crop_pct=crop_pct, interpolation="bicubic")
+    assert got.shape == want.shape and np.abs(got - want).max() < 1e-6
+
+
+def test_keep_aspect_gives_each_image_whole():
+    """--keep-aspect: the shorter side to the model's size, the longer in proportion to the nearest multiple
+    of the patch, nothing cropped."""
+    size = InputSize(224, 16, keep_aspect=True)
+    assert size.for_image(640, 480) == (224, 304)  # 298.7 -> 304
+    assert size.for_image(480, 640) == (304, 224)
+    assert size.for_image(300, 300) == (224, 224)
+    assert size.for_image(5000, 10) == (224, 112000)  # shapes as they come: the pixel limit bounds the file
+    img = Image.new("RGB", (640, 480), (10, 200, 30))
+    assert model_pixels(img, size, 3).shape == (224, 304, 3)

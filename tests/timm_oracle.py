@@ -24,7 +24,7 @@ def timm_kwargs(cfg: ViTConfig) -> dict:
                 num_heads=cfg.heads, mlp_ratio=cfg.mlp_dim / cfg.dim, qkv_bias=cfg.qkv_bias,
                 init_values=cfg.init_values, class_token=cfg.class_token, no_embed_class=cfg.no_embed_class,
                 reg_tokens=cfg.reg_tokens, pre_norm=cfg.pre_norm, fc_norm=cfg.fc_norm,
-                drop_path_rate=cfg.drop_path, act_layer=ACT[cfg.gelu],
+                drop_path_rate=cfg.drop_path, act_layer=ACT[cfg.gelu], dynamic_img_size=cfg.dynamic_img_size,
                 norm_layer=functools.partial(torch.nn.LayerNorm, eps=cfg.ln_eps))
 
 

@@ -19,12 +19,12 @@ from .io.checkpoint import load_checkpoint, save_checkpoint
 from .io.convert import load_model
 from .nn import reference
 from .nn.layers import cross_entropy_backward, cross_entropy_forward
-from .nn.model import ViTConfig, attention_maps, init_params, preset, vit_backward, vit_features, vit_forward
+from .nn.model import ViTConfig, attention_maps, init_params, preset, vit_backward, vit_features, vit_forward, vit_intermediates
 from .train.optim import SGD, Adam, AdamW
 
 sys.modules[__name__ + ".reference"] = reference  # `import tinyvit.reference` (README's first read) still works
 
 __all__ = ["TinyViTError", "ViTConfig", "preset", "init_params", "vit_forward", "vit_backward",
-           "vit_features", "attention_maps", "load_checkpoint", "save_checkpoint", "load_model",
+           "vit_features", "vit_intermediates", "attention_maps", "load_checkpoint", "save_checkpoint", "load_model",
            "load_image", "eval_transform", "EvalTransform", "cross_entropy_forward", "cross_entropy_backward",
            "Adam", "AdamW", "SGD", "reference"]

@@ -30,12 +30,22 @@ def softmax(logits):
     return e / e.sum(axis=1, keepdims=True)
 
 
-def decoder(cfg, t, max_pixels, invert, dataset):
-    """path -> (model input (1, C, S, S), whether a 1-channel model was given a colour image)."""
+def decoder(cfg, t, max_pixels, invert, dataset, size=None):
+    """path -> (model input (1, C, S, S), or (1, C, H, W) at an InputSize, whether a 1-channel model was
+    given a colour image)."""
     def decode(p):
         img = open_image(p, max_pixels, flag="--max-megapixels")
-        return image_to_input(img, cfg, t, invert, dataset, p), cfg.in_chans == 1 and has_colour(img, p)
+        return image_to_input(img, cfg, t, invert, dataset, p, size), cfg.in_chans == 1 and has_colour(img, p)
     return decode
+
+
+def by_shape(arrays):
+    """The indices of (1, C, H, W) arrays grouped by image shape, in first-seen order (--keep-aspect's
+    images differ; one forward pass takes one shape)."""
+    groups = {}
+    for i, a in enumerate(arrays):
+        groups.setdefault(a.shape, []).append(i)
+    return list(groups.values())
 
 
 def _why(err, path):
@@ -66,13 +76,14 @@ def write_predictions(out, results, k):
     atomic_write(out, lambda f: f.write(text.encode()))
 
 
-def predict_all(paths, params, cfg, t, names, args, xp, rollout=None):
+def predict_all(paths, params, cfg, t, names, args, xp, rollout=None, size=None):
     """Top-k per readable image, in order -> (results, inputs, heats, unreadable count); with
     --attention-map, rollout(each batch's attention maps) gives the heat maps (the script's
-    viz.attention_rollout). One image given that cannot be read is the error."""
+    viz.attention_rollout). One image given that cannot be read is the error. size: an InputSize
+    (--img-size, --keep-aspect) for a model that takes any."""
     want_maps, k = args.attention_map is not None, min(args.top_k, cfg.num_classes)
     warn = Warnings(args.strict)
-    decode = decoder(cfg, t, int(args.max_megapixels * 1e6), INVERT[args.invert], args.dataset)
+    decode = decoder(cfg, t, int(args.max_megapixels * 1e6), INVERT[args.invert], args.dataset, size)
     bar = Progress(len(paths), "predict", unit="img", disable=args.json or len(paths) <= args.batch_size)
     results, inputs, heats, colour = [], [], [], []
     for chunk, decoded in decoded_batches(paths, decode, args.batch_size, args.workers):
@@ -86,16 +97,18 @@ def predict_all(paths, params, cfg, t, names, args, xp, rollout=None):
                 good.append((p, r[0]))
                 if r[1]:
                     colour.append(p)
-        if good:
-            x = xp.asarray(np.concatenate([g[1] for g in good]))  # (B, C, S, S)
+        done = [None] * len(good)
+        for group in by_shape([g[1] for g in good]):
+            x = xp.asarray(np.concatenate([good[i][1] for i in group]))  # (B, C, H, W)
             logits, cache = vit_forward(params, x, cfg, keep_cache=want_maps, all_tokens=want_maps)
-            for (p, inp), prob in zip(good, softmax(logits)):
+            for i, prob in zip(group, softmax(logits)):
                 top = np.argsort(-prob, kind="stable")[:k]
-                results.append({"image": p, "top_k": [{"class": names[j], "index": int(j),
-                                                       "probability": float(prob[j])} for j in top]})
-            if want_maps:  # maps need every token; kept for the figures
+                done[i] = {"image": good[i][0], "top_k": [{"class": names[j], "index": int(j),
+                                                           "probability": float(prob[j])} for j in top]}
+            if want_maps:  # maps need every token; kept for the figures (one shape: no --keep-aspect)
                 heats.append(rollout(attention_maps(cache)))
-                inputs.extend(inp for _, inp in good)
+                inputs.extend(good[i][1] for i in group)
+        results.extend(done)
         bar.update(len(chunk))
     bar.close()
     if colour:

@@ -25,7 +25,7 @@ class ArrayDataset:
     labels: np.ndarray
     mean: tuple
     std: tuple
-    img_size: int = None  # resize to this on the backend (None: as stored)
+    img_size: int = None  # resize to this side, or (h, w), on the backend (None: as stored)
 
     def batches(self, batch_size, xp, **kw):
         """iterate_batches over these images (tinyvit.data.loader.FolderDataset answers the same call)."""
@@ -41,6 +41,11 @@ class ArrayDataset:
             h.update(a)  # the buffer itself: no copy
         h.update(json.dumps([list(self.mean), list(self.std), self.img_size]).encode())
         return h.hexdigest()
+
+
+def _hw(size):
+    """(h, w) of a side or an (h, w)."""
+    return (size, size) if isinstance(size, (int, np.integer)) else tuple(size)
 
 
 def normaliser(mean, std, xp, dtype):
@@ -109,7 +114,7 @@ def iterate_batches(images, labels, batch_size, xp, *, mean, std, shuffle=True, 
         if maps is not None:
             x = affine(x, maps[sl])  # on pixel values: what leaves the frame is black
         x = x * scale + shift  # (x / 255 - mean) / std
-        if img_size is not None and tuple(x.shape[2:]) != (img_size, img_size):
+        if img_size is not None and tuple(x.shape[2:]) != _hw(img_size):
             x = bilinear_resize(x, img_size)
         y = labels[idx] if labels_on_host else labels[xp.asarray(idx)]
         yield x, xp.asarray(y).astype(xp.int64)

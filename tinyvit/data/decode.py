@@ -18,7 +18,9 @@ Rules (the same for every caller; the scripts' --help points here):
 - Size: the checkpoint's eval transform (data.transform.EvalTransform, recorded in its metadata):
   the shorter side resized to int(img_size / crop_pct) and the centre img_size x img_size cropped
   (timm's eval), or the whole image squashed to img_size x img_size, with its interpolation; the
-  integer rounding is transformers' image processors', so an HF export sees the same pixels.
+  integer rounding is transformers' image processors', so an HF export sees the same pixels. A model
+  that takes any size (dynamic_img_size) can be given H x W (timm's eval of a rectangle) or each image
+  whole, its shorter side to img_size and the longer in proportion (InputSize, --img-size/--keep-aspect).
 - Inversion (after resizing, on [0, 1] values, before normalising): invert=True -> 1 - x,
   False -> never; None (auto) -> only when dataset == "mnist": invert when the border ring is
   brighter than the central square (dark ink on light paper -> MNIST's white on black).
@@ -29,6 +31,8 @@ Rules (the same for every caller; the scripts' --help points here):
 import struct
 import warnings
 import zlib
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -43,11 +47,43 @@ _DECODE_ERRORS = (OSError, ValueError, EOFError, SyntaxError, struct.error, zlib
                   Image.DecompressionBombError, Image.DecompressionBombWarning)
 
 
+@dataclass(frozen=True)
+class InputSize:
+    """The input size of a model that takes any (dynamic_img_size): hw = (H, W) for every image, or
+    keep_aspect: each image's shorter side to `side`, the longer in proportion, rounded to a multiple of
+    `patch` (whole, no crop)."""
+
+    side: int
+    patch: int
+    hw: Optional[tuple] = None
+    keep_aspect: bool = False
+
+    def for_image(self, w, h):
+        """(H, W) of an image w wide and h high."""
+        if not self.keep_aspect:
+            return tuple(self.hw)
+        long = max(self.patch, int(self.side * max(w, h) / min(w, h) / self.patch + 0.5) * self.patch)  # nearest
+        return (self.side, long) if h <= w else (long, self.side)
+
+
 def eval_resize(img, size, resize="shortest_edge", crop_pct=0.875, interpolation="bicubic"):
     """A Pillow image -> size x size by the eval geometry: squashed whole, or the shorter side to
     int(size / crop_pct) (the longer in proportion, rounded down) and the centre cropped, both with
-    transformers' integer rounding so its image processors see the same pixels."""
+    transformers' integer rounding so its image processors see the same pixels. size may be an
+    InputSize: (H, W) as timm's eval makes a rectangle (the aspect kept, just covering each side /
+    crop_pct, then the centre; squash: the whole image to H x W), or each image whole (keep_aspect)."""
     f = FILTERS[interpolation]
+    if isinstance(size, InputSize):
+        H, W = size.for_image(*img.size)
+        if size.keep_aspect or resize == "squash":  # whole, as the square squash
+            return img.resize((W, H), f)
+        if H != W:  # timm's eval of a non-square input_size (transforms_factory.transforms_imagenet_eval):
+            sh, sw = int(H / crop_pct), int(W / crop_pct)  # ResizeKeepRatio: the aspect kept, just covering
+            r = min(img.size[1] / sh, img.size[0] / sw)  # (H, W) / crop_pct, then the centre
+            nw, nh = round(img.size[0] / r), round(img.size[1] / r)
+            left, top = int(round((nw - W) / 2.0)), int(round((nh - H) / 2.0))  # torchvision's CenterCrop
+            return img.resize((nw, nh), f).crop((left, top, left + W, top + H))
+        size = H
     if resize == "squash":
         return img.resize((size, size), f)
     w, h = img.size
@@ -148,13 +184,12 @@ def to_array(img):
 
 
 def auto_invert(x):
-    """True when the border ring of a (S, S, C) [0, 1] image is brighter than its central square."""
-    s = x.shape[0]
-    r = max(1, s // 7)  # ring width: 4 px at 28
-    ring = np.ones((s, s), bool)
-    ring[r:s - r, r:s - r] = False
-    c0, c1 = s // 4, s - s // 4
-    return float(x[ring].mean()) > float(x[c0:c1, c0:c1].mean())
+    """True when the border ring of a (H, W, C) [0, 1] image is brighter than its central square."""
+    h, w = x.shape[:2]
+    r = max(1, min(h, w) // 7)  # ring width: 4 px at 28
+    ring = np.ones((h, w), bool)
+    ring[r:h - r, r:w - r] = False
+    return float(x[ring].mean()) > float(x[h // 4:h - h // 4, w // 4:w - w // 4].mean())
 
 
 def model_pixels(img, size, channels, path="image", box=None, **geometry):
@@ -169,9 +204,10 @@ def model_pixels(img, size, channels, path="image", box=None, **geometry):
     return x if x.shape[-1] == channels else np.repeat(x, channels, axis=-1)  # grayscale into an RGB model
 
 
-def image_to_input(img, cfg, t: EvalTransform, invert=None, dataset=None, path="image"):
-    """A decoded Pillow image -> normalised float32 (1, C, S, S) for the model (rules: module doc)."""
-    S, C = cfg.img_size, cfg.in_chans
+def image_to_input(img, cfg, t: EvalTransform, invert=None, dataset=None, path="image", size=None):
+    """A decoded Pillow image -> normalised float32 (1, C, S, S) for the model (rules: module doc); size: an
+    InputSize for a model that takes any (then (1, C, H, W))."""
+    S, C = size or cfg.img_size, cfg.in_chans
     if C not in (1, 3):
         raise TinyViTError(f"models with {C} input channels are not supported (1 or 3)")
     x = model_pixels(img, S, C, path, **t.geometry())  # (S, S, C)

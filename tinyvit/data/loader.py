@@ -73,7 +73,7 @@ class FolderDataset:
             st = os.stat(path)
             h.update(f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}\n".encode())
         h.update(np.ascontiguousarray(self.labels, np.int64).tobytes())
-        h.update(json.dumps([self.img_size, self.mean, self.std, self.channels, self.crop_pct, self.resize,
+        h.update(json.dumps([self.img_size if isinstance(self.img_size, int) else repr(self.img_size), self.mean, self.std, self.channels, self.crop_pct, self.resize,
                              self.interpolation]).encode())
         return h.hexdigest()
 
@@ -119,5 +119,9 @@ class FolderDataset:
                 if not kept:
                     continue
                 self.decoded += len(kept)
-                x = xp.asarray(np.stack(xs)).astype(dtype) * scale + shift  # (x / 255 - mean) / std
-                yield x, xp.asarray(self.images.labels[kept])
+                shapes = {}  # one batch per image shape (an InputSize keeping each image's aspect)
+                for j, a in enumerate(xs):
+                    shapes.setdefault(a.shape, []).append(j)
+                for js in shapes.values():
+                    x = xp.asarray(np.stack([xs[j] for j in js])).astype(dtype) * scale + shift  # (x / 255 - mean) / std
+                    yield x, xp.asarray(self.images.labels[[kept[j] for j in js]])

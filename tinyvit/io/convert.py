@@ -280,6 +280,8 @@ def infer_config(params, heads=None, ln_eps=1e-6, source="weights", stated=None,
                                    "patch_bias", "qkv_bias", "global_pool", "fc_norm")}
     if keys["global_pool"] == "token" and stated.get("global_pool") == "avg":  # the keys cannot tell these apart
         fields.update(global_pool="avg", fc_norm=False)
+    if stated.get("dynamic_img_size"):  # timm's model_args: the model takes any input size
+        fields["dynamic_img_size"] = True
     D, C, P = int(w.shape[0]), int(w.shape[1]), int(w.shape[2])
     heads = heads or stated.get("heads")
     if heads is None:

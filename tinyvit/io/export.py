@@ -79,7 +79,8 @@ def timm_model_args(cfg: ViTConfig, source="model"):
                 embed_dim=cfg.dim, depth=cfg.depth, num_heads=cfg.heads, mlp_ratio=mlp_ratio(cfg, source),
                 qkv_bias=cfg.qkv_bias, init_values=cfg.init_values, class_token=cfg.class_token,
                 no_embed_class=cfg.no_embed_class, reg_tokens=cfg.reg_tokens, pre_norm=cfg.pre_norm,
-                global_pool=cfg.global_pool, fc_norm=cfg.fc_norm, act_layer=TIMM_ACT[cfg.gelu])
+                global_pool=cfg.global_pool, fc_norm=cfg.fc_norm, act_layer=TIMM_ACT[cfg.gelu],
+                dynamic_img_size=cfg.dynamic_img_size)
 
 
 def timm_architecture(cfg: ViTConfig, source="model"):
@@ -123,7 +124,7 @@ def timm_hub_config(cfg: ViTConfig, names, t: EvalTransform, source="model"):
     the eval transform as pretrained_cfg."""
     arch = timm_architecture(cfg, source)
     model_args = timm_model_args(cfg, source)
-    pretrained = {"input_size": [cfg.in_chans, cfg.img_size, cfg.img_size], "fixed_input_size": True,
+    pretrained = {"input_size": [cfg.in_chans, cfg.img_size, cfg.img_size], "fixed_input_size": not cfg.dynamic_img_size,
                   "interpolation": t.interpolation, "crop_pct": t.crop_pct,
                   "crop_mode": "squash" if t.resize == "squash" else "center", "mean": list(t.mean),
                   "std": list(t.std), "num_classes": cfg.num_classes, "first_conv": "patch_embed.proj",

@@ -21,8 +21,9 @@ ACT = {"gelu": "erf", "gelu_tanh": "tanh", "quick_gelu": "quick"}  # timm's act_
 _ARGS = {"img_size": "img_size", "patch_size": "patch_size", "in_chans": "in_chans", "num_classes": "num_classes",
          "embed_dim": "dim", "depth": "depth", "num_heads": "heads", "global_pool": "global_pool",
          "fc_norm": "fc_norm", "class_token": "class_token", "no_embed_class": "no_embed_class",
-         "reg_tokens": "reg_tokens", "pre_norm": "pre_norm", "qkv_bias": "qkv_bias", "init_values": "init_values"}
-_IGNORED = {"dynamic_img_size", "dynamic_img_pad", "drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate",
+         "reg_tokens": "reg_tokens", "pre_norm": "pre_norm", "qkv_bias": "qkv_bias", "init_values": "init_values",
+         "dynamic_img_size": "dynamic_img_size"}
+_IGNORED = {"dynamic_img_pad", "drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate",
             "attn_drop_rate", "drop_path_rate", "weight_init", "fix_init", "mlp_ratio", "act_layer", "norm_layer"}
 STRUCTURE = ("class_token", "reg_tokens", "distilled", "no_embed_class", "pre_norm", "patch_bias", "qkv_bias",
              "global_pool", "fc_norm", "depth", "dim", "patch_size", "in_chans", "mlp_dim")

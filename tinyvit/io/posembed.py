@@ -2,7 +2,6 @@
 resamples it (timm and HF: bicubic with antialiasing, as timm's resample_abs_pos_embed; Google: bilinear),
 its prefix rows kept, and a zero head for a new class count."""
 import dataclasses
-import functools
 import math
 
 import numpy as np
@@ -11,34 +10,9 @@ from ..backend import get_array_module
 from ..data.augment import bilinear_resize
 from ..errors import TinyViTError
 from ..nn.config import ViTConfig
+from ..nn.resample import bicubic_aa_matrix, pos_resample_forward
 
 RESAMPLES = ("bicubic", "bilinear")
-
-
-def _cubic_aa(x):
-    """torch's antialiased bicubic filter (a = -0.5, as PIL), at distances x."""
-    x = np.abs(x)
-    a = -0.5
-    near = ((a + 2) * x - (a + 3)) * x * x + 1
-    far = (((x - 5) * x + 8) * x - 4) * a
-    return np.where(x < 1, near, np.where(x < 2, far, 0.0))
-
-
-@functools.lru_cache(maxsize=32)
-def _bicubic_aa_matrix(n_in, n_out):
-    """(n_out, n_in) weights of F.interpolate(mode='bicubic', antialias=True, align_corners=False) along
-    one axis: the filter stretched by the scale when shrinking, each row normalised to sum 1."""
-    scale = n_in / n_out
-    support = 2.0 * scale if scale >= 1 else 2.0
-    inv = 1.0 / scale if scale >= 1 else 1.0
-    r = np.zeros((n_out, n_in))
-    for i in range(n_out):  # n_out is a grid side (tens): a loop over it is setup, not compute
-        center = scale * (i + 0.5)
-        lo, hi = max(int(center - support + 0.5), 0), min(int(center + support + 0.5), n_in)
-        w = _cubic_aa((np.arange(lo, hi) - center + 0.5) * inv)
-        r[i, lo:hi] = w / w.sum()
-    r.setflags(write=False)
-    return r
 
 
 def resample_grid(x, size, how="bicubic"):
@@ -49,8 +23,8 @@ def resample_grid(x, size, how="bicubic"):
     if how not in RESAMPLES:
         raise TinyViTError(f"resample must be one of {', '.join(RESAMPLES)}, got {how!r}")
     xp = get_array_module(x)
-    ry = xp.asarray(_bicubic_aa_matrix(x.shape[2], size[0]), dtype=x.dtype)  # (h, H)
-    rx = xp.asarray(_bicubic_aa_matrix(x.shape[3], size[1]), dtype=x.dtype)  # (w, W)
+    ry = xp.asarray(bicubic_aa_matrix(x.shape[2], size[0]), dtype=x.dtype)  # (h, H)
+    rx = xp.asarray(bicubic_aa_matrix(x.shape[3], size[1]), dtype=x.dtype)  # (w, W)
     return xp.matmul(xp.matmul(ry, x), rx.T)  # (N, C, h, W) -> (N, C, h, w)
 
 
@@ -73,6 +47,8 @@ def resize_pos_embed(pos_embed, new_grid, old_grid=None, prefix=1, how="bilinear
     (oh, ow), (nh, nw) = _grid(old_grid), _grid(new_grid)
     if oh * ow != n or min(oh, ow, nh, nw) < 1:
         raise TinyViTError(f"cannot resize a {n}-row pos_embed from grid {(oh, ow)} to {(nh, nw)}")
+    if how == "bicubic":  # the model's own resample (dynamic_img_size runs it in the forward)
+        return pos_resample_forward(pos_embed, (oh, ow), (nh, nw), prefix)[0]
     x = pos_embed[:, prefix:].reshape(1, oh, ow, D).transpose(0, 3, 1, 2)  # (1, D, oh, ow)
     x = resample_grid(xp.ascontiguousarray(x), (nh, nw), how)  # (1, D, nh, nw)
     x = x.transpose(0, 2, 3, 1).reshape(1, nh * nw, D)

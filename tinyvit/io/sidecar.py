@@ -167,7 +167,7 @@ def from_tinyvit(md):
            "heads": c["heads"] if type(c.get("heads")) is int and c["heads"] > 0 else None,
            "ln_eps": _number(c.get("ln_eps")), "gelu": c.get("gelu") if c.get("gelu") in ("erf", "tanh", "quick") else None,
            "config_fields": {k: c[k] for k, ok in (("global_pool", str), ("fc_norm", (bool, type(None))),
-                                                   ("no_embed_class", bool),
+                                                   ("no_embed_class", bool), ("dynamic_img_size", bool),
                                                    ("init_values", (float, type(None)))) if k in c and isinstance(c[k], ok)}}
     if isinstance(t, dict):
         out.update(_stated("the file's __metadata__", t.get("resize"), t.get("crop_pct"), t.get("interpolation")))

@@ -61,6 +61,7 @@ TIMM_ARGS = {  # timm's model_args: what timm.create_model would build from them
     "init_values": (lambda v: v is None or (type(v) in (int, float) and math.isfinite(v)), "a number or null"),
     "fc_norm": _OPTIONAL_BOOL, "class_token": _OPTIONAL_BOOL, "no_embed_class": _OPTIONAL_BOOL,
     "pre_norm": _OPTIONAL_BOOL, "qkv_bias": _OPTIONAL_BOOL, "act_layer": (lambda v: isinstance(v, str), "a name"),
+    "dynamic_img_size": (lambda v: type(v) is bool, "true or false"),
 }
 
 

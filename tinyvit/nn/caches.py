@@ -177,13 +177,15 @@ class BlockCheckpoint(NamedTuple):
 
 
 class EmbedCache(NamedTuple):
-    """model._embed_forward: the patch embedding, the prefix tokens' names and lengths, dropout, norm_pre."""
+    """model._embed_forward: the patch embedding, the prefix tokens' names and lengths, dropout, norm_pre and
+    the position embedding's resample (dynamic_img_size)."""
 
     patch_embed: PatchEmbedCache
     prefix: list  # of (name, length), in token order
     no_embed_class: bool
     pos_drop: Optional[Array]
     norm_pre: Optional[LayerNormCache]
+    resample: Any = None  # resample.PosResampleCache where dynamic_img_size resampled pos_embed
 
 
 class FeaturesCache(NamedTuple):

@@ -41,6 +41,7 @@ class ViTConfig:
     fc_norm: Optional[bool] = None  # the final norm after the pooling; None: only for 'avg' (timm's rule)
     drop_path: float = 0.0  # stochastic depth, rising linearly to this over the blocks (timm's drop_path_rate)
     lora: Optional[LoraConfig] = None  # LoRA/DoRA adapters on the blocks' linears (tinyvit.nn.lora)
+    dynamic_img_size: bool = False  # any H x W multiple of the patch: pos_embed resampled in the forward (timm's)
 
     def __post_init__(self):
         if self.img_size % self.patch_size:

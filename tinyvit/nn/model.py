@@ -42,6 +42,7 @@ from .lora import adapted_block, adapted_layers, adapter_grads
 from .pool import head_backward as _head_backward
 from .pool import head_forward, pool_backward, pool_forward
 from .recompute import mark, replay
+from .resample import pos_resample_backward, pos_resample_forward
 
 # --- forward / backward -----------------------------------------------------------------------
 
@@ -171,7 +172,13 @@ def _prepare_images(params, images, cfg):
     """images in the params' dtype after checking their shape and values (once per batch)."""
     xp = get_array_module(params["pos_embed"])
     images = images.astype(params["pos_embed"].dtype, copy=False)  # compute in the params' dtype
-    if images.ndim != 4 or tuple(images.shape[1:]) != (cfg.in_chans, cfg.img_size, cfg.img_size):
+    if cfg.dynamic_img_size:  # any size the patches tile
+        P = cfg.patch_size
+        if images.ndim != 4 or images.shape[1] != cfg.in_chans or min(images.shape[2:]) < P \
+                or images.shape[2] % P or images.shape[3] % P:
+            raise TinyViTError(f"images must be (B, {cfg.in_chans}, H, W) with H and W multiples of the patch "
+                               f"size {P}, got {tuple(images.shape)}")
+    elif images.ndim != 4 or tuple(images.shape[1:]) != (cfg.in_chans, cfg.img_size, cfg.img_size):
         raise TinyViTError(f"images must be (B, {cfg.in_chans}, {cfg.img_size}, {cfg.img_size}), "
                            f"got {tuple(images.shape)}")
     # on CuPy this check would stall the GPU every batch (a host read): there non-finite images
@@ -195,17 +202,22 @@ def _embed_forward(params, images, cfg, train, rng):
     B, N, C = x.shape
     names = _prefix_names(cfg)
     prefix = [xp.broadcast_to(params[n], (B, params[n].shape[1], C)) for n in names]
+    pos, c_rs = params["pos_embed"], None
+    if cfg.dynamic_img_size:  # resampled to this batch's grid (itself when the grid is the stored one)
+        g, P = cfg.img_size // cfg.patch_size, cfg.patch_size
+        pos, c_rs = pos_resample_forward(pos, (g, g), (images.shape[2] // P, images.shape[3] // P),
+                                         0 if cfg.no_embed_class else cfg.num_prefix_tokens)
     if cfg.no_embed_class:
-        x += params["pos_embed"]  # x is the patch embedding's own buffer
+        x += pos  # x is the patch embedding's own buffer
     if prefix:
         x = xp.concatenate(prefix + [x], axis=1)  # (B, P+N, C)
     if not cfg.no_embed_class:
-        x += params["pos_embed"]
+        x += pos
     x, c_pd = dropout_forward(x, cfg.dropout, rng, train)
     c_pre = None
     if cfg.pre_norm:
         x, c_pre = layernorm_forward(x, params["norm_pre.weight"], params["norm_pre.bias"], cfg.ln_eps)
-    return x, EmbedCache(c_pe, [(n, params[n].shape[1]) for n in names], cfg.no_embed_class, c_pd, c_pre)
+    return x, EmbedCache(c_pe, [(n, params[n].shape[1]) for n in names], cfg.no_embed_class, c_pd, c_pre, c_rs)
 
 
 def _embed_backward(dx, cache, grads, want=None):
@@ -224,6 +236,8 @@ def _embed_backward(dx, cache, grads, want=None):
     if t_pos:
         dpos = dx[:, P:] if cache.no_embed_class else dx
         grads["pos_embed"] = colsum(dpos.reshape(dpos.shape[0], -1)).reshape((1,) + dpos.shape[1:])  # (1, N[+P], C)
+        if cache.resample is not None:  # back through the resample to the stored grid
+            grads["pos_embed"] = pos_resample_backward(grads["pos_embed"], cache.resample)
     start = 0
     for (name, n), t in zip(cache.prefix, t_tokens):
         if t:
@@ -417,3 +431,53 @@ def attention_maps(cache):
         raise TinyViTError("this cache holds the last block's class-token attention only: "
                            "run vit_forward with all_tokens=True for attention maps")
     return [attention_probs(c.attn) for c in blocks]
+
+
+def _take_indices(depth, indices):
+    """The blocks to return as timm's feature_take_indices picks them: an int n is the last n blocks, a
+    list names blocks (negative ones count from the end), None is every block."""
+    indices = depth if indices is None else indices
+    if not isinstance(indices, (int, np.integer, list, tuple, range)) or isinstance(indices, bool):
+        raise TinyViTError(f"indices must be a whole number (the last n blocks) or a list of block indices, "
+                           f"got {type(indices).__name__}")
+    if isinstance(indices, (int, np.integer)):
+        if not 0 < indices <= depth:
+            raise TinyViTError(f"indices {indices}: the last n blocks needs 1 <= n <= {depth}")
+        return list(range(depth - int(indices), depth))
+    take = [int(i) + depth if int(i) < 0 else int(i) for i in indices]
+    bad = [i for i, j in zip(indices, take) if not 0 <= j < depth]
+    if bad or not take:
+        raise TinyViTError(f"indices {list(indices)}: block indices must lie in -{depth}..{depth - 1} "
+                           f"(the model has {depth} blocks), at least one")
+    return take
+
+
+def _intermediates_forward(params, images, cfg, take, norm):
+    """The outputs (B, P+N, C) of the blocks in take, in block order, normed by the final norm when
+    norm (timm's self.norm: none where the norm follows the pooling); no block after the last is run."""
+    x, _ = _embed_forward(params, images, cfg, False, None)
+    infer, ys = get_array_module(x) is np, []
+    for i in range(max(take) + 1):
+        p = f"blocks.{i}."
+        x = _block_infer(params, p, x, cfg) if infer else _block_forward(params, p, x, cfg, False, None, False)[0]
+        if i in take:
+            ys.append(layernorm_forward(x, params["norm.weight"], params["norm.bias"], cfg.ln_eps)[0]
+                      if norm and not cfg.use_fc_norm else x)
+    return ys
+
+
+def vit_intermediates(params, images, cfg: ViTConfig, indices, norm=False, return_prefix_tokens=False):
+    """The outputs of the chosen blocks as timm's forward_intermediates(x, indices, norm=norm,
+    output_fmt='NCHW', intermediates_only=True) returns them: a list in block order of the patch tokens
+    (B, C, h, w), or of (patches, prefix tokens (B, P, C)) pairs with return_prefix_tokens on a model with
+    prefix tokens. indices as timm: an int n (the last n blocks), a list (negative from the end) or None (all)."""
+    take = set(_take_indices(cfg.depth, indices))
+    shards, outs = _run_batch(lambda x: _intermediates_forward(params, x, cfg, take, norm), params, images, cfg, False)
+    xp = get_array_module(params["pos_embed"])
+    ys = outs[0] if shards is None else [xp.concatenate(parts) for parts in zip(*outs)]
+    (B, _, H, W), P, n = images.shape, cfg.patch_size, cfg.num_prefix_tokens
+    result = []
+    for y in ys:
+        grid = xp.ascontiguousarray(y[:, n:].reshape(B, H // P, W // P, -1).transpose(0, 3, 1, 2))  # (B, C, h, w)
+        result.append((grid, y[:, :n]) if return_prefix_tokens and n else grid)
+    return result

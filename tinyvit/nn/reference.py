@@ -13,6 +13,7 @@ from typing import Any, NamedTuple, Optional
 import numpy as np
 
 from ..backend import get_array_module
+from .resample import bicubic_aa_matrix
 from .special import erf as _xp_erf
 
 Array = Any  # a NumPy or CuPy array
@@ -329,6 +330,44 @@ def patch_embed_backward(dout, cache):
     return dx, dw.reshape(cache.w_shape), db  # dw (C, Cin, P, P)
 
 
+# --- the position embedding at another grid (dynamic_img_size) -------------------------------
+
+
+class PosResampleCache(NamedTuple):
+    """What pos_resample_backward needs: the axes' interpolation matrices (None: grid unchanged)."""
+
+    rh: Any  # (nh, gh)
+    rw: Any  # (nw, gw)
+    prefix: int
+
+
+def pos_resample_forward(pos, grid, new_grid, prefix):
+    """pos (1, prefix + gh*gw, C) for a new (nh, nw) grid as timm's resample_abs_pos_embed: the prefix rows
+    kept, the grid E resampled per channel by torch's antialiased bicubic, G = R_h E R_w^T, its two
+    axes' matrices (resample.bicubic_aa_matrix); the stored grid unchanged."""
+    xp = get_array_module(pos)
+    (gh, gw), (nh, nw), C = grid, new_grid, pos.shape[-1]
+    if (gh, gw) == (nh, nw):
+        return pos, PosResampleCache(None, None, prefix)
+    rh = xp.asarray(bicubic_aa_matrix(gh, nh), dtype=pos.dtype)  # (nh, gh)
+    rw = xp.asarray(bicubic_aa_matrix(gw, nw), dtype=pos.dtype)  # (nw, gw)
+    e = pos[0, prefix:].reshape(gh, gw, C)  # (gh, gw, C)
+    g = xp.einsum("ih,hwc,jw->ijc", rh, e, rw).reshape(1, nh * nw, C)  # (1, nh*nw, C)
+    return xp.concatenate([pos[:, :prefix], g], axis=1), PosResampleCache(rh, rw, prefix)
+
+
+def pos_resample_backward(dout, cache):
+    """d(pos) of pos_resample_forward."""
+    if cache.rh is None:
+        return dout
+    xp = get_array_module(dout)
+    rh, rw, P = cache.rh, cache.rw, cache.prefix
+    dg = dout[0, P:].reshape(rh.shape[0], rw.shape[0], -1)  # (nh, nw, C)
+    # G = R_h E R_w^T per channel: dE = R_h^T dG R_w; the prefix rows pass through
+    de = xp.einsum("ih,ijc,jw->hwc", rh, dg, rw).reshape(1, -1, dg.shape[-1])  # (1, gh*gw, C)
+    return xp.concatenate([dout[:, :P], de], axis=1)
+
+
 # --- pooling and heads -----------------------------------------------------------------------
 
 
@@ -455,6 +494,7 @@ class ViTCache(NamedTuple):
     heads: list  # of LinearCache: the head, and head_dist when distilled
     names: list  # the params' names, in their order
     cfg: Any
+    pos_resample: Any = None  # PosResampleCache
 
 
 def _prefix(cfg):
@@ -471,10 +511,13 @@ def vit_forward(params, images, cfg):
                                   params.get("patch_embed.proj.bias"))  # (B, N, C)
     B, N, C = x.shape
     prefix = [xp.broadcast_to(params[n], (B,) + params[n].shape[1:]) for n in _prefix(cfg)]  # (B, n, C) each
+    g, P = cfg.img_size // cfg.patch_size, cfg.patch_size  # the stored grid; dynamic_img_size: this batch's
+    new = (images.shape[2] // P, images.shape[3] // P) if cfg.dynamic_img_size else (g, g)
+    pos, c_rs = pos_resample_forward(params["pos_embed"], (g, g), new, 0 if cfg.no_embed_class else cfg.num_prefix_tokens)
     if cfg.no_embed_class:  # the position embedding covers the patches alone
-        x = xp.concatenate(prefix + [x + params["pos_embed"]], axis=1)  # (B, P+N, C)
+        x = xp.concatenate(prefix + [x + pos], axis=1)  # (B, P+N, C)
     else:
-        x = xp.concatenate(prefix + [x], axis=1) + params["pos_embed"]  # (B, P+N, C)
+        x = xp.concatenate(prefix + [x], axis=1) + pos  # (B, P+N, C)
     c_pre = None
     if cfg.pre_norm:
         x, c_pre = layernorm_forward(x, params["norm_pre.weight"], params["norm_pre.bias"], cfg.ln_eps)
@@ -490,7 +533,7 @@ def vit_forward(params, images, cfg):
     else:
         logits, c_h = linear_forward(f, params["head.weight"], params["head.bias"])  # (B, num_classes)
         heads = [c_h]
-    return logits, ViTCache(c_pe, c_pre, blocks, c_pool, heads, list(params), cfg)
+    return logits, ViTCache(c_pe, c_pre, blocks, c_pool, heads, list(params), cfg, c_rs)
 
 
 def vit_backward(dlogits, cache):
@@ -512,7 +555,8 @@ def vit_backward(dlogits, cache):
         dx, grads["norm_pre.weight"], grads["norm_pre.bias"] = layernorm_backward(dx, cache.norm_pre)
     # x = concat(prefix, patches) + pos_embed (or the patches' alone): both sum dx over the batch
     P = cfg.num_prefix_tokens
-    grads["pos_embed"] = (dx[:, P:] if cfg.no_embed_class else dx).sum(axis=0, keepdims=True)  # (1, N[+P], C)
+    grads["pos_embed"] = pos_resample_backward((dx[:, P:] if cfg.no_embed_class else dx).sum(axis=0, keepdims=True),
+                                               cache.pos_resample)  # (1, N[+P], C) at the stored grid
     start = 0
     for name in _prefix(cfg):
         n = cfg.reg_tokens if name == "reg_token" else 1
