@@ -18,8 +18,9 @@ from .errors import TinyViTError
 from .io.checkpoint import load_checkpoint, save_checkpoint
 from .io.convert import load_model
 from .nn import reference
+from .nn.intermediates import vit_intermediates
 from .nn.layers import cross_entropy_backward, cross_entropy_forward
-from .nn.model import ViTConfig, attention_maps, init_params, preset, vit_backward, vit_features, vit_forward, vit_intermediates
+from .nn.model import ViTConfig, attention_maps, init_params, preset, vit_backward, vit_features, vit_forward
 from .train.optim import SGD, Adam, AdamW
 
 sys.modules[__name__ + ".reference"] = reference  # `import tinyvit.reference` (README's first read) still works
