@@ -5,12 +5,14 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from ..data.datasets import DataSource
 from ..errors import TinyViTError
 from ..io.hub import resolve
 from ..nn.model import PRESETS
 from ..train.config import TrainConfig
 from ..train.dist import world
 from ..train.finetune import HEAD, MODE_DEFAULTS, run_finetune
+from ..train.recipe import ModelSource, Recipe, RunOptions
 from .args import (
     add_run_args,
     add_train_args,
@@ -150,12 +152,36 @@ def train_settings(args) -> TrainConfig:
                                head_lr=args.head_lr if progressive else 0.0)
 
 
+def recipe(args) -> Recipe:
+    """The fine-tuning recipe the parsed flags describe."""
+    return Recipe(mode=args.mode, drop_path=args.drop_path or 0.0, feature_batch=args.feature_batch,
+                  cache_dir=args.cache_dir)
+
+
+def model_source(args) -> ModelSource:
+    """The weights (or preset) the parsed flags start from."""
+    return ModelSource(weights=args.weights, preset=args.preset, img_size=args.img_size, crop_pct=args.crop_pct,
+                       seed=args.seed)
+
+
+def data_source(args) -> DataSource:
+    """The images the parsed flags name."""
+    return DataSource(data=args.data, root=args.data_dir, limit_train=args.limit_train, limit_test=args.limit_test,
+                      val_split=args.val_split, split_seed=args.seed, strict=args.strict, workers=args.workers)
+
+
+def run_options(args) -> RunOptions:
+    """Where the run writes and how it is watched."""
+    return RunOptions(out=args.out, resume=args.resume, quiet=args.quiet, backend=args.backend, **run_clock(args))
+
+
 def main(description, data_default=None, out_default="runs/finetune", argv=None, weights_default=None):
     """Entry point of the fine-tuning scripts."""
     args = parse(parser(description, data_default, out_default), argv, data_default, out_default, weights_default)
     try:
         with removed_if_unused(args.out):  # an early failure leaves no empty --out behind
-            summary, cfg = run_finetune(args, train_settings(args), run_args(args), run_clock(args))
+            summary, cfg = run_finetune(recipe(args), model_source(args), data_source(args), train_settings(args),
+                                        run_options(args), run_args(args))
     except KeyboardInterrupt:
         if args.mode != "head":
             raise  # outside fit's own stop (or a second Ctrl-C): report.run says it, exit 130
