@@ -1,16 +1,25 @@
 """Fine-tuning (tinyvit.train.finetune) through its command line: seeded runs of every mode give the
-same weights bit for bit as the code before the recipe dataclasses (digests recorded then)."""
+same weights bit for bit as the code before the recipe dataclasses (digests recorded then); partial
+mode's frozen blocks, its token cache against the run without it, its resume and its cache keys."""
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from tinyvit import init_params
-from tinyvit.cli.finetune import main
+from tinyvit.cli.finetune import data_source, main, model_source, parse, parser, train_settings
+from tinyvit.data.datasets import load_data
 from tinyvit.io.checkpoint import load_checkpoint, save_checkpoint
-from tinyvit.nn.model import ViTConfig
+from tinyvit.io.convert import adapt
+from tinyvit.nn.layers import cross_entropy_backward, cross_entropy_forward
+from tinyvit.nn.model import ViTConfig, vit_backward, vit_forward
+from tinyvit.train.cache import below
+from tinyvit.train.evaluate import evaluate
+from tinyvit.train.finetune import start_model
+from tinyvit.train.optim import clip_grad_norm, run_schedule
 
 TINY = ViTConfig(img_size=32, patch_size=8, in_chans=3, num_classes=5, dim=32, depth=3, heads=2, mlp_dim=64)
 
@@ -29,23 +38,27 @@ def _folder(root, n=8, classes=("a", "b")):
 
 @pytest.fixture
 def tiny_run(tmp_path, monkeypatch, capsys):
-    """run(*flags) -> (the run's JSON summary, its model.npz params): the fine-tuning command in-process
+    """run(*flags) -> (the run's JSON summary, its model.npz params or None): the fine-tuning command in-process
     on a tiny folder and tiny weights, two shards fixed (the digests do not depend on the core count)."""
     monkeypatch.setenv("TINYVIT_SHARDS", "2")
+    monkeypatch.setenv("TINYVIT_CACHE", str(tmp_path / "cache"))  # a --resume's cache (--cache-dir is not saved)
     data = _folder(tmp_path / "data")
     weights = save_checkpoint(tmp_path / "w.npz", init_params(TINY, seed=1), TINY, meta={})
     n = [0]
 
-    def run(*flags, out=None, source=("--data", data, "--val-split", "0.25")):
+    def run(*flags, out=None, source=("--data", data, "--val-split", "0.25"), argv=None):
         n[0] += 1
         out = out or tmp_path / f"run{n[0]}"
-        argv = [*map(str, source), "--weights", str(weights), "--batch-size", "4",
-                "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--quiet", "--json", *map(str, flags)]
+        argv = argv or [*map(str, source), "--weights", str(weights), "--batch-size", "4",
+                        "--cache-dir", str(tmp_path / "cache"), "--out", str(out), *map(str, flags)]
+        argv += ["--quiet", "--json"]
         capsys.readouterr()
         assert main("x", argv=argv) == 0
         summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-        return summary, load_checkpoint(out / "model.npz")[0]
+        model = Path(summary["checkpoint"]).parent / "model.npz"
+        return summary, load_checkpoint(model)[0] if model.is_file() else None
 
+    run.data, run.weights, run.cache = data, weights, tmp_path / "cache"
     return run
 
 
@@ -82,3 +95,77 @@ def test_seeded_runs_give_the_recorded_weights(tiny_run, mode, request):
         source = {"source": ("--data", "cifar10", "--data-dir", request.getfixturevalue("cifar_root"))}
     summary, params = tiny_run(*FLAGS[mode], **source)
     assert digest(params) == DIGESTS[mode]
+
+
+# --- partial mode ---------------------------------------------------------------------------------
+
+PARTIAL = ["--mode", "partial", "--train-blocks", "2", "--epochs", "2", "--lr", "1e-3", "--seed", "4"]
+
+
+def test_partial_mode_keeps_the_frozen_params_and_trains_the_rest(tiny_run):
+    summary, params = tiny_run(*PARTIAL)
+    start = init_params(TINY, seed=1)
+    frozen = [k for k in params if below(k, TINY.depth - 2)]
+    assert "blocks.0.mlp.fc1.weight" in frozen and "pos_embed" in frozen and "blocks.1.norm1.bias" not in frozen
+    assert all(np.array_equal(params[k], start[k]) for k in frozen)  # bit for bit: the weights it started from
+    trained = [k for k in params if k not in frozen and not k.startswith("head.")]
+    assert trained and all(not np.array_equal(params[k], start[k]) for k in trained)
+    assert summary["mode"] == "partial" and summary["tokens_cached"] is False
+
+
+def test_partial_mode_from_the_cache_equals_the_run_computed_without_it(tiny_run):
+    """float32 tokens from the cache against the whole model's forward and backward on the images,
+    with only the last blocks', the norm's and the head's gradients applied, step by step as fit does."""
+    flags = [*PARTIAL, "--cache-dtype", "float32"]
+    summary, got = tiny_run(*flags)
+    argv = ["--data", str(tiny_run.data), "--weights", str(tiny_run.weights), "--val-split", "0.25",
+            "--batch-size", "4", "--out", "unused", *flags]
+    args = parse(parser("x"), argv)
+    tc = train_settings(args)
+    params, cfg, meta, t = start_model(model_source(args))
+    train, test, names, _ = load_data(data_source(args), cfg.img_size, 3, t)
+    params, cfg = adapt(params, cfg, num_classes=len(names))
+    stop, opt = cfg.depth - tc.train_blocks, tc.make_optimizer(list(params), cfg.depth)
+    steps = len(train.labels) // tc.batch_size
+    lr, step = run_schedule(tc, steps), 0
+    for epoch in range(tc.epochs):
+        for x, y in train.batches(tc.batch_size, np, seed=tc.seed, epoch=epoch, drop_last=True):
+            logits, cache = vit_forward(params, x, cfg, train=True)
+            grads = vit_backward(cross_entropy_backward(1.0, cross_entropy_forward(logits, y, tc.label_smoothing)[1]),
+                                 cache)
+            grads = {k: g for k, g in grads.items() if not below(k, stop)}
+            clip_grad_norm(grads, tc.clip)
+            opt.step({k: params[k] for k in grads}, grads, lr=lr(step))
+            step += 1
+    assert step == summary["steps"] == 6
+    assert max(float(np.abs(got[k] - params[k]).max()) for k in params) < 1e-6
+    assert summary["test_accuracy"] == evaluate(got, cfg, test, np)  # on the images, as evaluate.py scores it
+
+
+def test_partial_mode_resumed_mid_run_is_the_uninterrupted_run(tiny_run, tmp_path):
+    straight = tiny_run(*PARTIAL)[1]
+    cut, _ = tiny_run(*PARTIAL, "--time-limit", "0", out=tmp_path / "cut")  # stops after one step
+    assert cut["stopped_early"] and cut["steps"] == 1 and cut["tokens_cached"] is True
+    resumed, params = tiny_run(argv=["--resume", str(tmp_path / "cut" / "checkpoint.npz")])
+    assert resumed["epochs"] == 2 and resumed["tokens_cached"] is True
+    assert all(np.array_equal(params[k], straight[k]) for k in straight)  # bit for bit
+    log = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2]
+
+
+def test_partial_mode_cache_is_hit_on_a_rerun_and_missed_on_changed_data(tiny_run):
+    first, a = tiny_run(*PARTIAL)
+    again, b = tiny_run(*PARTIAL, "--epochs", "1")  # another recipe of the same tokens: a hit
+    assert (first["tokens_cached"], again["tokens_cached"]) == (False, True)
+    assert len(list(tiny_run.cache.glob("train-tokens-*[0-9a-f].npy"))) == 1
+    Image.fromarray(np.zeros((24, 30, 3), np.uint8)).save(tiny_run.data / "a" / "99.png")  # a changed folder
+    changed, _ = tiny_run(*PARTIAL)
+    assert changed["tokens_cached"] is False
+    assert len(list(tiny_run.cache.glob("train-tokens-*[0-9a-f].npy"))) == 2
+    half, _ = tiny_run(*PARTIAL, "--cache-dtype", "float32")  # another dtype: another file
+    assert half["tokens_cached"] is False
+
+
+def test_partial_mode_help_says_augmentation_does_not_apply():
+    text = " ".join(parser("x").format_help().split())
+    assert "partial: the last --train-blocks blocks" in text and "augmentation does not apply" in text

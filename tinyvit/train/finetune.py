@@ -2,9 +2,7 @@
 pretrained weights (or a preset from random init), a new head, then the head on cached features
 or the whole model through tinyvit.train.fit."""
 import dataclasses
-import hashlib
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -22,6 +20,7 @@ from ..nn.layers import cross_entropy_backward, cross_entropy_forward
 from ..nn.model import init_params, preset, vit_features
 from ..nn.pool import head_backward, head_forward
 from ..progress import Progress
+from .cache import cached_tokens, feature_cache_dir, feature_key
 from .config import TrainConfig
 from .dist import world
 from .loop import fit
@@ -36,7 +35,10 @@ DEFAULTS = TrainConfig(epochs=3, batch_size=32, lr=5e-5, optimizer="adamw", weig
 # head mode, chosen on 5,000 held-out training features of CIFAR-10 (docs/performance.md): label
 # smoothing costs a linear probe ~0.4 points there, and lr 3e-3 edges out 1e-3
 HEAD = dataclasses.replace(DEFAULTS, lr=3e-3, epochs=30, batch_size=256, augment="none", label_smoothing=0.0)
-MODE_DEFAULTS = {"head": HEAD, "full": DEFAULTS, "progressive": DEFAULTS}
+# partial mode: full's recipe on the cached tokens (no augmentation applies to them), at twice its lr
+# for the new head and the few blocks that train
+PARTIAL = dataclasses.replace(DEFAULTS, lr=1e-4, augment="none")
+MODE_DEFAULTS = {"head": HEAD, "full": DEFAULTS, "progressive": DEFAULTS, "partial": PARTIAL}
 
 
 def start_model(src: ModelSource, whole_images=False):
@@ -59,8 +61,8 @@ def run_finetune(recipe: Recipe, model: ModelSource, data: DataSource, tc: Train
                  saved_args: dict):
     """The whole run: the recipe on the model and data with the optimisation tc, its files as run says;
     saved_args: the flags saved for --resume -> (summary, cfg)."""
-    if recipe.mode == "head" and world().size > 1:
-        raise TinyViTError("--mode head is one process (a feature pass, then seconds of head training): "
+    if recipe.mode in ("head", "partial") and world().size > 1:
+        raise TinyViTError(f"--mode {recipe.mode} is one process (a pass of the frozen part, then its cache trains): "
                            "run it without mpirun, or use --mode full or progressive across ranks")
     prepare_out_dir(run.out)  # a wrong --out fails now, not after the feature pass or an epoch
     xp = get_backend(run.backend)
@@ -80,6 +82,8 @@ def run_finetune(recipe: Recipe, model: ModelSource, data: DataSource, tc: Train
                     **({"source_origin": meta["origin"]} if meta.get("origin") else {}))  # a Hub name's provenance
     if recipe.mode == "head":
         summary = run_head(params, cfg, tc, xp, train, test, out_meta, recipe, run)
+    elif recipe.mode == "partial":
+        summary = run_partial(params, cfg, tc, xp, train, test, out_meta, recipe, run)
     else:
         summary = fit(params, cfg, tc, xp, train, test, run.out, meta=out_meta, resume=run.resume,
                       quiet=run.quiet, time_limit=run.time_limit, save_every=run.save_every)
@@ -87,6 +91,21 @@ def run_finetune(recipe: Recipe, model: ModelSource, data: DataSource, tc: Train
         summary["images_decoded"] = train.decoded + test.decoded
         summary["unreadable_files"] = train.warn.count  # every file named in a warning, once
     return summary, cfg
+
+
+def run_partial(params, cfg, tc, xp, train, test, meta, recipe: Recipe, run: RunOptions):
+    """Partial mode: the tokens entering block depth - K computed once per image (cached), then fit
+    trains the last K blocks, the final norm, the pooling and the head on them; the rest stays as it came."""
+    k = recipe.train_blocks
+    if not 1 <= k <= cfg.depth:
+        raise TinyViTError(f"--train-blocks {k}: this model has {cfg.depth} blocks: give 1 to {cfg.depth}")
+    stop, folder, dev = cfg.depth - k, feature_cache_dir(recipe.cache_dir), to_device(params, xp)
+    tr, s1 = cached_tokens(folder, "train", dev, cfg, train, stop, recipe.cache_dtype, xp, recipe.feature_batch, run.quiet)
+    te, s2 = cached_tokens(folder, "test", dev, cfg, test, stop, recipe.cache_dtype, xp, recipe.feature_batch, run.quiet)
+    del dev
+    summary = fit(params, cfg, dataclasses.replace(tc, train_blocks=k), xp, tr, te, run.out, meta=meta,
+                  resume=run.resume, quiet=run.quiet, time_limit=run.time_limit, save_every=run.save_every)
+    return dict(summary, token_seconds=s1 + s2, tokens_cached=s1 + s2 == 0)
 
 
 # --- head mode: one backbone pass, then a linear head on the cached features ----------------------
@@ -106,28 +125,6 @@ def extract_features(params, cfg, data, xp, batch_size, desc, quiet=False):
     if not feats:
         raise TinyViTError(f"{desc}: no image could be read")
     return np.concatenate(feats).astype(np.float32), np.concatenate(labels), time.perf_counter() - t0
-
-
-def feature_cache_dir(cache_dir=None) -> Path:
-    """cache_dir (--cache-dir), else $TINYVIT_CACHE, else ~/.cache/tinyvit/features (shared by runs, any --out)."""
-    if cache_dir:
-        return Path(cache_dir).expanduser()
-    if os.environ.get("TINYVIT_CACHE"):
-        return Path(os.environ["TINYVIT_CACHE"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "tinyvit" / "features"
-
-
-def feature_key(params, cfg, data) -> str:
-    """What a feature pass depends on: the backbone's weights (names, shapes, bytes), the model's
-    config, and the data's fingerprint (files, labels, transform)."""
-    h = hashlib.blake2b(digest_size=12)
-    for k in sorted(params):
-        if not k.startswith("head."):  # the features come before the head
-            v = np.ascontiguousarray(to_numpy(params[k]))
-            h.update(f"{k}{v.dtype}{v.shape}".encode())
-            h.update(v)
-    h.update(json.dumps([cfg.to_dict(), "float32", data.fingerprint()]).encode())
-    return h.hexdigest()
 
 
 def cached_features(folder, name, params, cfg, data, *args, **kw):
