@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import last_json, run_script
 from PIL import Image
 
 from tinyvit import init_params
@@ -169,3 +170,18 @@ def test_partial_mode_cache_is_hit_on_a_rerun_and_missed_on_changed_data(tiny_ru
 def test_partial_mode_help_says_augmentation_does_not_apply():
     text = " ".join(parser("x").format_help().split())
     assert "partial: the last --train-blocks blocks" in text and "augmentation does not apply" in text
+
+
+@pytest.mark.e2e
+def test_partial_mode_script_and_evaluate_agree(tmp_path):
+    """finetune.py --mode partial as a user runs it, then evaluate.py on its model.npz: a whole model,
+    scored on the images as the run scored it on its (float32) cached tokens."""
+    data = _folder(tmp_path / "data", n=10)
+    weights = save_checkpoint(tmp_path / "w.npz", init_params(TINY, seed=1), TINY, meta={})
+    r = run_script("finetune.py", "--data", data, "--weights", weights, "--val-split", "0.3", "--batch-size", "4",
+                   *PARTIAL, "--cache-dtype", "float32", "--cache-dir", tmp_path / "cache", "--out", tmp_path / "run",
+                   "--json", timeout=120)
+    run = last_json(r)
+    ev = last_json(run_script("evaluate.py", run["checkpoint"], "--json", timeout=120))
+    assert ev["images"] == 6 and ev["test_accuracy"] == run["test_accuracy"]
+    assert len(load_checkpoint(run["checkpoint"])[0]) == len(init_params(TINY))  # the whole model
