@@ -47,6 +47,29 @@ def test_benchmark_vs_torch_smoke():
     assert 1 <= case["tinyvit_shards"] <= 4  # batch 4: at most one image per shard
 
 
+
+@pytest.mark.e2e
+def test_benchmark_memory_table_parses_and_tinyvits_peak_grows_with_batch():
+    r = run_script("benchmark.py", "--memory", "tinyvit", "--preset", "mnist", "--batch", "4,128", "--json")
+    res = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else r.stderr
+    small, big = res["memory"]
+    assert (small["batch"], big["batch"]) == (4, 128) and set(small) == {"preset", "batch", "tinyvit", "tinyvit_ckpt"}
+    assert all(row["tinyvit"]["peak_mib"] > row["tinyvit"]["step_mib"] > 0 for row in (small, big))
+    assert big["tinyvit"]["peak_mib"] > small["tinyvit"]["peak_mib"] + 10  # 124 more images' activations
+    assert "peak_mib" in small["tinyvit_ckpt"] or small["tinyvit_ckpt"]["error"].startswith("not available")
+    fit = next(f for f in res["fits"] if f["side"] == "tinyvit")
+    assert fit["measured_batches"] == [4, 128] and fit["largest_batch_16gib"] > fit["largest_batch_8gib"] > 128
+    table = run_script("benchmark.py", "--memory", "tinyvit", "--preset", "mnist", "--batch", "4").stdout
+    assert table.splitlines()[1].split() == ["preset", "batch", "tinyvit", "tinyvit_ckpt"]
+    assert float(table.splitlines()[2].split()[2]) > 0
+
+
+def test_largest_batch_is_read_off_the_line_through_the_peaks():
+    from bench_memory import largest_batch
+
+    assert largest_batch([(8, 1000.0), (16, 1800.0)], 8) == (8192 - 200) // 100
+    assert largest_batch([(8, 1000.0)], 8) is None
+
 # --- evaluate.py on a folder of some of the model's classes ------------------------------------
 
 NAMES = ["cat", "dog", "owl"]
