@@ -10,7 +10,8 @@ from tinyvit import TinyViTError, ViTConfig, attention_maps, init_params, preset
 from tinyvit.backend import to_device, to_numpy
 from tinyvit.cpu import blas
 from tinyvit.nn.layers import cross_entropy_backward, cross_entropy_forward
-from tinyvit.nn.model import count_params, tail_backward, tail_forward, vit_tokens
+from tinyvit.nn.model import count_params
+from tinyvit.nn.partial import tail_backward, tail_forward, vit_tokens
 
 CONFIGS = {
     # one block, one head, odd token count (3x3 patches + CLS = 10)

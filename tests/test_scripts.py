@@ -48,7 +48,6 @@ def test_benchmark_vs_torch_smoke():
 
 
 
-@pytest.mark.e2e
 def test_benchmark_memory_table_parses_and_tinyvits_peak_grows_with_batch():
     r = run_script("benchmark.py", "--memory", "tinyvit", "--preset", "mnist", "--batch", "4,128", "--json")
     res = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else r.stderr
@@ -63,12 +62,6 @@ def test_benchmark_memory_table_parses_and_tinyvits_peak_grows_with_batch():
     assert table.splitlines()[1].split() == ["preset", "batch", "tinyvit", "tinyvit_ckpt"]
     assert float(table.splitlines()[2].split()[2]) > 0
 
-
-def test_largest_batch_is_read_off_the_line_through_the_peaks():
-    from bench_memory import largest_batch
-
-    assert largest_batch([(8, 1000.0), (16, 1800.0)], 8) == (8192 - 200) // 100
-    assert largest_batch([(8, 1000.0)], 8) is None
 
 # --- evaluate.py on a folder of some of the model's classes ------------------------------------
 

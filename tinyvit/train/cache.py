@@ -13,7 +13,7 @@ from ..backend import to_numpy
 from ..data.batches import TokenDataset
 from ..errors import TinyViTError, describe_os_error
 from ..io.files import atomic_write
-from ..nn.model import vit_tokens
+from ..nn.partial import vit_tokens
 from ..progress import Progress
 
 # the parameters before the first block (the embedding, its tokens, norm_pre)
@@ -63,7 +63,7 @@ def _load_tokens(path, labels_path, cfg, data, dtype):
     try:
         labels = np.load(labels_path, allow_pickle=False)
         tokens = np.load(path, mmap_mode="r", allow_pickle=False)
-        T = cfg.num_patches + int(cfg.class_token) + int(cfg.distilled) + cfg.reg_tokens
+        T = cfg.num_patches + cfg.num_prefix_tokens
         if (tokens.dtype == np.dtype(dtype) and tokens.shape[1:] == (T, cfg.dim) and labels.ndim == 1
                 and 0 < len(labels) <= min(len(tokens), len(data.labels))):
             return TokenDataset(tokens[:len(labels)], labels)
@@ -97,7 +97,7 @@ def cached_tokens(folder, name, params, cfg, data, stop, dtype, xp, batch_size, 
 def _extract_tokens(file, params, cfg, data, stop, dtype, xp, batch_size, desc, quiet):
     """Write the tokens entering block `stop` into a new .npy at file -> (their labels, seconds)."""
     file.parent.mkdir(parents=True, exist_ok=True)
-    T = cfg.num_patches + int(cfg.class_token) + int(cfg.distilled) + cfg.reg_tokens
+    T = cfg.num_patches + cfg.num_prefix_tokens
     out = np.lib.format.open_memmap(file, mode="w+", dtype=np.dtype(dtype), shape=(len(data.labels), T, cfg.dim))
     labels, n, t0 = [], 0, time.perf_counter()
     bar = Progress(len(data.labels), desc, unit="img", disable=quiet)

@@ -4,7 +4,8 @@ import numpy as np
 from ..backend import to_numpy
 from ..data.batches import ArrayDataset
 from ..errors import TinyViTError
-from ..nn.model import tail_forward, vit_forward
+from ..nn.model import vit_forward
+from ..nn.partial import tail_forward
 from .dist import World
 
 

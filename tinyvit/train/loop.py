@@ -15,7 +15,8 @@ from ..errors import TinyViTError, describe_os_error
 from ..io.checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
 from ..io.files import atomic_write, prepare_out_dir
 from ..nn.layers import cross_entropy_backward, cross_entropy_forward
-from ..nn.model import head_backward, tail_backward, tail_forward, vit_backward, vit_forward
+from ..nn.model import head_backward, vit_backward, vit_forward
+from ..nn.partial import tail_backward, tail_forward
 from ..progress import Progress
 from .config import TrainConfig
 from .dist import World, world
