@@ -337,4 +337,3 @@ def attention_maps(cache):
         raise TinyViTError("this cache holds the last block's class-token attention only: "
                            "run vit_forward with all_tokens=True for attention maps")
     return [attention_probs(c.attn) for c in blocks]
-
