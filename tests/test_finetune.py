@@ -10,7 +10,7 @@ import pytest
 from helpers import last_json, run_script
 from PIL import Image
 
-from tinyvit import init_params
+from tinyvit import TinyViTError, init_params
 from tinyvit.cli.finetune import data_source, main, model_source, parse, parser, train_settings
 from tinyvit.data.datasets import load_data
 from tinyvit.io.checkpoint import load_checkpoint, save_checkpoint
@@ -185,3 +185,9 @@ def test_partial_mode_script_and_evaluate_agree(tmp_path):
     ev = last_json(run_script("evaluate.py", run["checkpoint"], "--json", timeout=120))
     assert ev["images"] == 6 and ev["test_accuracy"] == run["test_accuracy"]
     assert len(load_checkpoint(run["checkpoint"])[0]) == len(init_params(TINY))  # the whole model
+
+
+@pytest.mark.parametrize("k", [0, 4])
+def test_partial_mode_refuses_a_block_count_the_model_lacks(tiny_run, k):
+    with pytest.raises(TinyViTError, match=f"^--train-blocks {k}: this model has 3 blocks: give 1 to 3$"):
+        tiny_run("--mode", "partial", "--train-blocks", k)
