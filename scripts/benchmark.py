@@ -2,15 +2,20 @@
 
 Both run in one process on the same params, dtype, thread count and device, interleaved, and the
 medians are compared as a ratio tinyvit/torch (below 1 means tinyvit is faster). PyTorch is only
-imported with --vs-torch: tinyvit itself never needs it.
+imported with --vs-torch or --memory: tinyvit itself never needs it.
+
+--memory instead measures the peak resident memory of a train step, tinyvit and torch side by side,
+with and without gradient checkpointing, each case in a fresh process, e.g.
+
+  python scripts/benchmark.py --memory --preset vit-b16 --batch 8,16,32 --fit-gib 8,16
 """
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
+import bench_memory
 import numpy as np
 
 import tinyvit  # noqa: F401  (before NumPy: sets OpenBLAS's spin time, see tinyvit/__init__.py)
@@ -236,10 +241,6 @@ def bench_case(name, batch, args, xp):
             rec["torch_ms"] = 1e3 * float(np.median(tt))
             rec["ratio"] = rec["tinyvit_ms"] / rec["torch_ms"]
         out[what] = rec
-    if args.memory:
-        out["memory"] = {fw: memory_probe(name, batch, args, fw) for fw in (["tinyvit", "torch"] if args.vs_torch else ["tinyvit"])}
-        if args.vs_torch:
-            out["memory"]["ratio"] = out["memory"]["tinyvit"]["train_mib"] / out["memory"]["torch"]["train_mib"]
     return out
 
 
@@ -273,71 +274,34 @@ def freeze_case(name, batch, args, xp):
             "full_step_ms": full, "frozen_step_ms": frozen, "ratio": frozen / full}
 
 
-def memory_probe(name, batch, args, framework):
-    """Peak memory of train steps in a fresh process: host RSS growth (CPU) or device peak (GPU)."""
-    cmd = [sys.executable, __file__, "--_probe", framework, "--preset", name, "--batch", str(batch),
-           *(["--img-size", str(args.img_size)] if args.img_size else []),
-           *(["--patch-size", str(args.patch_size)] if args.patch_size else []), "--rival", args.rival,
-           "--backend", args.backend, "--dtype", args.dtype, "--threads", str(args.threads)]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
-    if r.returncode:
-        return {"error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "probe failed"}
-    return json.loads(r.stdout.strip().splitlines()[-1])
+def _batches(text):
+    """--batch: one size or several, comma-separated."""
+    try:
+        sizes = [int(b) for b in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a batch size or several, e.g. 8 or 8,16,32") from None
+    if any(b < 1 for b in sizes):
+        raise argparse.ArgumentTypeError(f"{text!r}: batch sizes are positive")
+    return sizes
 
 
-def _status_mib(field):
-    """VmRSS (now) or VmHWM (peak) of this process in MiB, from /proc/self/status.
-
-    Not getrusage's ru_maxrss: Linux carries that across exec, so a probe forked from a big parent
-    would report the parent's size."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def probe(args):
-    """(Subprocess) run 3 train steps of one framework; print its memory use as JSON."""
-    xp = get_backend(args.backend)
-    dtype = np.float32 if args.dtype == "float32" else np.float64
-    cfg = preset(args.preset, **_overrides(args))
-    host = init_params(cfg, seed=0, dtype=dtype)
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((args.batch, cfg.in_chans, cfg.img_size, cfg.img_size)).astype(dtype)
-    y = rng.integers(0, cfg.num_classes, size=args.batch)
-    if args._probe == "torch":
-        import torch
-
-        torch.set_num_threads(args.threads)
-        fns = torch_fns(cfg, host, x, y, "cuda" if xp is not np else "cpu", args.rival)
+def memory(cases, args):
+    """--memory: the peaks of every case (fresh processes), as a table or one JSON line."""
+    sides = [s for s in args.memory.split(",") if s]
+    if not sides or any(s not in bench_memory.SIDES for s in sides):
+        raise TinyViTError(f"--memory {args.memory}: name tinyvit, torch or both (tinyvit,torch)")
+    res = bench_memory.memory_table(cases, sides, args)
+    if args.json:
+        print(json.dumps(res))
     else:
-        fns = tinyvit_fns(cfg, to_device(host, xp), xp.asarray(x), xp.asarray(y))
-    try:  # start the peak (VmHWM) afresh here, so setup's transients do not count
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-    base = _status_mib("VmRSS")
-    for _ in range(3):
-        fns["train_step"]()
-    synchronize(xp)
-    peak_host = _status_mib("VmHWM") - base
-    rec = {"train_mib": peak_host, "measure": "host peak RSS growth during 3 train steps"}
-    if xp is not np:
-        if args._probe == "torch":
-            import torch
-
-            rec = {"train_mib": torch.cuda.max_memory_allocated() / 2**20, "measure": "device peak allocated"}
-        else:
-            rec = {"train_mib": xp.get_default_memory_pool().total_bytes() / 2**20, "measure": "device pool total"}
-    print(json.dumps(rec))
+        bench_memory.print_table(res, sides, args)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default=None, help="one preset to time (default: the backend's default cases)")
-    ap.add_argument("--batch", type=int, default=None, help="batch size for --preset (default 8)")
+    ap.add_argument("--batch", type=_batches, default=None, help="batch size for --preset, or several "
+                    "(8,16,32: one case each) (default 8)")
     ap.add_argument("--img-size", type=int, default=None, help="input size for --preset (default: the preset's; "
                     "e.g. 224 for dinov2-s14, whose preset is timm's 518)")
     ap.add_argument("--patch-size", type=int, default=None, help="patch size for --preset (default: the preset's; "
@@ -355,7 +319,13 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads (default: all cores)")
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions per measurement (default 5)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported (default 3)")
-    ap.add_argument("--memory", action="store_true", help="also measure training memory in fresh processes")
+    ap.add_argument("--memory", nargs="?", const="tinyvit,torch", default=None, metavar="SIDES",
+                    help="instead of times: the peak resident memory of a train step (AdamW) in a fresh process per "
+                         "case, for tinyvit and torch (or the SIDES named: tinyvit, torch), each with and without "
+                         "gradient checkpointing (torch.utils.checkpoint on torch's side)")
+    ap.add_argument("--fit-gib", type=lambda v: [float(g) for g in v.split(",")], default=[8.0, 16.0],
+                    metavar="GIB", help="--memory with 2 or more --batch sizes: the largest batch whose peak fits "
+                                        "each of these sizes, on the line through the measured peaks (default 8,16)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     ap.add_argument("--freeze", default=None, metavar="PATTERN[,PATTERN]",
                     help="time the train step of --preset (default vit-b16) with the params matching these shell "
@@ -364,17 +334,19 @@ def main():
     ap.add_argument("--_probe", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._probe:
-        return probe(args)
+        return bench_memory.probe(args, _overrides(args))
+    default = ONNX_CASES if args.vs_onnxruntime and not args.vs_torch else DEFAULT_CASES[args.backend]
+    cases = [(args.preset, b) for b in args.batch or [8]] if args.preset else default
+    if args.memory:
+        return memory(cases, args)
     xp = get_backend(args.backend)
     if args.freeze:
-        r = freeze_case(args.preset or "vit-b16", args.batch or 8, args, xp)
+        r = freeze_case(args.preset or "vit-b16", (args.batch or [8])[0], args, xp)
         print(json.dumps(r) if args.json else
               f"{r['preset']} batch {r['batch']} {r['dtype']} on {r['backend']}: train step {r['full_step_ms']:.1f} ms; "
               f"with --freeze {r['freeze']} ({r['trained_params']:,} of {r['params']:,} params trained) "
               f"{r['frozen_step_ms']:.1f} ms: {r['ratio']:.2f}x")
         return
-    default = ONNX_CASES if args.vs_onnxruntime and not args.vs_torch else DEFAULT_CASES[args.backend]
-    cases = [(args.preset, args.batch or 8)] if args.preset else default
     info = hardware_info(args)  # which CPU features and BLAS ran every figure below, in one line
     if not args.json:
         print(hardware_line(info), flush=True)

@@ -5,6 +5,7 @@ and the tests do through pytest's pythonpath setting in pyproject.toml. tinyvit 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 class Attention(nn.Module):
@@ -68,12 +69,20 @@ class TorchViT(nn.Module):
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.depth)])
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.ln_eps)
         self.head = nn.Linear(cfg.dim, cfg.num_classes)
+        self.grad_checkpointing = False  # timm's name: keep each block's input, recompute it in the backward
+
+    def set_grad_checkpointing(self, enable=True):
+        """As timm's models: torch.utils.checkpoint around each block."""
+        self.grad_checkpointing = enable
 
     def forward(self, x):
         x = self.patch_embed(x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
         for blk in self.blocks:
-            x = blk(x)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
         return self.head(self.norm(x)[:, 0])
 
 

@@ -1,99 +1,193 @@
-"""Head mode's feature cache (tinyvit.train.finetune.cached_features): the same pass again is a hit with the
-same features; a change of the weights, the config, the image size, the transform or the dtype, one at a
-time, is a miss (the pass runs again)."""
-import dataclasses
+"""Fine-tuning (tinyvit.train.finetune) through its command line: seeded runs of every mode give the
+same weights bit for bit as the code before the recipe dataclasses (digests recorded then); partial
+mode's frozen blocks, its token cache against the run without it, its resume and its cache keys."""
+import hashlib
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import last_json, run_script
 from PIL import Image
 
-from tinyvit import ViTConfig, init_params
-from tinyvit.data.folders import ImageList
-from tinyvit.data.loader import FolderDataset
-from tinyvit.io.posembed import adapt
-from tinyvit.train import finetune
+from tinyvit import TinyViTError, init_params
+from tinyvit.cli.finetune import data_source, main, model_source, parse, parser, train_settings
+from tinyvit.data.datasets import load_data
+from tinyvit.io.checkpoint import load_checkpoint, save_checkpoint
+from tinyvit.io.convert import adapt
+from tinyvit.nn.layers import cross_entropy_backward, cross_entropy_forward
+from tinyvit.nn.model import ViTConfig, vit_backward, vit_forward
+from tinyvit.train.cache import below
+from tinyvit.train.evaluate import evaluate
+from tinyvit.train.finetune import start_model
+from tinyvit.train.optim import clip_grad_norm, run_schedule
 
-CFG = ViTConfig(img_size=16, patch_size=8, num_classes=2, dim=16, depth=1, heads=2, mlp_dim=32)
-TRANSFORM = dict(img_size=16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), crop_pct=0.875, resize="shortest_edge",
-                 interpolation="bicubic")
+TINY = ViTConfig(img_size=32, patch_size=8, in_chans=3, num_classes=5, dim=32, depth=3, heads=2, mlp_dim=64)
 
 
-def _images(root, n=4):
-    """n small photos of two classes."""
-    root.mkdir()
+def _folder(root, n=8, classes=("a", "b")):
+    """Class folders of noisy colour images (24x30 px)."""
     rng = np.random.default_rng(0)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 256, (20, 26, 3), dtype=np.uint8)).save(root / f"{i}.png")
-    return ImageList([str(root / f"{i}.png") for i in range(n)], np.arange(n) % 2, ["a", "b"])
-
-
-def _params(cfg=CFG, dtype=np.float32):
-    rng = np.random.default_rng(1)
-    return {k: (v + 0.1 * rng.normal(size=v.shape)).astype(dtype) for k, v in init_params(cfg).items()}
+    for k, c in enumerate(classes):
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            base = np.array([200, 40, 40]) if k == 0 else np.array([40, 40, 200])
+            a = np.clip(base + rng.normal(0, 60, (24, 30, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(a).save(root / c / f"{i:02d}.png")
+    return root
 
 
 @pytest.fixture
-def cache_pass(tmp_path, monkeypatch):
-    """f(params, cfg, **transform) -> (features, hit): cached_features in one folder, counting the real passes."""
-    images, passes, extract = _images(tmp_path / "photos"), [], finetune.extract_features
+def tiny_run(tmp_path, monkeypatch, capsys):
+    """run(*flags) -> (the run's JSON summary, its model.npz params or None): the fine-tuning command in-process
+    on a tiny folder and tiny weights, two shards fixed (the digests do not depend on the core count)."""
+    monkeypatch.setenv("TINYVIT_SHARDS", "2")
+    monkeypatch.setenv("TINYVIT_CACHE", str(tmp_path / "cache"))  # a --resume's cache (--cache-dir is not saved)
+    data = _folder(tmp_path / "data")
+    weights = save_checkpoint(tmp_path / "w.npz", init_params(TINY, seed=1), TINY, meta={})
+    n = [0]
 
-    def counted(*args, **kw):
-        passes.append(1)
-        return extract(*args, **kw)
+    def run(*flags, out=None, source=("--data", data, "--val-split", "0.25"), argv=None):
+        n[0] += 1
+        out = out or tmp_path / f"run{n[0]}"
+        argv = argv or [*map(str, source), "--weights", str(weights), "--batch-size", "4",
+                        "--cache-dir", str(tmp_path / "cache"), "--out", str(out), *map(str, flags)]
+        argv += ["--quiet", "--json"]
+        capsys.readouterr()
+        assert main("x", argv=argv) == 0
+        summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        model = Path(summary["checkpoint"]).parent / "model.npz"
+        return summary, load_checkpoint(model)[0] if model.is_file() else None
 
-    monkeypatch.setattr(finetune, "extract_features", counted)
-
-    def run(params, cfg=CFG, **transform):
-        data = FolderDataset(images, workers=1, **dict(TRANSFORM, **transform))
-        n = len(passes)
-        feats, labels, _ = finetune.cached_features(tmp_path / "cache", "train", params, cfg, data, np, 4, "f",
-                                                    quiet=True)
-        assert list(labels) == [0, 1, 0, 1]
-        return feats, len(passes) == n
-
+    run.data, run.weights, run.cache = data, weights, tmp_path / "cache"
     return run
 
 
-def test_feature_cache_hits_on_a_rerun_only(cache_pass):
-    params = _params()
-    first, hit = cache_pass(params)
-    assert not hit
-    again, hit = cache_pass({k: v.copy() for k, v in params.items()})  # equal weights, new arrays
-    assert hit and np.array_equal(again, first)
-    head = dict(params, **{"head.weight": params["head.weight"] + 1})  # the features come before the head
-    assert cache_pass(head)[1]
+def digest(params) -> str:
+    """sha256 over the params' names, dtypes, shapes and bytes, in name order."""
+    h = hashlib.sha256()
+    for k in sorted(params):
+        v = np.ascontiguousarray(params[k])
+        h.update(f"{k}{v.dtype}{v.shape}".encode())
+        h.update(v.tobytes())
+    return h.hexdigest()
 
 
-def _other_weights(p):
-    w = p["blocks.0.mlp.fc1.weight"].copy()
-    w[0, 0] += 1e-3  # one value: names, shapes and dtypes are the same
-    return dict(p, **{"blocks.0.mlp.fc1.weight": w})
-
-
-def _other_size(p):
-    p, cfg = adapt(p, CFG, img_size=24)  # as --img-size 24 does
-    return p, cfg, {"img_size": 24}
-
-
-CHANGES = {  # each: params -> (params, cfg, transform changes)
-    "weights": lambda p: (_other_weights(p), CFG, {}),
-    "config": lambda p: (p, dataclasses.replace(CFG, gelu="tanh"), {}),
-    "eps": lambda p: (p, dataclasses.replace(CFG, ln_eps=1e-5), {}),
-    "image_size": _other_size,
-    "crop_pct": lambda p: (p, CFG, {"crop_pct": 1.0}),
-    "resize": lambda p: (p, CFG, {"resize": "squash"}),
-    "interpolation": lambda p: (p, CFG, {"interpolation": "bilinear"}),
-    "mean_std": lambda p: (p, CFG, {"mean": (0.4, 0.5, 0.5)}),
-    "dtype": lambda p: ({k: v.astype(np.float64) for k, v in p.items()}, CFG, {}),
+# recorded on the code before the fine-tuning recipe became dataclasses (argparse's namespace then
+# travelled into tinyvit.train): the same seeded runs give the same bytes
+DIGESTS = {
+    "head": "42daad4b42cbb852a248ca737b8bc94c92bf09989f4703cf9891b1fd2842e5e6",
+    "full": "1029cb4eed7e1e7bb5886d695f4735b3dfecb6ba8e6eaf87565aa0b0eccc7225",
+    "progressive": "8ed81e31fd4f7f9dc15626f17b31c324cd88b13ff114fbfe098a5c03a11e6982",
+    "cifar10": "307bb51d2fbe337eb491d14a1f500c8fc3723a74310017bcd9c00d578884eaa5",
+}
+FLAGS = {
+    "head": ["--mode", "head", "--epochs", "3"],
+    "full": ["--mode", "full", "--epochs", "2", "--drop-path", "0.1", "--augment", "crop_flip", "--seed", "3"],
+    "progressive": ["--mode", "progressive", "--epochs", "2", "--head-epochs", "1", "--layer-decay", "0.75"],
+    "cifar10": ["--mode", "full", "--epochs", "1", "--limit-train", "16", "--limit-test", "8"],
 }
 
 
-@pytest.mark.parametrize("change", list(CHANGES))
-def test_feature_cache_misses_on_each_change(cache_pass, change):
-    params = _params()
-    cache_pass(params)
-    p, cfg, transform = CHANGES[change](params)
-    feats, hit = cache_pass(p, cfg, **transform)
-    assert not hit, change
-    assert cache_pass(p, cfg, **transform)[1]  # and the changed pass is cached in turn
-    assert cache_pass(params)[1]  # beside the first
+@pytest.mark.parametrize("mode", list(FLAGS))
+def test_seeded_runs_give_the_recorded_weights(tiny_run, mode, request):
+    source = {}
+    if mode == "cifar10":
+        source = {"source": ("--data", "cifar10", "--data-dir", request.getfixturevalue("cifar_root"))}
+    summary, params = tiny_run(*FLAGS[mode], **source)
+    assert digest(params) == DIGESTS[mode]
+
+
+# --- partial mode ---------------------------------------------------------------------------------
+
+PARTIAL = ["--mode", "partial", "--train-blocks", "2", "--epochs", "2", "--lr", "1e-3", "--seed", "4"]
+
+
+def test_partial_mode_keeps_the_frozen_params_and_trains_the_rest(tiny_run):
+    summary, params = tiny_run(*PARTIAL)
+    start = init_params(TINY, seed=1)
+    frozen = [k for k in params if below(k, TINY.depth - 2)]
+    assert "blocks.0.mlp.fc1.weight" in frozen and "pos_embed" in frozen and "blocks.1.norm1.bias" not in frozen
+    assert all(np.array_equal(params[k], start[k]) for k in frozen)  # bit for bit: the weights it started from
+    trained = [k for k in params if k not in frozen and not k.startswith("head.")]
+    assert trained and all(not np.array_equal(params[k], start[k]) for k in trained)
+    assert summary["mode"] == "partial" and summary["tokens_cached"] is False
+
+
+def test_partial_mode_from_the_cache_equals_the_run_computed_without_it(tiny_run):
+    """float32 tokens from the cache against the whole model's forward and backward on the images,
+    with only the last blocks', the norm's and the head's gradients applied, step by step as fit does."""
+    flags = [*PARTIAL, "--cache-dtype", "float32"]
+    summary, got = tiny_run(*flags)
+    argv = ["--data", str(tiny_run.data), "--weights", str(tiny_run.weights), "--val-split", "0.25",
+            "--batch-size", "4", "--out", "unused", *flags]
+    args = parse(parser("x"), argv)
+    tc = train_settings(args)
+    params, cfg, meta, t = start_model(model_source(args))
+    train, test, names, _ = load_data(data_source(args), cfg.img_size, 3, t)
+    params, cfg = adapt(params, cfg, num_classes=len(names))
+    stop, opt = cfg.depth - tc.train_blocks, tc.make_optimizer(list(params), cfg.depth)
+    steps = len(train.labels) // tc.batch_size
+    lr, step = run_schedule(tc, steps), 0
+    for epoch in range(tc.epochs):
+        for x, y in train.batches(tc.batch_size, np, seed=tc.seed, epoch=epoch, drop_last=True):
+            logits, cache = vit_forward(params, x, cfg, train=True)
+            grads = vit_backward(cross_entropy_backward(1.0, cross_entropy_forward(logits, y, tc.label_smoothing)[1]),
+                                 cache)
+            grads = {k: g for k, g in grads.items() if not below(k, stop)}
+            clip_grad_norm(grads, tc.clip)
+            opt.step({k: params[k] for k in grads}, grads, lr=lr(step))
+            step += 1
+    assert step == summary["steps"] == 6
+    assert max(float(np.abs(got[k] - params[k]).max()) for k in params) < 1e-6
+    assert summary["test_accuracy"] == evaluate(got, cfg, test, np)  # on the images, as evaluate.py scores it
+
+
+def test_partial_mode_resumed_mid_run_is_the_uninterrupted_run(tiny_run, tmp_path):
+    straight = tiny_run(*PARTIAL)[1]
+    cut, _ = tiny_run(*PARTIAL, "--time-limit", "0", out=tmp_path / "cut")  # stops after one step
+    assert cut["stopped_early"] and cut["steps"] == 1 and cut["tokens_cached"] is True
+    resumed, params = tiny_run(argv=["--resume", str(tmp_path / "cut" / "checkpoint.npz")])
+    assert resumed["epochs"] == 2 and resumed["tokens_cached"] is True
+    assert all(np.array_equal(params[k], straight[k]) for k in straight)  # bit for bit
+    log = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2]
+
+
+def test_partial_mode_cache_is_hit_on_a_rerun_and_missed_on_changed_data(tiny_run):
+    first, a = tiny_run(*PARTIAL)
+    again, b = tiny_run(*PARTIAL, "--epochs", "1")  # another recipe of the same tokens: a hit
+    assert (first["tokens_cached"], again["tokens_cached"]) == (False, True)
+    assert len(list(tiny_run.cache.glob("train-tokens-*[0-9a-f].npy"))) == 1
+    Image.fromarray(np.zeros((24, 30, 3), np.uint8)).save(tiny_run.data / "a" / "99.png")  # a changed folder
+    changed, _ = tiny_run(*PARTIAL)
+    assert changed["tokens_cached"] is False
+    assert len(list(tiny_run.cache.glob("train-tokens-*[0-9a-f].npy"))) == 2
+    half, _ = tiny_run(*PARTIAL, "--cache-dtype", "float32")  # another dtype: another file
+    assert half["tokens_cached"] is False
+
+
+def test_partial_mode_help_says_augmentation_does_not_apply():
+    text = " ".join(parser("x").format_help().split())
+    assert "partial: the last --train-blocks blocks" in text and "augmentation does not apply" in text
+
+
+@pytest.mark.e2e
+def test_partial_mode_script_and_evaluate_agree(tmp_path):
+    """finetune.py --mode partial as a user runs it, then evaluate.py on its model.npz: a whole model,
+    scored on the images as the run scored it on its (float32) cached tokens."""
+    data = _folder(tmp_path / "data", n=10)
+    weights = save_checkpoint(tmp_path / "w.npz", init_params(TINY, seed=1), TINY, meta={})
+    r = run_script("finetune.py", "--data", data, "--weights", weights, "--val-split", "0.3", "--batch-size", "4",
+                   *PARTIAL, "--cache-dtype", "float32", "--cache-dir", tmp_path / "cache", "--out", tmp_path / "run",
+                   "--json", timeout=120)
+    run = last_json(r)
+    ev = last_json(run_script("evaluate.py", run["checkpoint"], "--json", timeout=120))
+    assert ev["images"] == 6 and ev["test_accuracy"] == run["test_accuracy"]
+    assert len(load_checkpoint(run["checkpoint"])[0]) == len(init_params(TINY))  # the whole model
+
+
+@pytest.mark.parametrize("k", [0, 4])
+def test_partial_mode_refuses_a_block_count_the_model_lacks(tiny_run, k):
+    with pytest.raises(TinyViTError, match=f"^--train-blocks {k}: this model has 3 blocks: give 1 to 3$"):
+        tiny_run("--mode", "partial", "--train-blocks", k)

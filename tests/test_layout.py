@@ -148,6 +148,48 @@ def test_only_the_backend_imports_cupy():
             assert f.relative_to(PKG).as_posix() in ("backend.py",), f
 
 
+
+# --- the library takes dataclasses, never argparse's namespace (tinyvit.cli builds them) ----------
+
+LIBRARY = ("nn", "data", "io", "train")
+
+
+def namespace_reads(source):
+    """(line, code) where a module reads an argparse namespace: argparse imported, or an attribute read
+    from a function's parameter named args (the scripts' name for the parsed flags)."""
+    tree = ast.parse(source)
+    hits = [n for n in ast.walk(tree) if isinstance(n, ast.Import) and any(a.name == "argparse" for a in n.names)]
+    hits += [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "argparse"]
+    for fn in ast.walk(tree):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            a = fn.args
+            if any(p.arg == "args" for p in a.posonlyargs + a.args + a.kwonlyargs):
+                hits += [n for n in ast.walk(fn) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)
+                         and n.value.id == "args"]
+                hits += [n for n in ast.walk(fn) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+                         and n.func.id in ("getattr", "vars", "hasattr") and n.args
+                         and isinstance(n.args[0], ast.Name) and n.args[0].id == "args"]
+    return [(n.lineno, ast.unparse(n)) for n in hits]
+
+
+def test_the_library_reads_no_argparse_namespace():
+    bad = [(f.relative_to(PKG).as_posix(), *hit) for room in LIBRARY for f in sorted((PKG / room).rglob("*.py"))
+           for hit in namespace_reads(f.read_text())]
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("planted", [
+    "def run(args, tc):\n    return args.mode",
+    "def run(cfg, *, args=None):\n    return getattr(args, 'mode', None)",
+    "from argparse import Namespace",
+    "import argparse",
+])
+def test_a_planted_namespace_read_is_caught(planted):
+    path = PKG / "train" / "finetune.py"
+    assert not namespace_reads(path.read_text())
+    assert namespace_reads(path.read_text() + "\n" + planted + "\n")
+
+
 # --- scripts import what a plain import reaches ------------------------------------------------------
 
 SCRIPTS = PKG.parent / "scripts"

@@ -38,10 +38,10 @@ PURE_METHODS = {"resolve", "items", "keys", "values", "get", "format", "join", "
                 "with_suffix", "with_name", "joinpath", "copy", "append", "extend", "update", "index", "count"}
 CONDITIONS = {"pytest.mark.skipif", "pytest.mark.xfail"}  # their arguments may ask the machine anything
 
-# modules imported while tests are collected (mpi_fit.py is a script run by test_dist.py), and the one of
+# modules imported while tests are collected (mpi_fit.py is a script run by test_dist.py), and the ones of
 # scripts/ they import (through pyproject.toml's pythonpath)
 COLLECTED = ["conftest.py", "helpers.py", "toy_data.py"]
-COLLECTED_SCRIPTS = ["torch_vit.py"]
+COLLECTED_SCRIPTS = ["torch_vit.py", "bench_memory.py"]
 
 # test files not named after one tinyvit module or script, and what they cover instead
 CROSS_CUTTING = {

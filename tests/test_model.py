@@ -11,6 +11,7 @@ from tinyvit.backend import to_device, to_numpy
 from tinyvit.cpu import blas
 from tinyvit.nn.layers import cross_entropy_backward, cross_entropy_forward
 from tinyvit.nn.model import count_params
+from tinyvit.nn.partial import tail_backward, tail_forward, vit_tokens
 
 CONFIGS = {
     # one block, one head, odd token count (3x3 patches + CLS = 10)
@@ -87,6 +88,33 @@ def test_last_block_on_class_token_equals_all_tokens(xp, name):
     for k in ga:
         assert rel_err(ga[k], gb[k]) < 1e-12, k
 
+
+
+TAIL_CONFIGS = dict(CONFIGS, registers=ViTConfig(img_size=16, patch_size=4, in_chans=3, num_classes=5, dim=24, depth=3,
+                                                 heads=3, mlp_dim=40, reg_tokens=2, global_pool="avg"))
+
+
+@pytest.mark.parametrize("name", list(TAIL_CONFIGS))
+def test_tail_from_a_blocks_tokens_equals_the_whole_model(xp, name):
+    """Partial fine-tuning's pair: tail_forward(vit_tokens(images, s), start=s) gives vit_forward's logits,
+    and tail_backward the whole model's gradients of blocks[s:], the norm, the pooling and the head."""
+    cfg = TAIL_CONFIGS[name]
+    params = {k: to_device(v, xp) for k, v in _randomized_params(cfg, seed=4).items()}
+    images = to_device(np.random.default_rng(5).normal(size=(3, cfg.in_chans, cfg.img_size, cfg.img_size)), xp)
+    dlogits = to_device(np.random.default_rng(6).normal(size=(3, cfg.num_classes)), xp)
+    logits, cache = vit_forward(params, images, cfg, train=True)
+    want = vit_backward(dlogits, cache)
+    for start in range(cfg.depth):
+        tail, c = tail_forward(params, vit_tokens(params, images, cfg, start), cfg, start, train=True)
+        got = tail_backward(dlogits, c)
+        assert rel_err(tail, logits) < 1e-12
+        trained = {k for k in want if not k.startswith(("blocks.", "patch_embed.", "cls_token", "reg_token",
+                                                         "pos_embed")) or k.startswith(tuple(
+            f"blocks.{i}." for i in range(start, cfg.depth)))}
+        assert set(got) == trained, (start, set(got) ^ trained)
+        assert max(rel_err(got[k], want[k]) for k in got) < 1e-10
+    with pytest.raises(TinyViTError, match="tokens entering a block"):
+        tail_forward(params, images, cfg, 0)
 
 def test_attention_maps_need_all_tokens():
     cfg = CONFIGS["small-3blocks"]

@@ -58,6 +58,21 @@ def test_benchmark_freeze_times_the_step_with_and_without():
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--freeze 'blocks.9.*' matches no parameter" in r.stderr
 
 
+def test_benchmark_memory_table_parses_and_tinyvits_peak_grows_with_batch():
+    r = run_script("benchmark.py", "--memory", "tinyvit", "--preset", "mnist", "--batch", "4,128", "--json")
+    res = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else r.stderr
+    small, big = res["memory"]
+    assert (small["batch"], big["batch"]) == (4, 128) and set(small) == {"preset", "batch", "tinyvit", "tinyvit_ckpt"}
+    assert all(row["tinyvit"]["peak_mib"] > row["tinyvit"]["step_mib"] > 0 for row in (small, big))
+    assert big["tinyvit"]["peak_mib"] > small["tinyvit"]["peak_mib"] + 10  # 124 more images' activations
+    assert "peak_mib" in small["tinyvit_ckpt"] or small["tinyvit_ckpt"]["error"].startswith("not available")
+    fit = next(f for f in res["fits"] if f["side"] == "tinyvit")
+    assert fit["measured_batches"] == [4, 128] and fit["largest_batch_16gib"] > fit["largest_batch_8gib"] > 128
+    table = run_script("benchmark.py", "--memory", "tinyvit", "--preset", "mnist", "--batch", "4").stdout
+    assert table.splitlines()[1].split() == ["preset", "batch", "tinyvit", "tinyvit_ckpt"]
+    assert float(table.splitlines()[2].split()[2]) > 0
+
+
 # --- evaluate.py on a folder of some of the model's classes ------------------------------------
 
 NAMES = ["cat", "dog", "owl"]

@@ -5,12 +5,14 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from ..data.datasets import DataSource
 from ..errors import TinyViTError
 from ..io.hub import resolve
 from ..nn.model import PRESETS
 from ..train.config import TrainConfig
 from ..train.dist import world
 from ..train.finetune import HEAD, MODE_DEFAULTS, run_finetune
+from ..train.recipe import ModelSource, Recipe, RunOptions
 from .args import (
     add_run_args,
     add_train_args,
@@ -27,15 +29,20 @@ from .report import report
 # the other flags' defaults, applied after parsing (and after --resume restored the saved run's);
 # img_size None: the weights' own size (a preset's: 224)
 FLAG_DEFAULTS = {"mode": "head", "img_size": None, "head_epochs": 1, "head_lr": HEAD.lr, "grad_accum": 1,
-                 "feature_batch": 64, "val_split": 0.1, "workers": 2, "strict": False, "drop_path": 0.0, "freeze": "",
-                 "grad_checkpointing": False}
+                 "feature_batch": 64, "val_split": 0.1, "workers": 2, "strict": False, "drop_path": 0.0,
+                 "cache_dtype": "float16", "freeze": "", "grad_checkpointing": False}
+TRAIN_BLOCKS = 1  # partial mode's default --train-blocks
 
 # flags that act only in some modes -> (those modes, the value that changes nothing)
-MODE_ONLY = {"augment": (("full", "progressive"), "none"), "drop_path": (("full", "progressive"), 0.0),
-             "layer_decay": (("full", "progressive"), 0.0), "ema": (("full", "progressive"), 0.0),
-             "grad_accum": (("full", "progressive"), 1), "head_epochs": (("progressive",), None),
-             "head_lr": (("progressive",), None), "feature_batch": (("head",), None), "cache_dir": (("head",), None),
+TRAINED = ("full", "progressive", "partial")  # the modes that train blocks, through fit
+MODE_ONLY = {"augment": (("full", "progressive"), "none"), "drop_path": (TRAINED, 0.0),
+             "layer_decay": (TRAINED, 0.0), "ema": (TRAINED, 0.0), "grad_accum": (TRAINED, 1),
+             "head_epochs": (("progressive",), None), "head_lr": (("progressive",), None),
+             "feature_batch": (("head", "partial"), None), "cache_dir": (("head", "partial"), None),
+             "train_blocks": (("partial",), None), "cache_dtype": (("partial",), None),
              "freeze": (("full", "progressive"), ""), "grad_checkpointing": (("full", "progressive"), False)}
+WHY_UNUSED = {"head": " (a frozen backbone's features, computed once without augmentation; only the linear head trains)",
+              "partial": " (the tokens entering the blocks that train are computed once, without augmentation)"}
 
 
 def parser(description, data_default=None, out_default="runs/finetune"):
@@ -51,10 +58,17 @@ def parser(description, data_default=None, out_default="runs/finetune"):
                     "name (timm/NAME, hf-hub:ORG/REPO[@REVISION]: downloaded once into its cache) (converted on the "
                     "fly); leave out with --preset to train from random init")
     ap.add_argument("--preset", default=None, choices=sorted(PRESETS), help="random-init model when no --weights")
-    ap.add_argument("--mode", choices=["full", "head", "progressive"], default=None,
-                    help="head: frozen backbone, features cached once, linear head trained on them; full: "
-                         "everything trains; progressive: the first --head-epochs of the --epochs train the head "
-                         f"only, at head mode's lr, then everything with full mode's recipe (default {d['mode']})")
+    ap.add_argument("--mode", choices=["full", "head", "partial", "progressive"], default=None,
+                    help="head: frozen backbone, features cached once, linear head trained on them; partial: the "
+                         "last --train-blocks blocks, the final norm, pooling and head train on the tokens entering "
+                         "them, computed once per image (eval transform: augmentation does not apply) and cached; "
+                         "full: everything trains; progressive: the first --head-epochs of the --epochs train the "
+                         f"head only, at head mode's lr, then everything with full mode's recipe (default {d['mode']})")
+    ap.add_argument("--train-blocks", type=int, default=None, metavar="K",
+                    help=f"partial mode: how many of the last blocks train (default {TRAIN_BLOCKS})")
+    ap.add_argument("--cache-dtype", choices=["float16", "float32"], default=None,
+                    help="partial mode: the cached tokens' dtype on disk, memory-mapped (float16 halves the disk "
+                         f"and reads; default {d['cache_dtype']})")
     ap.add_argument("--img-size", type=int, default=None, help="input resolution; position embeddings are "
                     "resampled (said in one line) if it differs from the weights' (default: the weights' own "
                     "size; a --preset's is 224)")
@@ -77,7 +91,7 @@ def parser(description, data_default=None, out_default="runs/finetune"):
                          "at the cost of a second forward pass of the blocks")
     ap.add_argument("--grad-accum", type=int, default=None, help=f"micro-batches per optimizer step (default {d['grad_accum']})")
     ap.add_argument("--feature-batch", type=int, default=None,
-                    help=f"head mode: images per backbone pass (default {d['feature_batch']})")
+                    help=f"head and partial mode: images per pass of the frozen part (default {d['feature_batch']})")
     ap.add_argument("--val-split", type=float, default=None, help="folders without train/val: the fraction of "
                     f"each class held out for validation, seeded by --seed (default {d['val_split']})")
     ap.add_argument("--crop-pct", type=float, default=None, help="image files: evaluation centre crop, the "
@@ -86,8 +100,9 @@ def parser(description, data_default=None, out_default="runs/finetune"):
                     f"ahead at most (default {d['workers']})")
     ap.add_argument("--strict", action="store_true", default=None, help="an unreadable image file is an error "
                     "(default: one warning, and the file is skipped)")
-    ap.add_argument("--cache-dir", default=None, help="head mode: where backbone features are cached, keyed on the "
-                    "weights, files and transform (default $TINYVIT_CACHE, else ~/.cache/tinyvit/features)")
+    ap.add_argument("--cache-dir", default=None, help="head and partial mode: where backbone features (head) and "
+                    "the tokens entering the trained blocks (partial) are cached, keyed on the weights, files and "
+                    "transform (default $TINYVIT_CACHE, else ~/.cache/tinyvit/features)")
     add_train_args(ap, MODE_DEFAULTS)
     add_run_args(ap, out_default)
     return ap
@@ -116,6 +131,8 @@ def parse(ap, argv=None, data_default=None, out_default="runs/finetune", weights
         raise TinyViTError("give --data: cifar10, pets, or a folder of class folders (see --help)")
     fill_defaults(args, FLAG_DEFAULTS)
     fill_defaults(args, {}, MODE_DEFAULTS[args.mode])
+    if args.mode == "partial" and args.train_blocks is None:
+        args.train_blocks = TRAIN_BLOCKS
     if args.weights is None and args.preset is None:
         if weights_default is None:
             raise TinyViTError("give --weights (pretrained) or --preset NAME (random init)")
@@ -146,20 +163,49 @@ def _say_unused(args, typed):
     unused = [k for k in MODE_ONLY if k in typed and args.mode not in MODE_ONLY[k][0]
               and getattr(args, k) != MODE_ONLY[k][1]]
     if unused and world().lead:
-        why = {"head": " (a frozen backbone's features, computed once without augmentation; only the linear "
-                       "head trains)"}.get(args.mode, "")
+        why = WHY_UNUSED.get(args.mode, "")
         print(f"note: {', '.join('--' + k.replace('_', '-') for k in unused)} "
               f"{'has' if len(unused) == 1 else 'have'} no effect in {args.mode} mode{why}", file=sys.stderr)
 
 
 def train_settings(args) -> TrainConfig:
     """The mode's recipe with the flags given; progressive's head epochs at head mode's lr."""
-    progressive = args.mode == "progressive"
-    return dataclasses.replace(train_config(args, MODE_DEFAULTS[args.mode]), grad_accum=args.grad_accum,
-                               head_epochs=args.head_epochs if progressive else 0,
-                               head_lr=args.head_lr if progressive else 0.0,
-                               freeze=tuple(p.strip() for p in args.freeze.split(",") if p.strip()),
-                               grad_checkpointing=args.grad_checkpointing)
+    progressive, partial = args.mode == "progressive", args.mode == "partial"
+    tc = dataclasses.replace(train_config(args, MODE_DEFAULTS[args.mode]), grad_accum=args.grad_accum,
+                             head_epochs=args.head_epochs if progressive else 0,
+                             head_lr=args.head_lr if progressive else 0.0,
+                             freeze=_patterns(args.freeze), grad_checkpointing=args.grad_checkpointing)
+    return dataclasses.replace(tc, train_blocks=args.train_blocks, augment="none", freeze=(),
+                               grad_checkpointing=False) if partial else tc
+
+
+def _patterns(text):
+    """--freeze's comma-separated shell patterns."""
+    return tuple(p.strip() for p in (text or "").split(",") if p.strip())
+
+
+def recipe(args) -> Recipe:
+    """The fine-tuning recipe the parsed flags describe."""
+    return Recipe(mode=args.mode, train_blocks=args.train_blocks or 0, drop_path=args.drop_path or 0.0,
+                  feature_batch=args.feature_batch, cache_dir=args.cache_dir, cache_dtype=args.cache_dtype,
+                  freeze=_patterns(args.freeze), grad_checkpointing=bool(args.grad_checkpointing))
+
+
+def model_source(args) -> ModelSource:
+    """The weights (or preset) the parsed flags start from."""
+    return ModelSource(weights=args.weights, preset=args.preset, img_size=args.img_size, crop_pct=args.crop_pct,
+                       seed=args.seed)
+
+
+def data_source(args) -> DataSource:
+    """The images the parsed flags name."""
+    return DataSource(data=args.data, root=args.data_dir, limit_train=args.limit_train, limit_test=args.limit_test,
+                      val_split=args.val_split, split_seed=args.seed, strict=args.strict, workers=args.workers)
+
+
+def run_options(args) -> RunOptions:
+    """Where the run writes and how it is watched."""
+    return RunOptions(out=args.out, resume=args.resume, quiet=args.quiet, backend=args.backend, **run_clock(args))
 
 
 def main(description, data_default=None, out_default="runs/finetune", argv=None, weights_default=None):
@@ -167,7 +213,8 @@ def main(description, data_default=None, out_default="runs/finetune", argv=None,
     args = parse(parser(description, data_default, out_default), argv, data_default, out_default, weights_default)
     try:
         with removed_if_unused(args.out):  # an early failure leaves no empty --out behind
-            summary, cfg = run_finetune(args, train_settings(args), run_args(args), run_clock(args))
+            summary, cfg = run_finetune(recipe(args), model_source(args), data_source(args), train_settings(args),
+                                        run_options(args), run_args(args))
     except KeyboardInterrupt:
         if args.mode != "head":
             raise  # outside fit's own stop (or a second Ctrl-C): report.run says it, exit 130

@@ -118,3 +118,22 @@ def iterate_batches(images, labels, batch_size, xp, *, mean, std, shuffle=True, 
             x = bilinear_resize(x, img_size)
         y = labels[idx] if labels_on_host else labels[xp.asarray(idx)]
         yield x, xp.asarray(y).astype(xp.int64)
+
+
+@dataclass
+class TokenDataset:
+    """Cached tokens (N, T, C), e.g. memory-mapped float16, and their labels: the input of the blocks
+    that train in partial fine-tuning (fit's dataset API, as ArrayDataset; no augmentation applies)."""
+
+    tokens: np.ndarray
+    labels: np.ndarray
+
+    def batches(self, batch_size, xp, *, shuffle=True, seed=0, epoch=0, drop_last=False, augment=None,
+                start_batch=0, dtype=np.float32, shard=(0, 1)):
+        """Yield (tokens in dtype, y int64) on xp in batch_plan's order (the order ArrayDataset's batches take)."""
+        if augment not in (None, "none"):
+            raise TinyViTError(f"cached tokens take no augmentation (got {augment!r}): they were computed once")
+        for _, idx in batch_plan(len(self.labels), batch_size, shuffle=shuffle, seed=seed, epoch=epoch,
+                                 drop_last=drop_last, start_batch=start_batch, shard=shard):
+            x = xp.asarray(np.asarray(self.tokens[idx], dtype=dtype))  # rows read from the file, then cast
+            yield x, xp.asarray(self.labels[idx]).astype(xp.int64)

@@ -27,6 +27,8 @@ class TrainConfig:
     head_lr: float = 0.0  # lr of those head epochs (cosine to min_lr, then the run's warmup); 0 = one schedule
     ema: float = 0.0  # decay of an exponential moving average of the weights (timm's model EMA); 0 = off
     layer_decay: float = 0.0  # layer-wise lr decay (optim.layer_decay_scales); 0 = off
+    train_blocks: int = 0  # partial fine-tuning: the batches are the tokens entering block depth - N, and
+    # only the last N blocks, the final norm, the pooling and the head run and train; 0 = the whole model
     freeze: tuple = ()  # shell patterns over the params' names that stay frozen (optim.trainable_names)
     grad_checkpointing: bool = False  # keep each block's input alone, run the block again in the backward
 

@@ -2,9 +2,7 @@
 pretrained weights (or a preset from random init), a new head, then the head on cached features
 or the whole model through tinyvit.train.fit."""
 import dataclasses
-import hashlib
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -12,11 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..backend import get_backend, to_device, to_numpy
-from ..data.batches import ArrayDataset
-from ..data.cifar10 import load_cifar10
-from ..data.datasets import image_dataset, image_lists
-from ..data.download import data_root
-from ..data.folders import Warnings, subset
+from ..data.datasets import DataSource, load_data
 from ..data.transform import eval_transform
 from ..errors import TinyViTError, describe_os_error
 from ..io.checkpoint import save_checkpoint
@@ -26,10 +20,12 @@ from ..nn.layers import cross_entropy_backward, cross_entropy_forward
 from ..nn.model import init_params, preset, vit_features
 from ..nn.pool import head_backward, head_forward
 from ..progress import Progress
+from .cache import cached_tokens, feature_cache_dir, feature_key
 from .config import TrainConfig
 from .dist import world
 from .loop import fit
 from .optim import make_schedule, warmup_steps
+from .recipe import ModelSource, Recipe, RunOptions
 
 # Full fine-tune defaults (Adam-type, small lr). Batch 32: as fast per image as 64 on 2 cores, with
 # twice the steps, so 3 epochs of CIFAR-10 at 224 px fit in 3 hours there (docs/performance.md)
@@ -39,75 +35,77 @@ DEFAULTS = TrainConfig(epochs=3, batch_size=32, lr=5e-5, optimizer="adamw", weig
 # head mode, chosen on 5,000 held-out training features of CIFAR-10 (docs/performance.md): label
 # smoothing costs a linear probe ~0.4 points there, and lr 3e-3 edges out 1e-3
 HEAD = dataclasses.replace(DEFAULTS, lr=3e-3, epochs=30, batch_size=256, augment="none", label_smoothing=0.0)
-MODE_DEFAULTS = {"head": HEAD, "full": DEFAULTS, "progressive": DEFAULTS}
+# partial mode: full's recipe on the cached tokens (no augmentation applies to them), at twice its lr
+# for the new head and the few blocks that train
+PARTIAL = dataclasses.replace(DEFAULTS, lr=1e-4, augment="none")
+MODE_DEFAULTS = {"head": HEAD, "full": DEFAULTS, "progressive": DEFAULTS, "partial": PARTIAL}
 
 
-def load_data(args, cfg, t):
-    """(train, test datasets, class names, metadata about the data) for --data; t: the eval transform."""
-    if args.data == "cifar10":
-        root = data_root(args.data_dir)
-        tr_x, tr_y, names = load_cifar10(root, "train", limit=args.limit_train)  # only the batches needed
-        te_x, te_y, _ = load_cifar10(root, "test", limit=args.limit_test)
-        train = ArrayDataset(tr_x[:args.limit_train], tr_y[:args.limit_train], t.mean, t.std, img_size=cfg.img_size)
-        test = ArrayDataset(te_x[:args.limit_test], te_y[:args.limit_test], t.mean, t.std, img_size=cfg.img_size)
-        return train, test, list(names), {"dataset": "cifar10"}
-    warn = Warnings(args.strict)  # one per run: header checks and decoding, counted once
-    tr, te = image_lists(args.data, data_root(args.data_dir), val_split=args.val_split, seed=args.seed,
-                         strict=args.strict, workers=args.workers, warn=warn)
-    info = ({"dataset": "pets", "split_seed": args.seed} if args.data == "pets" else  # seeds the --limit subsets
-            {"dataset": "folder", "data": str(Path(args.data).resolve()), "val_split": args.val_split,
-             "split_seed": args.seed})
-    tr, te = subset(tr, args.limit_train, args.seed), subset(te, args.limit_test, args.seed)
-    train, test = (image_dataset(lst, cfg.img_size, cfg.in_chans, t, args.workers, warn) for lst in (tr, te))
-    return train, test, tr.classes, dict(info, crop_pct=t.crop_pct)
-
-
-def start_model(args):
-    """(params, cfg, meta, eval transform) of --weights, or of --preset from random init."""
-    if args.weights is not None:
-        params, cfg, meta = load_model(args.weights, hint="--weights takes a model file")
+def start_model(src: ModelSource, whole_images=False):
+    """(params, cfg, meta, eval transform) of src's weights, or of its preset from random init;
+    whole_images: the data are small whole images (CIFAR-10), resized bilinearly unless a crop_pct is given."""
+    if src.weights is not None:
+        params, cfg, meta = load_model(src.weights, hint="--weights takes a model file")
     else:
-        cfg = preset(args.preset, **({"img_size": args.img_size} if args.img_size else {}))
-        params, meta = init_params(cfg, seed=args.seed), {}
+        cfg = preset(src.preset, **({"img_size": src.img_size} if src.img_size else {}))
+        params, meta = init_params(cfg, seed=src.seed), {}
     if cfg.in_chans != 3:
         raise TinyViTError(f"fine-tuning takes 3-channel models; these weights have {cfg.in_chans}")
-    t = eval_transform(meta, 3, args.weights or "--preset", args.crop_pct)
-    if args.data == "cifar10" and args.crop_pct is None:  # trained on whole 32 px images, resized bilinearly
+    t = eval_transform(meta, 3, src.weights or "--preset", src.crop_pct)
+    if whole_images and src.crop_pct is None:  # trained on whole 32 px images, resized bilinearly
         t = dataclasses.replace(t, resize="shortest_edge", crop_pct=1.0, interpolation="bilinear")
     return params, cfg, meta, t
 
 
-def run_finetune(args, tc: TrainConfig, saved_args: dict, clock: dict):
-    """The whole run for the parsed flags (args), the run's recipe tc, the flags to save for --resume
-    and fit's time keywords -> (summary, cfg)."""
-    if args.mode == "head" and world().size > 1:
-        raise TinyViTError("--mode head is one process (a feature pass, then seconds of head training): "
+def run_finetune(recipe: Recipe, model: ModelSource, data: DataSource, tc: TrainConfig, run: RunOptions,
+                 saved_args: dict):
+    """The whole run: the recipe on the model and data with the optimisation tc, its files as run says;
+    saved_args: the flags saved for --resume -> (summary, cfg)."""
+    if recipe.mode in ("head", "partial") and world().size > 1:
+        raise TinyViTError(f"--mode {recipe.mode} is one process (a pass of the frozen part, then its cache trains): "
                            "run it without mpirun, or use --mode full or progressive across ranks")
-    prepare_out_dir(args.out)  # a wrong --out fails now, not after the feature pass or an epoch
-    xp = get_backend(args.backend)
-    params, cfg, meta, t = start_model(args)
-    cfg = dataclasses.replace(cfg, drop_path=getattr(args, "drop_path", 0.0) or 0.0)  # training only
-    size, resample = args.img_size or cfg.img_size, meta.get("resample", "bilinear")  # the weights' own size
+    prepare_out_dir(run.out)  # a wrong --out fails now, not after the feature pass or an epoch
+    xp = get_backend(run.backend)
+    params, cfg, meta, t = start_model(model, whole_images=data.data == "cifar10")
+    cfg = dataclasses.replace(cfg, drop_path=recipe.drop_path)  # training only
+    size, resample = model.img_size or cfg.img_size, meta.get("resample", "bilinear")  # the weights' own size
     if size != cfg.img_size and world().lead:
-        print(f"note: --img-size {size}: the position embeddings of {args.weights or args.preset} "
+        print(f"note: --img-size {size}: the position embeddings of {model.weights or model.preset} "
               f"({cfg.img_size} px) are resampled ({resample}) to {size} px", file=sys.stderr)
     saved_args = dict(saved_args, img_size=size)  # a --resume restores the size this run used
-    train, test, names, info = load_data(args, dataclasses.replace(cfg, img_size=size), t)
+    train, test, names, info = load_data(data, size, cfg.in_chans, t)
     params, cfg = adapt(params, cfg, img_size=size, num_classes=len(names),
                         resample=resample)  # as the weights' own library resamples
     out_meta = dict(info, class_names=list(names), mean=list(t.mean), std=list(t.std), eval_transform=t.to_dict(),
-                    mode=args.mode, run_args=saved_args,
-                    source_weights=str(args.weights) if args.weights else f"random init ({args.preset})",
+                    mode=recipe.mode, run_args=saved_args,
+                    source_weights=str(model.weights) if model.weights else f"random init ({model.preset})",
                     **({"source_origin": meta["origin"]} if meta.get("origin") else {}))  # a Hub name's provenance
-    if args.mode == "head":
-        summary = run_head(params, cfg, tc, xp, train, test, out_meta, args)
+    if recipe.mode == "head":
+        summary = run_head(params, cfg, tc, xp, train, test, out_meta, recipe, run)
+    elif recipe.mode == "partial":
+        summary = run_partial(params, cfg, tc, xp, train, test, out_meta, recipe, run)
     else:
-        summary = fit(params, cfg, tc, xp, train, test, args.out, meta=out_meta, resume=args.resume,
-                      quiet=args.quiet, **clock)
+        summary = fit(params, cfg, tc, xp, train, test, run.out, meta=out_meta, resume=run.resume,
+                      quiet=run.quiet, time_limit=run.time_limit, save_every=run.save_every)
     if hasattr(train, "decoded"):
         summary["images_decoded"] = train.decoded + test.decoded
         summary["unreadable_files"] = train.warn.count  # every file named in a warning, once
     return summary, cfg
+
+
+def run_partial(params, cfg, tc, xp, train, test, meta, recipe: Recipe, run: RunOptions):
+    """Partial mode: the tokens entering block depth - K computed once per image (cached), then fit
+    trains the last K blocks, the final norm, the pooling and the head on them; the rest stays as it came."""
+    k = recipe.train_blocks
+    if not 1 <= k <= cfg.depth:
+        raise TinyViTError(f"--train-blocks {k}: this model has {cfg.depth} blocks: give 1 to {cfg.depth}")
+    stop, folder, dev = cfg.depth - k, feature_cache_dir(recipe.cache_dir), to_device(params, xp)
+    tr, s1 = cached_tokens(folder, "train", dev, cfg, train, stop, recipe.cache_dtype, xp, recipe.feature_batch, run.quiet)
+    te, s2 = cached_tokens(folder, "test", dev, cfg, test, stop, recipe.cache_dtype, xp, recipe.feature_batch, run.quiet)
+    del dev
+    summary = fit(params, cfg, dataclasses.replace(tc, train_blocks=k), xp, tr, te, run.out, meta=meta,
+                  resume=run.resume, quiet=run.quiet, time_limit=run.time_limit, save_every=run.save_every)
+    return dict(summary, token_seconds=s1 + s2, tokens_cached=s1 + s2 == 0)
 
 
 # --- head mode: one backbone pass, then a linear head on the cached features ----------------------
@@ -127,28 +125,6 @@ def extract_features(params, cfg, data, xp, batch_size, desc, quiet=False):
     if not feats:
         raise TinyViTError(f"{desc}: no image could be read")
     return np.concatenate(feats).astype(np.float32), np.concatenate(labels), time.perf_counter() - t0
-
-
-def feature_cache_dir(args) -> Path:
-    """--cache-dir, else $TINYVIT_CACHE, else ~/.cache/tinyvit/features (shared by runs, any --out)."""
-    if args.cache_dir:
-        return Path(args.cache_dir).expanduser()
-    if os.environ.get("TINYVIT_CACHE"):
-        return Path(os.environ["TINYVIT_CACHE"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "tinyvit" / "features"
-
-
-def feature_key(params, cfg, data) -> str:
-    """What a feature pass depends on: the backbone's weights (names, shapes, bytes), the model's
-    config, and the data's fingerprint (files, labels, transform)."""
-    h = hashlib.blake2b(digest_size=12)
-    for k in sorted(params):
-        if not k.startswith("head."):  # the features come before the head
-            v = np.ascontiguousarray(to_numpy(params[k]))
-            h.update(f"{k}{v.dtype}{v.shape}".encode())
-            h.update(v)
-    h.update(json.dumps([cfg.to_dict(), "float32", data.fingerprint()]).encode())
-    return h.hexdigest()
 
 
 def cached_features(folder, name, params, cfg, data, *args, **kw):
@@ -210,21 +186,21 @@ def train_head(tr_f, tr_y, te_f, te_y, head, cfg, tc, xp, quiet):
     return head, history[-1]["test_accuracy"], history
 
 
-def run_head(params, cfg, tc, xp, train, test, meta, args):
+def run_head(params, cfg, tc, xp, train, test, meta, recipe: Recipe, run: RunOptions):
     """Head mode: one backbone pass per image (cached), then the linear head on the features."""
     dev = to_device(params, xp)
-    folder = feature_cache_dir(args)
+    folder = feature_cache_dir(recipe.cache_dir)
     t0 = time.perf_counter()
-    tr_f, tr_y, s1 = cached_features(folder, "train", dev, cfg, train, xp, args.feature_batch,
-                                     "features (train)", quiet=args.quiet)
-    te_f, te_y, s2 = cached_features(folder, "test", dev, cfg, test, xp, args.feature_batch,
-                                     "features (test)", quiet=args.quiet)
-    head, acc, history = train_head(tr_f, tr_y, te_f, te_y, _head_of(params), cfg, tc, xp, args.quiet)
+    tr_f, tr_y, s1 = cached_features(folder, "train", dev, cfg, train, xp, recipe.feature_batch,
+                                     "features (train)", quiet=run.quiet)
+    te_f, te_y, s2 = cached_features(folder, "test", dev, cfg, test, xp, recipe.feature_batch,
+                                     "features (test)", quiet=run.quiet)
+    head, acc, history = train_head(tr_f, tr_y, te_f, te_y, _head_of(params), cfg, tc, xp, run.quiet)
     seconds = time.perf_counter() - t0
     params = dict(params, **{k: to_numpy(v) for k, v in head.items()})
     log = "".join(json.dumps(rec) + "\n" for rec in history).encode()  # as fit's: plot_metrics.py reads it
-    atomic_write(Path(args.out) / "metrics.jsonl", lambda f: f.write(log))
-    ckpt = save_checkpoint(Path(args.out) / "model.npz", params, cfg,
+    atomic_write(Path(run.out) / "metrics.jsonl", lambda f: f.write(log))
+    ckpt = save_checkpoint(Path(run.out) / "model.npz", params, cfg,
                            dict(meta, test_accuracy=acc, history=history, train_config=dataclasses.asdict(tc)))
     n_img = len(tr_y) + len(te_y)
     return {"test_accuracy": acc, "epochs": tc.epochs, "train_seconds": seconds,

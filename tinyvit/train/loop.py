@@ -16,6 +16,7 @@ from ..io.checkpoint import load_checkpoint, load_optimizer_state, save_checkpoi
 from ..io.files import atomic_write, prepare_out_dir
 from ..nn.layers import cross_entropy_backward, cross_entropy_forward
 from ..nn.model import head_backward, vit_backward, vit_forward
+from ..nn.partial import tail_backward, tail_forward
 from ..progress import Progress
 from .config import TrainConfig
 from .dist import World, world
@@ -197,7 +198,8 @@ class _Run:
         rec = {"epoch": self.epoch, "step": self.step, "lr": self.lr, "train_loss": tally.mean_loss(),
                "train_accuracy": tally.correct / max(tally.seen, 1), "epoch_seconds": time.perf_counter() - t_epoch}
         ebar = Progress(len(test.labels), "  evaluating", unit="img", disable=self.quiet)
-        rec["test_accuracy"] = evaluate(self.ema or self.params, self.cfg, test, self.xp, progress=ebar, world=self.w)
+        rec["test_accuracy"] = evaluate(self.ema or self.params, self.cfg, test, self.xp, progress=ebar, world=self.w,
+                                        start=_start(self.cfg, self.tc))
         ebar.close()
         self.history.append(rec)
         self.files.write_log(self.history)
@@ -310,23 +312,34 @@ class _Tally:
         return state["seconds"]
 
 
+def _start(cfg, tc):
+    """The block the batches enter: depth - tc.train_blocks in partial fine-tuning (cached tokens), else 0."""
+    return cfg.depth - tc.train_blocks if tc.train_blocks else 0
+
+
 def _step_grads(params, x, y, cfg, tc, rng, head_only, weight=1.0, trainable=None):
     """Mean loss, correct count (0-d arrays, left on the device) and the gradients of weight x the
-    mean loss of one batch, over tc.grad_accum micro-batches: of the trainable params alone (None: all)."""
-    k = tc.grad_accum
+    mean loss of one batch, over tc.grad_accum micro-batches (with tc.train_blocks, x holds the tokens
+    entering block depth - train_blocks, and only the parameters from there on get gradients);
+    otherwise of the trainable params alone (None: all)."""
+    k, start = tc.grad_accum, _start(cfg, tc)
     if len(y) % k:
         raise TinyViTError(f"batch size {len(y)} is not divisible by grad_accum {k}")
     m = len(y) // k
     total_loss, correct, grads = 0, 0, None
     for i in range(k):
         xb, yb = x[i * m:(i + 1) * m], y[i * m:(i + 1) * m]
-        logits, cache = vit_forward(params, xb, cfg, train=True, rng=rng, grad_checkpointing=tc.grad_checkpointing)
+        if start:
+            logits, cache = tail_forward(params, xb, cfg, start, train=True, rng=rng)
+        else:
+            logits, cache = vit_forward(params, xb, cfg, train=True, rng=rng,
+                                        grad_checkpointing=tc.grad_checkpointing)
         loss, ce_cache = cross_entropy_forward(logits, yb, tc.label_smoothing)
         dlogits = cross_entropy_backward(weight / k, ce_cache)  # the batch mean is the mean of micro means
         if head_only:  # backbone frozen: only the head's gradient
             g = head_backward(dlogits, cache)
         else:
-            g = vit_backward(dlogits, cache, trainable)
+            g = tail_backward(dlogits, cache) if start else vit_backward(dlogits, cache, trainable)
         if grads is None:
             grads = g
         else:
