@@ -55,6 +55,8 @@ def parse_args(argv=None):
     ap.add_argument("--layers", default=None, metavar="I,J",
                     help="also write layer<I>.npy for these blocks (0-based; -1 the last): the block's output "
                          "through the final norm, pooled as the head pools")
+    ap.add_argument("--limit", type=int, default=None, metavar="N",
+                    help="embed the first N images only (a trial run; default all)")
     ap.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     ap.add_argument("--workers", type=int, default=2, help="decoding threads, a batch ahead of the model (default 2)")
     ap.add_argument("--strict", action="store_true", help="an unreadable image is an error (exit 2) "
@@ -66,6 +68,8 @@ def parse_args(argv=None):
                     help=f"refuse images larger than this (default {MAX_PIXELS / 1e6:g})")
     ap.add_argument("--json", action="store_true", help="print one JSON line instead of text (and no progress bar)")
     args = ap.parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        raise TinyViTError(f"--limit must be at least 1, got {args.limit}")
     for name in ("batch_size", "workers"):
         if getattr(args, name) < 1:
             raise TinyViTError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -84,7 +88,7 @@ def main(argv=None):
             print(f"note: {note}", file=sys.stderr)
     ec = EmbedConfig(args.checkpoint, tuple(args.images), args.out, args.normalize,
                      tuple(block_indices(layers, cfg.depth)) if layers else (), args.batch_size, args.workers,
-                     args.strict, int(args.max_megapixels * 1e6), args.json)
+                     args.strict, int(args.max_megapixels * 1e6), args.json, args.limit)
     xp = get_backend(args.backend)
     t = eval_transform(meta, cfg.in_chans, args.checkpoint)
     summary = embed_run(ec, to_device(params, xp), cfg, meta, t, xp, args.data_dir)

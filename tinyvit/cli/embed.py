@@ -39,6 +39,7 @@ class EmbedConfig:
     strict: bool = False
     max_pixels: int = 64_000_000
     quiet: bool = False
+    limit: int = None  # the first `limit` images only (a trial run)
 
 
 def folder_labels(folder, files):
@@ -79,10 +80,11 @@ def _unit(feats):
             for k, v in feats.items()}
 
 
-def cifar_batches(split, t, cfg, batch_size, xp, data_dir=None):
+def cifar_batches(split, t, cfg, batch_size, xp, data_dir=None, limit=None):
     """(n, batches of ([(name, class)], model inputs)) of CIFAR-10's split: whole 32-px images
     resized bilinearly to the model's size, as finetune_cifar.py feeds them, with the checkpoint's mean/std."""
-    images, labels, names = load_cifar10(data_root(data_dir), split)
+    images, labels, names = load_cifar10(data_root(data_dir), split, limit=limit)
+    images, labels = images[:limit], labels[:limit]
     rows = [(f"cifar10:{split}/{i}", names[y]) for i, y in enumerate(labels)]
     data = ArrayDataset(images, labels, t.mean, t.std, img_size=cfg.img_size)
     return len(rows), ((rows[a:a + len(x)], x) for a, (x, _) in
@@ -126,11 +128,11 @@ def embed_run(ec: EmbedConfig, params, cfg, meta, t, xp, data_dir=None):
     if cifar and len(ec.paths) > 1:
         raise TinyViTError(f"{ec.paths[0]}: cifar10:train / cifar10:test is embedded alone, not with other PATHs")
     if cifar:
-        n, batches = cifar_batches(cifar[0], t, cfg, ec.batch_size, xp, data_dir)
+        n, batches = cifar_batches(cifar[0], t, cfg, ec.batch_size, xp, data_dir, ec.limit)
         batches = ((r, x, len(r)) for r, x in batches)
         source = {"dataset": "cifar10", "split": cifar[0], "resize": f"whole 32-px image, bilinear to {cfg.img_size}"}
     else:
-        items = listed_images(ec.paths)
+        items = listed_images(ec.paths)[:ec.limit]
         n, batches = len(items), file_batches(items, t, cfg, ec, xp, warn)
         source = {"paths": list(ec.paths)}
     names = ["embeddings"] + [f"layer{i}" for i in ec.layers]
@@ -159,7 +161,7 @@ def embed_run(ec: EmbedConfig, params, cfg, meta, t, xp, data_dir=None):
     write_images_csv(out / "images.csv", kept)
     record = dict(checkpoint_identity(ec.checkpoint, meta), config=cfg.to_dict(),
                   eval_transform=t.to_dict(), D=cfg.feature_dim, N=len(kept), pooling=cfg.global_pool,
-                  normalized=ec.normalize, layers=list(ec.layers), unreadable=warn.count, **source)
+                  normalized=ec.normalize, layers=list(ec.layers), unreadable=warn.count, limit=ec.limit, **source)
     write_meta(out / "meta.json", record)
     return {"out": str(out), "images": len(kept), "unreadable_files": warn.count, "D": cfg.feature_dim,
             "layers": list(ec.layers), "seconds": round(secs, 2), "images_per_second": round(len(kept) / secs, 1)}
