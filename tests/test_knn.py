@@ -1,7 +1,9 @@
 """tinyvit.train.knn and scripts/knn.py: k-NN as DINOv2's eval/knn.py, against the formula written out here."""
 import numpy as np
 import pytest
+from helpers import last_json, run_script, tiny_photos
 
+from tinyvit.io.embeddings import read_embed_dir
 from tinyvit.train.knn import knn_classify, knn_scores, topk_cosine, unit_rows
 
 
@@ -55,3 +57,41 @@ def test_topk_cosine_is_exact_blockwise():
     assert (i == want).all()
     assert s == pytest.approx(np.take_along_axis(full, want, 1), abs=1e-6)
     assert topk_cosine(q, bank[:3], 7)[1].shape == (13, 3)  # k beyond the bank: every row
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory):
+    """Two embed.py folders (train, val) of the tiny labelled photos."""
+    root = tmp_path_factory.mktemp("knn")
+    ckpt, photos = tiny_photos(root)
+    for split in ("train", "val"):
+        r = run_script("embed.py", ckpt, photos / split, "--out", root / split, "--layers", "0")
+        assert r.returncode == 0, r.stderr
+    return root
+
+
+@pytest.mark.e2e
+def test_knn_script_is_the_library_on_the_folders(embedded):
+    r = run_script("knn.py", embedded / "train", embedded / "val", "--k", "1,3", "--json")
+    res = last_json(r)
+    tr, tr_rows, _ = read_embed_dir(embedded / "train")
+    va, va_rows, _ = read_embed_dir(embedded / "val")
+    ty, vy = (np.array([ord(label) - ord("a") for _, label in rows]) for rows in (tr_rows, va_rows))
+    want = direct_knn(np.asarray(tr), ty, np.asarray(va), vy, [1, 3], 0.07, 2)
+    assert {int(k): v for k, v in res["k"].items()} == want
+    assert (res["train"], res["val"], res["classes"]) == (6, 4, 2)
+    r = run_script("knn.py", embedded / "train", embedded / "val", "--features", "layer0")
+    assert r.returncode == 0 and "k =   10" in r.stdout, r.stderr  # the default k: 10,20,100,200
+
+
+@pytest.mark.e2e
+def test_knn_script_refuses_unlabelled_and_cut_folders(embedded, tmp_path):
+    ckpt = embedded / "model.npz"
+    run_script("embed.py", ckpt, embedded / "photos" / "val" / "a" / "0.png", embedded / "photos" / "val" / "b",
+               "--out", tmp_path / "flat")
+    r = run_script("knn.py", embedded / "train", tmp_path / "flat")
+    assert r.returncode == 2 and "has no label" in r.stderr and r.stderr.count("\n") == 1
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / ".embeddings.npy.partial").write_bytes(b"")
+    r = run_script("knn.py", embedded / "train", tmp_path / "cut")
+    assert r.returncode == 2 and "was cut before it finished" in r.stderr

@@ -46,6 +46,7 @@ class EmbeddingWriter:
 
     def __init__(self, folder, names, n, d):
         self.folder, self.n, self.rows = Path(folder), n, 0
+        self.folder.mkdir(parents=True, exist_ok=True)
         self.tmp = {name: self.folder / f".{name}.npy.partial" for name in names}
         self.maps = {name: npy.open_memmap(p, mode="w+", dtype=np.float32, shape=(max(n, 1), d))
                      for name, p in self.tmp.items()}
