@@ -19,6 +19,7 @@ from ..io.hub import find_local, sha256
 from ..nn.blockfeats import vit_block_features
 from ..nn.model import vit_features
 from ..progress import Progress
+from ..train.knn import unit_rows
 from .predict import _why, decoder
 
 SPLITS = ("train", "val", "valid", "validation", "test")  # a split folder above the class folders
@@ -76,8 +77,7 @@ def _features(params, x, cfg, layers):
 
 def _unit(feats):
     """Each row scaled to unit length (float32)."""
-    return {k: (v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)).astype(np.float32)
-            for k, v in feats.items()}
+    return {k: unit_rows(v) for k, v in feats.items()}
 
 
 def cifar_batches(split, t, cfg, batch_size, xp, data_dir=None, limit=None):
@@ -139,14 +139,15 @@ def embed_run(ec: EmbedConfig, params, cfg, meta, t, xp, data_dir=None):
     out = Path(ec.out)
     writer = EmbeddingWriter(out, names, n, cfg.feature_dim)
     bar = Progress(n, "embed", unit="img", disable=ec.quiet)
-    kept, t0 = [], time.perf_counter()
+    kept, done, t0 = [], 0, time.perf_counter()
     try:
         for got, x, size in batches:
             if x is not None:
                 feats = _features(params, x, cfg, ec.layers)
                 writer.add(_unit(feats) if ec.normalize else feats)
                 kept.extend(got)
-            bar.update(size, img_s=f"{bar.n / (time.perf_counter() - t0):.1f}")
+            done += size
+            bar.update(size, img_s=f"{done / (time.perf_counter() - t0):.1f}")
         bar.close()
         if not kept:
             raise TinyViTError(f"nothing embedded: none of the {n} images could be read (each named above)")
