@@ -173,3 +173,27 @@ def rel_err(a, b, floor=1e-12):
     scale = np.max(np.abs(b)) if b.size else 0.0
     diff = np.max(np.abs(a - b)) if a.size else 0.0
     return diff / max(scale, floor)
+
+
+# --- a tiny embedding setup (embed.py, knn.py, search.py) -----------------------------------------
+
+
+def tiny_photos(root):
+    """(a tiny random-weight checkpoint, photos/ with train/<class>/ (3 each) and val/<class>/ (2 each) of
+    classes a (reddish) and b (bluish), one broken file in train/a/) written under root."""
+    from PIL import Image
+
+    from tinyvit import ViTConfig, init_params, save_checkpoint
+    cfg = ViTConfig(img_size=16, patch_size=8, in_chans=3, num_classes=3, dim=16, depth=2, heads=2, mlp_dim=32)
+    meta = {"eval_transform": {"mean": [0.5] * 3, "std": [0.25] * 3, "crop_pct": 1.0}}
+    save_checkpoint(root / "model.npz", init_params(cfg, seed=3), cfg, meta)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 3), ("val", 2)):
+        for c in ("a", "b"):
+            (root / "photos" / split / c).mkdir(parents=True)
+            for i in range(n):
+                tint = np.array([200, 40, 40] if c == "a" else [40, 40, 200], np.uint8)
+                px = np.clip(tint + rng.integers(-30, 30, (20, 24, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(px).save(root / "photos" / split / c / f"{i}.png")
+    (root / "photos" / "train" / "a" / "broken.png").write_bytes(b"not a png")
+    return root / "model.npz", root / "photos"
