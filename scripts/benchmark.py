@@ -340,16 +340,16 @@ def main():
     if args.memory:
         return memory(cases, args)
     xp = get_backend(args.backend)
+    info = hardware_info(args)  # which CPU features and BLAS ran every figure below, in one line
+    if not args.json:
+        print(hardware_line(info), flush=True)
     if args.freeze:
         r = freeze_case(args.preset or "vit-b16", (args.batch or [8])[0], args, xp)
-        print(json.dumps(r) if args.json else
+        print(json.dumps(dict(r, hardware=info)) if args.json else
               f"{r['preset']} batch {r['batch']} {r['dtype']} on {r['backend']}: train step {r['full_step_ms']:.1f} ms; "
               f"with --freeze {r['freeze']} ({r['trained_params']:,} of {r['params']:,} params trained) "
               f"{r['frozen_step_ms']:.1f} ms: {r['ratio']:.2f}x")
         return
-    info = hardware_info(args)  # which CPU features and BLAS ran every figure below, in one line
-    if not args.json:
-        print(hardware_line(info), flush=True)
     results = [bench_case(name, batch, args, xp) for name, batch in cases]
     if args.json:
         print(json.dumps({"hardware": info, "cases": results}))

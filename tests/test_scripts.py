@@ -54,6 +54,8 @@ def test_benchmark_freeze_times_the_step_with_and_without():
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["full_step_ms"] > 0 and out["frozen_step_ms"] > 0 and out["ratio"] > 0
     assert 0 < out["trained_params"] < out["params"]
+    from tinyvit.cpu import features  # which CPU and BLAS ran the figure
+    assert out["hardware"]["features"] == features.cpu_features() and out["hardware"]["cpu"] == features.cpu_name()
     r = run_script("benchmark.py", "--preset", "mnist", "--freeze", "blocks.9.*")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--freeze 'blocks.9.*' matches no parameter" in r.stderr
 
