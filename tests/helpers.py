@@ -197,3 +197,18 @@ def tiny_photos(root):
                 Image.fromarray(px).save(root / "photos" / split / c / f"{i}.png")
     (root / "photos" / "train" / "a" / "broken.png").write_bytes(b"not a png")
     return root / "model.npz", root / "photos"
+
+
+def class_folders(root, n=12, classes=("a", "b"), noise=40):
+    """Class folders of noisy colour images (24x30 px; the first class reddish, the others bluish), the same
+    file names in each (00.png ...), seeded: the same pixels on every call."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for k, c in enumerate(classes):
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            base = np.array([200, 40, 40]) if k == 0 else np.array([40, 40, 200])
+            a = np.clip(base + rng.normal(0, noise, (24, 30, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(a).save(root / c / f"{i:02d}.png")
+    return root

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import DATA_HINT, ROOT, WEIGHTS_HINT, assert_same_train_state, last_json, load_script, run_script
-from PIL import Image
+from helpers import DATA_HINT, ROOT, WEIGHTS_HINT, assert_same_train_state, class_folders, last_json, load_script, run_script
 
 from tinyvit import TinyViTError, ViTConfig
 from tinyvit.cli.args import run_args
@@ -30,14 +29,7 @@ def _mnist(data, *args, cwd=None):
 
 def _folder(root, n=12, classes=("a", "b")):
     """Class folders of noisy colour images, the same file names in each (00.png ...)."""
-    rng = np.random.default_rng(0)
-    for k, c in enumerate(classes):
-        (root / c).mkdir(parents=True)
-        for i in range(n):
-            base = np.array([200, 40, 40]) if k == 0 else np.array([40, 40, 200])
-            a = np.clip(base + rng.normal(0, 40, (24, 30, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(a).save(root / c / f"{i:02d}.png")
-    return root
+    return class_folders(root, n, classes, noise=40)
 
 
 def _head(data, out, *extra):

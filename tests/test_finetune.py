@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import last_json, run_script
+from helpers import class_folders, last_json, run_script
 from PIL import Image
 
 from tinyvit import TinyViTError, init_params
@@ -27,14 +27,7 @@ TINY = ViTConfig(img_size=32, patch_size=8, in_chans=3, num_classes=5, dim=32, d
 
 def _folder(root, n=8, classes=("a", "b")):
     """Class folders of noisy colour images (24x30 px)."""
-    rng = np.random.default_rng(0)
-    for k, c in enumerate(classes):
-        (root / c).mkdir(parents=True)
-        for i in range(n):
-            base = np.array([200, 40, 40]) if k == 0 else np.array([40, 40, 200])
-            a = np.clip(base + rng.normal(0, 60, (24, 30, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(a).save(root / c / f"{i:02d}.png")
-    return root
+    return class_folders(root, n, classes, noise=60)
 
 
 @pytest.fixture
