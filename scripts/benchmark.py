@@ -21,6 +21,7 @@ import numpy as np
 import tinyvit  # noqa: F401  (before NumPy: sets OpenBLAS's spin time, see tinyvit/__init__.py)
 from tinyvit import init_params, preset, vit_backward, vit_forward
 from tinyvit.backend import get_backend, synchronize, to_device
+from tinyvit.cli.finetune import freeze_patterns
 from tinyvit.cli.report import run
 from tinyvit.cpu import bf16
 from tinyvit.cpu.features import blas_libraries, hardware, hardware_line
@@ -253,7 +254,7 @@ def freeze_case(name, batch, args, xp):
     rng = np.random.default_rng(0)
     x = xp.asarray(rng.standard_normal((batch, cfg.in_chans, cfg.img_size, cfg.img_size)).astype(dtype))
     y = xp.asarray(rng.integers(0, cfg.num_classes, size=batch))
-    trained = trainable_names(params, tuple(p.strip() for p in args.freeze.split(",") if p.strip()))
+    trained = trainable_names(params, freeze_patterns(args.freeze))
     steps = {}
     for what, names in (("full", None), ("frozen", trained)):
         opt = AdamW(lr=0.0)  # lr 0: every step times the same weights

@@ -174,12 +174,12 @@ def train_settings(args) -> TrainConfig:
     tc = dataclasses.replace(train_config(args, MODE_DEFAULTS[args.mode]), grad_accum=args.grad_accum,
                              head_epochs=args.head_epochs if progressive else 0,
                              head_lr=args.head_lr if progressive else 0.0,
-                             freeze=_patterns(args.freeze), grad_checkpointing=args.grad_checkpointing)
+                             freeze=freeze_patterns(args.freeze), grad_checkpointing=args.grad_checkpointing)
     return dataclasses.replace(tc, train_blocks=args.train_blocks, augment="none", freeze=(),
                                grad_checkpointing=False) if partial else tc
 
 
-def _patterns(text):
+def freeze_patterns(text):
     """--freeze's comma-separated shell patterns."""
     return tuple(p.strip() for p in (text or "").split(",") if p.strip())
 
@@ -188,7 +188,7 @@ def recipe(args) -> Recipe:
     """The fine-tuning recipe the parsed flags describe."""
     return Recipe(mode=args.mode, train_blocks=args.train_blocks or 0, drop_path=args.drop_path or 0.0,
                   feature_batch=args.feature_batch, cache_dir=args.cache_dir, cache_dtype=args.cache_dtype,
-                  freeze=_patterns(args.freeze), grad_checkpointing=bool(args.grad_checkpointing))
+                  freeze=freeze_patterns(args.freeze), grad_checkpointing=bool(args.grad_checkpointing))
 
 
 def model_source(args) -> ModelSource:
