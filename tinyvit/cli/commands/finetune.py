@@ -6,9 +6,14 @@
 
 The checkpoint (OUT/model.npz) carries the class names; evaluate.py and predict.py read it.
 """
-import tinyvit  # noqa: F401  (before NumPy: sets OpenBLAS's spin time, see tinyvit/__init__.py)
-from tinyvit.cli.finetune import main
+from tinyvit.cli import finetune
 from tinyvit.cli.report import run
 
+
+def main(argv=None):
+    """scripts/finetune.py and `tinyvit finetune`: the fine-tuning command with its own defaults."""
+    return finetune.main(__doc__, data_default=None, out_default="runs/finetune", argv=argv)
+
+
 if __name__ == "__main__":
-    run(lambda: main(__doc__, data_default=None, out_default="runs/finetune"))
+    run(main)

@@ -1,7 +1,7 @@
 """A reference ViT in PyTorch with timm's module names: the tests' gradient oracle and benchmark.py's rival.
 
-Not a command: scripts/benchmark.py imports it (python puts scripts/ on the path of a script it runs),
-and the tests do through pytest's pythonpath setting in pyproject.toml. tinyvit itself never imports torch."""
+Not a command: benchmark.py imports it with --vs-torch or --memory only, and the tests as `import torch_vit`
+(scripts/torch_vit.py, through pytest's pythonpath setting in pyproject.toml). The library never imports torch."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

@@ -67,7 +67,8 @@ def _tinyvit_step(cfg, params, x, y, checkpointing):
 def _torch_step(cfg, host, x, y, device, rival, checkpointing):
     """One AdamW train step of the torch rival (benchmark.torch_model), torch.utils.checkpoint on or off."""
     import torch
-    from benchmark import torch_model
+
+    from tinyvit.cli.commands.benchmark import torch_model
 
     dtype = torch.float32 if x.dtype == np.float32 else torch.float64
     model = torch_model(cfg, host, dtype, rival).to(device)
@@ -124,7 +125,7 @@ def measure(name, batch, side, checkpointing, args):
     """The peak of one case from a fresh `benchmark.py --_probe` process -> dict (or {'error': why})."""
     if side == "tinyvit" and checkpointing and tinyvit_checkpointing() is None:
         return {"error": "not available: this tinyvit has no grad_checkpointing setting"}
-    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmark.py"),
+    cmd = [sys.executable, "-m", "tinyvit.cli.commands.benchmark",
            "--_probe", f"{side}:{'ckpt' if checkpointing else 'plain'}", "--preset", name, "--batch", str(batch),
            *(["--img-size", str(args.img_size)] if args.img_size else []),
            *(["--patch-size", str(args.patch_size)] if args.patch_size else []), "--rival", args.rival,

@@ -15,12 +15,12 @@ import os
 import sys
 import time
 
-import bench_memory
 import numpy as np
 
 import tinyvit  # noqa: F401  (before NumPy: sets OpenBLAS's spin time, see tinyvit/__init__.py)
 from tinyvit import init_params, preset, vit_backward, vit_forward
 from tinyvit.backend import get_backend, synchronize, to_device
+from tinyvit.cli.commands import bench_memory
 from tinyvit.cli.finetune import freeze_patterns
 from tinyvit.cli.report import run
 from tinyvit.cpu import bf16
@@ -101,7 +101,8 @@ def torch_model(cfg, params, dtype, rival="auto"):
     for the rest of the family (LayerScale, registers, pooling, ...) or for all (rival 'timm'), loaded
     strictly with the same params."""
     import torch
-    from torch_vit import torch_vit_from_params
+
+    from tinyvit.cli.torch_vit import torch_vit_from_params
 
     plain = preset("vit-b16", **{k: getattr(cfg, k) for k in ("img_size", "patch_size", "in_chans", "num_classes",
                                                              "dim", "depth", "heads", "mlp_dim", "ln_eps", "gelu")})

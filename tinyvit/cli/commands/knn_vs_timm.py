@@ -17,9 +17,9 @@ import json
 import time
 
 import numpy as np
-from benchmark import torch_model
 
 import tinyvit  # noqa: F401  (before NumPy: sets OpenBLAS's spin time, see tinyvit/__init__.py)
+from tinyvit.cli.commands.benchmark import torch_model
 from tinyvit.cli.embed import cifar_batches
 from tinyvit.cli.report import run
 from tinyvit.data.transform import eval_transform
