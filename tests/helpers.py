@@ -5,7 +5,7 @@ the malicious pickles, and an error measure.
 A test that starts a process (run, run_script, run_python, subprocess, mpiexec) carries the `e2e` marker:
 `pytest -m "not e2e"` is the fast tier. tests/test_layout_tests.py checks both."""
 import builtins
-import importlib.util
+import importlib
 import json
 import os
 import pickle
@@ -88,11 +88,9 @@ def script(name, *args):
 
 
 def load_script(name):
-    """scripts/name imported as a module (its main() not run), to call its functions in-process."""
-    spec = importlib.util.spec_from_file_location(Path(name).stem, SCRIPTS / name)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    """The module whose main scripts/name runs (tinyvit/cli/commands/NAME.py: the script's parser and code,
+    also `tinyvit SUB`), to call its functions in-process."""
+    return importlib.import_module(f"tinyvit.cli.commands.{Path(name).stem}")
 
 
 def run_script(name, *args, **kw):

@@ -1,5 +1,5 @@
-"""benchmark.py --memory's arithmetic (scripts/bench_memory.py); its runs are in test_scripts.py."""
-from bench_memory import largest_batch
+"""benchmark.py --memory's arithmetic (tinyvit/cli/commands/bench_memory.py); its runs are in test_scripts.py."""
+from tinyvit.cli.commands.bench_memory import largest_batch
 
 
 def test_largest_batch_is_read_off_the_line_through_the_peaks():

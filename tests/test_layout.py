@@ -15,7 +15,8 @@ ALLOWED = {
     "data": {"backend", "errors", "cpu", "progress"},
     "io": {"backend", "errors", "cpu", "nn", "data"},
     "train": {"backend", "errors", "cpu", "nn", "data", "io", "progress"},
-    "cli": {"backend", "errors", "cpu", "nn", "data", "io", "train", "progress"},
+    # the commands (cli/commands/) import the package face and the figures too: both sit below cli
+    "cli": {"backend", "errors", "cpu", "nn", "data", "io", "train", "progress", "viz", "__init__"},
     "viz": {"backend", "errors", "data"},
     "progress": set(),
     "testing": {"backend", "errors"},

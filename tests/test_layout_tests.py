@@ -41,7 +41,7 @@ CONDITIONS = {"pytest.mark.skipif", "pytest.mark.xfail"}  # their arguments may 
 # modules imported while tests are collected (mpi_fit.py is a script run by test_dist.py), and the ones of
 # scripts/ they import (through pyproject.toml's pythonpath)
 COLLECTED = ["conftest.py", "helpers.py", "toy_data.py"]
-COLLECTED_SCRIPTS = ["torch_vit.py", "bench_memory.py"]
+COLLECTED_SCRIPTS = ["torch_vit.py"]
 
 # test files not named after one tinyvit module or script, and what they cover instead
 CROSS_CUTTING = {
@@ -61,6 +61,7 @@ CROSS_CUTTING = {
     "test_robustness": "untrusted files, killed runs, non-finite numbers across the package",
     "test_scripts": "the fine-tuning and benchmark scripts end to end",
     "test_shards": "cpu.threads' batch shards and cpu.blas together",
+    "test_wheel": "the built wheel and sdist, the wheel installed in a fresh venv: its tinyvit command and data",
 }
 
 

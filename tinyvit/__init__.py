@@ -8,6 +8,8 @@ cpu (NumPy speed machinery) > backend (NumPy or CuPy) and errors. viz draws; pro
 import os
 import sys
 
+__version__ = "0.1.0"  # the one place it is written: pyproject.toml reads it ([tool.setuptools.dynamic])
+
 # OpenBLAS's workers spin for 2^28 cycles after every GEMM, taking a core from the NumPy passes that
 # follow each matmul in a ViT (the figure: docs/performance.md). OpenBLAS reads this once, when NumPy loads it, so it is set before any NumPy import; a user's value wins.
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "16")  # spin 2^16 cycles (~25 us), then sleep

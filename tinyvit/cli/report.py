@@ -36,9 +36,10 @@ def _fail(message, code=2):
 
 
 def resume_command(args, checkpoint) -> str:
-    """The command line that continues a run from checkpoint: this script, --resume, and the flags
-    a checkpoint does not keep (where the data is, the backend)."""
-    cmd = ["python", sys.argv[0] or "SCRIPT", "--resume", str(checkpoint)]
+    """The command line that continues a run from checkpoint: this script (or `tinyvit SUB`), --resume, and
+    the flags a checkpoint does not keep (where the data is, the backend)."""
+    here = sys.argv[0] or "SCRIPT"
+    cmd = [*(here.split() if here.startswith("tinyvit ") else ["python", here]), "--resume", str(checkpoint)]
     if getattr(args, "data_dir", None):
         cmd += ["--data-dir", str(args.data_dir)]
     if getattr(args, "backend", "numpy") != "numpy":
