@@ -102,7 +102,7 @@ def _same(sub, script, args, venv, cwd, **env):
 
 @pytest.mark.parametrize("extra,env", [((), {}), (("--json",), {}),
                                        (("--backend", "cupy", "--json"), {"TINYVIT_CUPY_STANDIN": "1"})],
-                         ids=["text", "json", "cupy-standin"])
+                         ids=["text", "json", "gpu-standin"])
 def test_predict_on_the_shipped_mnist_model_as_the_script(venv, tmp_path, extra, env):
     """The stand-in case runs the CuPy path on the API record the wheel carries (tinyvit/testing/cupy_api.json)."""
     out = _same("predict", "predict.py", [MNIST, DIGIT, *extra], venv, tmp_path, **env)
