@@ -11,11 +11,13 @@ from helpers import class_folders, last_json, run_script
 from PIL import Image
 
 from tinyvit import TinyViTError, init_params
-from tinyvit.cli.finetune import data_source, main, model_source, parse, parser, train_settings
+from tinyvit.cli.finetune import data_source, main, model_source, parse, parser, recipe, train_settings
 from tinyvit.data.datasets import load_data
 from tinyvit.io.checkpoint import load_checkpoint, save_checkpoint
 from tinyvit.io.convert import adapt
 from tinyvit.nn.layers import cross_entropy_backward, cross_entropy_forward
+from tinyvit.nn.lora import add_adapters, merge_adapters
+from tinyvit.nn.lora import trainable_names as lora_trainable
 from tinyvit.nn.model import ViTConfig, vit_backward, vit_forward
 from tinyvit.train.cache import below
 from tinyvit.train.evaluate import evaluate
@@ -184,3 +186,119 @@ def test_partial_mode_script_and_evaluate_agree(tmp_path):
 def test_partial_mode_refuses_a_block_count_the_model_lacks(tiny_run, k):
     with pytest.raises(TinyViTError, match=f"^--train-blocks {k}: this model has 3 blocks: give 1 to 3$"):
         tiny_run("--mode", "partial", "--train-blocks", k)
+
+
+# --- LoRA, DoRA and BitFit ------------------------------------------------------------------------
+
+LORA = ["--mode", "full", "--epochs", "2", "--lr", "1e-2", "--seed", "2", "--lora-rank", "4"]
+
+
+def _hand_run(tiny_run, flags, only):
+    """The run's steps by hand: the whole model's forward and backward, the gradients of `only(params)` applied."""
+    argv = ["--data", str(tiny_run.data), "--weights", str(tiny_run.weights), "--val-split", "0.25",
+            "--batch-size", "4", "--out", "unused", *flags]
+    args = parse(parser("x"), argv)
+    tc, rec = train_settings(args), recipe(args)
+    params, cfg, meta, t = start_model(model_source(args))
+    train, test, names, _ = load_data(data_source(args), cfg.img_size, 3, t)
+    params, cfg = adapt(params, cfg, num_classes=len(names))
+    if rec.lora is not None:
+        params, cfg = add_adapters(params, cfg, rec.lora, seed=tc.seed)
+    trained, opt = set(only(params)), tc.make_optimizer(list(params), cfg.depth)
+    steps = len(train.labels) // tc.batch_size
+    lr, step = run_schedule(tc, steps), 0
+    for epoch in range(tc.epochs):
+        for x, y in train.batches(tc.batch_size, np, seed=tc.seed, epoch=epoch, drop_last=True, augment="crop_flip"):
+            logits, cache = vit_forward(params, x, cfg, train=True)
+            grads = vit_backward(cross_entropy_backward(1.0, cross_entropy_forward(logits, y, tc.label_smoothing)[1]),
+                                 cache)
+            grads = {k: g for k, g in grads.items() if k in trained}
+            clip_grad_norm(grads, tc.clip)
+            opt.step({k: params[k] for k in grads}, grads, lr=lr(step))
+            step += 1
+    return params, trained
+
+
+@pytest.mark.parametrize("extra", [[], ["--lora-dora", "--lora-targets", "query,value,fc2", "--lora-alpha", "8"],
+                                   ["--lora-rslora", "--bias", "all"]], ids=["lora", "dora", "rslora-bitfit"])
+def test_lora_run_trains_the_adapters_and_head_alone_as_the_steps_by_hand(tiny_run, extra):
+    summary, got = tiny_run(*LORA, *extra)
+    want, trained = _hand_run(tiny_run, [*LORA, *extra], lambda p: lora_trainable(p, "all" if "all" in extra else "none"))
+    assert set(got) == set(want) and any(".lora_B" in k for k in trained)
+    assert max(float(np.abs(got[k] - want[k]).max()) for k in want) < 1e-6
+    start = init_params(TINY, seed=1)
+    frozen = [k for k in start if k not in trained]
+    assert frozen and all(np.array_equal(got[k], start[k]) for k in frozen)  # the base, bit for bit
+    assert all(not np.array_equal(got[k], want[k] * 0) for k in trained if ".lora_B" in k)  # B left zero
+    assert summary["trained_params"] == sum(got[k].size for k in trained)
+    assert summary["lora"]["rank"] == 4 and summary["bias"] == ("all" if "all" in extra else "none")
+
+
+def test_bitfit_alone_trains_every_bias_and_the_head(tiny_run):
+    flags = ["--mode", "full", "--epochs", "1", "--lr", "1e-2", "--bias", "all"]
+    summary, got = tiny_run(*flags)
+    want, trained = _hand_run(tiny_run, flags, lambda p: lora_trainable(p, "all"))
+    assert "blocks.0.norm1.bias" in trained and "blocks.0.attn.qkv.weight" not in trained
+    assert max(float(np.abs(got[k] - want[k]).max()) for k in want) < 1e-6
+    assert summary["lora"] is None and summary["trained_params"] == sum(got[k].size for k in trained)
+
+
+def test_lora_run_resumed_mid_run_is_the_uninterrupted_run(tiny_run, tmp_path):
+    flags = [*LORA, "--lora-dora", "--lora-targets", "q,v"]
+    straight = tiny_run(*flags)[1]
+    cut, _ = tiny_run(*flags, "--time-limit", "0", out=tmp_path / "cut")  # stops after one step
+    assert cut["stopped_early"] and cut["steps"] == 1
+    resumed, params = tiny_run(argv=["--resume", str(tmp_path / "cut" / "checkpoint.npz")])
+    assert resumed["epochs"] == 2 and resumed["lora"]["dora"] is True
+    assert set(params) == set(straight) and all(np.array_equal(params[k], straight[k]) for k in straight)
+
+
+def test_progressive_lora_trains_the_head_first_then_the_adapters(tiny_run):
+    summary, got = tiny_run("--mode", "progressive", "--epochs", "2", "--head-epochs", "1", "--lora-rank", "2")
+    start = init_params(TINY, seed=1)
+    assert all(np.array_equal(got[k], start[k]) for k in start if not k.startswith("head."))
+    assert any(np.abs(got[k]).max() > 0 for k in got if ".lora_B" in k)  # the second epoch trained them
+
+
+def test_an_adapter_folder_continues_training_from_its_adapters(tiny_run, tmp_path):
+    """A LoRA run's --to peft folder, given as --adapter on the same base: at lr 0 the run's model holds the
+    folder's adapters and head exactly; trained, its adapters move on from there."""
+    first = Path(tiny_run(*LORA, "--lora-dora")[0]["checkpoint"])
+    peft_dir = tmp_path / "adapter"
+    run_script("export_weights.py", str(first), "--to", "peft", "--out", str(peft_dir))
+    saved, cfg, _ = load_checkpoint(first)
+    s1, same = tiny_run("--mode", "full", "--epochs", "1", "--lr", "0", "--min-lr", "0", "--adapter", str(peft_dir))
+    # HF's ViT has q, k and v apart: the qkv adapter comes back as three sharing one A, the same function
+    assert s1["lora"]["targets"] == ["q", "k", "v"] and s1["lora"]["dora"] is True
+    merged, again = merge_adapters(saved, cfg.lora), merge_adapters(same, cfg.lora)
+    assert max(float(np.abs(merged[k] - again[k]).max()) for k in merged) < 1e-6
+    _, moved = tiny_run("--mode", "full", "--epochs", "1", "--lr", "1e-2", "--adapter", str(peft_dir))
+    assert any(not np.array_equal(moved[k], same[k]) for k in same if ".lora_B" in k)
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--lora-alpha", "16"], "--lora-alpha needs --lora-rank"),
+    (["--mode", "head", "--lora-rank", "4"], "not head"),
+    (["--mode", "partial", "--bias", "all"], "not partial"),
+    (["--lora-rank", "4", "--adapter", "x"], "drop --lora-rank"),
+    (["--lora-rank", "4", "--lora-dropout", "0.1"], "does not train yet"),
+    (["--lora-rank", "4", "--lora-targets", "qkv,attention"], "lora targets must be distinct names"),
+    (["--lora-rank", "0"], "lora rank must be a whole number"),
+])
+def test_lora_flags_refuse_in_one_line(tmp_path, flags, says):
+    argv = ["--data", str(tmp_path), "--weights", "w.npz", "--out", str(tmp_path / "o"), "--mode", "full", *flags]
+    with pytest.raises(TinyViTError, match=says):
+        parse(parser("x"), argv)
+
+
+def test_lora_script_run_exports_merged_and_evaluates(tmp_path):
+    data = _folder(tmp_path / "data")
+    weights = save_checkpoint(tmp_path / "w.npz", init_params(TINY, seed=1), TINY, meta={})
+    out = tmp_path / "run"
+    summary = last_json(run_script("finetune.py", "--data", str(data), "--weights", str(weights), "--val-split", "0.25",
+                                   "--mode", "full", "--epochs", "1", "--batch-size", "4", "--lora-rank", "4",
+                                   "--lora-targets", "qkv,fc1", "--out", str(out), "--quiet", "--json"))
+    ev = last_json(run_script("evaluate.py", str(out / "model.npz"), "--json", timeout=120))
+    assert ev["test_accuracy"] == summary["test_accuracy"]
+    run_script("export_weights.py", str(out / "model.npz"), "--to", "timm", "--out", str(tmp_path / "merged.safetensors"))
+    assert (tmp_path / "merged.safetensors").stat().st_size > 0

@@ -8,6 +8,7 @@ from pathlib import Path
 from ..data.datasets import DataSource
 from ..errors import TinyViTError
 from ..io.hub import resolve
+from ..nn.lora import ALIASES, BIAS, LoraConfig
 from ..nn.model import PRESETS
 from ..train.config import TrainConfig
 from ..train.dist import world
@@ -30,8 +31,10 @@ from .report import report
 # img_size None: the weights' own size (a preset's: 224)
 FLAG_DEFAULTS = {"mode": "head", "img_size": None, "head_epochs": 1, "head_lr": HEAD.lr, "grad_accum": 1,
                  "feature_batch": 64, "val_split": 0.1, "workers": 2, "strict": False, "drop_path": 0.0,
-                 "cache_dtype": "float16", "freeze": "", "grad_checkpointing": False}
+                 "cache_dtype": "float16", "freeze": "", "grad_checkpointing": False, "bias": "none",
+                 "lora_dropout": 0.0, "lora_targets": "qkv", "lora_rslora": False, "lora_dora": False}
 TRAIN_BLOCKS = 1  # partial mode's default --train-blocks
+LORA_FLAGS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_rslora", "lora_dora")
 
 # flags that act only in some modes -> (those modes, the value that changes nothing)
 TRAINED = ("full", "progressive", "partial")  # the modes that train blocks, through fit
@@ -103,9 +106,65 @@ def parser(description, data_default=None, out_default="runs/finetune"):
     ap.add_argument("--cache-dir", default=None, help="head and partial mode: where backbone features (head) and "
                     "the tokens entering the trained blocks (partial) are cached, keyed on the weights, files and "
                     "transform (default $TINYVIT_CACHE, else ~/.cache/tinyvit/features)")
+    add_lora_args(ap)
     add_train_args(ap, MODE_DEFAULTS)
     add_run_args(ap, out_default)
     return ap
+
+
+def add_lora_args(ap):
+    """LoRA/DoRA (PEFT's settings) and BitFit's --bias, in full and progressive mode."""
+    d = FLAG_DEFAULTS
+    ap.add_argument("--lora-rank", type=int, default=None, metavar="R",
+                    help="full and progressive mode: train LoRA adapters of rank R on --lora-targets and the head; "
+                         "everything else stays frozen unless --bias says otherwise (default: no adapters)")
+    ap.add_argument("--lora-alpha", type=float, default=None,
+                    help="LoRA's alpha: the branch is scaled by alpha / R (default R: a scale of 1)")
+    ap.add_argument("--lora-dropout", type=float, default=None,
+                    help=f"dropout on the LoRA branch's input (default {d['lora_dropout']}; only 0 trains yet)")
+    ap.add_argument("--lora-targets", default=None, metavar="NAME[,NAME]",
+                    help="the block linears that get adapters: qkv, q, k, v (rows of the fused qkv; HF's "
+                         "query/q_proj, key/k_proj, value/v_proj), proj (o_proj), fc1, fc2 "
+                         f"(default {d['lora_targets']})")
+    ap.add_argument("--lora-rslora", action="store_true", default=None,
+                    help="rank-stabilised LoRA: scale alpha / sqrt(R) (PEFT's use_rslora)")
+    ap.add_argument("--lora-dora", action="store_true", default=None,
+                    help="DoRA: a trained magnitude per output row over the adapted weight's row norms (PEFT's use_dora)")
+    ap.add_argument("--adapter", default=None, metavar="DIR",
+                    help="full and progressive mode: a PEFT adapter folder (LoRA or DoRA; adapter_config.json, "
+                         "adapter_model.safetensors) on --weights, whose adapters continue training")
+    ap.add_argument("--bias", choices=list(BIAS), default=None,
+                    help="full and progressive mode: all trains every bias too (BitFit; PEFT's bias='all'): beside "
+                         f"the adapters and head with --lora-rank/--adapter, else beside the head alone "
+                         f"(default {d['bias']})")
+
+
+def lora_config(args):
+    """The fresh adapters --lora-rank asks for (None without it); --lora-targets in PEFT's or timm's names."""
+    if args.lora_rank is None:
+        return None
+    targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
+    return LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                      targets=tuple(ALIASES.get(t, t) for t in targets), rslora=args.lora_rslora, dora=args.lora_dora)
+
+
+def _check_lora(args, typed):
+    """LoRA's flags: full and progressive mode only; the --lora-* settings need --lora-rank and clash with
+    --adapter (its adapter_config.json says them); no dropout on the branch in training yet."""
+    given = sorted(k for k in typed if k.startswith("lora_") and k != "lora_rank")
+    flags = ", ".join("--" + k.replace("_", "-") for k in given)
+    if (args.lora_rank is not None or args.adapter or args.bias != "none") and args.mode not in ("full", "progressive"):
+        raise TinyViTError(f"--lora-rank, --adapter and --bias train in --mode full or progressive, not {args.mode} "
+                           "(there the blocks do not run in training)")
+    if args.adapter and (args.lora_rank is not None or given):
+        raise TinyViTError(f"--adapter {args.adapter}: its adapter_config.json sets the adapters; drop "
+                           f"{'--lora-rank' if args.lora_rank is not None else flags}")
+    if given and args.lora_rank is None and not args.adapter:
+        raise TinyViTError(f"{flags} {'needs' if len(given) == 1 else 'need'} --lora-rank R (the adapters' rank)")
+    if args.lora_dropout:
+        raise TinyViTError(f"--lora-dropout {args.lora_dropout}: dropout on the LoRA branch does not train yet "
+                           "(tinyvit trains adapters merged into their linears); leave it at 0")
+    lora_config(args)  # a bad rank, alpha or target: one line now, not after the data are read
 
 
 def default_weights(name, note):
@@ -125,6 +184,7 @@ def parse(ap, argv=None, data_default=None, out_default="runs/finetune", weights
     (Hub name, the note said before fetching it) for a run given neither --weights nor --preset."""
     args = ap.parse_args(argv)
     typed = {k for k in MODE_ONLY if getattr(args, k) is not None}  # by the user, not restored by --resume
+    typed_lora = {k for k in LORA_FLAGS if getattr(args, k) is not None}
     args = resume_args(args, "finetune.py")
     args.data = args.data or data_default
     if args.data is None:
@@ -138,6 +198,7 @@ def parse(ap, argv=None, data_default=None, out_default="runs/finetune", weights
             raise TinyViTError("give --weights (pretrained) or --preset NAME (random init)")
         args.weights = default_weights(*weights_default)
     _check_data(args)
+    _check_lora(args, typed_lora)
     _say_unused(args, typed)
     return choose_out(args, out_default)
 
@@ -174,7 +235,8 @@ def train_settings(args) -> TrainConfig:
     tc = dataclasses.replace(train_config(args, MODE_DEFAULTS[args.mode]), grad_accum=args.grad_accum,
                              head_epochs=args.head_epochs if progressive else 0,
                              head_lr=args.head_lr if progressive else 0.0,
-                             freeze=freeze_patterns(args.freeze), grad_checkpointing=args.grad_checkpointing)
+                             freeze=freeze_patterns(args.freeze), grad_checkpointing=args.grad_checkpointing,
+                             bias=args.bias)
     return dataclasses.replace(tc, train_blocks=args.train_blocks, augment="none", freeze=(),
                                grad_checkpointing=False) if partial else tc
 
@@ -188,7 +250,8 @@ def recipe(args) -> Recipe:
     """The fine-tuning recipe the parsed flags describe."""
     return Recipe(mode=args.mode, train_blocks=args.train_blocks or 0, drop_path=args.drop_path or 0.0,
                   feature_batch=args.feature_batch, cache_dir=args.cache_dir, cache_dtype=args.cache_dtype,
-                  freeze=freeze_patterns(args.freeze), grad_checkpointing=bool(args.grad_checkpointing))
+                  freeze=freeze_patterns(args.freeze), grad_checkpointing=bool(args.grad_checkpointing),
+                  lora=lora_config(args), adapter=args.adapter)
 
 
 def model_source(args) -> ModelSource:
@@ -222,4 +285,5 @@ def main(description, data_default=None, out_default="runs/finetune", argv=None,
               "(a finished feature pass comes from the feature cache)", file=sys.stderr)
         return 130
     return report(summary, args, {"mode": args.mode, "img_size": cfg.img_size, "backend": args.backend,
-                                  "data": args.data})
+                                  "data": args.data, "lora": cfg.lora.to_dict() if cfg.lora else None,
+                                  "bias": args.bias})

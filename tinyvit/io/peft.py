@@ -167,8 +167,8 @@ def _head_tensor(name, v, params, cfg, path):
             raise TinyViTError(f"{path}: its classifier reads the patch mean beside the class token, which "
                                f"this base's head does not")
         v = v[:, :cfg.dim]
-    want = params[name].shape
-    if v.ndim != len(want) or v.shape[-1 if v.ndim == 2 else 0:] != want[-1 if v.ndim == 2 else 0:]:
+    want = params[name].shape  # the class count may differ (the adapter's head replaces the base's), the width not
+    if v.ndim != len(want) or (v.ndim == 2 and v.shape[1] != want[1]):
         raise TinyViTError(f"{path}: {name} has shape {tuple(v.shape)}, the base's is {tuple(want)}")
     return v
 
@@ -222,6 +222,8 @@ def apply_adapter(folder, params, cfg: ViTConfig):
     for k, v in heads.items():
         out[k] = _head_tensor(k, v, params, cfg, path).astype(dtype)
     K = out["head.weight"].shape[0]
+    if "head.bias" in out and out["head.bias"].shape != (K,):
+        raise TinyViTError(f"{path}: head.bias has {out['head.bias'].shape[0]} classes, head.weight {K}")
     if K != cfg.num_classes:
         notes.append(f"head replaced by the adapter's {K}-class one (modules_to_save)")
     new = dataclasses.replace(cfg, num_classes=K, lora=lora)

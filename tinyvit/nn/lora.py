@@ -131,9 +131,16 @@ def add_adapters(params, cfg, lora: LoraConfig, seed=0):
     return {**params, **new}, dataclasses.replace(cfg, lora=lora)
 
 
-def trainable_names(params) -> list:
-    """What LoRA fine-tuning trains: every adapter parameter and the head(s) in full (PEFT's modules_to_save)."""
-    return [k for k in params if ".lora_" in k or k.startswith(("head.", "head_dist."))]
+BIAS = ("none", "all")  # PEFT's bias settings tinyvit trains: none, or every bias (BitFit)
+
+
+def trainable_names(params, bias="none") -> list:
+    """What LoRA fine-tuning trains: every adapter parameter and the head(s) in full (PEFT's modules_to_save),
+    and with bias "all" every bias too (PEFT's bias="all": each name holding "bias", the norms' included)."""
+    if bias not in BIAS:
+        raise TinyViTError(f"bias must be one of {', '.join(BIAS)}, got {str(bias)[:40]}")
+    return [k for k in params if ".lora_" in k or k.startswith(("head.", "head_dist."))
+            or (bias == "all" and "bias" in k.rsplit(".", 1)[-1])]
 
 
 # --- the layer pair: the branch beside a frozen linear --------------------------------------------

@@ -336,7 +336,7 @@ def _block_cache(c, prefix):
 _EMBED = ("cls_token", "dist_token", "reg_token", "pos_embed", "patch_embed.", "norm_pre.")
 
 
-def _stage(name, depth):
+def param_stage(name, depth):
     """Where a param sits in the backward's order, bottom up: -1 the embedding, i block i, depth the
     final norms and pooling, depth + 1 the head(s)."""
     if name.startswith(_EMBED):
@@ -355,8 +355,8 @@ def _backward(dlogits, cache, trainable=None):
                            "memory) or holds no blocks: run vit_forward again")
     depth = len(blocks)
     want = None if trainable is None else trainable.__contains__
-    low = -1 if trainable is None else min((_stage(n, depth) for n in trainable), default=depth + 2)
-    t_head = trainable is None or any(_stage(n, depth) == depth + 1 for n in trainable)
+    low = -1 if trainable is None else min((param_stage(n, depth) for n in trainable), default=depth + 2)
+    t_head = trainable is None or any(param_stage(n, depth) == depth + 1 for n in trainable)
     dfeats, grads = _head_backward(dlogits, cache.head, low <= depth, t_head)
     dx = None
     if low <= depth:

@@ -16,7 +16,9 @@ from ..errors import TinyViTError, describe_os_error
 from ..io.checkpoint import save_checkpoint
 from ..io.convert import adapt, load_model
 from ..io.files import atomic_write, prepare_out_dir
+from ..io.peft import apply_adapter
 from ..nn.layers import cross_entropy_backward, cross_entropy_forward
+from ..nn.lora import add_adapters
 from ..nn.model import init_params, preset, vit_features
 from ..nn.pool import head_backward, head_forward
 from ..progress import Progress
@@ -67,6 +69,8 @@ def run_finetune(recipe: Recipe, model: ModelSource, data: DataSource, tc: Train
     prepare_out_dir(run.out)  # a wrong --out fails now, not after the feature pass or an epoch
     xp = get_backend(run.backend)
     params, cfg, meta, t = start_model(model, whole_images=data.data == "cifar10")
+    if recipe.adapter:  # before the new head: a same-class adapter keeps its trained head (modules_to_save)
+        params, cfg = continued_adapter(recipe.adapter, params, cfg)
     cfg = dataclasses.replace(cfg, drop_path=recipe.drop_path)  # training only
     size, resample = model.img_size or cfg.img_size, meta.get("resample", "bilinear")  # the weights' own size
     if size != cfg.img_size and world().lead:
@@ -76,6 +80,8 @@ def run_finetune(recipe: Recipe, model: ModelSource, data: DataSource, tc: Train
     train, test, names, info = load_data(data, size, cfg.in_chans, t)
     params, cfg = adapt(params, cfg, img_size=size, num_classes=len(names),
                         resample=resample)  # as the weights' own library resamples
+    if recipe.lora is not None:  # PEFT's init: A Kaiming-uniform, B zero (the model starts unchanged)
+        params, cfg = add_adapters(params, cfg, recipe.lora, seed=model.seed)
     out_meta = dict(info, class_names=list(names), mean=list(t.mean), std=list(t.std), eval_transform=t.to_dict(),
                     mode=recipe.mode, run_args=saved_args,
                     source_weights=str(model.weights) if model.weights else f"random init ({model.preset})",
@@ -91,6 +97,20 @@ def run_finetune(recipe: Recipe, model: ModelSource, data: DataSource, tc: Train
         summary["images_decoded"] = train.decoded + test.decoded
         summary["unreadable_files"] = train.warn.count  # every file named in a warning, once
     return summary, cfg
+
+
+def continued_adapter(folder, params, cfg):
+    """(params, cfg) of the base with a PEFT adapter folder's adapters, to train on; its notes said in a line
+    each, and a dropout it names is said not to apply (the model trains its adapters merged into their weights)."""
+    params, cfg, notes = apply_adapter(folder, params, cfg)
+    if cfg.lora.dropout:  # the model runs each adapter merged into its linear: no dropout on the branch
+        notes.append(f"its lora_dropout {cfg.lora.dropout} does not apply: tinyvit trains adapters without "
+                     "dropout (not implemented yet), and this run's files say lora_dropout 0")
+        cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, dropout=0.0))
+    if world().lead:
+        for n in notes:
+            print(f"note: --adapter {folder}: {n}", file=sys.stderr)
+    return params, cfg
 
 
 def run_partial(params, cfg, tc, xp, train, test, meta, recipe: Recipe, run: RunOptions):

@@ -15,7 +15,8 @@ from ..errors import TinyViTError, describe_os_error
 from ..io.checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
 from ..io.files import atomic_write, prepare_out_dir
 from ..nn.layers import cross_entropy_backward, cross_entropy_forward
-from ..nn.model import head_backward, vit_backward, vit_forward
+from ..nn.lora import trainable_names as lora_trainable
+from ..nn.model import head_backward, param_stage, vit_backward, vit_forward
 from ..nn.partial import tail_backward, tail_forward
 from ..progress import Progress
 from .config import TrainConfig
@@ -94,7 +95,7 @@ class _Run:
         self.quiet = quiet or not w.lead  # only rank 0 prints, logs and writes files
         self.files = _RunFiles(out_dir, active=w.lead)
         self.opt = tc.make_optimizer(list(params), cfg.depth)
-        self.trainable = trainable_names(params, tc.freeze)  # None: every param trains
+        self.trainable = trainable_names(params, tc.freeze, _adapted_run(params, cfg, tc))  # None: all train
         self.rng = np.random.default_rng(tc.seed)  # dropout; its state travels in the checkpoint
         self.epoch, self.batch, self.step, self.history, ema = 0, 0, 0, [], None
         self.saved_tally = None  # mid-epoch resume: the interrupted epoch's tally so far
@@ -220,7 +221,15 @@ class _Run:
                 "epochs": self.epoch, "steps": self.step, "steps_run": self.ran_steps, "train_seconds": seconds,
                 "images_per_second": self.images_seen / self.train_time if self.train_time > 0 else 0.0,
                 "checkpoint": str(final if done else self.files.ckpt), "stopped_early": not done, "params": weights,
-                "already_finished": self.finished}
+                "already_finished": self.finished, "trained_params": self.trained_count()}
+
+    def trained_count(self) -> int:
+        """How many numbers the optimizer trains (the head's alone in head epochs not counted apart)."""
+        start = _start(self.cfg, self.tc)
+        names = [k for k in self.params if self.trainable is None or k in self.trainable]
+        if start:  # partial: the blocks from start on, the final norm, the pooling and the head
+            names = [k for k in names if param_stage(k, self.cfg.depth) >= start]
+        return int(sum(self.params[k].size for k in names))
 
 
 class _RunFiles:
@@ -310,6 +319,14 @@ class _Tally:
         self.loss_sum, self.correct, self.seen = state["loss_sum"], state["correct"], state["seen"]
         self.t0 -= state["seconds"]
         return state["seconds"]
+
+
+def _adapted_run(params, cfg, tc):
+    """What may train in a run with adapters or --bias all: the adapters, the head(s) and (bias "all") every
+    bias (tinyvit.nn.lora.trainable_names); None (everything) otherwise."""
+    if cfg.lora is None and tc.bias == "none":
+        return None
+    return lora_trainable(params, tc.bias)
 
 
 def _start(cfg, tc):

@@ -41,19 +41,23 @@ def layer_decay_scales(names, depth: int, decay: float) -> dict:
     return {n: float(decay) ** (depth + 1 - layer(n)) for n in names}
 
 
-def trainable_names(names, freeze):
+def trainable_names(names, freeze, only=None):
     """The params that train when those matching any of the shell patterns in freeze (fnmatch over timm's
-    names, e.g. 'patch_embed.*', 'blocks.[0-5].*') stay frozen: a frozenset, or None (all) without patterns."""
-    if not freeze:
+    names, e.g. 'patch_embed.*', 'blocks.[0-5].*') stay frozen, among `only` (None: every name; LoRA's
+    adapters and head, tinyvit.nn.lora.trainable_names): a frozenset, or None (all) when nothing is frozen."""
+    if not freeze and only is None:
         return None
     names = list(names)
+    if not freeze:
+        return frozenset(only)
     for pattern in freeze:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
             blocks = sorted({int(n.split(".")[1]) for n in names if n.startswith("blocks.")})
             some = ", ".join(["patch_embed.*", *(f"blocks.{i}.*" for i in blocks[:1] + blocks[-1:]), names[-1]])
             raise TinyViTError(f"--freeze {pattern!r} matches no parameter of the model (timm's names: {some}; "
                                f"{len(blocks)} blocks)")
-    trained = frozenset(n for n in names if not any(fnmatch.fnmatchcase(n, p) for p in freeze))
+    allowed = set(names if only is None else only)
+    trained = frozenset(n for n in names if n in allowed and not any(fnmatch.fnmatchcase(n, p) for p in freeze))
     if not trained:
         raise TinyViTError(f"--freeze {','.join(freeze)} freezes every parameter: nothing would train")
     return trained

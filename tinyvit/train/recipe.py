@@ -4,6 +4,8 @@ The data it reads: tinyvit.data.datasets.DataSource; the optimisation: tinyvit.t
 from dataclasses import dataclass
 from typing import Optional
 
+from ..nn.lora import LoraConfig
+
 MODES = ("head", "partial", "full", "progressive")
 CACHE_DTYPES = ("float16", "float32")
 
@@ -17,7 +19,8 @@ class Recipe:
     train_blocks: int = 0  # partial mode: how many of the last blocks train
     freeze: tuple[str, ...] = ()  # shell patterns over timm's names of parameters that do not train
     grad_checkpointing: bool = False  # keep each block's input only; recompute the block in the backward
-    adapters: tuple[str, ...] = ()  # adapter layers (e.g. LoRA) added to the model, by name
+    lora: Optional[LoraConfig] = None  # fresh LoRA/DoRA adapters on the blocks' linears (tinyvit.nn.lora)
+    adapter: Optional[str] = None  # a PEFT adapter folder whose adapters continue training
     drop_path: float = 0.0  # stochastic depth rate of the blocks that train
     feature_batch: int = 64  # head and partial mode: images per pass of the frozen part
     cache_dir: Optional[str] = None  # head and partial mode: the feature/token cache's folder
