@@ -31,6 +31,7 @@ class TrainConfig:
     # only the last N blocks, the final norm, the pooling and the head run and train; 0 = the whole model
     freeze: tuple = ()  # shell patterns over the params' names that stay frozen (optim.trainable_names)
     grad_checkpointing: bool = False  # keep each block's input alone, run the block again in the backward
+    precision: str = "float32"  # float32 | bf16: the linears' GEMMs in bfloat16 (tinyvit.nn.config.ViTConfig.precision)
 
     def __post_init__(self):
         if not isinstance(self.freeze, (list, tuple)) or not all(isinstance(p, str) for p in self.freeze):
