@@ -179,6 +179,28 @@ def test_vit_logits_and_every_gradient_against_autocast(mkl):
     assert rel_err(infer_logits, f32) > 2e-4  # it rounded
 
 
+def test_every_linear_runs_in_bf16(mkl, monkeypatch):
+    """Each linear's GEMMs go through gemm_bf16: forward (training and inference), backward's dx and dW."""
+    calls, real = [], layers.gemm_bf16
+
+    def spy(a, b, transa=False, transb=False, allow_slow=None):
+        calls.append(a.shape)
+        return real(a, b, transa, transb, allow_slow)
+
+    monkeypatch.setattr(layers, "gemm_bf16", spy)
+    monkeypatch.setenv("TINYVIT_SHARDS", "1")
+    params, images, dlogits = _model_case(CFG, B=4)
+    linears = 2 + 4 * CFG.depth  # the patch embedding, each block's qkv, proj, fc1 and fc2, the head
+    logits, cache = vit_forward(params, images, CFG, train=True, rng=np.random.default_rng(0))
+    assert len(calls) == linears
+    calls.clear()
+    vit_backward(dlogits, cache)
+    assert len(calls) == 2 * linears - 1  # dx and dW of each, but no dx of the images
+    calls.clear()
+    vit_forward(params, images, CFG, keep_cache=False)
+    assert len(calls) == linears
+
+
 def test_vit_bf16_is_as_close_to_float64_as_autocast(mkl):
     """Against the float64 model, tinyvit's bf16 errs no more than torch's autocast does (it rounds less)."""
     params, images, dlogits = _model_case(CFG, seed=3)
