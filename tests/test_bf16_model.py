@@ -201,6 +201,14 @@ def test_every_linear_runs_in_bf16(mkl, monkeypatch):
     assert len(calls) == linears
 
 
+def test_grad_checkpointing_recomputes_in_bf16(mkl):
+    """The blocks run again in the backward in the same precision: the same gradients, bit for bit."""
+    params, images, dlogits = _model_case(CFG, B=4)
+    plain = vit_backward(dlogits, vit_forward(params, images, CFG)[1])
+    again = vit_backward(dlogits, vit_forward(params, images, CFG, grad_checkpointing=True)[1])
+    assert all(np.array_equal(plain[k], again[k]) for k in plain)
+
+
 def test_vit_bf16_is_as_close_to_float64_as_autocast(mkl):
     """Against the float64 model, tinyvit's bf16 errs no more than torch's autocast does (it rounds less)."""
     params, images, dlogits = _model_case(CFG, seed=3)

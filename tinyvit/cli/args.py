@@ -108,9 +108,14 @@ RUN_ONLY = frozenset({"resume", "out", "overwrite", "quiet", "json", "time_limit
                       "data_dir", "workers", "feature_batch", "cache_dir", "grad_checkpointing"})
 
 
+# flags saved in the checkpoint's train config alone (resume_args reads them there): run_args stays what
+# the runs before them saved, the shipped MNIST model's among them
+TRAIN_CONFIG_ONLY = frozenset({"precision"})
+
+
 def run_args(args) -> dict:
     """The flags that define a run, as saved in its checkpoints so --resume can restore them."""
-    return {k: v for k, v in vars(args).items() if k not in RUN_ONLY}
+    return {k: v for k, v in vars(args).items() if k not in RUN_ONLY | TRAIN_CONFIG_ONLY}
 
 
 def _flag(name):
