@@ -295,3 +295,19 @@ def test_precision_flag_is_saved_and_resumed(mkl, tmp_path):
     assert s["epochs"] == 1 and resumed.precision == "bf16"
     with pytest.raises(TinyViTError, match="--precision float32 differs from the saved run's 'bf16'"):
         train_mnist.parse_args(["--resume", str(tmp_path / "run" / "checkpoint.npz"), "--precision", "float32"])
+
+
+def test_head_mode_trains_its_head_in_bf16(mkl, monkeypatch):
+    """finetune.py --mode head: the cached features come from float32, the head trains in the run's precision."""
+    from tinyvit.train.finetune import train_head
+
+    calls, real = [], layers.gemm_bf16
+    monkeypatch.setattr(layers, "gemm_bf16", lambda *a, **k: calls.append(1) or real(*a, **k))
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 96)
+    f = (rng.standard_normal((96, 16)) + 2 * np.eye(3, 16)[y]).astype(np.float32)  # separable by class
+    head = {"head.weight": np.zeros((3, 16), np.float32), "head.bias": np.zeros(3, np.float32)}
+    cfg = preset("mnist", dim=16, heads=2, num_classes=3)
+    tc = TrainConfig(epochs=3, batch_size=32, lr=0.05, warmup_epochs=0, precision="bf16")
+    _, acc, _ = train_head(f, y, f, y, head, cfg, tc, np, True)
+    assert acc > 0.8 and len(calls) == 3 * 3 * 2 + 3  # forward and dW per step, one forward per epoch's test
