@@ -32,3 +32,21 @@ def test_json_carries_the_hardware():
     assert isinstance(hw["bf16_gemm"], str) and out["cases"][0]["train_step"]["tinyvit_ms"] > 0
     if features.blas_libraries() is not None:
         assert hw["blas"][0]["numpy"] and hw["blas"][0]["architecture"] == out["cases"][0]["blas"][0]["architecture"]
+
+
+def test_bf16_races_torch_autocast():
+    """--precision bf16 --vs-torch: tinyvit's linears in bf16 against torch under autocast (any CPU: the
+    override), the bf16 GEMM's peak beside float32's; refused in one line with --dtype float64."""
+    from tinyvit.cpu import bf16
+
+    if bf16.library() is None:
+        pytest.skip("oneMKL not installed: pip install mkl (or pip install -e \".[mkl]\"); CI installs it")
+    r = run_script("benchmark.py", *TINY, "--precision", "bf16", "--vs-torch", "--json",
+                   extra_env={bf16.ANY_CPU_ENV: "1"})
+    assert r.returncode == 0, r.stderr
+    case = json.loads(r.stdout.strip().splitlines()[-1])["cases"][0]
+    assert case["precision"] == "bf16" and case["bf16_matmul_peak_gflops"] > 0
+    assert case["torch_bf16_matmul_peak_gflops"] > 0 and case["train_step"]["torch_ms"] > 0
+    r = run_script("benchmark.py", *TINY, "--precision", "bf16", "--dtype", "float64")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: --precision bf16 times float32 models' steps: not with --memory, --freeze or --dtype float64"]

@@ -45,6 +45,7 @@ COLLECTED_SCRIPTS = ["torch_vit.py"]
 
 # test files not named after one tinyvit module or script, and what they cover instead
 CROSS_CUTTING = {
+    "test_bf16_model": "--precision bf16 through nn's layers and model, train's fit and the flag, against torch's autocast",
     "test_convert_families": "io.convert and io.families on the files timm writes for each family",
     "test_cupy_scripts": "every script with --backend cupy, end to end",
     "test_docs": "README, docs/ and the scripts' --help against the checkout: paths, modules, links, --json",

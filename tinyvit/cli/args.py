@@ -45,7 +45,17 @@ TRAIN_FLAGS = {  # TrainConfig field -> (argparse keywords, help text)
     "layer_decay": (dict(type=float), "layer-wise lr decay: the head at the base lr, each earlier block times "
                                       "this, the embeddings last (e.g. 0.75, as BEiT, MAE and DINOv2 fine-tune); 0 = off"),
     "seed": (dict(type=int), "seed for init, data order, augmentation, dropout"),
+    "precision": (dict(choices=["float32", "bf16"]), "bf16: the linears' matrix products in bfloat16 with float32 "
+                  "sums, the rest (weights, optimizer state, norms, softmax, GELU, loss) in float32 (NumPy only; "
+                  "needs oneMKL: pip install -e \".[mkl]\"; refused where it would not pay, on a CPU without "
+                  "AVX512-BF16 or AMX or oneMKL on AMD, unless TINYVIT_BF16_ANY_CPU=1); --resume keeps it"),
 }
+
+
+def add_precision_arg(ap):
+    """--precision for a script that runs a model without training it (the training scripts' is a TRAIN_FLAGS)."""
+    ap.add_argument("--precision", choices=["float32", "bf16"], default="float32",
+                    help=TRAIN_FLAGS["precision"][1].replace("; --resume keeps it", "") + " (default float32)")
 
 
 def add_train_args(ap, defaults):
@@ -98,9 +108,14 @@ RUN_ONLY = frozenset({"resume", "out", "overwrite", "quiet", "json", "time_limit
                       "data_dir", "workers", "feature_batch", "cache_dir", "grad_checkpointing"})
 
 
+# flags saved in the checkpoint's train config alone (resume_args reads them there): run_args stays what
+# the runs before them saved, the shipped MNIST model's among them
+TRAIN_CONFIG_ONLY = frozenset({"precision"})
+
+
 def run_args(args) -> dict:
     """The flags that define a run, as saved in its checkpoints so --resume can restore them."""
-    return {k: v for k, v in vars(args).items() if k not in RUN_ONLY}
+    return {k: v for k, v in vars(args).items() if k not in RUN_ONLY | TRAIN_CONFIG_ONLY}
 
 
 def _flag(name):

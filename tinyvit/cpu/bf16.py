@@ -149,12 +149,22 @@ def require(allow_slow=None):
     gemm = library()
     if gemm is None:
         raise TinyViTError(f"bf16 GEMMs need oneMKL: {INSTALL}; NumPy's OpenBLAS has no sbgemm. Or use float32")
-    why = slow(gemm)
-    if why and not _allowed(allow_slow):
+    why = None if _allowed(allow_slow) else slow(gemm)  # allowed: no /proc/cpuinfo read per GEMM
+    if why:
         why = why[1]
         raise TinyViTError(f"{why}: use float32 (oneMKL's bf16 pays on Intel CPUs with AVX512-BF16 or AMX: Cooper "
                            f"Lake, Sapphire Rapids and later), or set {ANY_CPU_ENV}=1 to run bf16 anyway")
     return gemm
+
+
+def check_precision(precision, xp=np):
+    """Refuse precision 'bf16' in one line where it cannot run (CuPy, no library) or would not pay (require()'s
+    CPU check, TINYVIT_BF16_ANY_CPU=1 to run it anyway); 'float32' always passes."""
+    if precision != "bf16":
+        return
+    if xp is not np:
+        raise TinyViTError("precision bf16 runs on NumPy (CPU) only: use float32 on CuPy")
+    require()
 
 
 def describe():

@@ -11,11 +11,13 @@ Array = Any  # a NumPy or CuPy array
 
 
 class LinearCache(NamedTuple):
-    """linear_forward: its input, its weight and whether it added a bias."""
+    """linear_forward: its input, its weight, whether it added a bias, and w's bf16 bits where its GEMMs
+    ran in bfloat16 (None: float32)."""
 
     x: Array  # (..., in)
     w: Array  # (out, in)
     has_b: bool
+    w16: Optional[Array] = None  # (out, in) uint16
 
 
 class LayerNormCache(NamedTuple):
@@ -54,6 +56,7 @@ class GeluLinearCache(NamedTuple):
     mask: Optional[Array]
     w: Array  # (out, in)
     has_b: bool
+    w16: Optional[Array] = None  # w's bf16 bits (bfloat16 GEMMs), or None
 
 
 class AttentionHeadsCache(NamedTuple):

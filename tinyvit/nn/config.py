@@ -1,7 +1,7 @@
 """The ViT's config (timm's VisionTransformer arguments), named presets, parameter shapes and init."""
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -9,6 +9,7 @@ import numpy as np
 from ..errors import TinyViTError
 from .lora import LoraConfig, adapter_shapes, init_adapters
 
+PRECISIONS = ("float32", "bf16")  # bf16: the linears' GEMMs in bfloat16 with float32 sums (NumPy on CPU)
 GELUS = ("erf", "tanh", "quick")  # exact, torch's tanh form, CLIP's x * sigmoid(1.702 x)
 POOLS = ("token", "avg", "map", "token_avg")  # token_avg: the class token beside the patch mean (DINOv2's probe)
 
@@ -42,12 +43,17 @@ class ViTConfig:
     drop_path: float = 0.0  # stochastic depth, rising linearly to this over the blocks (timm's drop_path_rate)
     lora: Optional[LoraConfig] = None  # LoRA/DoRA adapters on the blocks' linears (tinyvit.nn.lora)
     dynamic_img_size: bool = False  # any H x W multiple of the patch: pos_embed resampled in the forward (timm's)
+    # how it runs, not what the model is: not compared, not saved (to_dict); a training run keeps its own
+    # in its TrainConfig. One of PRECISIONS
+    precision: str = field(default="float32", compare=False)
 
     def __post_init__(self):
         if self.img_size % self.patch_size:
             raise TinyViTError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
         if self.dim % self.heads:
             raise TinyViTError(f"dim {self.dim} is not divisible by heads {self.heads}")
+        if self.precision not in PRECISIONS:
+            raise TinyViTError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.gelu not in GELUS:
             raise TinyViTError(f"gelu must be one of {', '.join(GELUS)}, got {self.gelu!r}")
         if self.global_pool not in POOLS:
@@ -98,8 +104,8 @@ class ViTConfig:
         return [float(r) for r in np.linspace(0.0, self.drop_path, self.depth)] if self.depth else []
 
     def to_dict(self) -> dict:
-        """Plain dict, for JSON metadata (lora only when the model has adapters)."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        """Plain dict, for JSON metadata (lora only when the model has adapters; no precision: how it runs)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "precision"}
         if self.lora is None:
             del d["lora"]
         else:

@@ -8,6 +8,7 @@ are re-exported here.
 import numpy as np
 
 from ..backend import get_array_module
+from ..cpu.bf16 import gemm_bf16, to_bf16
 from ..cpu.threads import row_chunks
 from . import kernels
 from .activations import (  # noqa: F401  (re-exported: layers is the one place to find every layer)
@@ -34,13 +35,22 @@ from .special import colsum, rowsum  # noqa: F401  (colsum re-exported)
 # --- linear -----------------------------------------------------------------------------------
 
 
-def linear_forward(x, w, b=None):
-    """y = x @ w.T + b for x (..., in), w (out, in) in torch layout, b (out,) (plain form: reference.linear_forward)."""
-    # one 2-D GEMM: NumPy runs a 3-D @ 2-D product as many small, much slower ones
-    out = x.reshape(-1, x.shape[-1]) @ w.T  # (M, out)
+def linear_forward(x, w, b=None, bf16=False):
+    """y = x @ w.T + b for x (..., in), w (out, in) in torch layout, b (out,) (plain form: reference.linear_forward).
+
+    bf16 (NumPy): this GEMM and backward's in bfloat16 with float32 sums (tinyvit.cpu.bf16; the caller has
+    checked the CPU with its require()), w rounded here (True) or given as its bf16 bits (to_bf16(w), made
+    once for many calls); bias, output and gradients stay float32, as under torch's CPU autocast."""
+    x2 = x.reshape(-1, x.shape[-1])  # one 2-D GEMM: NumPy runs a 3-D @ 2-D product as many small, slower ones
+    w16 = None
+    if isinstance(bf16, np.ndarray) or bf16:
+        w16 = bf16 if isinstance(bf16, np.ndarray) else to_bf16(w)
+        out = gemm_bf16(x2, w16, transb=True, allow_slow=True)  # (M, out)
+    else:
+        out = x2 @ w.T  # (M, out)
     if b is not None:
         out += b
-    return out.reshape(x.shape[:-1] + (w.shape[0],)), LinearCache(x, w, b is not None)
+    return out.reshape(x.shape[:-1] + (w.shape[0],)), LinearCache(x, w, b is not None, w16)
 
 
 def linear_backward(dout, cache, need_dx=True, need_dw=True):
@@ -50,10 +60,16 @@ def linear_backward(dout, cache, need_dx=True, need_dw=True):
     d_out = dout.shape[-1]
     dout2 = dout.reshape(-1, d_out)  # (M, out)
     dw = db = None
+    w16 = cache.w16  # bf16 GEMMs: dout rounded once for both
+    d16 = to_bf16(dout2) if w16 is not None and (need_dw or need_dx) else None
     if need_dw:
-        dw = dout2.T @ x.reshape(-1, x.shape[-1])  # (out, in)
+        x2 = x.reshape(-1, x.shape[-1])
+        dw = dout2.T @ x2 if w16 is None else gemm_bf16(d16, x2, transa=True, allow_slow=True)  # (out, in)
         db = colsum(dout2) if cache.has_b else None
-    dx = (dout2 @ cache.w).reshape(dout.shape[:-1] + cache.w.shape[1:]) if need_dx else None  # (..., in)
+    dx = None
+    if need_dx:
+        dx = dout2 @ cache.w if w16 is None else gemm_bf16(d16, w16, allow_slow=True)
+        dx = dx.reshape(dout.shape[:-1] + cache.w.shape[1:])  # (..., in)
     return dx, dw, db
 
 
@@ -152,8 +168,9 @@ def layernorm_backward(dout, cache, need_dx=True, need_dw=True):
     return dx, dw, db
 
 
-def layernorm_linear_forward(x, ln_w, ln_b, w, b, eps=1e-5):
-    """linear(layernorm(x)), with the norm's affine folded into the linear when that is cheaper.
+def layernorm_linear_forward(x, ln_w, ln_b, w, b, eps=1e-5, bf16=False):
+    """linear(layernorm(x)), with the norm's affine folded into the linear when that is cheaper
+    (bf16: the linear's GEMMs in bfloat16, as linear_forward; the norm in float32).
 
     (xhat * g + beta) @ w.T + b = xhat @ (w * g).T + (w @ beta + b). Folded, xhat feeds the GEMM
     directly: two passes over x fewer forward and about four backward, for about five passes over
@@ -162,11 +179,11 @@ def layernorm_linear_forward(x, ln_w, ln_b, w, b, eps=1e-5):
     fold = w.shape[0] < x.size // x.shape[-1]
     if not fold:
         y, c_ln = layernorm_forward(x, ln_w, ln_b, eps)
-        out, c_lin = linear_forward(y, w, b)
+        out, c_lin = linear_forward(y, w, b, bool(bf16))
         return out, LayerNormLinearCache(c_ln, c_lin, fold)
     xhat, c_ln = layernorm_forward(x, None, None, eps)
     b_fold = w @ ln_b if b is None else w @ ln_b + b  # (out,)
-    out, c_lin = linear_forward(xhat, w * ln_w, b_fold)  # w * ln_w scales column i by g_i
+    out, c_lin = linear_forward(xhat, w * ln_w, b_fold, bool(bf16))  # w * ln_w scales column i by g_i
     return out, LayerNormLinearCache(c_ln, c_lin, fold, w, ln_w, ln_b, b is not None)
 
 
@@ -196,15 +213,16 @@ def layernorm_linear_backward(dout, cache, need_dx=True, need_dw=True, need_ln_d
     return dx, d_ln_w, d_ln_b, dw, db
 
 
-def gelu_linear_forward(x, w, b=None, kind="erf", p_drop=0.0, rng=None, train=True):
+def gelu_linear_forward(x, w, b=None, kind="erf", p_drop=0.0, rng=None, train=True, bf16=False):
     """linear(dropout(gelu(x))), the MLP's second half, caching x and GELU's factor c (gelu = x c)
     instead of the linear's input: backward remakes that input in one pass, so the forward keeps
-    two fc1-sized arrays, as a GELU that stored its derivative would, without computing it.
+    two fc1-sized arrays, as a GELU that stored its derivative would, without computing it (bf16: the
+    linear's GEMMs in bfloat16, as linear_forward; GELU in float32).
     Plain form (no dropout): reference.gelu_forward, then reference.linear_forward."""
     y, c_g = gelu_forward(x, kind)
     y, mask = dropout_forward(y, p_drop, rng, train)
-    out, c_lin = linear_forward(y, w, b)
-    return out, GeluLinearCache(c_g, mask, c_lin.w, c_lin.has_b)  # y is freed here
+    out, c_lin = linear_forward(y, w, b, bf16)
+    return out, GeluLinearCache(c_g, mask, c_lin.w, c_lin.has_b, c_lin.w16)  # y is freed here
 
 
 def gelu_linear_backward(dout, cache, need_dx=True, need_dw=True):
@@ -216,7 +234,7 @@ def gelu_linear_backward(dout, cache, need_dx=True, need_dw=True):
         y = cache.gelu.x * cache.gelu.c  # the GELU output again
         if cache.mask is not None:
             y *= cache.mask  # and its dropout
-    dy, dw, db = linear_backward(dout, LinearCache(y, cache.w, cache.has_b), need_dx, need_dw)
+    dy, dw, db = linear_backward(dout, LinearCache(y, cache.w, cache.has_b, cache.w16), need_dx, need_dw)
     del y
     if not need_dx:
         return None, dw, db
@@ -254,11 +272,11 @@ def _finite_total(x):
     return bool(get_array_module(x).isfinite(rowsum(x.reshape(-1, x.shape[-1])).sum()))
 
 
-def attention_forward(x, w_qkv, b_qkv, w_proj, b_proj, heads, attn_drop=0.0, rng=None, train=False):
+def attention_forward(x, w_qkv, b_qkv, w_proj, b_proj, heads, attn_drop=0.0, rng=None, train=False, bf16=False):
     """Multi-head self-attention with fused qkv on x (B, N, C), as timm's Attention (tests only: the model
     runs layernorm_linear_forward, then attention_heads_forward); plain form: reference.attention_forward."""
-    qkv, c_qkv = linear_forward(x, w_qkv, b_qkv)  # (B, N, 3C)
-    out, c_heads = attention_heads_forward(qkv, w_proj, b_proj, heads, attn_drop, rng, train)
+    qkv, c_qkv = linear_forward(x, w_qkv, b_qkv, bf16)  # (B, N, 3C)
+    out, c_heads = attention_heads_forward(qkv, w_proj, b_proj, heads, attn_drop, rng, train, bf16=bf16)
     return out, AttentionCache(c_qkv, c_heads)
 
 
@@ -270,8 +288,10 @@ def attention_backward(dout, cache, need_dx=True):
     return dx, dw_qkv, db_qkv, dw_proj, db_proj
 
 
-def attention_heads_forward(qkv, w_proj, b_proj, heads, attn_drop=0.0, rng=None, train=False, queries=None):
-    """Attention after the qkv linear: softmax(q k^T / sqrt(D)) v per head, then the projection.
+def attention_heads_forward(qkv, w_proj, b_proj, heads, attn_drop=0.0, rng=None, train=False, queries=None,
+                            bf16=False):
+    """Attention after the qkv linear: softmax(q k^T / sqrt(D)) v per head, then the projection (bf16:
+    its GEMMs in bfloat16, as linear_forward; q k^T and p v stay float32).
 
     queries=n computes the output of the first n tokens only (B, n, C), attending over all N: the
     last block needs just the class token's. Plain form: reference.attention_forward after its qkv linear."""
@@ -299,7 +319,7 @@ def attention_heads_forward(qkv, w_proj, b_proj, heads, attn_drop=0.0, rng=None,
         xp.matmul(e_d, v, out=ov)
     del s
     o *= r.transpose(0, 2, 1, 3)  # normalise n x D rows, not n x N ones; in o's memory order
-    out, c_proj = linear_forward(o.reshape(B, n, heads * D), w_proj, b_proj)  # (B, n, C)
+    out, c_proj = linear_forward(o.reshape(B, n, heads * D), w_proj, b_proj, bf16)  # (B, n, C)
     return out, AttentionHeadsCache(q, k, v, e, r, e_d, mask, c_proj, scale)
 
 
@@ -340,15 +360,15 @@ def attention_heads_backward(dout, cache, need_dx=True, need_dw=True):
 # --- patch embedding --------------------------------------------------------------------------
 
 
-def patch_embed_forward(x, w, b):
-    """Conv2d(kernel = stride = P) on x (B, Cin, H, W) as reshape + matmul -> (B, N, C); plain form:
-    reference.patch_embed_forward."""
+def patch_embed_forward(x, w, b, bf16=False):
+    """Conv2d(kernel = stride = P) on x (B, Cin, H, W) as reshape + matmul -> (B, N, C) (bf16: in bfloat16,
+    as linear_forward); plain form: reference.patch_embed_forward."""
     B, Cin, H, W = x.shape
     C, _, P, _ = w.shape
     hp, wp = H // P, W // P
     patches = x.reshape(B, Cin, hp, P, wp, P).transpose(0, 2, 4, 1, 3, 5)  # (B, hp, wp, Cin, P, P)
     patches = patches.reshape(B, hp * wp, Cin * P * P)  # (B, N, Cin*P*P), rows in conv-weight order
-    out, c_lin = linear_forward(patches, w.reshape(C, Cin * P * P), b)  # (B, N, C)
+    out, c_lin = linear_forward(patches, w.reshape(C, Cin * P * P), b, bf16)  # (B, N, C)
     return out, PatchEmbedCache(c_lin, x.shape, w.shape)
 
 

@@ -5,6 +5,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..backend import get_array_module
+from ..cpu.bf16 import check_precision
 from ..cpu.threads import batch_shards, in_place_blocks, run_shards
 from ..errors import TinyViTError
 from .branch import drop_path_backward, drop_path_forward
@@ -74,25 +75,28 @@ def _block_forward(params, prefix, x, cfg, train, rng, keep_cache=True, queries=
     branch ends in drop path at this rate. queries=n returns the first n tokens alone (B, n, C): every
     token still feeds attention's keys and values, but nothing after the attention is computed for the
     other tokens. Adapters (cfg.lora) act through their linears' weights (tinyvit.nn.lora.adapted_block).
+    cfg.precision 'bf16' runs the linears' GEMMs in bfloat16 (tinyvit.nn.layers.linear_forward).
     Plain form: reference.block_forward."""
     params, c_lora = adapted_block(params, prefix, cfg.lora, train)
+    bf16 = cfg.precision == "bf16"
     qkv, c_n1 = layernorm_linear_forward(x, params[prefix + "norm1.weight"], params[prefix + "norm1.bias"],
                                          params[prefix + "attn.qkv.weight"], params.get(prefix + "attn.qkv.bias"),
-                                         cfg.ln_eps)
+                                         cfg.ln_eps, bf16)
     w, b, f1 = _folded(params, prefix, "attn.proj", "ls1.gamma")
-    h, c_at = attention_heads_forward(qkv, w, b, cfg.heads, cfg.attn_dropout, rng, train, queries)
+    h, c_at = attention_heads_forward(qkv, w, b, cfg.heads, cfg.attn_dropout, rng, train, queries, bf16)
     del qkv
     h, c_d1 = dropout_forward(h, cfg.dropout, rng, train)
     h, c_dp1 = drop_path_forward(h, drop_path, rng, train)
     x = x[:, :h.shape[1]] + h  # (B, n, C)
     h, c_f1 = layernorm_linear_forward(x, params[prefix + "norm2.weight"], params[prefix + "norm2.bias"],
-                                       params[prefix + "mlp.fc1.weight"], params[prefix + "mlp.fc1.bias"], cfg.ln_eps)
+                                       params[prefix + "mlp.fc1.weight"], params[prefix + "mlp.fc1.bias"], cfg.ln_eps,
+                                       bf16)
     w2, b2, f2 = _folded(params, prefix, "mlp.fc2", "ls2.gamma")
     if keep_cache:  # fc2(dropout(gelu(h))), caching fc1's output and GELU's factor
-        h, c_f2 = gelu_linear_forward(h, w2, b2, cfg.gelu, cfg.dropout, rng, train)
+        h, c_f2 = gelu_linear_forward(h, w2, b2, cfg.gelu, cfg.dropout, rng, train, bf16)
     else:  # inference: GELU in place on fc1's output, nothing kept
         h, _ = dropout_forward(gelu_inplace(h, cfg.gelu), cfg.dropout, rng, train)
-        h, c_f2 = linear_forward(h, w2, b2)
+        h, c_f2 = linear_forward(h, w2, b2, bf16)
     h, c_d3 = dropout_forward(h, cfg.dropout, rng, train)
     h, c_dp2 = drop_path_forward(h, drop_path, rng, train)
     x += h  # x is our own buffer here (x + h above), so in place is safe
@@ -103,17 +107,18 @@ def _block_infer(params, prefix, x, cfg, queries=None):
     """_block_forward at inference on NumPy, nothing cached: attention and the MLP run a cache-sized
     block at a time (tinyvit.nn.infer). Same math; plain form: reference.block_forward."""
     params, _ = adapted_block(params, prefix, cfg.lora)
+    bf16 = cfg.precision == "bf16"
     qkv = ln_linear_infer(x, params[prefix + "norm1.weight"], params[prefix + "norm1.bias"],
                           params[prefix + "attn.qkv.weight"], params.get(prefix + "attn.qkv.bias"), cfg.ln_eps,
-                          q_scale=(cfg.dim // cfg.heads) ** -0.5)
+                          q_scale=(cfg.dim // cfg.heads) ** -0.5, bf16=bf16)
     w, b, _ = _folded(params, prefix, "attn.proj", "ls1.gamma")
-    h = attention_infer(qkv, w, b, cfg.heads, queries)
+    h = attention_infer(qkv, w, b, cfg.heads, queries, bf16)
     del qkv
     x = x[:, :h.shape[1]] + h  # (B, n, C), our own buffer: the MLP adds into it in place
     w2, b2, _ = _folded(params, prefix, "mlp.fc2", "ls2.gamma")
     return mlp_residual_infer(x, params[prefix + "norm2.weight"], params[prefix + "norm2.bias"],
                               params[prefix + "mlp.fc1.weight"], params[prefix + "mlp.fc1.bias"], w2, b2,
-                              cfg.gelu, cfg.ln_eps)
+                              cfg.gelu, cfg.ln_eps, bf16)
 
 
 def _put(grads, name, g):
@@ -198,7 +203,8 @@ def _embed_forward(params, images, cfg, train, rng):
     """Patch embedding, the prefix tokens, the position embedding (over every token, or the patches
     alone: no_embed_class), dropout and norm_pre: the blocks' input (B, P+N, C)."""
     xp = get_array_module(params["pos_embed"])
-    x, c_pe = patch_embed_forward(images, params["patch_embed.proj.weight"], params.get("patch_embed.proj.bias"))
+    x, c_pe = patch_embed_forward(images, params["patch_embed.proj.weight"], params.get("patch_embed.proj.bias"),
+                                  cfg.precision == "bf16")
     B, N, C = x.shape
     names = _prefix_names(cfg)
     prefix = [xp.broadcast_to(params[n], (B, params[n].shape[1], C)) for n in names]
@@ -295,7 +301,9 @@ class _ShardedCache(NamedTuple):
 
 def _run_batch(fn, params, images, cfg, train):
     """(shards, outputs): fn on the checked images whole (shards None, one output), or fn on each
-    data-parallel shard (tinyvit.cpu.threads.batch_shards), one per core."""
+    data-parallel shard (tinyvit.cpu.threads.batch_shards), one per core. Precision bf16 is refused
+    (one line) where it cannot run or would not pay (tinyvit.cpu.bf16.check_precision)."""
+    check_precision(cfg.precision, get_array_module(params["pos_embed"]))
     images = _prepare_images(params, images, cfg)
     shards = None
     if not (train and (cfg.dropout or cfg.attn_dropout or cfg.drop_path)):  # one RNG stream, drawn in order

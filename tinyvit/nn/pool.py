@@ -148,12 +148,13 @@ def pool_backward(dfeats, cache, grads, want=None, need_dx=True):
 
 def head_forward(params, feats, cfg):
     """Logits (B, num_classes) from the features: the head, or for a distilled ViT the mean of the
-    class token's head and the distillation token's head_dist."""
+    class token's head and the distillation token's head_dist (in bfloat16 with cfg.precision 'bf16')."""
+    bf16 = cfg.precision == "bf16"
     if not cfg.distilled:
-        return linear_forward(feats, params["head.weight"], params["head.bias"])
+        return linear_forward(feats, params["head.weight"], params["head.bias"], bf16)
     C = cfg.dim
-    logits, c_h = linear_forward(feats[:, :C], params["head.weight"], params["head.bias"])
-    dist, c_d = linear_forward(feats[:, C:], params["head_dist.weight"], params["head_dist.bias"])
+    logits, c_h = linear_forward(feats[:, :C], params["head.weight"], params["head.bias"], bf16)
+    dist, c_d = linear_forward(feats[:, C:], params["head_dist.weight"], params["head_dist.bias"], bf16)
     logits += dist
     logits *= np.float32(0.5) if logits.dtype == np.float32 else 0.5
     return logits, DistilledHeadCache(c_h, c_d)

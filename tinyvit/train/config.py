@@ -32,6 +32,7 @@ class TrainConfig:
     freeze: tuple = ()  # shell patterns over the params' names that stay frozen (optim.trainable_names)
     grad_checkpointing: bool = False  # keep each block's input alone, run the block again in the backward
     bias: str = "none"  # "all": every bias trains beside the adapters and head (BitFit; alone without adapters)
+    precision: str = "float32"  # float32 | bf16: the linears' GEMMs in bfloat16 (tinyvit.nn.config.ViTConfig.precision)
 
     def __post_init__(self):
         if not isinstance(self.freeze, (list, tuple)) or not all(isinstance(p, str) for p in self.freeze):

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..backend import get_backend, to_device, to_numpy
+from ..cpu.bf16 import check_precision
 from ..data.datasets import DataSource, load_data
 from ..data.transform import eval_transform
 from ..errors import TinyViTError, describe_os_error
@@ -68,6 +69,7 @@ def run_finetune(recipe: Recipe, model: ModelSource, data: DataSource, tc: Train
                            "run it without mpirun, or use --mode full or progressive across ranks")
     prepare_out_dir(run.out)  # a wrong --out fails now, not after the feature pass or an epoch
     xp = get_backend(run.backend)
+    check_precision(tc.precision, xp)  # bf16 refused now, not after the feature pass
     params, cfg, meta, t = start_model(model, whole_images=data.data == "cifar10")
     if recipe.adapter:  # before the new head: a same-class adapter keeps its trained head (modules_to_save)
         params, cfg = continued_adapter(recipe.adapter, params, cfg)
@@ -174,7 +176,8 @@ def _head_of(params):
 
 def train_head(tr_f, tr_y, te_f, te_y, head, cfg, tc, xp, quiet):
     """Softmax regression on fixed features (the new head, or both heads of a distilled ViT) with the
-    run's optimizer and schedule -> (head, test accuracy, history: one record per epoch, as fit logs)."""
+    run's optimizer and schedule, in its precision -> (head, test accuracy, history: one record per epoch, as fit logs)."""
+    cfg = dataclasses.replace(cfg, precision=tc.precision)  # the features were made in float32 (cached for either)
     head = {k: xp.asarray(v) for k, v in head.items()}
     opt = tc.make_optimizer()
     n = len(tr_y)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..backend import get_array_module, to_device, to_numpy
+from ..cpu.bf16 import check_precision
 from ..data.batches import ArrayDataset, num_batches
 from ..errors import TinyViTError, describe_os_error
 from ..io.checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
@@ -91,7 +92,8 @@ class _Run:
 
     def __init__(self, params, cfg, tc, xp, n_train, out_dir, meta, resume, quiet):
         self.w = w = world()  # MPI ranks (tinyvit.train.dist); one process without a launcher
-        self.cfg, self.tc, self.xp = cfg, tc, xp
+        check_precision(tc.precision, xp)  # bf16 refused now where it cannot run, not at the first step
+        self.cfg, self.tc, self.xp = dataclasses.replace(cfg, precision=tc.precision), tc, xp
         self.quiet = quiet or not w.lead  # only rank 0 prints, logs and writes files
         self.files = _RunFiles(out_dir, active=w.lead)
         self.opt = tc.make_optimizer(list(params), cfg.depth)

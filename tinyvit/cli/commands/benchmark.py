@@ -4,12 +4,18 @@ Both run in one process on the same params, dtype, thread count and device, inte
 medians are compared as a ratio tinyvit/torch (below 1 means tinyvit is faster). PyTorch is only
 imported with --vs-torch or --memory: tinyvit itself never needs it.
 
+--precision bf16 runs tinyvit's linears in bfloat16 (oneMKL's GEMM) and, with --vs-torch, torch's model under
+torch.autocast('cpu', dtype=torch.bfloat16), e.g.
+
+  python scripts/benchmark.py --preset vit-b16 --batch 8 --precision bf16 --vs-torch
+
 --memory instead measures the peak resident memory of a train step, tinyvit and torch side by side,
 with and without gradient checkpointing, each case in a fresh process, e.g.
 
   python scripts/benchmark.py --memory --preset vit-b16 --batch 8,16,32 --fit-gib 8,16
 """
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -64,11 +70,18 @@ def matmul_peak(xp, dtype, n=2048, reps=5):
     return 2 * n ** 3 / median_time(lambda: a @ a, xp, reps) / 1e9
 
 
-def torch_matmul_peak(dtype, device, n=2048, reps=5):
-    """The same large matmul in torch: its BLAS (MKL/oneDNN on CPU) sets torch's ceiling."""
+def bf16_matmul_peak(n=2048, reps=5):
+    """GFLOP/s of one large square bf16 GEMM with float32 sums (tinyvit.cpu.bf16), its operand pre-rounded."""
+    a = bf16.to_bf16(np.random.default_rng(0).standard_normal((n, n)).astype(np.float32))
+    return 2 * n ** 3 / median_time(lambda: bf16.gemm_bf16(a, a), np, reps) / 1e9
+
+
+def torch_matmul_peak(dtype, device, n=2048, reps=5, bf16=False):
+    """The same large matmul in torch (in bfloat16 with bf16): its BLAS (MKL/oneDNN on CPU) sets torch's ceiling."""
     import torch
 
     a = torch.tensor(np.random.default_rng(0).standard_normal((n, n)).astype(dtype), device=device)
+    a = a.bfloat16() if bf16 else a
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def mm():
@@ -126,9 +139,12 @@ def torch_model(cfg, params, dtype, rival="auto"):
     return model.to(dtype)
 
 
-def torch_fns(cfg, params, x, y, device, rival="auto"):
-    """The same closures for the torch model (timm's names and math), same params."""
+def torch_fns(cfg, params, x, y, device, rival="auto", bf16=False):
+    """The same closures for the torch model (timm's names and math), same params; with bf16 its forwards under
+    torch.autocast('cpu', dtype=torch.bfloat16), the backward outside it (as torch's docs advise)."""
     import torch
+
+    cast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
 
     dtype = torch.float32 if x.dtype == np.float32 else torch.float64
     model = torch_model(cfg, {k: np.asarray(v) for k, v in params.items()}, dtype, rival).to(device)
@@ -137,13 +153,19 @@ def torch_fns(cfg, params, x, y, device, rival="auto"):
 
     def fwd_bwd():
         model.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(xt), yt).backward()
+        with cast():
+            loss = torch.nn.functional.cross_entropy(model(xt), yt)
+        loss.backward()
 
     def step():
         fwd_bwd()
         opt.step()
 
-    return {"forward": lambda: model(xt), "forward_backward": fwd_bwd, "train_step": step}
+    def fwd():
+        with cast():
+            return model(xt)
+
+    return {"forward": fwd, "forward_backward": fwd_bwd, "train_step": step}
 
 
 def blas_info():
@@ -202,7 +224,7 @@ def _overrides(args):
 def bench_case(name, batch, args, xp):
     """All timings for one (preset, batch) case: a dict ready for JSON."""
     dtype = np.float32 if args.dtype == "float32" else np.float64
-    cfg = preset(name, **_overrides(args))
+    cfg = preset(name, **_overrides(args), precision=args.precision)
     host = init_params(cfg, seed=0, dtype=dtype)
     rng = np.random.default_rng(0)
     x_host = rng.standard_normal((batch, cfg.in_chans, cfg.img_size, cfg.img_size)).astype(dtype)
@@ -217,15 +239,20 @@ def bench_case(name, batch, args, xp):
         if device == "cuda":  # TF32 off on both sides: CuPy's default cuBLAS math is full float32
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cudnn.allow_tf32 = False
-        theirs = torch_fns(cfg, host, x_host, y_host, device, args.rival)
+        theirs = torch_fns(cfg, host, x_host, y_host, device, args.rival, args.precision == "bf16")
     flops = forward_flops(cfg, batch)
     peak = matmul_peak(xp, dtype)
-    out = {"preset": name, "batch": batch, "dtype": args.dtype, "backend": args.backend, "blas": blas_info(),
+    out = {"preset": name, "batch": batch, "dtype": args.dtype, "precision": args.precision, "backend": args.backend,
+           "blas": blas_info(),
            "rival": args.rival,
            "threads": args.threads, "matmul_peak_gflops": peak, "forward_gflop": flops / 1e9,
            "tinyvit_shards": len(batch_shards(batch, xp) or [None])}  # data-parallel shards per batch
     if theirs:
         out["torch_matmul_peak_gflops"] = torch_matmul_peak(dtype, device)
+    if args.precision == "bf16":
+        out["bf16_matmul_peak_gflops"] = bf16_matmul_peak()
+        if theirs:
+            out["torch_bf16_matmul_peak_gflops"] = torch_matmul_peak(dtype, device, bf16=True)
     if args.vs_onnxruntime:
         out["inference"] = bench_onnxruntime(cfg, host, x_host, args, xp)
         if not args.vs_torch:
@@ -311,6 +338,10 @@ def main():
     ap.add_argument("--backend", choices=["numpy", "cupy"], default="numpy", help="array backend (default numpy)")
     ap.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="compute dtype (default float32)")
     ap.add_argument("--vs-torch", action="store_true", help="also time the same model in PyTorch, interleaved")
+    ap.add_argument("--precision", choices=["float32", "bf16"], default="float32",
+                    help="bf16: tinyvit's linears in bfloat16 with float32 sums (NumPy, oneMKL: pip install -e "
+                         "\".[mkl]\"), torch's model under torch.autocast('cpu', dtype=torch.bfloat16); time steps "
+                         "only (not --memory, --freeze), --dtype float32 (default float32)")
     ap.add_argument("--vs-onnxruntime", action="store_true",
                     help="time inference against onnxruntime on tinyvit's own ONNX export (all graph "
                          "optimisations, --threads threads), interleaved; without --vs-torch, inference alone, "
@@ -339,9 +370,12 @@ def main():
         return bench_memory.probe(args, _overrides(args))
     default = ONNX_CASES if args.vs_onnxruntime and not args.vs_torch else DEFAULT_CASES[args.backend]
     cases = [(args.preset, b) for b in args.batch or [8]] if args.preset else default
+    if args.precision == "bf16" and (args.memory or args.freeze or args.dtype != "float32"):
+        raise TinyViTError("--precision bf16 times float32 models' steps: not with --memory, --freeze or --dtype float64")
     if args.memory:
         return memory(cases, args)
     xp = get_backend(args.backend)
+    bf16.check_precision(args.precision, xp)
     info = hardware_info(args)  # which CPU features and BLAS ran every figure below, in one line
     if not args.json:
         print(hardware_line(info), flush=True)
@@ -357,9 +391,12 @@ def main():
         print(json.dumps({"hardware": info, "cases": results}))
         return
     for r in results:
-        print(f"{r['preset']} batch {r['batch']} {r['dtype']} on {r['backend']} ({r['threads']} threads), "
+        print(f"{r['preset']} batch {r['batch']} {r['dtype']}{' (linears in bf16)' * (r['precision'] == 'bf16')} "
+              f"on {r['backend']} ({r['threads']} threads), "
               f"tinyvit in {r['tinyvit_shards']} shard(s), matmul peak {r['matmul_peak_gflops']:.0f} GFLOP/s"
-              + (f" (torch's: {r['torch_matmul_peak_gflops']:.0f})" if "torch_matmul_peak_gflops" in r else ""))
+              + (f" (torch's: {r['torch_matmul_peak_gflops']:.0f})" if "torch_matmul_peak_gflops" in r else "")
+              + (f", bf16 GEMM peak {r['bf16_matmul_peak_gflops']:.0f}" if "bf16_matmul_peak_gflops" in r else "")
+              + (f" (torch's: {r['torch_bf16_matmul_peak_gflops']:.0f})" if "torch_bf16_matmul_peak_gflops" in r else ""))
         blas = r["blas"][0] if isinstance(r["blas"], list) and r["blas"] else r["blas"]
         print(f"  BLAS: {json.dumps(blas)}")
         if "inference" in r:

@@ -6,6 +6,7 @@ and --val-split recorded in the checkpoint). --data may hold some of the model's
 folders matched by name): their images are evaluated, each scored over all the model's classes, and
 one line says so; a class folder the model does not know is refused."""
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -13,8 +14,10 @@ import time
 import numpy as np
 
 from tinyvit.backend import get_backend, to_device
+from tinyvit.cli.args import add_precision_arg
 from tinyvit.cli.report import run
 from tinyvit.cli.sizes import add_size_args, input_size
+from tinyvit.cpu.bf16 import check_precision
 from tinyvit.data.batches import ArrayDataset
 from tinyvit.data.cifar10 import CIFAR10_MEAN, CIFAR10_STD, load_cifar10
 from tinyvit.data.datasets import image_dataset, image_lists
@@ -95,6 +98,7 @@ def main():
                     help="test-time augmentation: flip adds each image's left-right mirror to its score (twice "
                          "the time; for photos, not digits) (default none)")
     add_size_args(ap)
+    add_precision_arg(ap)
     ap.add_argument("--json", action="store_true", help="print one JSON line of results")
     args = ap.parse_args()
 
@@ -108,6 +112,8 @@ def main():
         raise TinyViTError(f"{args.checkpoint}: no dataset recorded; pass --dataset mnist|cifar10|pets or --data DIR")
     size = input_size(args.img_size, args.keep_aspect, cfg, args.checkpoint)
     xp = get_backend(args.backend)
+    check_precision(args.precision, xp)  # before any image is read
+    cfg = dataclasses.replace(cfg, precision=args.precision)
     if name in ("pets", "folder"):
         data = folder_test_set(name, data_root(args.data_dir), cfg, meta, args, size)
     else:
@@ -118,7 +124,7 @@ def main():
                    flip=args.tta == "flip")
     bar.close()
     seconds = time.perf_counter() - t0
-    result = {"test_accuracy": acc, "dataset": name, "images": len(data.labels), "tta": args.tta,
+    result = {"test_accuracy": acc, "dataset": name, "images": len(data.labels), "tta": args.tta, "precision": args.precision,
               "img_size": "keep_aspect" if args.keep_aspect else list(size.hw) if size else cfg.img_size,
               "seconds": seconds, "checkpoint": args.checkpoint}
     print(json.dumps(result) if args.json else f"{name} test accuracy: {acc * 100:.2f}% "

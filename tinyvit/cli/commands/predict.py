@@ -25,6 +25,7 @@ repeated image stem gets _2, _3, ... appended. The file format follows OUT's suf
 .webp, .bmp, .tiff: any Pillow writes); another suffix, or none, is refused.
 """
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -33,9 +34,11 @@ from PIL import Image
 
 import tinyvit  # noqa: F401  (before NumPy: sets OpenBLAS's spin time, see tinyvit/__init__.py)
 from tinyvit.backend import get_backend, to_device
+from tinyvit.cli.args import add_precision_arg
 from tinyvit.cli.predict import INVERT, predict_all, write_predictions
 from tinyvit.cli.report import run
 from tinyvit.cli.sizes import add_size_args, input_size
+from tinyvit.cpu.bf16 import check_precision
 from tinyvit.data.decode import MAX_PIXELS
 from tinyvit.data.listing import expand
 from tinyvit.data.transform import eval_transform
@@ -109,6 +112,7 @@ def parse_args(argv=None):
     ap.add_argument("--max-megapixels", type=float, default=MAX_PIXELS / 1e6, metavar="MP",
                     help=f"refuse images larger than this (default {MAX_PIXELS / 1e6:g})")
     add_size_args(ap)
+    add_precision_arg(ap)
     ap.add_argument("--json", action="store_true", help="print one JSON line instead of text")
     args = ap.parse_args(argv)
     for name, low in (("top_k", 1), ("batch_size", 1), ("workers", 1)):
@@ -143,6 +147,8 @@ def main(argv=None):
     names = class_names(meta, cfg.num_classes, args.checkpoint) or [str(i) for i in range(cfg.num_classes)]
     args.dataset = meta.get("dataset")
     xp = get_backend(args.backend)
+    check_precision(args.precision, xp)
+    cfg = dataclasses.replace(cfg, precision=args.precision)
     results, inputs, heats, skipped = predict_all(paths, to_device(params, xp), cfg, t, names, args, xp,
                                                   lambda maps: attention_rollout(maps, cfg.num_prefix_tokens), size)
     if not results:

@@ -60,7 +60,7 @@ def main(argv=None):
     args = parse_args(argv)
     with removed_if_unused(args.out):  # an early failure leaves no empty --out behind
         summary = train(args)
-    return report(summary, args, {"backend": args.backend, "preset": args.preset})
+    return report(summary, args, {"backend": args.backend, "preset": args.preset, "precision": args.precision})
 
 
 def train(args):
