@@ -98,6 +98,32 @@ def run_shards(fn, items):
     return [f.result() for f in futures]  # re-raises a shard's exception
 
 
+class OrderedSum:
+    """Per-name sums of the shards' arrays, added as each arrives (shard 0's, then += shard 1's, ...): the
+    same bits as summing whole per-shard dicts at the end, while no shard keeps more than what it has not
+    handed over yet. One that arrives before a lower shard's waits beside the sum until its turn."""
+
+    def __init__(self):
+        self.sums, self._next, self._waiting, self._lock = {}, {}, {}, threading.Lock()
+
+    def add(self, shard, name, x):
+        """Hand over shard's array for name (then the shard's own reference may go)."""
+        with self._lock:
+            waiting = self._waiting.setdefault(name, {})
+            waiting[shard] = x
+            i = self._next.get(name, 0)
+            while i in waiting:
+                x = waiting.pop(i)
+                if i == 0:
+                    self.sums[name] = x
+                else:
+                    self.sums[name] += x
+                i += 1
+            self._next[name] = i
+            if not waiting:
+                del self._waiting[name]
+
+
 CHUNK = 1 << 16  # elements per block: ~256 KB of float32 stays in L2 across a chain of passes
 
 

@@ -6,7 +6,7 @@ import numpy as np
 
 from ..backend import get_array_module
 from ..cpu.bf16 import check_precision
-from ..cpu.threads import batch_shards, in_place_blocks, run_shards
+from ..cpu.threads import OrderedSum, batch_shards, run_shards
 from ..errors import TinyViTError
 from .branch import drop_path_backward, drop_path_forward
 from .caches import BlockCache, BlockCheckpoint, DistilledHeadCache, EmbedCache, FeaturesCache, LayerScaleFold, ViTCache
@@ -354,8 +354,17 @@ def param_stage(name, depth):
     return depth + 1 if name.startswith(("head.", "head_dist.")) else depth
 
 
-def _backward(dlogits, cache, trainable=None):
-    """vit_backward of one batch or shard."""
+def _hand_over(grads, sink, trainable):
+    """Move the trained params' finished gradients out of grads into sink(name, g) (a shard's ordered sum)."""
+    for k in list(grads):
+        g = grads.pop(k)
+        if g is not None and (trainable is None or k in trainable):
+            sink(k, g)
+
+
+def _backward(dlogits, cache, trainable=None, sink=None):
+    """vit_backward of one batch or shard; with sink, each block's gradients go to sink(name, g) as soon
+    as they are done (the shards' sum then holds one set of gradients, not one per shard) and None returns."""
     features = cache.features
     blocks = features.blocks
     if not blocks:
@@ -371,15 +380,14 @@ def _backward(dlogits, cache, trainable=None):
         dx = pool_backward(dfeats, features.pool, grads, want, low < depth)  # (B, n, C): the tokens the pooling read
     for i in reversed(range(max(low, 0), depth)):  # pop: the block's cache is freed
         dx = _block_backward(dx, _block_cache(blocks.pop(), f"blocks.{i}."), grads, f"blocks.{i}.", want, low < i)
+        if sink is not None:
+            _hand_over(grads, sink, trainable)
     blocks.clear()  # the blocks under the lowest trained param: no backward reaches them
     if low == -1:
         _embed_backward(dx, features.embed, grads, want)
+    if sink is not None:
+        return _hand_over(grads, sink, trainable)
     return grads if trainable is None else {k: g for k, g in grads.items() if g is not None and k in trainable}
-
-
-def _accumulate(x, out):
-    """out += x (a block of it)."""
-    out += x
 
 
 def vit_backward(dlogits, cache, trainable=None):
@@ -395,13 +403,10 @@ def vit_backward(dlogits, cache, trainable=None):
     trainable = None if trainable is None else frozenset(trainable)
     if not isinstance(cache, _ShardedCache):
         return _backward(dlogits, cache, trainable)
-    parts = run_shards(lambda i: _backward(dlogits[cache.slices[i]], cache.caches[i], trainable),
-                       range(len(cache.slices)))
-    grads = parts[0]
-    for other in parts[1:]:
-        for k, g in other.items():
-            in_place_blocks(_accumulate, [g], [grads[k]])
-    return grads
+    total = OrderedSum()  # the shards' gradients summed block by block, in shard order
+    run_shards(lambda i: _backward(dlogits[cache.slices[i]], cache.caches[i], trainable,
+                                   lambda k, g: total.add(i, k, g)), range(len(cache.slices)))
+    return total.sums
 
 
 def head_backward(dlogits, cache):

@@ -6,15 +6,15 @@ from typing import NamedTuple
 import numpy as np
 
 from ..backend import get_array_module
-from ..cpu.threads import batch_shards, in_place_blocks, run_shards
+from ..cpu.threads import OrderedSum, batch_shards, run_shards
 from ..errors import TinyViTError
 from .config import ViTConfig
 from .model import (  # the engine's own pieces, shared with the whole model
-    _accumulate,
     _block_backward,
     _block_forward,
     _block_infer,
     _embed_forward,
+    _hand_over,
     _run_batch,
     _ShardedCache,
 )
@@ -85,13 +85,15 @@ def tail_forward(params, tokens, cfg: ViTConfig, start, train=False, rng=None, k
     return logits, (_ShardedCache(shards, [c for _, c in outs]) if keep_cache else None)
 
 
-def _tail_backward(dlogits, cache):
-    """tail_backward of one batch or shard."""
+def _tail_backward(dlogits, cache, sink=None):
+    """tail_backward of one batch or shard; with sink, each block's gradients go to sink(name, g) when done."""
     dfeats, grads = head_backward(dlogits, cache.head)
     dx = pool_backward(dfeats, cache.pool, grads)
     blocks = cache.blocks
     for i in reversed(range(len(blocks))):
         dx = _block_backward(dx, blocks.pop(), grads, f"blocks.{cache.start + i}.")  # pop: freed as it goes
+        if sink is not None:
+            _hand_over(grads, sink, None)
     return grads
 
 
@@ -100,9 +102,7 @@ def tail_backward(dlogits, cache):
     given dL/dlogits; consumes the cache, as vit_backward."""
     if not isinstance(cache, _ShardedCache):
         return _tail_backward(dlogits, cache)
-    parts = run_shards(lambda i: _tail_backward(dlogits[cache.slices[i]], cache.caches[i]), range(len(cache.slices)))
-    grads = parts[0]
-    for other in parts[1:]:
-        for k, g in other.items():
-            in_place_blocks(_accumulate, [g], [grads[k]])
-    return grads
+    total = OrderedSum()  # the shards' gradients summed block by block, in shard order
+    run_shards(lambda i: _tail_backward(dlogits[cache.slices[i]], cache.caches[i], lambda k, g: total.add(i, k, g)),
+               range(len(cache.slices)))
+    return total.sums
