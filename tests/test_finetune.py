@@ -260,6 +260,7 @@ def test_progressive_lora_trains_the_head_first_then_the_adapters(tiny_run):
     assert any(np.abs(got[k]).max() > 0 for k in got if ".lora_B" in k)  # the second epoch trained them
 
 
+@pytest.mark.e2e
 def test_an_adapter_folder_continues_training_from_its_adapters(tiny_run, tmp_path):
     """A LoRA run's --to peft folder, given as --adapter on the same base: at lr 0 the run's model holds the
     folder's adapters and head exactly; trained, its adapters move on from there."""
@@ -291,6 +292,7 @@ def test_lora_flags_refuse_in_one_line(tmp_path, flags, says):
         parse(parser("x"), argv)
 
 
+@pytest.mark.e2e
 def test_lora_script_run_exports_merged_and_evaluates(tmp_path):
     data = _folder(tmp_path / "data")
     weights = save_checkpoint(tmp_path / "w.npz", init_params(TINY, seed=1), TINY, meta={})
