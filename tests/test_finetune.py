@@ -304,3 +304,10 @@ def test_lora_script_run_exports_merged_and_evaluates(tmp_path):
     assert ev["test_accuracy"] == summary["test_accuracy"]
     run_script("export_weights.py", str(out / "model.npz"), "--to", "timm", "--out", str(tmp_path / "merged.safetensors"))
     assert (tmp_path / "merged.safetensors").stat().st_size > 0
+
+
+@pytest.mark.parametrize("flags, lr", [(["--lora-rank", "8"], 1e-3), (["--lora-rank", "8", "--lr", "2e-4"], 2e-4),
+                                       ([], 5e-5), (["--mode", "progressive", "--adapter", "dir"], 1e-3)])
+def test_lora_runs_default_to_their_own_lr(tmp_path, flags, lr):
+    argv = ["--data", str(tmp_path), "--weights", "w.npz", "--out", str(tmp_path / "o"), "--mode", "full", *flags]
+    assert train_settings(parse(parser("x"), argv)).lr == lr
