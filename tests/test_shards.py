@@ -183,6 +183,17 @@ def test_ordered_sum_adds_in_shard_order_whatever_order_they_arrive():
     assert not s._waiting  # nothing left beside the sum
 
 
+def test_two_shards_add_whichever_comes_first_in_shard_zeros_order():
+    a, b = np.float32([1e8, 1.0]), np.float32([-1e8, 3.0])
+    s = threads.OrderedSum(2)
+    s.add(1, "w", b.copy())
+    s.add(1, "v", a.copy())
+    s.add(0, "v", b.copy())
+    s.add(0, "w", a.copy())
+    out = s.result()
+    assert list(out) == ["v", "w"] and np.array_equal(out["w"], a + b) and np.array_equal(out["v"], a + b)
+
+
 def test_sharded_backward_holds_one_set_of_gradients(monkeypatch, shards=2):
     """Each shard hands its gradients over block by block: the backward's peak stays near one set of them
     (a wide, shallow model on a tiny batch, whose gradients outweigh its activations), not one per shard."""

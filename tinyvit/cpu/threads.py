@@ -101,14 +101,24 @@ def run_shards(fn, items):
 class OrderedSum:
     """Per-name sums of the shards' arrays, added as each arrives (shard 0's, then += shard 1's, ...): the
     same bits as summing whole per-shard dicts at the end, while no shard keeps more than what it has not
-    handed over yet. One that arrives before a lower shard's waits beside the sum until its turn."""
+    handed over yet. One that arrives before a lower shard's waits beside the sum until its turn; of two
+    shards, none waits (a + b and b + a are the same bits)."""
 
-    def __init__(self):
+    def __init__(self, shards=None):
         self.sums, self._next, self._waiting, self._lock = {}, {}, {}, threading.Lock()
+        self._two, self._order = shards == 2, []  # _order: shard 0's names, as it handed them over
 
     def add(self, shard, name, x):
         """Hand over shard's array for name (then the shard's own reference may go)."""
         with self._lock:
+            if shard == 0:
+                self._order.append(name)
+            if self._two:
+                if name in self.sums:
+                    self.sums[name] += x
+                else:
+                    self.sums[name] = x
+                return
             waiting = self._waiting.setdefault(name, {})
             waiting[shard] = x
             i = self._next.get(name, 0)
@@ -122,6 +132,10 @@ class OrderedSum:
             self._next[name] = i
             if not waiting:
                 del self._waiting[name]
+
+    def result(self) -> dict:
+        """The sums, in the order shard 0 handed them over (a dict's order is a float sum's order downstream)."""
+        return {k: self.sums[k] for k in self._order}
 
 
 CHUNK = 1 << 16  # elements per block: ~256 KB of float32 stays in L2 across a chain of passes

@@ -403,10 +403,10 @@ def vit_backward(dlogits, cache, trainable=None):
     trainable = None if trainable is None else frozenset(trainable)
     if not isinstance(cache, _ShardedCache):
         return _backward(dlogits, cache, trainable)
-    total = OrderedSum()  # the shards' gradients summed block by block, in shard order
+    total = OrderedSum(len(cache.slices))  # the shards' gradients summed block by block, in shard order
     run_shards(lambda i: _backward(dlogits[cache.slices[i]], cache.caches[i], trainable,
                                    lambda k, g: total.add(i, k, g)), range(len(cache.slices)))
-    return total.sums
+    return total.result()
 
 
 def head_backward(dlogits, cache):

@@ -102,7 +102,7 @@ def tail_backward(dlogits, cache):
     given dL/dlogits; consumes the cache, as vit_backward."""
     if not isinstance(cache, _ShardedCache):
         return _tail_backward(dlogits, cache)
-    total = OrderedSum()  # the shards' gradients summed block by block, in shard order
+    total = OrderedSum(len(cache.slices))  # the shards' gradients summed block by block, in shard order
     run_shards(lambda i: _tail_backward(dlogits[cache.slices[i]], cache.caches[i], lambda k, g: total.add(i, k, g)),
                range(len(cache.slices)))
-    return total.sums
+    return total.result()
