@@ -77,7 +77,8 @@ def test_finetune_help_states_each_modes_defaults_and_examples_on_their_own_line
     text = " ".join(r.stdout.split())
     assert r.returncode == 0
     for s in ("training epochs (default 30 in head mode, 3 in full/progressive/partial mode)",
-              "peak learning rate (default 0.003 in head mode, 5e-05 in full/progressive mode, 0.0001 in partial mode)",
+              "peak learning rate (default 0.003 in head mode, 5e-05 in full/progressive mode, 0.0001 in partial mode; "
+              "0.001 with --lora-rank or --adapter)",
               "images per step (default 256 in head mode, 32 in full/progressive/partial mode)",
               "training augmentation (default none in head/partial mode, crop_flip in full/progressive mode)"):
         assert s in text, s
