@@ -206,10 +206,10 @@ def _hand_run(tiny_run, flags, only):
         params, cfg = add_adapters(params, cfg, rec.lora, seed=tc.seed)
     trained, opt = set(only(params)), tc.make_optimizer(list(params), cfg.depth)
     steps = len(train.labels) // tc.batch_size
-    lr, step = run_schedule(tc, steps), 0
+    lr, step, rng = run_schedule(tc, steps), 0, np.random.default_rng(tc.seed)  # the loop's dropout stream
     for epoch in range(tc.epochs):
         for x, y in train.batches(tc.batch_size, np, seed=tc.seed, epoch=epoch, drop_last=True, augment="crop_flip"):
-            logits, cache = vit_forward(params, x, cfg, train=True)
+            logits, cache = vit_forward(params, x, cfg, train=True, rng=rng)
             grads = vit_backward(cross_entropy_backward(1.0, cross_entropy_forward(logits, y, tc.label_smoothing)[1]),
                                  cache)
             grads = {k: g for k, g in grads.items() if k in trained}
@@ -220,7 +220,9 @@ def _hand_run(tiny_run, flags, only):
 
 
 @pytest.mark.parametrize("extra", [[], ["--lora-dora", "--lora-targets", "query,value,fc2", "--lora-alpha", "8"],
-                                   ["--lora-rslora", "--bias", "all"]], ids=["lora", "dora", "rslora-bitfit"])
+                                   ["--lora-rslora", "--bias", "all"],
+                                   ["--lora-dropout", "0.2", "--lora-targets", "q,v,proj,fc2"]],
+                         ids=["lora", "dora", "rslora-bitfit", "dropout"])
 def test_lora_run_trains_the_adapters_and_head_alone_as_the_steps_by_hand(tiny_run, extra):
     summary, got = tiny_run(*LORA, *extra)
     want, trained = _hand_run(tiny_run, [*LORA, *extra], lambda p: lora_trainable(p, "all" if "all" in extra else "none"))
@@ -232,6 +234,7 @@ def test_lora_run_trains_the_adapters_and_head_alone_as_the_steps_by_hand(tiny_r
     assert all(not np.array_equal(got[k], want[k] * 0) for k in trained if ".lora_B" in k)  # B left zero
     assert summary["trained_params"] == sum(got[k].size for k in trained)
     assert summary["lora"]["rank"] == 4 and summary["bias"] == ("all" if "all" in extra else "none")
+    assert summary["lora"]["dropout"] == (0.2 if "--lora-dropout" in extra else 0.0)
 
 
 def test_bitfit_alone_trains_every_bias_and_the_head(tiny_run):
@@ -244,12 +247,12 @@ def test_bitfit_alone_trains_every_bias_and_the_head(tiny_run):
 
 
 def test_lora_run_resumed_mid_run_is_the_uninterrupted_run(tiny_run, tmp_path):
-    flags = [*LORA, "--lora-dora", "--lora-targets", "q,v"]
+    flags = [*LORA, "--lora-dora", "--lora-targets", "q,v", "--lora-dropout", "0.1"]  # the masks' stream resumes too
     straight = tiny_run(*flags)[1]
     cut, _ = tiny_run(*flags, "--time-limit", "0", out=tmp_path / "cut")  # stops after one step
     assert cut["stopped_early"] and cut["steps"] == 1
     resumed, params = tiny_run(argv=["--resume", str(tmp_path / "cut" / "checkpoint.npz")])
-    assert resumed["epochs"] == 2 and resumed["lora"]["dora"] is True
+    assert resumed["epochs"] == 2 and resumed["lora"]["dora"] is True and resumed["lora"]["dropout"] == 0.1
     assert set(params) == set(straight) and all(np.array_equal(params[k], straight[k]) for k in straight)
 
 
@@ -282,7 +285,7 @@ def test_an_adapter_folder_continues_training_from_its_adapters(tiny_run, tmp_pa
     (["--mode", "head", "--lora-rank", "4"], "not head"),
     (["--mode", "partial", "--bias", "all"], "not partial"),
     (["--lora-rank", "4", "--adapter", "x"], "drop --lora-rank"),
-    (["--lora-rank", "4", "--lora-dropout", "0.1"], "does not train yet"),
+    (["--lora-rank", "4", "--lora-dropout", "1"], r"lora dropout must be a number in \[0, 1\)"),
     (["--lora-rank", "4", "--lora-targets", "qkv,attention"], "lora targets must be distinct names"),
     (["--lora-rank", "0"], "lora rank must be a whole number"),
 ])

@@ -93,10 +93,14 @@ def test_weight_form_matches_the_branch_and_torch(xp, dora):
 
 
 @pytest.mark.parametrize("dora", [False, True])
-def test_reference_matches_the_engine(dora):
+@pytest.mark.parametrize("p_drop", [0.0, 0.4])
+def test_reference_matches_the_engine(dora, p_drop):
     c = _case((2, 3, 6), 5, 2, np.float64, dora, seed=4)
-    y, cache = LR.lora_linear_forward(c["x"], c["w"], c["bias"], c["a"], c["b"], 0.8, c["m"])
-    y_ref, c_ref = reference.lora_forward(c["x"], c["w"], c["bias"], c["a"], c["b"], 0.8, c["m"])
+    y, cache = LR.lora_linear_forward(c["x"], c["w"], c["bias"], c["a"], c["b"], 0.8, c["m"], p_drop,
+                                      np.random.default_rng(2))
+    mask = None if cache.mask is None else cache.mask.reshape(c["x"].shape)
+    assert (mask is None) == (p_drop == 0)
+    y_ref, c_ref = reference.lora_forward(c["x"], c["w"], c["bias"], c["a"], c["b"], 0.8, c["m"], mask)
     assert rel_err(y, y_ref) < 1e-12
     dout = np.random.default_rng(0).normal(size=y.shape)
     for got, want in zip(LR.lora_linear_backward(dout, cache), reference.lora_backward(dout, c_ref)):
@@ -229,13 +233,126 @@ def test_model_matches_peft_on_transformers_vit(tmp_path, dora):
         assert rel_err(grads[n], p.grad.numpy()) < 1e-9, n
 
 
-def test_model_refuses_branch_dropout_in_training_and_evaluates_with_it():
-    base = ViTConfig(img_size=8, patch_size=4, num_classes=3, dim=16, depth=1, heads=2, mlp_dim=32)
-    p, cfg = LR.add_adapters(init_params(base), base, LR.LoraConfig(rank=2, dropout=0.1))
-    x = np.zeros((2, 3, 8, 8), np.float32)
-    assert vit_forward(p, x, cfg, keep_cache=False)[0].shape == (2, 3)  # eval: dropout is the identity
-    with pytest.raises(TinyViTError, match="lora dropout in training"):
-        vit_forward(p, x, cfg, train=True, rng=np.random.default_rng(0))
+class _Tape:
+    """A generator whose uniform draws are kept, in order (the model's only call: random)."""
+
+    def __init__(self, rng):
+        self.rng, self.draws = rng, []
+
+    def random(self, size=None, dtype=np.float64):
+        r = self.rng.random(size, dtype=dtype)
+        self.draws.append(to_numpy(r))
+        return r
+
+
+class _GivenMask(torch.nn.Module):
+    """PEFT's lora_dropout with the keep mask tinyvit drew (over the tokens it computed; 1 on the rest)."""
+
+    def __init__(self, mask):
+        super().__init__()
+        self.mask = mask
+
+    def forward(self, x):
+        m = torch.ones_like(x)
+        m[:, :self.mask.shape[1]] = self.mask
+        return x * m
+
+
+def _inject_masks(pm, draws, order, p_drop, batch):
+    """Give each PEFT lora_dropout (named in `order`, tinyvit's draw order) the mask of its draw."""
+    modules = dict(pm.named_modules())
+    assert len(draws) == len(order)
+    for name, r in zip(order, draws):
+        keep = (r >= p_drop) / (1.0 - p_drop)  # dropout_forward's scaled keep mask
+        modules[name].lora_dropout["default"] = _GivenMask(torch.tensor(keep.reshape(batch, -1, r.shape[-1])))
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_branch_dropout_in_training_matches_peft_on_timm(xp, dora):
+    """PEFT's lora_dropout on every linear of a LayerScale model, in training, with tinyvit's masks: logits
+    and every gradient (adapters, frozen weights, norms, gamma) by name."""
+    peft = pytest.importorskip("peft")
+    from timm_oracle import timm_model
+    base = ViTConfig(img_size=16, patch_size=8, num_classes=5, dim=16, depth=2, heads=2, mlp_dim=32, init_values=0.5)
+    pm = peft.get_peft_model(timm_model(base, seed=1), peft.LoraConfig(
+        r=3, lora_alpha=5, lora_dropout=0.3, use_dora=dora, modules_to_save=["head"],
+        target_modules=r"blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)")).double()
+    _perturb_adapters(pm, 2)
+    rng = np.random.default_rng(0)
+    images, labels = rng.normal(size=(3, 3, 16, 16)), rng.integers(0, 5, size=3)
+    cfg = dataclasses.replace(base, lora=LR.LoraConfig(rank=3, alpha=5, dropout=0.3, dora=dora,
+                                                       targets=("qkv", "proj", "fc1", "fc2")))
+    params = {_name(k): v.detach().numpy() for k, v in pm.base_model.model.state_dict().items()
+              if "original_module" not in k}
+    tape = _Tape(xp.random.default_rng(7))
+    logits, cache = vit_forward({k: to_device(v, xp) for k, v in params.items()}, to_device(images, xp), cfg,
+                                train=True, rng=tape)
+    grads = vit_backward(cross_entropy_backward(1.0, cross_entropy_forward(logits, to_device(labels, xp))[1]), cache)
+
+    order = [f"base_model.model.blocks.{i}.{m}" for i in range(2) for m in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
+    _inject_masks(pm, tape.draws, order, 0.3, 3)
+    for p in pm.parameters():
+        p.requires_grad_(True)  # the frozen weights' gradients too
+    pm.train()
+    logits_t = pm(torch.tensor(images))
+    F.cross_entropy(logits_t, torch.tensor(labels)).backward()
+    assert rel_err(logits, logits_t.detach().numpy()) < 1e-9
+    named = {_name(n): p.grad for n, p in pm.base_model.model.named_parameters() if "original_module" not in n}
+    assert set(named) == set(grads) and any(".lora_" in n for n in named)
+    for n, g in named.items():
+        assert rel_err(grads[n], g.numpy()) < 1e-9, n
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_branch_dropout_matches_peft_on_transformers_vit(tmp_path, dora):
+    """HF's separate query and value linears each drop their own mask (tinyvit: two draws over qkv's input)."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from tinyvit.io.export import export_hf
+    base = ViTConfig(img_size=16, patch_size=8, num_classes=5, dim=16, depth=2, heads=2, mlp_dim=32)
+    rng = np.random.default_rng(0)
+    params = {k: v + 0.1 * rng.normal(size=v.shape) for k, v in init_params(base, dtype=np.float64).items()}
+    export_hf(tmp_path / "hf", params, base)
+    model = transformers.ViTForImageClassification.from_pretrained(str(tmp_path / "hf"), local_files_only=True)
+    pm = peft.get_peft_model(model.double(), peft.LoraConfig(r=2, lora_alpha=3, lora_dropout=0.2, use_dora=dora,
+                                                             target_modules=["q_proj", "v_proj"])).double()
+    _perturb_adapters(pm, 4)
+    images, labels = rng.normal(size=(2, 3, 16, 16)), rng.integers(0, 5, size=2)
+    cfg = dataclasses.replace(base, lora=LR.LoraConfig(rank=2, alpha=3, dropout=0.2, targets=("q", "v"), dora=dora))
+    named = {_hf_name(n): p for n, p in pm.base_model.model.named_parameters() if "lora_" in n}
+    params.update({k: p.detach().numpy() for k, p in named.items()})
+    tape = _Tape(np.random.default_rng(5))
+    logits, cache = vit_forward(params, images, cfg, train=True, rng=tape)
+    grads = vit_backward(cross_entropy_backward(1.0, cross_entropy_forward(logits, labels)[1]), cache)
+    prefix = "base_model.model.vit.layers"
+    _inject_masks(pm, tape.draws, [f"{prefix}.{i}.attention.{m}" for i in range(2) for m in ("q_proj", "v_proj")],
+                  0.2, 2)
+    pm.train()
+    logits_t = pm(pixel_values=torch.tensor(images)).logits
+    F.cross_entropy(logits_t, torch.tensor(labels)).backward()
+    assert rel_err(logits, logits_t.detach().numpy()) < 1e-9
+    for n, p in named.items():
+        assert rel_err(grads[n], p.grad.numpy()) < 1e-9, n
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_branch_dropout_recomputes_and_evaluates_exactly(dora):
+    """With gradient checkpointing the backward draws the branches' masks again: the same gradients, bit
+    for bit; at evaluation the dropout is the identity (the merged weights' logits)."""
+    base = ViTConfig(img_size=8, patch_size=4, num_classes=3, dim=16, depth=2, heads=2, mlp_dim=32)
+    p, cfg = LR.add_adapters(init_params(base, dtype=np.float64), base,
+                             LR.LoraConfig(rank=2, dropout=0.25, targets=("q", "v", "fc2"), dora=dora))
+    rng = np.random.default_rng(0)
+    p = {k: v + 0.1 * rng.normal(size=v.shape) if ".lora_" in k else v for k, v in p.items()}
+    x, y = rng.normal(size=(3, 3, 8, 8)), np.array([0, 2, 1])
+    runs = []
+    for ckpt in (False, True):
+        logits, cache = vit_forward(p, x, cfg, train=True, rng=np.random.default_rng(3), grad_checkpointing=ckpt)
+        runs.append(vit_backward(cross_entropy_backward(1.0, cross_entropy_forward(logits, y)[1]), cache))
+    for k in runs[0]:
+        assert np.array_equal(runs[0][k], runs[1][k]), k
+    merged, mcfg = LR.merged_model(p, cfg)
+    assert rel_err(vit_forward(p, x, cfg, keep_cache=False)[0], vit_forward(merged, x, mcfg, keep_cache=False)[0]) < 1e-12
 
 
 @pytest.mark.parametrize("targets", [("qkv",), ("q", "v", "fc2"), ("proj", "fc1")])

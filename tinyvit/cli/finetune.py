@@ -126,7 +126,7 @@ def add_lora_args(ap):
     ap.add_argument("--lora-alpha", type=float, default=None,
                     help="LoRA's alpha: the branch is scaled by alpha / R (default R: a scale of 1)")
     ap.add_argument("--lora-dropout", type=float, default=None,
-                    help=f"dropout on the LoRA branch's input (default {d['lora_dropout']}; only 0 trains yet)")
+                    help=f"dropout on the LoRA branch's input in training, PEFT's lora_dropout (default {d['lora_dropout']})")
     ap.add_argument("--lora-targets", default=None, metavar="NAME[,NAME]",
                     help="the block linears that get adapters: qkv, q, k, v (rows of the fused qkv; HF's "
                          "query/q_proj, key/k_proj, value/v_proj), proj (o_proj), fc1, fc2 "
@@ -155,7 +155,7 @@ def lora_config(args):
 
 def _check_lora(args, typed):
     """LoRA's flags: full and progressive mode only; the --lora-* settings need --lora-rank and clash with
-    --adapter (its adapter_config.json says them); no dropout on the branch in training yet."""
+    --adapter (its adapter_config.json says them)."""
     given = sorted(k for k in typed if k.startswith("lora_") and k != "lora_rank")
     flags = ", ".join("--" + k.replace("_", "-") for k in given)
     if (args.lora_rank is not None or args.adapter or args.bias != "none") and args.mode not in ("full", "progressive"):
@@ -166,9 +166,6 @@ def _check_lora(args, typed):
                            f"{'--lora-rank' if args.lora_rank is not None else flags}")
     if given and args.lora_rank is None and not args.adapter:
         raise TinyViTError(f"{flags} {'needs' if len(given) == 1 else 'need'} --lora-rank R (the adapters' rank)")
-    if args.lora_dropout:
-        raise TinyViTError(f"--lora-dropout {args.lora_dropout}: dropout on the LoRA branch does not train yet "
-                           "(tinyvit trains adapters merged into their linears); leave it at 0")
     lora_config(args)  # a bad rank, alpha or target: one line now, not after the data are read
 
 

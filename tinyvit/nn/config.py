@@ -103,6 +103,10 @@ class ViTConfig:
         """Each block's stochastic-depth rate: 0 to drop_path linearly, as timm."""
         return [float(r) for r in np.linspace(0.0, self.drop_path, self.depth)] if self.depth else []
 
+    def draws_in_training(self) -> bool:
+        """Whether a training forward draws random numbers: dropout, attention dropout, drop path, LoRA's."""
+        return bool(self.dropout or self.attn_dropout or self.drop_path or (self.lora and self.lora.dropout))
+
     def to_dict(self) -> dict:
         """Plain dict, for JSON metadata (lora only when the model has adapters; no precision: how it runs)."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "precision"}

@@ -187,15 +187,17 @@ def layernorm_linear_forward(x, ln_w, ln_b, w, b, eps=1e-5, bf16=False):
     return out, LayerNormLinearCache(c_ln, c_lin, fold, w, ln_w, ln_b, b is not None)
 
 
-def layernorm_linear_backward(dout, cache, need_dx=True, need_dw=True, need_ln_dw=True):
+def layernorm_linear_backward(dout, cache, need_dx=True, need_dw=True, need_ln_dw=True, dy_extra=None):
     """Return (dx, d ln_w, d ln_b, dw, db) of layernorm_linear_forward; db is None without a bias, dw and
     db None without need_dw (the linear frozen), d ln_w and d ln_b None without need_ln_dw (the norm's
     affine frozen), dx None without need_dx (plain form: reference.linear_backward, then
-    reference.layernorm_backward)."""
+    reference.layernorm_backward). dy_extra: more gradient at the linear's input (a LoRA branch's)."""
     if not cache.fold:
         dy, dw, db = linear_backward(dout, cache.lin, need_dx or need_ln_dw, need_dw)
         dx = d_ln_w = d_ln_b = None
         if dy is not None:
+            if dy_extra is not None:
+                dy += dy_extra
             dx, d_ln_w, d_ln_b = layernorm_backward(dy, cache.ln, need_dx, need_ln_dw)
         return dx, d_ln_w, d_ln_b, dw, db
     w, ln_w, ln_b = cache.w, cache.ln_w, cache.ln_b
@@ -208,7 +210,13 @@ def layernorm_linear_backward(dout, cache, need_dx=True, need_dw=True, need_ln_d
     if need_ln_dw:
         d_ln_w = colsum(w * dw_fold)  # sum over outputs of w_oi * dL/dw'_oi: (in,)
         d_ln_b = db_fold @ w  # (in,)
+        if dy_extra is not None:  # y = xhat * g + beta feeds the extra path
+            e2 = dy_extra.reshape(-1, dy_extra.shape[-1])  # (T, in)
+            d_ln_w += colsum(e2 * cache.ln.xhat.reshape(e2.shape))
+            d_ln_b += colsum(e2)
     if need_dx:
+        if dy_extra is not None:
+            dxhat += dy_extra * ln_w
         dx, _, _ = layernorm_backward(dxhat, cache.ln)
     return dx, d_ln_w, d_ln_b, dw, db
 
@@ -225,10 +233,10 @@ def gelu_linear_forward(x, w, b=None, kind="erf", p_drop=0.0, rng=None, train=Tr
     return out, GeluLinearCache(c_g, mask, c_lin.w, c_lin.has_b, c_lin.w16)  # y is freed here
 
 
-def gelu_linear_backward(dout, cache, need_dx=True, need_dw=True):
+def gelu_linear_backward(dout, cache, need_dx=True, need_dw=True, dy_extra=None):
     """Return (dx, dw, db) of gelu_linear_forward; db is None without a bias, dw and db None without
     need_dw (the input is then not remade), dx None without need_dx (plain form, no dropout:
-    reference.linear_backward, then reference.gelu_backward)."""
+    reference.linear_backward, then reference.gelu_backward). dy_extra: more gradient at the linear's input."""
     y = None
     if need_dw:
         y = cache.gelu.x * cache.gelu.c  # the GELU output again
@@ -238,6 +246,8 @@ def gelu_linear_backward(dout, cache, need_dx=True, need_dw=True):
     del y
     if not need_dx:
         return None, dw, db
+    if dy_extra is not None:
+        dy += dy_extra
     dy = dropout_backward(dy, cache.mask)
     return gelu_backward(dy, cache.gelu), dw, db
 
@@ -329,10 +339,10 @@ def attention_probs(heads_cache):
     return heads_cache.e * heads_cache.r
 
 
-def attention_heads_backward(dout, cache, need_dx=True, need_dw=True):
+def attention_heads_backward(dout, cache, need_dx=True, need_dw=True, do_extra=None):
     """Return (dqkv, dw_proj, db_proj) of attention_heads_forward; dqkv is (B, N, 3C) for any queries, None
     without need_dx; dw_proj and db_proj None without need_dw (plain form: reference.attention_backward
-    up to its qkv linear)."""
+    up to its qkv linear). do_extra: more gradient at the projection's input (a LoRA branch's)."""
     q, k, v, e, r = cache.q, cache.k, cache.v, cache.e, cache.r
     xp = get_array_module(dout)
     B, H, n, D = q.shape
@@ -340,6 +350,8 @@ def attention_heads_backward(dout, cache, need_dx=True, need_dw=True):
     do, dw_proj, db_proj = linear_backward(dout, cache.proj, need_dx, need_dw)  # (B, n, C)
     if not need_dx:
         return None, dw_proj, db_proj
+    if do_extra is not None:
+        do += do_extra
     u = (do.reshape(B, n, H, D) * r.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)  # (B, H, n, D): do * r
     dqkv = xp.empty((B, N, 3, H, D), dtype=dout.dtype)  # the layout qkv had: no copy back
     dq, dk, dv = dqkv.transpose(2, 0, 3, 1, 4)  # each (B, H, N, D), views written in place

@@ -8,7 +8,8 @@ without dropout that is y = x (g W')^T + b. W and b are frozen: the pairs give d
 The layer pair (lora_linear_forward / _backward) is the branch form; the model runs the weight form
 (lora_weight / _backward: the linear's weight W_eff = W' or g W', whose gradient G the model's own
 backward already computes, then dA = s B^T G', dB = s G' A^T with G' = G or g G, dm = rowsum(G W') / n),
-which is the same math whenever no dropout acts on the branch. Plain forms: reference.lora_forward.
+which is the same math whenever no dropout acts on the branch (with dropout, the model adds the difference:
+tinyvit.nn.lora_dropout). Plain forms: reference.lora_forward.
 """
 import dataclasses
 import math
@@ -285,14 +286,12 @@ def adapted_layers(caches):
     return {_weight_key(name)[:-len(".weight")] for name, _ in caches or ()}
 
 
-def adapted_block(params, prefix, lora: Optional[LoraConfig], train=False):
+def adapted_block(params, prefix, lora: Optional[LoraConfig]):
     """(params, caches) for the block at prefix: params seen through each adapted linear's W_eff (the
-    block's code runs unchanged on it), and what adapter_grads needs; (params, None) without adapters."""
+    block's code runs unchanged on it), and what adapter_grads needs; (params, None) without adapters.
+    Dropout on the branch in training is added beside it (tinyvit.nn.lora_dropout)."""
     if lora is None:
         return params, None
-    if train and lora.dropout:
-        raise TinyViTError("lora dropout in training needs the branch form, which the model does not run yet: "
-                           "set the adapters' dropout to 0 (evaluation is exact with any dropout)")
     eff, caches = {}, []
     for t in lora.targets:
         name = adapter_name(int(prefix.split(".")[1]), t)
@@ -312,7 +311,7 @@ def adapted_block(params, prefix, lora: Optional[LoraConfig], train=False):
 
 def adapter_grads(grads, caches):
     """Turn the adapted linears' weight gradients (d W_eff, as the block's backward wrote them) into the
-    adapters' (and the frozen weights' own), in place."""
+    adapters' (and the frozen weights' own), in place; returns grads."""
     for name, c in caches or ():
         key, t = _weight_key(name), name.rsplit(".", 1)[1]
         g = grads[key]
@@ -325,3 +324,4 @@ def adapter_grads(grads, caches):
             grads[key], grads[f"{name}.{A}"], grads[f"{name}.{B}"], dm = lora_weight_backward(g, c)
         if dm is not None:
             grads[f"{name}.{M}"] = dm
+    return grads

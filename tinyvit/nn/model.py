@@ -40,6 +40,7 @@ from .layers import (
     rowsum,
 )
 from .lora import adapted_block, adapted_layers, adapter_grads
+from .lora_dropout import add_extra, lora_drop_backward, lora_drop_forward
 from .pool import head_backward as _head_backward
 from .pool import head_forward, pool_backward, pool_forward
 from .recompute import mark, replay
@@ -77,30 +78,36 @@ def _block_forward(params, prefix, x, cfg, train, rng, keep_cache=True, queries=
     other tokens. Adapters (cfg.lora) act through their linears' weights (tinyvit.nn.lora.adapted_block).
     cfg.precision 'bf16' runs the linears' GEMMs in bfloat16 (tinyvit.nn.layers.linear_forward).
     Plain form: reference.block_forward."""
-    params, c_lora = adapted_block(params, prefix, cfg.lora, train)
+    params, c_lora = adapted_block(params, prefix, cfg.lora)
+    p_lora = cfg.lora.dropout if train and cfg.lora is not None else 0.0  # PEFT's dropout on the adapters' branch
     bf16 = cfg.precision == "bf16"
     qkv, c_n1 = layernorm_linear_forward(x, params[prefix + "norm1.weight"], params[prefix + "norm1.bias"],
                                          params[prefix + "attn.qkv.weight"], params.get(prefix + "attn.qkv.bias"),
                                          cfg.ln_eps, bf16)
+    l_qkv = lora_drop_forward(c_lora, "attn.qkv", c_n1, qkv, p_lora, rng)
     w, b, f1 = _folded(params, prefix, "attn.proj", "ls1.gamma")
     h, c_at = attention_heads_forward(qkv, w, b, cfg.heads, cfg.attn_dropout, rng, train, queries, bf16)
     del qkv
+    l_proj = lora_drop_forward(c_lora, "attn.proj", c_at.proj, h, p_lora, rng, f1.gamma if f1 else None)
     h, c_d1 = dropout_forward(h, cfg.dropout, rng, train)
     h, c_dp1 = drop_path_forward(h, drop_path, rng, train)
     x = x[:, :h.shape[1]] + h  # (B, n, C)
     h, c_f1 = layernorm_linear_forward(x, params[prefix + "norm2.weight"], params[prefix + "norm2.bias"],
                                        params[prefix + "mlp.fc1.weight"], params[prefix + "mlp.fc1.bias"], cfg.ln_eps,
                                        bf16)
+    l_fc1 = lora_drop_forward(c_lora, "mlp.fc1", c_f1, h, p_lora, rng)
     w2, b2, f2 = _folded(params, prefix, "mlp.fc2", "ls2.gamma")
     if keep_cache:  # fc2(dropout(gelu(h))), caching fc1's output and GELU's factor
         h, c_f2 = gelu_linear_forward(h, w2, b2, cfg.gelu, cfg.dropout, rng, train, bf16)
     else:  # inference: GELU in place on fc1's output, nothing kept
         h, _ = dropout_forward(gelu_inplace(h, cfg.gelu), cfg.dropout, rng, train)
         h, c_f2 = linear_forward(h, w2, b2, bf16)
+    l_fc2 = lora_drop_forward(c_lora, "mlp.fc2", c_f2, h, p_lora, rng, f2.gamma if f2 else None)
     h, c_d3 = dropout_forward(h, cfg.dropout, rng, train)
     h, c_dp2 = drop_path_forward(h, drop_path, rng, train)
     x += h  # x is our own buffer here (x + h above), so in place is safe
-    return x, BlockCache(c_n1, c_at, c_d1, c_f1, c_f2, c_d3, f1, c_dp1, f2, c_dp2, c_lora)
+    l_drop = (l_qkv, l_proj, l_fc1, l_fc2) if p_lora else None
+    return x, BlockCache(c_n1, c_at, c_d1, c_f1, c_f2, c_d3, f1, c_dp1, f2, c_dp2, c_lora, l_drop)
 
 
 def _block_infer(params, prefix, x, cfg, queries=None):
@@ -135,42 +142,61 @@ def _block_backward(dx, cache, grads, prefix, want=None, below=True):
     layer and returns None. `cache` is the block's only remaining reference (popped by vit_backward), so
     each layer's saved arrays are freed as soon as its backward is done: a lower peak, as torch frees
     saved tensors. Plain form: reference.block_backward."""
-    c_n1, c_at, c_d1, c_f1, c_f2, c_d3, f1, c_dp1, f2, c_dp2, c_lora = cache  # unpacked so each part can be freed
+    c_n1, c_at, c_d1, c_f1, c_f2, c_d3, f1, c_dp1, f2, c_dp2, c_lora, l_drop = cache  # unpacked so each part can be freed
     del cache
+    l_qkv, l_proj, l_fc1, l_fc2 = l_drop or (None,) * 4
+    extra = {}  # the LoRA branches' own gradients (with dropout on them), added once the weight form's are in
     adapted = adapted_layers(c_lora)  # an adapter trains through its frozen weight's gradient
     t = {k: want is None or prefix + k in adapted or any(want(prefix + k + s) for s in (".weight", ".bias", ".gamma"))
          for k in ("mlp.fc2", "ls2", "mlp.fc1", "norm2", "attn.proj", "ls1", "attn.qkv", "norm1")}
     t_attn = below or t["attn.proj"] or t["ls1"] or t["attn.qkv"] or t["norm1"]  # the gradient between the branches
     try:
         dh = dropout_backward(drop_path_backward(dx, c_dp2), c_d3)
-        dh, dw, db = gelu_linear_backward(dh, c_f2, t_attn or t["mlp.fc1"] or t["norm2"], t["mlp.fc2"] or t["ls2"])
+        e_fc2 = _drop_backward(dh, l_fc2, extra, prefix + "ls2.gamma")
+        dh, dw, db = gelu_linear_backward(dh, c_f2, t_attn or t["mlp.fc1"] or t["norm2"], t["mlp.fc2"] or t["ls2"],
+                                          e_fc2)
         if dw is not None:
             _unfold(grads, prefix, "mlp.fc2", "ls2.gamma", dw, db, f2)
         del c_f2
         if dh is None:
             return None
+        e_fc1 = _drop_backward(dh, l_fc1, extra)
         dh, grads[prefix + "norm2.weight"], grads[prefix + "norm2.bias"], grads[prefix + "mlp.fc1.weight"], \
-            grads[prefix + "mlp.fc1.bias"] = layernorm_linear_backward(dh, c_f1, t_attn, t["mlp.fc1"], t["norm2"])
+            grads[prefix + "mlp.fc1.bias"] = layernorm_linear_backward(dh, c_f1, t_attn, t["mlp.fc1"], t["norm2"], e_fc1)
         del c_f1
         if not t_attn:
             return None
         dx = dx + dh  # residual: both paths carry the gradient
         dh = dropout_backward(drop_path_backward(dx, c_dp1), c_d1)
-        dqkv, dw, db = attention_heads_backward(dh, c_at, below or t["attn.qkv"] or t["norm1"], t["attn.proj"] or t["ls1"])
+        e_proj = _drop_backward(dh, l_proj, extra, prefix + "ls1.gamma")
+        dqkv, dw, db = attention_heads_backward(dh, c_at, below or t["attn.qkv"] or t["norm1"], t["attn.proj"] or t["ls1"],
+                                                e_proj)
         if dw is not None:
             _unfold(grads, prefix, "attn.proj", "ls1.gamma", dw, db, f1)
         del c_at
         if dqkv is None:
             return None
+        e_qkv = _drop_backward(dqkv, l_qkv, extra)
         dh, grads[prefix + "norm1.weight"], grads[prefix + "norm1.bias"], grads[prefix + "attn.qkv.weight"], qkv_b = \
-            layernorm_linear_backward(dqkv, c_n1, below, t["attn.qkv"], t["norm1"])  # (B, N, C)
+            layernorm_linear_backward(dqkv, c_n1, below, t["attn.qkv"], t["norm1"], e_qkv)  # (B, N, C)
         _put(grads, prefix + "attn.qkv.bias", qkv_b)
         if not below:
             return None
         dh[:, :dx.shape[1]] += dx  # the residual reaches the tokens the block returned (all, or the first n)
         return dh
     finally:  # every return, the early ones too: the adapters' gradients come from d W_eff
-        adapter_grads(grads, c_lora)
+        add_extra(adapter_grads(grads, c_lora), extra)
+
+
+def _drop_backward(dy, cache, extra, gamma_key=None):
+    """A LoRA branch dropout's backward (tinyvit.nn.lora_dropout) at its linear's output gradient dy: its
+    gradients go into extra (gamma's under gamma_key), the extra input gradient is returned (None: none)."""
+    if cache is None:
+        return None
+    dx, d_gamma = lora_drop_backward(dy, cache, extra)
+    if d_gamma is not None:
+        extra[gamma_key] = d_gamma
+    return dx
 
 
 def _prepare_images(params, images, cfg):
@@ -275,7 +301,7 @@ def _features_forward(params, images, cfg, train, rng, keep_cache=True, all_toke
         draws, record = rng, None
         if keep_cache and checkpoint:
             x_in = x
-            if train and (cfg.dropout or cfg.attn_dropout or rates[i]):  # the draws the recompute repeats
+            if train and cfg.draws_in_training():  # the draws the recompute repeats
                 draws, record = mark(rng)
         x, c = _block_forward(params, f"blocks.{i}.", x, cfg, train, draws, keep_cache, q, rates[i])
         if keep_cache:
@@ -306,7 +332,7 @@ def _run_batch(fn, params, images, cfg, train):
     check_precision(cfg.precision, get_array_module(params["pos_embed"]))
     images = _prepare_images(params, images, cfg)
     shards = None
-    if not (train and (cfg.dropout or cfg.attn_dropout or cfg.drop_path)):  # one RNG stream, drawn in order
+    if not (train and cfg.draws_in_training()):  # one RNG stream, drawn in order
         shards = batch_shards(images.shape[0], get_array_module(params["pos_embed"]))
     if shards is None:
         return None, [fn(images)]

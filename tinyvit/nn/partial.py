@@ -76,7 +76,7 @@ def tail_forward(params, tokens, cfg: ViTConfig, start, train=False, rng=None, k
         raise TinyViTError(f"tail_forward takes the tokens entering a block 0..{cfg.depth - 1} as (B, {T}, {cfg.dim}), "
                            f"got block {start} and {tuple(tokens.shape)}")
     shards = None
-    if not (train and (cfg.dropout or cfg.attn_dropout or cfg.drop_path)):  # one RNG stream, drawn in order
+    if not (train and cfg.draws_in_training()):  # one RNG stream, drawn in order
         shards = batch_shards(tokens.shape[0], xp)
     if shards is None:
         return _tail(params, tokens, cfg, start, train, rng, keep_cache)

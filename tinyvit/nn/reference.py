@@ -47,42 +47,53 @@ def linear_backward(dout, cache):
 
 
 class LoraCache(NamedTuple):
-    """What lora_backward needs: x, W, A, B, s; for DoRA the magnitude, the row norms n and W' x."""
+    """What lora_backward needs: x, the branch's dropout mask and dropped copy x_d, W, A, B, s; for DoRA
+    the magnitude, the row norms n and W' x_d."""
 
     x: Array
+    mask: Optional[Array]
+    x_d: Array
     w: Array
     a: Array
     b: Array
     s: float
     m: Optional[Array]
     n: Optional[Array]
-    u: Optional[Array]  # x W'^T, W' = W + s B A
+    u: Optional[Array]  # x_d W'^T, W' = W + s B A
 
 
-def lora_forward(x, w, bias, a, b, s, m=None):
-    """LoRA: y = x W^T + bias + s x A^T B^T. DoRA: y = (m / n) * (x W'^T) + bias, n = ||W'|| per row,
-    held constant (PEFT detaches it). W, bias frozen."""
+def lora_forward(x, w, bias, a, b, s, m=None, mask=None):
+    """LoRA: y = x W^T + bias + s x_d A^T B^T. DoRA: y = x W^T + bias + (g - 1) x_d W^T + g s x_d A^T B^T,
+    g = m / n, n = ||W'|| per row held constant (PEFT detaches it); that is g (x W'^T) + bias when nothing
+    drops. x_d = x * mask, the branch's input after dropout (mask: the scaled keep mask; None: x). W,
+    bias frozen."""
+    x_d = x if mask is None else x * mask
     w1 = w + s * (b @ a)  # (out, in)
     if m is None:
-        return x @ w1.T + bias, LoraCache(x, w, a, b, s, None, None, None)
+        return x @ w.T + bias + s * (x_d @ a.T) @ b.T, LoraCache(x, mask, x_d, w, a, b, s, None, None, None)
     n = np.sqrt((w1 * w1).sum(axis=1))  # (out,)
-    u = x @ w1.T
-    return (m / n) * u + bias, LoraCache(x, w, a, b, s, m, n, u)
+    u = x_d @ w1.T  # W' x_d = W x_d + s B A x_d
+    return x @ w.T + bias + (m / n) * u - x_d @ w.T, LoraCache(x, mask, x_d, w, a, b, s, m, n, u)
 
 
 def lora_backward(dout, cache):
-    """(dx, dA, dB, dm) of lora_forward; dm None for LoRA."""
+    """(dx, dA, dB, dm) of lora_forward, dx through both x and x_d; dm None for LoRA."""
     c = cache
-    x2, d2 = c.x.reshape(-1, c.x.shape[-1]), dout.reshape(-1, dout.shape[-1])  # (M, in), (M, out)
+    xd2 = c.x_d.reshape(-1, c.x.shape[-1])  # (M, in)
+    d2 = dout.reshape(-1, dout.shape[-1])  # (M, out)
     dm = None
+    dx = d2 @ c.w  # through x W^T
     if c.m is not None:
-        # dm = sum over rows of dout * u / n; the rest sees dout scaled by g = m / n
+        # dm = sum over rows of dout * u / n; the x_d path sees dout scaled by g = m / n, less x_d W^T's
         dm = (d2 * c.u.reshape(d2.shape)).sum(axis=0) / c.n
+        dx_d = (d2 * (c.m / c.n)) @ (c.w + c.s * (c.b @ c.a)) - d2 @ c.w
         d2 = d2 * (c.m / c.n)
-    w1 = c.w + c.s * (c.b @ c.a)
-    # dW' = d2^T x; dA = s B^T dW', dB = s dW' A^T; dx = d2 W'
-    dw1 = d2.T @ x2
-    return (d2 @ w1).reshape(c.x.shape), c.s * (c.b.T @ dw1), c.s * (dw1 @ c.a.T), dm
+    else:
+        dx_d = c.s * (d2 @ c.b) @ c.a
+    # the branch's weights: dW' = d2^T x_d; dA = s B^T dW', dB = s dW' A^T
+    dw1 = d2.T @ xd2
+    dx += dx_d if c.mask is None else dx_d * c.mask.reshape(dx_d.shape)  # x_d = x * mask
+    return dx.reshape(c.x.shape), c.s * (c.b.T @ dw1), c.s * (dw1 @ c.a.T), dm
 
 
 # --- layernorm --------------------------------------------------------------------------------

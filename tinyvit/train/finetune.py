@@ -102,13 +102,9 @@ def run_finetune(recipe: Recipe, model: ModelSource, data: DataSource, tc: Train
 
 
 def continued_adapter(folder, params, cfg):
-    """(params, cfg) of the base with a PEFT adapter folder's adapters, to train on; its notes said in a line
-    each, and a dropout it names is said not to apply (the model trains its adapters merged into their weights)."""
+    """(params, cfg) of the base with a PEFT adapter folder's adapters (and its lora_dropout), to train on;
+    its notes said in a line each."""
     params, cfg, notes = apply_adapter(folder, params, cfg)
-    if cfg.lora.dropout:  # the model runs each adapter merged into its linear: no dropout on the branch
-        notes.append(f"its lora_dropout {cfg.lora.dropout} does not apply: tinyvit trains adapters without "
-                     "dropout (not implemented yet), and this run's files say lora_dropout 0")
-        cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, dropout=0.0))
     if world().lead:
         for n in notes:
             print(f"note: --adapter {folder}: {n}", file=sys.stderr)
