@@ -335,6 +335,44 @@ def test_branch_dropout_matches_peft_on_transformers_vit(tmp_path, dora):
         assert rel_err(grads[n], p.grad.numpy()) < 1e-9, n
 
 
+@pytest.mark.parametrize("family", ["dinov2_reg", "clip", "siglip", "deit3", "deit_distilled", "reg4_gap",
+                                    "no_qkv_bias"])
+def test_lora_in_training_matches_peft_on_every_family(family):
+    """Each family's blocks (LayerScale, registers, pre-norm, QuickGELU, a latent-attention pool, two heads,
+    no qkv bias) with DoRA or LoRA on all four linears and branch dropout: PEFT's logits and gradients."""
+    peft = pytest.importorskip("peft")
+    from timm_oracle import FAMILIES, timm_model
+    base = FAMILIES[family]
+    dora = family in ("dinov2_reg", "siglip", "deit_distilled")
+    heads = ["head", "head_dist"] if base.distilled else ["head"]
+    pm = peft.get_peft_model(timm_model(base, seed=3), peft.LoraConfig(
+        r=2, lora_alpha=3, lora_dropout=0.25, use_dora=dora, modules_to_save=heads,
+        target_modules=r"blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)")).double()
+    _perturb_adapters(pm, 5)
+    rng = np.random.default_rng(1)
+    images = rng.normal(size=(2, base.in_chans, base.img_size, base.img_size))
+    labels = rng.integers(0, base.num_classes, size=2)
+    cfg = dataclasses.replace(base, lora=LR.LoraConfig(rank=2, alpha=3, dropout=0.25, dora=dora,
+                                                       targets=("qkv", "proj", "fc1", "fc2")))
+    params = {_name(k): v.detach().numpy() for k, v in pm.base_model.model.state_dict().items()
+              if "original_module" not in k}
+    tape = _Tape(np.random.default_rng(2))
+    logits, cache = vit_forward(params, images, cfg, train=True, rng=tape)
+    grads = vit_backward(cross_entropy_backward(1.0, cross_entropy_forward(logits, labels)[1]), cache,
+                         trainable=set(LR.trainable_names(params)))
+    order = [f"base_model.model.blocks.{i}.{m}" for i in range(base.depth)
+             for m in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
+    _inject_masks(pm, tape.draws, order, 0.25, 2)
+    pm.train()
+    logits_t = pm(torch.tensor(images))
+    F.cross_entropy(logits_t, torch.tensor(labels)).backward()
+    assert rel_err(logits, logits_t.detach().numpy()) < 1e-9
+    named = {_name(n): p.grad for n, p in pm.base_model.model.named_parameters() if p.requires_grad}
+    assert set(named) == set(grads)
+    for n, g in named.items():
+        assert rel_err(grads[n], g.numpy()) < 1e-9, n
+
+
 @pytest.mark.parametrize("dora", [False, True])
 def test_branch_dropout_recomputes_and_evaluates_exactly(dora):
     """With gradient checkpointing the backward draws the branches' masks again: the same gradients, bit
