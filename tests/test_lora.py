@@ -395,18 +395,29 @@ def test_branch_dropout_recomputes_and_evaluates_exactly(dora):
 
 @pytest.mark.parametrize("targets", [("qkv",), ("q", "v", "fc2"), ("proj", "fc1")])
 @pytest.mark.parametrize("dora", [False, True])
-def test_the_adapters_train_with_the_base_frozen(targets, dora):
-    """vit_backward(trainable=adapters + head) skips frozen weights' gradients, yet an adapted linear's
-    weight gradient is what its adapters' come from: theirs are the full backward's bits."""
-    base = ViTConfig(img_size=8, patch_size=4, num_classes=3, dim=16, depth=2, heads=2, mlp_dim=32)
-    p, cfg = LR.add_adapters(init_params(base, dtype=np.float64), base, LR.LoraConfig(rank=2, targets=targets, dora=dora))
+@pytest.mark.parametrize("bias", ["none", "all"])
+def test_the_adapters_train_with_the_base_frozen(monkeypatch, targets, dora, bias):
+    """vit_backward(trainable=adapters + head) skips the frozen weights' gradients: LoRA's adapters take
+    theirs low-rank (no weight-gradient GEMM on an adapted linear), DoRA's through the frozen weight's
+    (its magnitude needs it), BitFit's trained biases through it too; all equal the full backward's."""
+    from tinyvit.nn import layers
+    base = ViTConfig(img_size=8, patch_size=4, num_classes=3, dim=16, depth=2, heads=2, mlp_dim=32, init_values=0.5)
+    p, cfg = LR.add_adapters(init_params(base, dtype=np.float64), base, LR.LoraConfig(rank=2, alpha=3, targets=targets, dora=dora))
     rng = np.random.default_rng(0)
     p = {k: v + 0.1 * rng.normal(size=v.shape) if ".lora_" in k else v for k, v in p.items()}  # B != 0
     x, y = rng.normal(size=(3, 3, 8, 8)), np.array([0, 2, 1])
     full = _tinyvit_step(p, cfg, x, y, np)[1]
     logits, cache = vit_forward(p, x, cfg)
-    trained = set(LR.trainable_names(p))
+    trained = set(LR.trainable_names(p, bias))
+    dense, real = [], layers.linear_backward
+
+    def counted(dout, c, need_dx=True, need_dw=True):
+        dense.append(need_dw and c.w.shape[0] != 3)  # weight-gradient GEMMs other than the head's
+        return real(dout, c, need_dx, need_dw)
+
+    monkeypatch.setattr(layers, "linear_backward", counted)
     part = vit_backward(cross_entropy_backward(1.0, cross_entropy_forward(logits, y)[1]), cache, trainable=trained)
     assert trained <= set(part)
     for k in trained:
-        assert np.array_equal(part[k], full[k]), k
+        assert rel_err(part[k], full[k]) < 1e-12, k
+    assert any(dense) == (dora or bias == "all")

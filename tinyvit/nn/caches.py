@@ -163,7 +163,7 @@ class BlockCache(NamedTuple):
     ls2: Optional["LayerScaleFold"] = None  # and of the MLP branch (folded into mlp.fc2)
     drop_path2: Optional[Array] = None
     lora: Optional[list] = None  # the adapted linears' (name, LoraWeightCache) (tinyvit.nn.lora.adapted_block)
-    lora_drop: Optional[tuple] = None  # LoRA's branch dropout on qkv, proj, fc1, fc2 (tinyvit.nn.lora_dropout)
+    lora_drop: Optional[tuple] = None  # LoRA's branch dropout on qkv, proj, fc1, fc2 (tinyvit.nn.lora_branch)
 
 
 class BlockCheckpoint(NamedTuple):

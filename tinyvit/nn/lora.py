@@ -9,7 +9,7 @@ The layer pair (lora_linear_forward / _backward) is the branch form; the model r
 (lora_weight / _backward: the linear's weight W_eff = W' or g W', whose gradient G the model's own
 backward already computes, then dA = s B^T G', dB = s G' A^T with G' = G or g G, dm = rowsum(G W') / n),
 which is the same math whenever no dropout acts on the branch (with dropout, the model adds the difference:
-tinyvit.nn.lora_dropout). Plain forms: reference.lora_forward.
+tinyvit.nn.lora_branch). Plain forms: reference.lora_forward.
 """
 import dataclasses
 import math
@@ -282,14 +282,14 @@ def _weight_key(name):
 
 
 def adapted_layers(caches):
-    """The names of the linears (blocks.i.attn.qkv, ...) that adapter_grads needs a weight gradient of."""
+    """The names of the linears (blocks.i.attn.qkv, ...) that carry adapters."""
     return {_weight_key(name)[:-len(".weight")] for name, _ in caches or ()}
 
 
 def adapted_block(params, prefix, lora: Optional[LoraConfig]):
     """(params, caches) for the block at prefix: params seen through each adapted linear's W_eff (the
     block's code runs unchanged on it), and what adapter_grads needs; (params, None) without adapters.
-    Dropout on the branch in training is added beside it (tinyvit.nn.lora_dropout)."""
+    Dropout on the branch in training is added beside it (tinyvit.nn.lora_branch)."""
     if lora is None:
         return params, None
     eff, caches = {}, []
@@ -314,7 +314,9 @@ def adapter_grads(grads, caches):
     adapters' (and the frozen weights' own), in place; returns grads."""
     for name, c in caches or ():
         key, t = _weight_key(name), name.rsplit(".", 1)[1]
-        g = grads[key]
+        g = grads.get(key)
+        if g is None:  # not computed: this adapter's gradients were taken low-rank (tinyvit.nn.lora_branch)
+            continue
         if t in ROWS:
             D = g.shape[1]
             rows = slice(ROWS[t] * D, (ROWS[t] + 1) * D)

@@ -40,7 +40,7 @@ from .layers import (
     rowsum,
 )
 from .lora import adapted_block, adapted_layers, adapter_grads
-from .lora_dropout import add_extra, lora_drop_backward, lora_drop_forward
+from .lora_branch import add_extra, lora_branch_backward, lora_drop_forward, low_rank_linears
 from .pool import head_backward as _head_backward
 from .pool import head_forward, pool_backward, pool_forward
 from .recompute import mark, replay
@@ -145,40 +145,55 @@ def _block_backward(dx, cache, grads, prefix, want=None, below=True):
     c_n1, c_at, c_d1, c_f1, c_f2, c_d3, f1, c_dp1, f2, c_dp2, c_lora, l_drop = cache  # unpacked so each part can be freed
     del cache
     l_qkv, l_proj, l_fc1, l_fc2 = l_drop or (None,) * 4
-    extra = {}  # the LoRA branches' own gradients (with dropout on them), added once the weight form's are in
-    adapted = adapted_layers(c_lora)  # an adapter trains through its frozen weight's gradient
-    t = {k: want is None or prefix + k in adapted or any(want(prefix + k + s) for s in (".weight", ".bias", ".gamma"))
-         for k in ("mlp.fc2", "ls2", "mlp.fc1", "norm2", "attn.proj", "ls1", "attn.qkv", "norm1")}
+    own = {k: want is None or any(want(prefix + k + s) for s in (".weight", ".bias", ".gamma"))
+           for k in ("mlp.fc2", "ls2", "mlp.fc1", "norm2", "attn.proj", "ls1", "attn.qkv", "norm1")}
+    # adapters train through their linear: its output gradient is needed, and its weight gradient unless
+    # they take theirs low-rank (tinyvit.nn.lora_branch)
+    low = set() if want is None else low_rank_linears(c_lora, lambda k: own[k] or own.get(_LS.get(k)))
+    adapted = {k[len(prefix):] for k in adapted_layers(c_lora)}
+    t = {k: v or k in adapted for k, v in own.items()}
     t_attn = below or t["attn.proj"] or t["ls1"] or t["attn.qkv"] or t["norm1"]  # the gradient between the branches
+    extra = {}  # the adapters' own gradients (low-rank, dropout's), added once the weight form's are in
+
+    def branch(dy, linear, fused, drop, gamma=None):
+        """The adapters' own part at a linear (lora_branch_backward): its extra input gradient, or None."""
+        if drop is None and linear not in low:
+            return None
+        dx, d_gamma = lora_branch_backward(dy, c_lora, linear, fused, drop, linear in low, gamma, extra)
+        if d_gamma is not None:
+            extra[prefix + _LS[linear] + ".gamma"] = d_gamma
+        return dx
+
     try:
         dh = dropout_backward(drop_path_backward(dx, c_dp2), c_d3)
-        e_fc2 = _drop_backward(dh, l_fc2, extra, prefix + "ls2.gamma")
-        dh, dw, db = gelu_linear_backward(dh, c_f2, t_attn or t["mlp.fc1"] or t["norm2"], t["mlp.fc2"] or t["ls2"],
-                                          e_fc2)
+        e = branch(dh, "mlp.fc2", c_f2, l_fc2, f2.gamma if f2 else None)
+        dh, dw, db = gelu_linear_backward(dh, c_f2, t_attn or t["mlp.fc1"] or t["norm2"],
+                                          (t["mlp.fc2"] or t["ls2"]) and "mlp.fc2" not in low, e)
         if dw is not None:
             _unfold(grads, prefix, "mlp.fc2", "ls2.gamma", dw, db, f2)
         del c_f2
         if dh is None:
             return None
-        e_fc1 = _drop_backward(dh, l_fc1, extra)
+        e = branch(dh, "mlp.fc1", c_f1, l_fc1)
         dh, grads[prefix + "norm2.weight"], grads[prefix + "norm2.bias"], grads[prefix + "mlp.fc1.weight"], \
-            grads[prefix + "mlp.fc1.bias"] = layernorm_linear_backward(dh, c_f1, t_attn, t["mlp.fc1"], t["norm2"], e_fc1)
+            grads[prefix + "mlp.fc1.bias"] = layernorm_linear_backward(dh, c_f1, t_attn, t["mlp.fc1"] and "mlp.fc1" not in low,
+                                                                       t["norm2"], e)
         del c_f1
         if not t_attn:
             return None
         dx = dx + dh  # residual: both paths carry the gradient
         dh = dropout_backward(drop_path_backward(dx, c_dp1), c_d1)
-        e_proj = _drop_backward(dh, l_proj, extra, prefix + "ls1.gamma")
-        dqkv, dw, db = attention_heads_backward(dh, c_at, below or t["attn.qkv"] or t["norm1"], t["attn.proj"] or t["ls1"],
-                                                e_proj)
+        e = branch(dh, "attn.proj", c_at.proj, l_proj, f1.gamma if f1 else None)
+        dqkv, dw, db = attention_heads_backward(dh, c_at, below or t["attn.qkv"] or t["norm1"],
+                                                (t["attn.proj"] or t["ls1"]) and "attn.proj" not in low, e)
         if dw is not None:
             _unfold(grads, prefix, "attn.proj", "ls1.gamma", dw, db, f1)
         del c_at
         if dqkv is None:
             return None
-        e_qkv = _drop_backward(dqkv, l_qkv, extra)
+        e = branch(dqkv, "attn.qkv", c_n1, l_qkv)
         dh, grads[prefix + "norm1.weight"], grads[prefix + "norm1.bias"], grads[prefix + "attn.qkv.weight"], qkv_b = \
-            layernorm_linear_backward(dqkv, c_n1, below, t["attn.qkv"], t["norm1"], e_qkv)  # (B, N, C)
+            layernorm_linear_backward(dqkv, c_n1, below, t["attn.qkv"] and "attn.qkv" not in low, t["norm1"], e)
         _put(grads, prefix + "attn.qkv.bias", qkv_b)
         if not below:
             return None
@@ -188,15 +203,7 @@ def _block_backward(dx, cache, grads, prefix, want=None, below=True):
         add_extra(adapter_grads(grads, c_lora), extra)
 
 
-def _drop_backward(dy, cache, extra, gamma_key=None):
-    """A LoRA branch dropout's backward (tinyvit.nn.lora_dropout) at its linear's output gradient dy: its
-    gradients go into extra (gamma's under gamma_key), the extra input gradient is returned (None: none)."""
-    if cache is None:
-        return None
-    dx, d_gamma = lora_drop_backward(dy, cache, extra)
-    if d_gamma is not None:
-        extra[gamma_key] = d_gamma
-    return dx
+_LS = {"attn.proj": "ls1", "mlp.fc2": "ls2"}  # the LayerScale folded into a branch's last linear
 
 
 def _prepare_images(params, images, cfg):

@@ -1,12 +1,16 @@
-"""LoRA's dropout in training (PEFT's lora_dropout) beside the merged weight the model runs.
+"""The adapters' own backward beside the merged weight the model runs (tinyvit.nn.lora.adapted_block).
 
-The model runs each adapter merged into its linear (W_eff, tinyvit.nn.lora.adapted_block), which is
-PEFT's math when nothing drops. With dropout on the branch's input, x_d = dropout(x), PEFT's output
-differs from x W_eff^T + b by (x_d - x) (W_eff - W)^T, for LoRA (W_eff - W = s B A) and DoRA
-(g W' - W, the norm in g held constant) alike: each adapted linear adds that correction, low-rank for
-LoRA, dense for DoRA. Its backward gives the adapters' (and the frozen weight's) extra gradients and
-an extra input gradient, (mask - 1) * (dy (W_eff - W)), which the fused layer adds to its own.
-Plain form: reference.lora_forward with the dropout mask.
+Low-rank gradients: a LoRA adapter's gradients through its frozen weight's are dA = s B^T G, dB = s G A^T
+with G = dy^T x, a GEMM as large as the linear's; where nothing else needs G (the weight, its bias and
+LayerScale frozen), they are taken low-rank instead, dA = s (dy B)^T x and dB = s dy^T (x A^T), so the
+frozen base costs only its input gradient, as under PEFT. DoRA's magnitude needs G: it keeps the weight form.
+
+Dropout (PEFT's lora_dropout) in training: with x_d = dropout(x) on the branch's input, PEFT's output
+differs from x W_eff^T + b by (x_d - x) (W_eff - W)^T, for LoRA (W_eff - W = s B A) and DoRA (g W' - W,
+the norm in g held constant) alike: each adapted linear adds that correction, low-rank for LoRA, dense
+for DoRA. Its backward gives the adapters' (and the frozen weight's) extra gradients and an extra input
+gradient, (mask - 1) * (dy (W_eff - W)), which the fused layer adds to its own.
+Plain form: reference.lora_forward (with the dropout mask) and reference.lora_backward.
 """
 from typing import Any, NamedTuple, Optional
 
@@ -95,15 +99,46 @@ def _linear_of(name):
     return "attn.qkv" if parts[-1] in ROWS else ".".join(parts[2:])
 
 
-def lora_drop_backward(dy, cache, extra):
-    """Given dL/dy of the linear's output (after gamma), add each branch's gradients into `extra` (the
-    adapters' by name; the frozen weight's under ('weight', adapter name)); return (the extra input
-    gradient, shaped as dy with the input's width; gamma's extra gradient, or None without LayerScale)."""
+def low_rank_linears(c_lora, trains):
+    """The block's linears ('attn.qkv', ...) whose adapters take their gradients low-rank: LoRA's (not
+    DoRA's) on a linear whose own weight, bias and LayerScale do not train (trains(linear) False)."""
+    return {_linear_of(n) for n, c in c_lora or () if c.g is None and not trains(_linear_of(n))}
+
+
+def lora_branch_backward(dy, c_lora, linear, cache, drop, low_rank, gamma, extra):
+    """The adapters' own backward at `linear`, given dL/dy of its output (after LayerScale's gamma): the
+    low-rank gradients (low_rank; `cache` is the fused layer's, whose input is made again), then dropout's
+    part (drop: lora_drop_forward's cache, or None). The gradients go into `extra` (the adapters' by name;
+    a frozen weight's under ('weight', adapter name)); returns (the extra input gradient shaped as dy with
+    the input's width, or None; gamma's extra gradient, or None)."""
     dy2 = dy.reshape(-1, dy.shape[-1])  # (T, out)
     d_gamma = None
-    if cache.gamma is not None:
-        d_gamma = (dy2 * cache.corr).sum(axis=0)  # (out,)
-        dy2 = dy2 * cache.gamma
+    if drop is not None and drop.gamma is not None:
+        d_gamma = (dy2 * drop.corr).sum(axis=0)  # (out,)
+    if gamma is not None:
+        dy2 = dy2 * gamma  # the gradient at the linear's own output
+    if low_rank:
+        x = linear_input(cache)
+        x2 = x.reshape(-1, x.shape[-1])  # (T, in)
+        for name, c in c_lora:
+            if _linear_of(name) == linear:
+                d = _rows(dy2, name, x2.shape[1])
+                _add(extra, f"{name}.{A}", c.scale * ((d @ c.b).T @ x2))  # s (dy B)^T x: (r, in)
+                _add(extra, f"{name}.{B}", c.scale * (d.T @ (x2 @ c.a.T)))  # s dy^T (x A^T): (out, r)
+    if drop is None:
+        return None, d_gamma
+    return _drop_backward(dy2, drop, extra).reshape(dy.shape[:-1] + (-1,)), d_gamma
+
+
+def _rows(dy2, name, width):
+    """dy2's columns that an adapter's output feeds: a third of qkv's for q, k, v, else all."""
+    t = name.rsplit(".", 1)[1]
+    return dy2[:, ROWS[t] * width:(ROWS[t] + 1) * width] if t in ROWS else dy2
+
+
+def _drop_backward(dy2, cache, extra):
+    """The dropout corrections' backward, given the linear's own output gradient (T, out): the gradients
+    into extra, the extra input gradient (T, in) returned."""
     dx = None
     for br in cache.branches:
         d = dy2 if br.rows is None else dy2[:, br.rows]  # (T, out of this adapter)
@@ -123,7 +158,7 @@ def lora_drop_backward(dy, cache, extra):
             dxi = d @ br.dw
         dxi *= br.mask - 1  # through x_d - x = x (mask - 1)
         dx = dxi if dx is None else dx + dxi
-    return dx.reshape(dy.shape[:-1] + (dx.shape[-1],)), d_gamma
+    return dx
 
 
 def _add(extra, key, g):
@@ -132,19 +167,22 @@ def _add(extra, key, g):
 
 
 def add_extra(grads, extra):
-    """Add the branches' gradients (lora_drop_backward's `extra`) into grads, after adapter_grads wrote the
-    weight form's: the adapters' by name, the frozen weights' into their rows (where grads holds them)."""
+    """Add the branches' gradients (lora_branch_backward's `extra`) into grads, after adapter_grads wrote the
+    weight form's (set where it wrote none: the low-rank ones), the frozen weights' into their rows
+    where grads holds them."""
     for key, g in extra.items():
         if isinstance(key, tuple):  # the frozen weight an adapter sits on (qkv's rows for q, k, v)
             name = key[1]
             t = name.rsplit(".", 1)[1]
             wkey = name.rsplit(".", 1)[0] + ".qkv.weight" if t in ROWS else name + ".weight"
-            if wkey in grads:
+            if grads.get(wkey) is not None:
                 D = g.shape[1]
                 if t in ROWS:
                     grads[wkey][ROWS[t] * D:(ROWS[t] + 1) * D] += g
                 else:
                     grads[wkey] += g
-        elif key in grads:
+        elif grads.get(key) is not None:
             grads[key] += g
+        elif not key.endswith(".gamma"):  # a low-rank adapter's; a frozen LayerScale gets none
+            grads[key] = g
     return grads
