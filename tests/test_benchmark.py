@@ -49,4 +49,22 @@ def test_bf16_races_torch_autocast():
     assert case["torch_bf16_matmul_peak_gflops"] > 0 and case["train_step"]["torch_ms"] > 0
     r = run_script("benchmark.py", *TINY, "--precision", "bf16", "--dtype", "float64")
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
-        "error: --precision bf16 times float32 models' steps: not with --memory, --freeze or --dtype float64"]
+        "error: --precision bf16 times float32 models' steps: not with --memory, --freeze, --lora-rank or --dtype "
+        "float64"]
+
+
+def test_lora_step_races_the_full_step_and_peft():
+    """--lora-rank: the LoRA step (adapters and head trained) beside the full step and PEFT's on torch; PEFT's
+    whole-linear adapters only (q, v refused in one line)."""
+    pytest.importorskip("peft")
+    r = run_script("benchmark.py", *TINY, "--lora-rank", "4", "--lora-targets", "qkv,fc2", "--vs-torch", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["lora"]["targets"] == ["qkv", "fc2"] and out["hardware"]["cpu"] == features.cpu_name()
+    # mnist preset: 6 blocks x 4 (64 + 192 + 128 + 64) adapter numbers, and the 10-class head
+    assert out["trained_params"] == 6 * 4 * (64 + 192 + 128 + 64) + 64 * 10 + 10
+    assert out["lora_step_ms"] > 0 and out["peft_step_ms"] > 0
+    assert out["ratio_to_peft"] == out["lora_step_ms"] / out["peft_step_ms"]
+    r = run_script("benchmark.py", *TINY, "--lora-rank", "4", "--lora-targets", "q,v", "--vs-torch")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+        "error: --lora-rank --vs-torch: PEFT adapts whole linears; name qkv, proj, fc1 or fc2")

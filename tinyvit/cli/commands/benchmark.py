@@ -26,7 +26,7 @@ import numpy as np
 import tinyvit  # noqa: F401  (before NumPy: sets OpenBLAS's spin time, see tinyvit/__init__.py)
 from tinyvit import init_params, preset, vit_backward, vit_forward
 from tinyvit.backend import get_backend, synchronize, to_device
-from tinyvit.cli.commands import bench_memory
+from tinyvit.cli.commands import bench_lora, bench_memory
 from tinyvit.cli.finetune import freeze_patterns
 from tinyvit.cli.report import run
 from tinyvit.cpu import bf16
@@ -364,14 +364,20 @@ def main():
                     help="time the train step of --preset (default vit-b16) with the params matching these shell "
                          "patterns over timm's names frozen, beside the full step, e.g. "
                          "'patch_embed.*,cls_token,pos_embed,blocks.[0-9].*' (no other timing)")
+    ap.add_argument("--lora-rank", type=int, default=None, metavar="R",
+                    help="time --preset's (default vit-ti16) train step with LoRA adapters of rank R and the head "
+                         "trained beside the full step, and with --vs-torch PEFT's (no other timing)")
+    ap.add_argument("--lora-targets", default="qkv", metavar="NAME[,NAME]",
+                    help="--lora-rank's adapted linears: qkv, proj, fc1, fc2 (default qkv)")
     ap.add_argument("--_probe", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._probe:
         return bench_memory.probe(args, _overrides(args))
     default = ONNX_CASES if args.vs_onnxruntime and not args.vs_torch else DEFAULT_CASES[args.backend]
     cases = [(args.preset, b) for b in args.batch or [8]] if args.preset else default
-    if args.precision == "bf16" and (args.memory or args.freeze or args.dtype != "float32"):
-        raise TinyViTError("--precision bf16 times float32 models' steps: not with --memory, --freeze or --dtype float64")
+    if args.precision == "bf16" and (args.memory or args.freeze or args.lora_rank or args.dtype != "float32"):
+        raise TinyViTError("--precision bf16 times float32 models' steps: not with --memory, --freeze, --lora-rank "
+                           "or --dtype float64")
     if args.memory:
         return memory(cases, args)
     xp = get_backend(args.backend)
@@ -379,6 +385,10 @@ def main():
     info = hardware_info(args)  # which CPU features and BLAS ran every figure below, in one line
     if not args.json:
         print(hardware_line(info), flush=True)
+    if args.lora_rank is not None:
+        r = bench_lora.lora_case(args.preset or "vit-ti16", (args.batch or [32])[0], args, xp, median_time)
+        print(json.dumps(dict(r, hardware=info)) if args.json else bench_lora.lora_line(r))
+        return
     if args.freeze:
         r = freeze_case(args.preset or "vit-b16", (args.batch or [8])[0], args, xp)
         print(json.dumps(dict(r, hardware=info)) if args.json else
