@@ -276,14 +276,25 @@ def merged_model(params, cfg):
 # --- the model's hooks: one block's adapted linears -----------------------------------------------
 
 
-def _weight_key(name):
+def weight_key(name):
     """The params' key of the linear weight an adapter acts on (qkv's for q, k, v)."""
     return name.rsplit(".", 1)[0] + ".qkv.weight" if name.rsplit(".", 1)[1] in ROWS else name + ".weight"
 
 
+def linear_of(name):
+    """The linear an adapter sits on, within its block: 'attn.qkv' for q, k, v, else 'attn.proj', ... ."""
+    return weight_key(name).split(".", 2)[2][:-len(".weight")]
+
+
+def rows_of(name, width):
+    """The rows of the linear's output an adapter feeds: a third of qkv's (width each) for q, k, v; None: all."""
+    t = name.rsplit(".", 1)[1]
+    return slice(ROWS[t] * width, (ROWS[t] + 1) * width) if t in ROWS else None
+
+
 def adapted_layers(caches):
-    """The names of the linears (blocks.i.attn.qkv, ...) that carry adapters."""
-    return {_weight_key(name)[:-len(".weight")] for name, _ in caches or ()}
+    """The linears within the block ('attn.qkv', ...) that carry adapters."""
+    return {linear_of(name) for name, _ in caches or ()}
 
 
 def adapted_block(params, prefix, lora: Optional[LoraConfig]):
@@ -297,7 +308,7 @@ def adapted_block(params, prefix, lora: Optional[LoraConfig]):
         name = adapter_name(int(prefix.split(".")[1]), t)
         w_eff, c = lora_weight(base_weight(params, name), params[f"{name}.{A}"], params[f"{name}.{B}"],
                                lora.scale, params.get(f"{name}.{M}"))
-        key = _weight_key(name)
+        key = weight_key(name)
         if t in ROWS:
             D = w_eff.shape[1]
             if key not in eff:
@@ -313,13 +324,12 @@ def adapter_grads(grads, caches):
     """Turn the adapted linears' weight gradients (d W_eff, as the block's backward wrote them) into the
     adapters' (and the frozen weights' own), in place; returns grads."""
     for name, c in caches or ():
-        key, t = _weight_key(name), name.rsplit(".", 1)[1]
+        key = weight_key(name)
         g = grads.get(key)
         if g is None:  # not computed: this adapter's gradients were taken low-rank (tinyvit.nn.lora_branch)
             continue
-        if t in ROWS:
-            D = g.shape[1]
-            rows = slice(ROWS[t] * D, (ROWS[t] + 1) * D)
+        rows = rows_of(name, g.shape[1])
+        if rows is not None:
             dw, grads[f"{name}.{A}"], grads[f"{name}.{B}"], dm = lora_weight_backward(g[rows], c)
             g[rows] = dw
         else:

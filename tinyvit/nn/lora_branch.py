@@ -16,7 +16,7 @@ from typing import Any, NamedTuple, Optional
 
 from .caches import GeluLinearCache, LayerNormLinearCache
 from .layers import dropout_forward
-from .lora import ROWS, A, B, LoraWeightCache, M, lora_weight_backward
+from .lora import A, B, LoraWeightCache, M, linear_of, lora_weight_backward, rows_of, weight_key
 
 Array = Any
 
@@ -58,8 +58,7 @@ def linear_input(cache):
 
 def _branch(name, c: LoraWeightCache, x2, p_drop, rng):
     """One adapter's DropBranch and its correction (T, out) for input rows x2 (T, in)."""
-    t = name.rsplit(".", 1)[1]
-    rows = slice(ROWS[t] * x2.shape[1], (ROWS[t] + 1) * x2.shape[1]) if t in ROWS else None
+    rows = rows_of(name, x2.shape[1])
     x_d, mask = dropout_forward(x2, p_drop, rng, True)
     delta = x_d - x2  # (T, in)
     if c.g is None:  # LoRA: s (x_d - x) A^T B^T, rank r throughout
@@ -73,7 +72,7 @@ def lora_drop_forward(c_lora, linear, cache, y, p_drop, rng, gamma=None):
     """Add PEFT's branch dropout to y, the output of the linear named `linear` ('attn.qkv', ...) whose
     fused layer left `cache`, in place (times LayerScale's gamma where it has one); returns the
     LoraDropCache, or None when no adapter sits on this linear or nothing drops."""
-    ads = [(n, c) for n, c in c_lora or () if _linear_of(n) == linear]
+    ads = [(n, c) for n, c in c_lora or () if linear_of(n) == linear]
     if not ads or not p_drop:
         return None
     x = linear_input(cache)
@@ -93,16 +92,10 @@ def lora_drop_forward(c_lora, linear, cache, y, p_drop, rng, gamma=None):
     return LoraDropCache(tuple(branches), gamma, corr)
 
 
-def _linear_of(name):
-    """The linear an adapter sits on, in its block: attn.qkv for q, k, v."""
-    parts = name.split(".")
-    return "attn.qkv" if parts[-1] in ROWS else ".".join(parts[2:])
-
-
 def low_rank_linears(c_lora, trains):
     """The block's linears ('attn.qkv', ...) whose adapters take their gradients low-rank: LoRA's (not
     DoRA's) on a linear whose own weight, bias and LayerScale do not train (trains(linear) False)."""
-    return {_linear_of(n) for n, c in c_lora or () if c.g is None and not trains(_linear_of(n))}
+    return {linear_of(n) for n, c in c_lora or () if c.g is None and not trains(linear_of(n))}
 
 
 def lora_branch_backward(dy, c_lora, linear, cache, drop, low_rank, gamma, extra):
@@ -121,19 +114,14 @@ def lora_branch_backward(dy, c_lora, linear, cache, drop, low_rank, gamma, extra
         x = linear_input(cache)
         x2 = x.reshape(-1, x.shape[-1])  # (T, in)
         for name, c in c_lora:
-            if _linear_of(name) == linear:
-                d = _rows(dy2, name, x2.shape[1])
+            if linear_of(name) == linear:
+                rows = rows_of(name, x2.shape[1])
+                d = dy2 if rows is None else dy2[:, rows]  # (T, out of this adapter)
                 _add(extra, f"{name}.{A}", c.scale * ((d @ c.b).T @ x2))  # s (dy B)^T x: (r, in)
                 _add(extra, f"{name}.{B}", c.scale * (d.T @ (x2 @ c.a.T)))  # s dy^T (x A^T): (out, r)
     if drop is None:
         return None, d_gamma
     return _drop_backward(dy2, drop, extra).reshape(dy.shape[:-1] + (-1,)), d_gamma
-
-
-def _rows(dy2, name, width):
-    """dy2's columns that an adapter's output feeds: a third of qkv's for q, k, v, else all."""
-    t = name.rsplit(".", 1)[1]
-    return dy2[:, ROWS[t] * width:(ROWS[t] + 1) * width] if t in ROWS else dy2
 
 
 def _drop_backward(dy2, cache, extra):
@@ -172,15 +160,12 @@ def add_extra(grads, extra):
     where grads holds them."""
     for key, g in extra.items():
         if isinstance(key, tuple):  # the frozen weight an adapter sits on (qkv's rows for q, k, v)
-            name = key[1]
-            t = name.rsplit(".", 1)[1]
-            wkey = name.rsplit(".", 1)[0] + ".qkv.weight" if t in ROWS else name + ".weight"
+            wkey, rows = weight_key(key[1]), rows_of(key[1], g.shape[1])
             if grads.get(wkey) is not None:
-                D = g.shape[1]
-                if t in ROWS:
-                    grads[wkey][ROWS[t] * D:(ROWS[t] + 1) * D] += g
-                else:
+                if rows is None:
                     grads[wkey] += g
+                else:
+                    grads[wkey][rows] += g
         elif grads.get(key) is not None:
             grads[key] += g
         elif not key.endswith(".gamma"):  # a low-rank adapter's; a frozen LayerScale gets none

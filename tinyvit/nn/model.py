@@ -150,7 +150,7 @@ def _block_backward(dx, cache, grads, prefix, want=None, below=True):
     # adapters train through their linear: its output gradient is needed, and its weight gradient unless
     # they take theirs low-rank (tinyvit.nn.lora_branch)
     low = set() if want is None else low_rank_linears(c_lora, lambda k: own[k] or own.get(_LS.get(k)))
-    adapted = {k[len(prefix):] for k in adapted_layers(c_lora)}
+    adapted = adapted_layers(c_lora)
     t = {k: v or k in adapted for k, v in own.items()}
     t_attn = below or t["attn.proj"] or t["ls1"] or t["attn.qkv"] or t["norm1"]  # the gradient between the branches
     extra = {}  # the adapters' own gradients (low-rank, dropout's), added once the weight form's are in
