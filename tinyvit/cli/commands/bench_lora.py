@@ -21,7 +21,7 @@ def lora_config(args):
     return LoraConfig(rank=args.lora_rank, targets=targets)
 
 
-def _tinyvit_step(params, cfg, x, y, names):
+def train_step(params, cfg, x, y, names):
     """One train step of tinyvit (AdamW at lr 0: every step times the same weights) over `names` (None: all)."""
     opt = AdamW(lr=0.0)
 
@@ -35,14 +35,10 @@ def _tinyvit_step(params, cfg, x, y, names):
 
 def _peft_step(cfg, params, x, y, lora, threads):
     """PEFT's LoRA step on the torch model of the same base params (the benchmark's own rival)."""
-    import sys
-    import types
-
     import torch
 
-    from tinyvit.cli.commands.benchmark import torch_model
-    # transformers (which peft imports) reaches torchvision, whose C ops the CPU torch wheel lacks
-    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+    from tinyvit.cli.commands.benchmark import stub_torchvision_ops, torch_model
+    stub_torchvision_ops()  # transformers (which peft imports) reaches torchvision
     try:
         import peft
     except ModuleNotFoundError as e:
@@ -67,12 +63,14 @@ def _peft_step(cfg, params, x, y, lora, threads):
     return step
 
 
-def lora_case(name, batch, args, xp, median_time):
+def lora_case(name, batch, args, xp):
     """The full step, the LoRA step and (--vs-torch) PEFT's, interleaved rounds: a dict ready for JSON."""
+    from tinyvit.cli.commands.benchmark import _overrides, median_time  # its caller: loaded by now
+
     if args.dtype != "float32" or args.backend != "numpy" and args.vs_torch:
         raise TinyViTError("--lora-rank times float32 steps (and races PEFT on NumPy's CPU only)")
     lora = lora_config(args)
-    cfg = preset(name, **{k: v for k, v in (("img_size", args.img_size), ("patch_size", args.patch_size)) if v})
+    cfg = preset(name, **_overrides(args))
     rng = np.random.default_rng(0)
     x_host = rng.standard_normal((batch, cfg.in_chans, cfg.img_size, cfg.img_size)).astype(np.float32)
     y_host = rng.integers(0, cfg.num_classes, size=batch)
@@ -80,8 +78,8 @@ def lora_case(name, batch, args, xp, median_time):
     adapted, acfg = add_adapters(base, cfg, lora)
     params, x, y = to_device(adapted, xp), xp.asarray(x_host), xp.asarray(y_host)
     trained = set(lora_trainable(adapted))
-    steps = {"full": _tinyvit_step(to_device(base, xp), cfg, x, y, None),
-             "lora": _tinyvit_step(params, acfg, x, y, trained)}
+    steps = {"full": train_step(to_device(base, xp), cfg, x, y, None),
+             "lora": train_step(params, acfg, x, y, trained)}
     if args.vs_torch:
         steps["peft"] = _peft_step(cfg, base, x_host, y_host, lora, args.threads)
     times = {k: [] for k in steps}

@@ -122,9 +122,8 @@ def torch_model(cfg, params, dtype, rival="auto"):
     if rival == "auto" and cfg == plain and cfg.gelu != "quick":
         return torch_vit_from_params(cfg, params, dtype)
     import functools
-    import types
 
-    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+    stub_torchvision_ops()
     try:
         from timm.models.deit import VisionTransformerDistilled
         from timm.models.vision_transformer import VisionTransformer
@@ -137,6 +136,13 @@ def torch_model(cfg, params, dtype, rival="auto"):
     model = cls(**timm_model_args(cfg), norm_layer=functools.partial(torch.nn.LayerNorm, eps=cfg.ln_eps))
     model.load_state_dict({k: torch.tensor(v) for k, v in params.items()}, strict=True)
     return model.to(dtype)
+
+
+def stub_torchvision_ops():
+    """Let timm and transformers import torchvision beside the CPU torch wheel, which lacks its C ops."""
+    import types
+
+    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
 
 
 def torch_fns(cfg, params, x, y, device, rival="auto", bf16=False):
@@ -283,16 +289,7 @@ def freeze_case(name, batch, args, xp):
     x = xp.asarray(rng.standard_normal((batch, cfg.in_chans, cfg.img_size, cfg.img_size)).astype(dtype))
     y = xp.asarray(rng.integers(0, cfg.num_classes, size=batch))
     trained = trainable_names(params, freeze_patterns(args.freeze))
-    steps = {}
-    for what, names in (("full", None), ("frozen", trained)):
-        opt = AdamW(lr=0.0)  # lr 0: every step times the same weights
-
-        def step(names=names, opt=opt):
-            logits, cache = vit_forward(params, x, cfg, train=True)
-            _, ce = cross_entropy_forward(logits, y)
-            grads = vit_backward(cross_entropy_backward(1.0, ce), cache, names)
-            opt.step({k: params[k] for k in grads}, grads)
-        steps[what] = step
+    steps = {what: bench_lora.train_step(params, cfg, x, y, names) for what, names in (("full", None), ("frozen", trained))}
     times = {k: [] for k in steps}
     for _ in range(args.rounds):
         for what, step in steps.items():
@@ -386,7 +383,7 @@ def main():
     if not args.json:
         print(hardware_line(info), flush=True)
     if args.lora_rank is not None:
-        r = bench_lora.lora_case(args.preset or "vit-ti16", (args.batch or [32])[0], args, xp, median_time)
+        r = bench_lora.lora_case(args.preset or "vit-ti16", (args.batch or [32])[0], args, xp)
         print(json.dumps(dict(r, hardware=info)) if args.json else bench_lora.lora_line(r))
         return
     if args.freeze:
