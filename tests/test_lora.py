@@ -207,8 +207,10 @@ def _hf_name(n):
     return n
 
 
-@pytest.mark.parametrize("dora", [False, True])
-def test_model_matches_peft_on_transformers_vit(tmp_path, dora):
+def _hf_peft(tmp_path, dora, dropout=0.0):
+    """transformers' ViT (tinyvit's export of a perturbed small model) under PEFT with LoRA/DoRA on q_proj
+    and v_proj (moved off their init); returns (peft model, tinyvit params with its adapters, cfg, images,
+    labels, the PEFT adapter parameters by tinyvit's names)."""
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
     from tinyvit.io.export import export_hf
@@ -218,14 +220,20 @@ def test_model_matches_peft_on_transformers_vit(tmp_path, dora):
     export_hf(tmp_path / "hf", params, base)
     model = transformers.ViTForImageClassification.from_pretrained(str(tmp_path / "hf"), local_files_only=True)
     pm = peft.get_peft_model(model.double(), peft.LoraConfig(r=2, lora_alpha=3, target_modules=["q_proj", "v_proj"],
-                                                             use_dora=dora)).double()
+                                                             lora_dropout=dropout, use_dora=dora)).double()
     _perturb_adapters(pm, 4)
     images, labels = rng.normal(size=(2, 3, 16, 16)), rng.integers(0, 5, size=2)
-    logits_t = pm(pixel_values=torch.tensor(images)).logits
-    F.cross_entropy(logits_t, torch.tensor(labels)).backward()
-    cfg = dataclasses.replace(base, lora=LR.LoraConfig(rank=2, alpha=3, targets=("q", "v"), dora=dora))
+    cfg = dataclasses.replace(base, lora=LR.LoraConfig(rank=2, alpha=3, dropout=dropout, targets=("q", "v"), dora=dora))
     named = {_hf_name(n): p for n, p in pm.base_model.model.named_parameters() if "lora_" in n}
     params.update({k: p.detach().numpy() for k, p in named.items()})
+    return pm, params, cfg, images, labels, named
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_model_matches_peft_on_transformers_vit(tmp_path, dora):
+    pm, params, cfg, images, labels, named = _hf_peft(tmp_path, dora)
+    logits_t = pm(pixel_values=torch.tensor(images)).logits
+    F.cross_entropy(logits_t, torch.tensor(labels)).backward()
     assert set(params) == set(param_shapes(cfg))
     logits, grads = _tinyvit_step(params, cfg, images, labels, np)
     assert rel_err(logits, logits_t.detach().numpy()) < 1e-9
@@ -306,21 +314,7 @@ def test_branch_dropout_in_training_matches_peft_on_timm(xp, dora):
 @pytest.mark.parametrize("dora", [False, True])
 def test_branch_dropout_matches_peft_on_transformers_vit(tmp_path, dora):
     """HF's separate query and value linears each drop their own mask (tinyvit: two draws over qkv's input)."""
-    peft = pytest.importorskip("peft")
-    transformers = pytest.importorskip("transformers")
-    from tinyvit.io.export import export_hf
-    base = ViTConfig(img_size=16, patch_size=8, num_classes=5, dim=16, depth=2, heads=2, mlp_dim=32)
-    rng = np.random.default_rng(0)
-    params = {k: v + 0.1 * rng.normal(size=v.shape) for k, v in init_params(base, dtype=np.float64).items()}
-    export_hf(tmp_path / "hf", params, base)
-    model = transformers.ViTForImageClassification.from_pretrained(str(tmp_path / "hf"), local_files_only=True)
-    pm = peft.get_peft_model(model.double(), peft.LoraConfig(r=2, lora_alpha=3, lora_dropout=0.2, use_dora=dora,
-                                                             target_modules=["q_proj", "v_proj"])).double()
-    _perturb_adapters(pm, 4)
-    images, labels = rng.normal(size=(2, 3, 16, 16)), rng.integers(0, 5, size=2)
-    cfg = dataclasses.replace(base, lora=LR.LoraConfig(rank=2, alpha=3, dropout=0.2, targets=("q", "v"), dora=dora))
-    named = {_hf_name(n): p for n, p in pm.base_model.model.named_parameters() if "lora_" in n}
-    params.update({k: p.detach().numpy() for k, p in named.items()})
+    pm, params, cfg, images, labels, named = _hf_peft(tmp_path, dora, dropout=0.2)
     tape = _Tape(np.random.default_rng(5))
     logits, cache = vit_forward(params, images, cfg, train=True, rng=tape)
     grads = vit_backward(cross_entropy_backward(1.0, cross_entropy_forward(logits, labels)[1]), cache)
