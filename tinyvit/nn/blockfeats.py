@@ -4,7 +4,8 @@ import numpy as np
 
 from ..backend import get_array_module
 from ..errors import TinyViTError
-from .model import ViTConfig, _block_forward, _block_infer, _embed_forward, _run_batch
+from .block import block_forward, block_infer
+from .model import ViTConfig, _embed_forward, _run_batch
 from .pool import pool_forward
 
 
@@ -29,8 +30,8 @@ def _pooled_blocks(params, images, cfg, wanted):
     out = {}
     for i in range(wanted[-1] + 1):  # the blocks after the deepest one asked for are not computed
         prefix = f"blocks.{i}."
-        x = _block_infer(params, prefix, x, cfg) if infer else \
-            _block_forward(params, prefix, x, cfg, False, None, keep_cache=False)[0]
+        x = block_infer(params, prefix, x, cfg) if infer else \
+            block_forward(params, prefix, x, cfg, False, None, keep_cache=False)[0]
         if i in wanted:
             out[i] = pool_forward(params, x, cfg)[0]  # the final norm, then the head's pooling
     return out

@@ -1,7 +1,7 @@
 """Layers on a block's residual branch: LayerScale and stochastic depth (DropPath), forward and backward.
 
 Same conventions as tinyvit.nn.layers: `out, cache = X_forward(...)`, `grads = X_backward(dout, cache)`,
-backward never writes into dout. The model folds LayerScale into the linear before it (model._folded);
+backward never writes into dout. The model folds LayerScale into the linear before it (block._folded);
 layer_scale_forward is the layer itself, checked against torch. Plain form: reference.block_forward.
 """
 from ..backend import get_array_module

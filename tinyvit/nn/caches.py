@@ -141,7 +141,7 @@ class DistilledHeadCache(NamedTuple):
 
 
 class LayerScaleFold(NamedTuple):
-    """model._folded: a branch's LayerScale gamma folded into the linear before it, and that linear's own
+    """block._folded: a branch's LayerScale gamma folded into the linear before it, and that linear's own
     weight and bias (the cache of that linear holds the folded weight)."""
 
     gamma: Array  # (C,)
@@ -150,7 +150,7 @@ class LayerScaleFold(NamedTuple):
 
 
 class BlockCache(NamedTuple):
-    """model._block_forward, in forward order (fc2 is a LinearCache at inference, keep_cache=False)."""
+    """block.block_forward, in forward order (fc2 is a LinearCache at inference, keep_cache=False)."""
 
     norm1_qkv: LayerNormLinearCache
     attn: AttentionHeadsCache

@@ -3,9 +3,10 @@ import numpy as np
 
 from ..backend import get_array_module
 from ..errors import TinyViTError
+from .block import block_forward, block_infer
 from .config import ViTConfig
 from .layers import layernorm_forward
-from .model import _block_forward, _block_infer, _embed_forward, _run_batch
+from .model import _embed_forward, _run_batch
 
 
 def _take_indices(depth, indices):
@@ -34,7 +35,7 @@ def _intermediates_forward(params, images, cfg, take, norm):
     infer, ys = get_array_module(x) is np, []
     for i in range(max(take) + 1):
         p = f"blocks.{i}."
-        x = _block_infer(params, p, x, cfg) if infer else _block_forward(params, p, x, cfg, False, None, False)[0]
+        x = block_infer(params, p, x, cfg) if infer else block_forward(params, p, x, cfg, False, None, False)[0]
         if i in take:
             ys.append(layernorm_forward(x, params["norm.weight"], params["norm.bias"], cfg.ln_eps)[0]
                       if norm and not cfg.use_fc_norm else x)

@@ -8,11 +8,9 @@ import numpy as np
 from ..backend import get_array_module
 from ..cpu.threads import OrderedSum, batch_shards, run_shards
 from ..errors import TinyViTError
+from .block import block_backward, block_forward, block_infer
 from .config import ViTConfig
 from .model import (  # the engine's own pieces, shared with the whole model
-    _block_backward,
-    _block_forward,
-    _block_infer,
     _embed_forward,
     _hand_over,
     _run_batch,
@@ -38,9 +36,9 @@ def vit_tokens(params, images, cfg: ViTConfig, stop):
         x, _ = _embed_forward(params, images, cfg, False, None)
         for i in range(stop):
             if get_array_module(x) is np:
-                x = _block_infer(params, f"blocks.{i}.", x, cfg)
+                x = block_infer(params, f"blocks.{i}.", x, cfg)
             else:
-                x = _block_forward(params, f"blocks.{i}.", x, cfg, False, None, keep_cache=False)[0]
+                x = block_forward(params, f"blocks.{i}.", x, cfg, False, None, keep_cache=False)[0]
         return x
 
     shards, outs = _run_batch(run, params, images, cfg, False)
@@ -55,9 +53,9 @@ def _tail(params, x, cfg, start, train, rng, keep_cache):
     for i in range(start, cfg.depth):
         queries = cfg.head_tokens if i == cfg.depth - 1 else None
         if infer:
-            x = _block_infer(params, f"blocks.{i}.", x, cfg, queries)
+            x = block_infer(params, f"blocks.{i}.", x, cfg, queries)
             continue
-        x, c = _block_forward(params, f"blocks.{i}.", x, cfg, train, rng, keep_cache, queries, rates[i])
+        x, c = block_forward(params, f"blocks.{i}.", x, cfg, train, rng, keep_cache, queries, rates[i])
         if keep_cache:
             blocks.append(c)
         del c
@@ -91,7 +89,7 @@ def _tail_backward(dlogits, cache, sink=None):
     dx = pool_backward(dfeats, cache.pool, grads)
     blocks = cache.blocks
     for i in reversed(range(len(blocks))):
-        dx = _block_backward(dx, blocks.pop(), grads, f"blocks.{cache.start + i}.")  # pop: freed as it goes
+        dx = block_backward(dx, blocks.pop(), grads, f"blocks.{cache.start + i}.")  # pop: freed as it goes
         if sink is not None:
             _hand_over(grads, sink, None)
     return grads
