@@ -8,6 +8,7 @@ import numpy as np
 
 from tinyvit import init_params, preset, vit_backward, vit_forward
 from tinyvit.backend import to_device
+from tinyvit.cli.commands.bench_common import median_time, preset_overrides, stub_torchvision_ops, torch_model
 from tinyvit.errors import TinyViTError
 from tinyvit.nn.layers import cross_entropy_backward, cross_entropy_forward
 from tinyvit.nn.lora import ALIASES, LINEAR, ROWS, LoraConfig, add_adapters
@@ -37,7 +38,6 @@ def _peft_step(cfg, params, x, y, lora, threads):
     """PEFT's LoRA step on the torch model of the same base params (the benchmark's own rival)."""
     import torch
 
-    from tinyvit.cli.commands.benchmark import stub_torchvision_ops, torch_model
     stub_torchvision_ops()  # transformers (which peft imports) reaches torchvision
     try:
         import peft
@@ -65,12 +65,11 @@ def _peft_step(cfg, params, x, y, lora, threads):
 
 def lora_case(name, batch, args, xp):
     """The full step, the LoRA step and (--vs-torch) PEFT's, interleaved rounds: a dict ready for JSON."""
-    from tinyvit.cli.commands.benchmark import _overrides, median_time  # its caller: loaded by now
 
     if args.dtype != "float32" or args.backend != "numpy" and args.vs_torch:
         raise TinyViTError("--lora-rank times float32 steps (and races PEFT on NumPy's CPU only)")
     lora = lora_config(args)
-    cfg = preset(name, **_overrides(args))
+    cfg = preset(name, **preset_overrides(args))
     rng = np.random.default_rng(0)
     x_host = rng.standard_normal((batch, cfg.in_chans, cfg.img_size, cfg.img_size)).astype(np.float32)
     y_host = rng.integers(0, cfg.num_classes, size=batch)

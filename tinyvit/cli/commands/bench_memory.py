@@ -13,6 +13,7 @@ import numpy as np
 
 from tinyvit import init_params, preset
 from tinyvit.backend import get_backend, synchronize, to_device
+from tinyvit.cli.commands.bench_common import torch_model
 from tinyvit.train.config import TrainConfig
 
 SIDES = ("tinyvit", "torch")
@@ -65,10 +66,9 @@ def _tinyvit_step(cfg, params, x, y, checkpointing):
 
 
 def _torch_step(cfg, host, x, y, device, rival, checkpointing):
-    """One AdamW train step of the torch rival (benchmark.torch_model), torch.utils.checkpoint on or off."""
+    """One AdamW train step of the torch rival (bench_common.torch_model), torch.utils.checkpoint on or off."""
     import torch
 
-    from tinyvit.cli.commands.benchmark import torch_model
 
     dtype = torch.float32 if x.dtype == np.float32 else torch.float64
     model = torch_model(cfg, host, dtype, rival).to(device)

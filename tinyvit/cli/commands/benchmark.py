@@ -18,15 +18,14 @@ import argparse
 import contextlib
 import json
 import os
-import sys
-import time
 
 import numpy as np
 
 import tinyvit  # noqa: F401  (before NumPy: sets OpenBLAS's spin time, see tinyvit/__init__.py)
 from tinyvit import init_params, preset, vit_backward, vit_forward
-from tinyvit.backend import get_backend, synchronize, to_device
+from tinyvit.backend import get_backend, to_device
 from tinyvit.cli.commands import bench_lora, bench_memory
+from tinyvit.cli.commands.bench_common import median_time, preset_overrides, torch_model
 from tinyvit.cli.finetune import freeze_patterns
 from tinyvit.cli.report import run
 from tinyvit.cpu import bf16
@@ -49,19 +48,6 @@ def forward_flops(cfg, batch):
     per_block = 2 * n * (3 * d * d + d * d + 2 * d * m) + 2 * 2 * n * n * d
     embed = 2 * cfg.num_patches * cfg.in_chans * cfg.patch_size ** 2 * d
     return batch * (cfg.depth * per_block + embed + 2 * d * cfg.num_classes)
-
-
-def median_time(fn, xp, reps):
-    """Median wall time of fn() over reps runs, after one warm-up, with device syncs around it."""
-    fn()
-    synchronize(xp)
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        synchronize(xp)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
 
 
 def matmul_peak(xp, dtype, n=2048, reps=5):
@@ -107,42 +93,6 @@ def tinyvit_fns(cfg, params, x, y):
         opt.step(params, fwd_bwd())
 
     return {"forward": fwd, "forward_backward": fwd_bwd, "train_step": step}
-
-
-def torch_model(cfg, params, dtype, rival="auto"):
-    """The torch model to race: the tests' reference ViT for the 2020 ViT (rival 'auto'), timm's own model
-    for the rest of the family (LayerScale, registers, pooling, ...) or for all (rival 'timm'), loaded
-    strictly with the same params."""
-    import torch
-
-    from tinyvit.cli.torch_vit import torch_vit_from_params
-
-    plain = preset("vit-b16", **{k: getattr(cfg, k) for k in ("img_size", "patch_size", "in_chans", "num_classes",
-                                                             "dim", "depth", "heads", "mlp_dim", "ln_eps", "gelu")})
-    if rival == "auto" and cfg == plain and cfg.gelu != "quick":
-        return torch_vit_from_params(cfg, params, dtype)
-    import functools
-
-    stub_torchvision_ops()
-    try:
-        from timm.models.deit import VisionTransformerDistilled
-        from timm.models.vision_transformer import VisionTransformer
-    except ImportError:
-        raise TinyViTError("this preset races timm's own model: pip install --no-deps torchvision==0.28.0 timm "
-                           "(README, Tests)") from None
-    from tinyvit.io.export import timm_model_args
-
-    cls = VisionTransformerDistilled if cfg.distilled else VisionTransformer
-    model = cls(**timm_model_args(cfg), norm_layer=functools.partial(torch.nn.LayerNorm, eps=cfg.ln_eps))
-    model.load_state_dict({k: torch.tensor(v) for k, v in params.items()}, strict=True)
-    return model.to(dtype)
-
-
-def stub_torchvision_ops():
-    """Let timm and transformers import torchvision beside the CPU torch wheel, which lacks its C ops."""
-    import types
-
-    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
 
 
 def torch_fns(cfg, params, x, y, device, rival="auto", bf16=False):
@@ -222,15 +172,10 @@ def bench_onnxruntime(cfg, host, x_host, args, xp):
     return {"tinyvit_ms": a, "onnxruntime_ms": b, "ratio": a / b, "images_per_second": x_host.shape[0] / a * 1e3}
 
 
-def _overrides(args):
-    """The preset overrides the flags give (--img-size, --patch-size)."""
-    return {k: v for k, v in (("img_size", args.img_size), ("patch_size", args.patch_size)) if v}
-
-
 def bench_case(name, batch, args, xp):
     """All timings for one (preset, batch) case: a dict ready for JSON."""
     dtype = np.float32 if args.dtype == "float32" else np.float64
-    cfg = preset(name, **_overrides(args), precision=args.precision)
+    cfg = preset(name, **preset_overrides(args), precision=args.precision)
     host = init_params(cfg, seed=0, dtype=dtype)
     rng = np.random.default_rng(0)
     x_host = rng.standard_normal((batch, cfg.in_chans, cfg.img_size, cfg.img_size)).astype(dtype)
@@ -283,7 +228,7 @@ def freeze_case(name, batch, args, xp):
     """The train step with the --freeze patterns' params frozen (tinyvit.train.optim.trainable_names) beside
     the full step, interleaved rounds: a dict ready for JSON."""
     dtype = np.float32 if args.dtype == "float32" else np.float64
-    cfg = preset(name, **_overrides(args))
+    cfg = preset(name, **preset_overrides(args))
     params = to_device(init_params(cfg, seed=0, dtype=dtype), xp)
     rng = np.random.default_rng(0)
     x = xp.asarray(rng.standard_normal((batch, cfg.in_chans, cfg.img_size, cfg.img_size)).astype(dtype))
@@ -369,7 +314,7 @@ def main():
     ap.add_argument("--_probe", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._probe:
-        return bench_memory.probe(args, _overrides(args))
+        return bench_memory.probe(args, preset_overrides(args))
     default = ONNX_CASES if args.vs_onnxruntime and not args.vs_torch else DEFAULT_CASES[args.backend]
     cases = [(args.preset, b) for b in args.batch or [8]] if args.preset else default
     if args.precision == "bf16" and (args.memory or args.freeze or args.lora_rank or args.dtype != "float32"):

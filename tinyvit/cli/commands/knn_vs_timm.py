@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 import tinyvit  # noqa: F401  (before NumPy: sets OpenBLAS's spin time, see tinyvit/__init__.py)
-from tinyvit.cli.commands.benchmark import torch_model
+from tinyvit.cli.commands.bench_common import torch_model
 from tinyvit.cli.embed import cifar_batches
 from tinyvit.cli.report import run
 from tinyvit.data.transform import eval_transform
