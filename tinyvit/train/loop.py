@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..backend import get_array_module, to_device, to_numpy
+from ..backend import to_device
 from ..cpu.bf16 import check_precision
 from ..data.batches import ArrayDataset, num_batches
 from ..errors import TinyViTError, describe_os_error
-from ..io.checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
+from ..io.checkpoint import save_checkpoint
 from ..io.files import atomic_write, prepare_out_dir
 from ..nn.layers import cross_entropy_backward, cross_entropy_forward
 from ..nn.lora import trainable_names as lora_trainable
@@ -21,9 +21,11 @@ from ..nn.model import head_backward, param_stage, vit_backward, vit_forward
 from ..nn.partial import tail_backward, tail_forward
 from ..progress import Progress
 from .config import TrainConfig
-from .dist import World, world
+from .dist import world
 from .evaluate import evaluate
 from .optim import clip_grad_norm, run_schedule, trainable_names
+from .resume import EMA, resume_run
+from .tally import DEVICE_READ_EVERY, Tally
 
 
 class _StopFlag:
@@ -103,7 +105,7 @@ class _Run:
         self.saved_tally = None  # mid-epoch resume: the interrupted epoch's tally so far
         if resume:
             params, self.opt, self.rng, (self.epoch, self.batch, self.step, self.history), ema, self.saved_tally = \
-                _resume(resume, params, cfg, tc, self.opt, self.rng)
+                resume_run(resume, params, cfg, tc, self.opt, self.rng)
             self.files.good = (Path(resume), self.step)
         # a finished run resumed (every epoch done, its model written): nothing to run, nothing rewritten
         self.finished = bool(resume) and self.epoch >= tc.epochs and self.files.final.is_file()
@@ -131,7 +133,7 @@ class _Run:
         """The resumable checkpoint at the current position."""
         m = dict(self.meta, train_state=_train_state(self.epoch, self.batch, self.step, self.rng, self.history,
                                                       self.tc, self.tally))
-        state = dict(self.opt.state_dict(), **{_EMA + k: v for k, v in (self.ema or {}).items()})
+        state = dict(self.opt.state_dict(), **{EMA + k: v for k, v in (self.ema or {}).items()})
         self.files.checkpoint(lambda: save_checkpoint(self.files.ckpt, self.params, self.cfg, m, state), self.step)
         self.t_saved = time.perf_counter()  # --save-every counts from the last checkpoint
 
@@ -149,7 +151,7 @@ class _Run:
         bar = Progress(self.steps_per_epoch, f"epoch {self.epoch + 1}/{tc.epochs}", unit="step",
                        initial=self.batch, disable=self.quiet)
         # NumPy on one process reads the loss every step (free); a GPU or MPI ranks every 10 steps
-        tally = self.tally = _Tally(1 if self.xp is np and w.size == 1 else DEVICE_READ_EVERY, w)
+        tally = self.tally = Tally(1 if self.xp is np and w.size == 1 else DEVICE_READ_EVERY, w)
         t_epoch = time.perf_counter()
         if self.saved_tally is not None:  # the steps this epoch ran before the resume, and their time
             t_epoch -= tally.restore(self.saved_tally)
@@ -272,57 +274,6 @@ class _RunFiles:
         self.write("the log", self.log, lambda: atomic_write(self.log, lambda f: f.write(text)))
 
 
-DEVICE_READ_EVERY = 10  # on CuPy, steps between host reads of the loss (each read stalls the GPU)
-
-
-class _Tally:
-    """An epoch's summed loss and correct count, added where they were computed (on the GPU under
-    CuPy) and read to the host in one transfer every `every` steps."""
-
-    def __init__(self, every, world=None):
-        self.every, self.pending, self.unread, self.unread_n = every, None, 0, 0
-        self.world = world or World()
-        self.loss_sum, self.correct, self.seen = 0.0, 0, 0
-        self.t0 = time.perf_counter()
-
-    def add(self, loss, correct, n):
-        """Count one step: its mean loss and correct count (0-d arrays) over n images."""
-        xp = get_array_module(loss)
-        v = xp.stack([loss.astype(xp.float64) * n, correct.astype(xp.float64)])  # (loss sum, correct)
-        self.pending = v if self.pending is None else self.pending + v
-        self.unread, self.unread_n = self.unread + 1, self.unread_n + n
-
-    def due(self) -> bool:
-        """True when `every` steps wait to be read."""
-        return self.unread >= self.every
-
-    def read(self) -> float:
-        """Bring the waiting sums to the host (one transfer); return their mean loss (nan/inf kept)."""
-        if self.pending is None:
-            return 0.0
-        sums = np.append(to_numpy(self.pending).astype(np.float64), self.unread_n)
-        loss_sum, correct, seen = (float(v) for v in self.world.sum_(sums))  # every rank's steps
-        seen = int(seen)
-        self.pending, self.unread, self.unread_n = None, 0, 0
-        self.loss_sum, self.correct, self.seen = self.loss_sum + loss_sum, self.correct + int(correct), self.seen + seen
-        return loss_sum / max(seen, 1)
-
-    def mean_loss(self) -> float:
-        """Mean loss per image over the steps read so far."""
-        return self.loss_sum / max(self.seen, 1)
-
-    def state(self) -> dict:
-        """The sums read so far and the epoch's seconds so far, JSON-able (for a mid-epoch checkpoint)."""
-        return {"loss_sum": self.loss_sum, "correct": self.correct, "seen": self.seen,
-                "seconds": time.perf_counter() - self.t0}
-
-    def restore(self, state) -> float:
-        """Continue from state(): the sums carry on; returns the seconds the epoch had run."""
-        self.loss_sum, self.correct, self.seen = state["loss_sum"], state["correct"], state["seen"]
-        self.t0 -= state["seconds"]
-        return state["seconds"]
-
-
 def _adapted_run(params, cfg, tc):
     """What may train in a run with adapters or --bias all: the adapters, the head(s) and (bias "all") every
     bias (tinyvit.nn.lora.trainable_names); None (everything) otherwise."""
@@ -369,65 +320,8 @@ def _step_grads(params, x, y, cfg, tc, rng, head_only, weight=1.0, trainable=Non
     return total_loss, correct, grads
 
 
-_EMA = "ema/"  # the EMA weights' prefix among a checkpoint's optimizer-state entries
-
-
 def _ema_update(ema, params, decay):
     """ema = decay * ema + (1 - decay) * params, in place, on the backend."""
     for k, e in ema.items():
         e *= decay
         e += (1.0 - decay) * params[k]
-
-
-def _resume(path, params, cfg, tc, opt, rng):
-    """Load a training checkpoint's params, optimizer and RNG state; check it is the same run."""
-    p, ckpt_cfg, meta = load_checkpoint(path)
-    state = meta.get("train_state")
-    if state is None:
-        raise TinyViTError(f"{path}: holds no training state (a model-only file cannot be resumed)")
-    if ckpt_cfg != cfg:
-        diff = ", ".join(f"{k} {v!r} vs {getattr(cfg, k)!r}" for k, v in dataclasses.asdict(ckpt_cfg).items()
-                         if getattr(cfg, k) != v)
-        raise TinyViTError(f"{path}: model config differs from this run's (saved vs now: {diff})")
-    try:  # the metadata is untrusted JSON: any wrong shape of it is a bad file
-        saved = TrainConfig(**state["train_config"])
-        saved = dataclasses.replace(saved, grad_checkpointing=tc.grad_checkpointing)  # memory only: the same bits
-        position = tuple(state[k] for k in ("epoch", "batch", "step"))
-        history = state["history"]
-        if not all(type(v) is int and v >= 0 for v in position) or not isinstance(history, list):
-            raise TypeError("epoch/batch/step must be ints >= 0 and history a list")
-    except (TypeError, KeyError) as e:
-        raise TinyViTError(f"{path}: corrupt training state in metadata ({type(e).__name__}: {e})") from None
-    extended = dataclasses.replace(saved, epochs=tc.epochs) == tc and tc.epochs > saved.epochs
-    if saved != tc and not extended:  # more epochs extend the run; anything else is another run
-        diff = {k: (v, getattr(tc, k)) for k, v in dataclasses.asdict(saved).items() if getattr(tc, k) != v}
-        raise TinyViTError(f"{path}: training settings differ from this run's (saved, now): {diff}")
-    opt_state = load_optimizer_state(path)
-    ema = {}
-    for key in [k for k in opt_state if k.startswith(_EMA)]:
-        name = key[len(_EMA):]
-        if name not in params:
-            raise TinyViTError(f"{path}: unexpected entry {key!r} in the training state")
-        ema[name] = opt_state.pop(key).astype(params[name].dtype)
-    if tc.ema and set(ema) != set(params):
-        raise TinyViTError(f"{path}: holds no complete EMA of the weights, which this run (--ema) needs")
-    opt.load_state_dict(opt_state)
-    try:
-        rng.bit_generator.state = state["rng"]
-    except (TypeError, ValueError, KeyError) as e:
-        raise TinyViTError(f"{path}: corrupt training state in metadata (rng: {e})") from None
-    p = {k: v.astype(params[k].dtype, copy=False) for k, v in p.items()}
-    return p, opt, rng, (*position, history), (ema or None), _saved_tally(path, state, position[1])
-
-
-def _saved_tally(path, state, batch):
-    """The interrupted epoch's tally in a mid-epoch checkpoint (None at an epoch's end, or in an
-    older checkpoint, whose resumed epoch then logs only the steps after the resume)."""
-    t = state.get("tally")
-    if t is None or batch == 0:
-        return None
-    ok = (isinstance(t, dict) and all(type(t.get(k)) is int and t[k] >= 0 for k in ("correct", "seen"))
-          and all(type(t.get(k)) in (int, float) and math.isfinite(t[k]) and t[k] >= 0 for k in ("loss_sum", "seconds")))
-    if not ok:
-        raise TinyViTError(f"{path}: corrupt training state in metadata (tally: {str(t)[:80]})")
-    return t
