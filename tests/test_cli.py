@@ -325,6 +325,36 @@ def test_head_mode_ctrl_c_exits_130_and_says_so(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "o").exists()
 
 
+class _Rank1:
+    """An MPI communicator as rank 1 of 2 sees it (tinyvit.train.dist.World reads only these)."""
+
+    def Get_rank(self):
+        return 1
+
+    def Get_size(self):
+        return 2
+
+
+@pytest.mark.parametrize("script", ["train_mnist.py", "finetune.py"])
+def test_a_rank_other_than_0_creates_no_out_folder(tmp_path, monkeypatch, script):
+    """Rank 0 alone makes --out, so its removal after an early failure is not raced: rank 1 had made it
+    too, and where rank 1 got there first, rank 0 found it there, took it for the user's and left it."""
+    from tinyvit.train import dist
+    from tinyvit.train import finetune as ft
+
+    def stop(*a, **kw):
+        raise TinyViTError("stopped after the output folder's check")
+
+    monkeypatch.setattr(dist, "_WORLD", dist.World(_Rank1()))
+    monkeypatch.setattr(load_script("train_mnist.py"), "load_mnist", stop)
+    monkeypatch.setattr(ft, "start_model", stop)
+    argv = ["--data-dir", str(tmp_path)] if script == "train_mnist.py" else \
+        ["--data", str(_folder(tmp_path / "photos")), "--preset", "vit-ti16", "--mode", "full"]
+    with pytest.raises(TinyViTError, match="stopped after"):
+        load_script(script).main(argv=[*argv, "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
 def test_an_error_line_is_one_write(monkeypatch):
     """Each rank writes its 'error:' line in one write, so ranks sharing a terminal never run two
     lines together (print's text and newline were two writes: 'error: a...error: rank 1: a...')."""

@@ -67,7 +67,8 @@ def run_finetune(recipe: Recipe, model: ModelSource, data: DataSource, tc: Train
     if recipe.mode in ("head", "partial") and world().size > 1:
         raise TinyViTError(f"--mode {recipe.mode} is one process (a pass of the frozen part, then its cache trains): "
                            "run it without mpirun, or use --mode full or progressive across ranks")
-    prepare_out_dir(run.out)  # a wrong --out fails now, not after the feature pass or an epoch
+    if world().lead:  # rank 0 alone writes (tinyvit.cli.args.removed_if_unused removes what it made)
+        prepare_out_dir(run.out)  # a wrong --out fails now, not after the feature pass or an epoch
     xp = get_backend(run.backend)
     check_precision(tc.precision, xp)  # bf16 refused now, not after the feature pass
     params, cfg, meta, t = start_model(model, whole_images=data.data == "cifar10")

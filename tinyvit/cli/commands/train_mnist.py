@@ -22,6 +22,7 @@ from tinyvit.data.transform import EvalTransform
 from tinyvit.io.files import prepare_out_dir
 from tinyvit.nn.model import PRESETS
 from tinyvit.train.config import TrainConfig
+from tinyvit.train.dist import world
 from tinyvit.train.loop import fit
 
 # Defaults: what plain `python scripts/train_mnist.py` runs (see README for the figures): the mnist
@@ -65,7 +66,8 @@ def main(argv=None):
 
 def train(args):
     """The run the parsed flags describe -> fit's summary."""
-    prepare_out_dir(args.out)  # a wrong --out fails now, not after an epoch
+    if world().lead:  # rank 0 alone writes: another rank's folder would outrun its removal on an early failure
+        prepare_out_dir(args.out)  # a wrong --out fails now, not after an epoch
     tc = train_config(args, DEFAULTS)
     xp = get_backend(args.backend)
     root = data_root(args.data_dir)
