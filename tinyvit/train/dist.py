@@ -9,12 +9,14 @@ others do not wait forever in a collective.
 import os
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
 from ..backend import get_array_module, to_numpy
 from ..data.batches import shard_bounds
 from ..errors import TinyViTError
+from ..io.files import prepare_out_dir
 
 _LAUNCHER_ENV = ("PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK")  # MPICH/Intel, Open MPI, PMIx
 
@@ -31,6 +33,12 @@ class World:
     def lead(self) -> bool:
         """True on the rank that prints, logs and writes files (rank 0)."""
         return self.rank == 0
+
+    def out_dir(self, path) -> Path:
+        """The run's output folder: made and checked writable by rank 0, which alone writes files; the other
+        ranks only name it (a folder they made could beat rank 0 to it, which then took it for the user's
+        and kept it, empty, after an early failure: tinyvit.cli.args.removed_if_unused)."""
+        return prepare_out_dir(path) if self.lead else Path(path)
 
     def part(self, n):
         """This rank's slice of a global batch of n."""

@@ -16,7 +16,7 @@ from ..data.transform import eval_transform
 from ..errors import TinyViTError, describe_os_error
 from ..io.checkpoint import save_checkpoint
 from ..io.convert import adapt, load_model
-from ..io.files import atomic_write, prepare_out_dir
+from ..io.files import atomic_write
 from ..io.peft import apply_adapter
 from ..nn.layers import cross_entropy_backward, cross_entropy_forward
 from ..nn.lora import add_adapters
@@ -67,8 +67,7 @@ def run_finetune(recipe: Recipe, model: ModelSource, data: DataSource, tc: Train
     if recipe.mode in ("head", "partial") and world().size > 1:
         raise TinyViTError(f"--mode {recipe.mode} is one process (a pass of the frozen part, then its cache trains): "
                            "run it without mpirun, or use --mode full or progressive across ranks")
-    if world().lead:  # rank 0 alone writes (tinyvit.cli.args.removed_if_unused removes what it made)
-        prepare_out_dir(run.out)  # a wrong --out fails now, not after the feature pass or an epoch
+    world().out_dir(run.out)  # a wrong --out fails now, not after the feature pass or an epoch
     xp = get_backend(run.backend)
     check_precision(tc.precision, xp)  # bf16 refused now, not after the feature pass
     params, cfg, meta, t = start_model(model, whole_images=data.data == "cifar10")

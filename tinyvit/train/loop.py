@@ -14,14 +14,14 @@ from ..cpu.bf16 import check_precision
 from ..data.batches import ArrayDataset, num_batches
 from ..errors import TinyViTError, describe_os_error
 from ..io.checkpoint import save_checkpoint
-from ..io.files import atomic_write, prepare_out_dir
+from ..io.files import atomic_write
 from ..nn.layers import cross_entropy_backward, cross_entropy_forward
 from ..nn.lora import trainable_names as lora_trainable
 from ..nn.model import head_backward, param_stage, vit_backward, vit_forward
 from ..nn.partial import tail_backward, tail_forward
 from ..progress import Progress
 from .config import TrainConfig
-from .dist import world
+from .dist import World, world
 from .evaluate import evaluate
 from .optim import clip_grad_norm, run_schedule, trainable_names
 from .resume import EMA, resume_run
@@ -97,7 +97,7 @@ class _Run:
         check_precision(tc.precision, xp)  # bf16 refused now where it cannot run, not at the first step
         self.cfg, self.tc, self.xp = dataclasses.replace(cfg, precision=tc.precision), tc, xp
         self.quiet = quiet or not w.lead  # only rank 0 prints, logs and writes files
-        self.files = _RunFiles(out_dir, active=w.lead)
+        self.files = _RunFiles(out_dir, w)
         self.opt = tc.make_optimizer(list(params), cfg.depth)
         self.trainable = trainable_names(params, tc.freeze, _adapted_run(params, cfg, tc))  # None: all train
         self.rng = np.random.default_rng(tc.seed)  # dropout; its state travels in the checkpoint
@@ -241,9 +241,9 @@ class _RunFiles:
     (full disk, quota, ...) ends the run with one line naming the last good checkpoint and how to
     resume from it; atomic writes leave that checkpoint and the log whole."""
 
-    def __init__(self, out_dir, active=True):
-        self.active = active  # False on MPI ranks other than 0: they write nothing
-        self.out = prepare_out_dir(out_dir) if active else Path(out_dir)
+    def __init__(self, out_dir, w: World):
+        self.active = w.lead  # False on MPI ranks other than 0: they write nothing
+        self.out = w.out_dir(out_dir)
         self.ckpt, self.log, self.final = self.out / "checkpoint.npz", self.out / "metrics.jsonl", self.out / "model.npz"
         self.good = None  # (path, step) of the last checkpoint known to be whole
 

@@ -19,7 +19,6 @@ from tinyvit.data.batches import ArrayDataset
 from tinyvit.data.download import data_root
 from tinyvit.data.mnist import MNIST_MEAN, MNIST_STD, load_mnist
 from tinyvit.data.transform import EvalTransform
-from tinyvit.io.files import prepare_out_dir
 from tinyvit.nn.model import PRESETS
 from tinyvit.train.config import TrainConfig
 from tinyvit.train.dist import world
@@ -66,8 +65,7 @@ def main(argv=None):
 
 def train(args):
     """The run the parsed flags describe -> fit's summary."""
-    if world().lead:  # rank 0 alone writes: another rank's folder would outrun its removal on an early failure
-        prepare_out_dir(args.out)  # a wrong --out fails now, not after an epoch
+    world().out_dir(args.out)  # a wrong --out fails now, not after an epoch
     tc = train_config(args, DEFAULTS)
     xp = get_backend(args.backend)
     root = data_root(args.data_dir)
