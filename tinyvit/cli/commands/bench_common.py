@@ -1,13 +1,16 @@
-"""What the benchmark's cases share: the median of a timed closure, the torch model each races and the preset
-overrides its flags give (PyTorch, timm and transformers imported lazily: tinyvit itself never needs them)."""
+"""What the benchmark's cases share: the median of a timed closure, tinyvit's train step, the torch model
+each races and the preset overrides its flags give (PyTorch, timm and transformers imported lazily:
+tinyvit itself never needs them)."""
 import sys
 import time
 
 import numpy as np
 
-from tinyvit import preset
+from tinyvit import preset, vit_backward, vit_forward
 from tinyvit.backend import synchronize
 from tinyvit.errors import TinyViTError
+from tinyvit.nn.layers import cross_entropy_backward, cross_entropy_forward
+from tinyvit.train.optim import AdamW
 
 
 def median_time(fn, xp, reps):
@@ -21,6 +24,18 @@ def median_time(fn, xp, reps):
         synchronize(xp)
         times.append(time.perf_counter() - t)
     return float(np.median(times))
+
+
+def train_step(params, cfg, x, y, names):
+    """One train step of tinyvit (AdamW at lr 0: every step times the same weights) over `names` (None: all)."""
+    opt = AdamW(lr=0.0)
+
+    def step():
+        logits, cache = vit_forward(params, x, cfg, train=True)
+        _, ce = cross_entropy_forward(logits, y)
+        grads = vit_backward(cross_entropy_backward(1.0, ce), cache, names)
+        opt.step({k: params[k] for k in grads}, grads)
+    return step
 
 
 def torch_model(cfg, params, dtype, rival="auto"):

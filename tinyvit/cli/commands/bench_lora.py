@@ -6,32 +6,18 @@ process, e.g.
 """
 import numpy as np
 
-from tinyvit import init_params, preset, vit_backward, vit_forward
+from tinyvit import init_params, preset
 from tinyvit.backend import to_device
-from tinyvit.cli.commands.bench_common import median_time, preset_overrides, stub_torchvision_ops, torch_model
+from tinyvit.cli.commands.bench_common import median_time, preset_overrides, stub_torchvision_ops, torch_model, train_step
 from tinyvit.errors import TinyViTError
-from tinyvit.nn.layers import cross_entropy_backward, cross_entropy_forward
 from tinyvit.nn.lora import ALIASES, LINEAR, ROWS, LoraConfig, add_adapters
 from tinyvit.nn.lora import trainable_names as lora_trainable
-from tinyvit.train.optim import AdamW
 
 
 def lora_config(args):
     """--lora-rank, --lora-targets (timm's or PEFT's names) as a LoraConfig."""
     targets = tuple(ALIASES.get(t.strip(), t.strip()) for t in args.lora_targets.split(",") if t.strip())
     return LoraConfig(rank=args.lora_rank, targets=targets)
-
-
-def train_step(params, cfg, x, y, names):
-    """One train step of tinyvit (AdamW at lr 0: every step times the same weights) over `names` (None: all)."""
-    opt = AdamW(lr=0.0)
-
-    def step():
-        logits, cache = vit_forward(params, x, cfg, train=True)
-        _, ce = cross_entropy_forward(logits, y)
-        grads = vit_backward(cross_entropy_backward(1.0, ce), cache, names)
-        opt.step({k: params[k] for k in grads}, grads)
-    return step
 
 
 def _peft_step(cfg, params, x, y, lora, threads):
@@ -65,7 +51,6 @@ def _peft_step(cfg, params, x, y, lora, threads):
 
 def lora_case(name, batch, args, xp):
     """The full step, the LoRA step and (--vs-torch) PEFT's, interleaved rounds: a dict ready for JSON."""
-
     if args.dtype != "float32" or args.backend != "numpy" and args.vs_torch:
         raise TinyViTError("--lora-rank times float32 steps (and races PEFT on NumPy's CPU only)")
     lora = lora_config(args)

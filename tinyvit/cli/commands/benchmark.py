@@ -25,7 +25,7 @@ import tinyvit  # noqa: F401  (before NumPy: sets OpenBLAS's spin time, see tiny
 from tinyvit import init_params, preset, vit_backward, vit_forward
 from tinyvit.backend import get_backend, to_device
 from tinyvit.cli.commands import bench_lora, bench_memory
-from tinyvit.cli.commands.bench_common import median_time, preset_overrides, torch_model
+from tinyvit.cli.commands.bench_common import median_time, preset_overrides, torch_model, train_step
 from tinyvit.cli.finetune import freeze_patterns
 from tinyvit.cli.report import run
 from tinyvit.cpu import bf16
@@ -234,7 +234,7 @@ def freeze_case(name, batch, args, xp):
     x = xp.asarray(rng.standard_normal((batch, cfg.in_chans, cfg.img_size, cfg.img_size)).astype(dtype))
     y = xp.asarray(rng.integers(0, cfg.num_classes, size=batch))
     trained = trainable_names(params, freeze_patterns(args.freeze))
-    steps = {what: bench_lora.train_step(params, cfg, x, y, names) for what, names in (("full", None), ("frozen", trained))}
+    steps = {what: train_step(params, cfg, x, y, names) for what, names in (("full", None), ("frozen", trained))}
     times = {k: [] for k in steps}
     for _ in range(args.rounds):
         for what, step in steps.items():
